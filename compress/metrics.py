@@ -1,0 +1,55 @@
+"""Model evaluation: accuracy when labels exist, fidelity to a reference model always."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Outputs of ``model`` on ``x`` in eval mode, batched."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def compare_outputs(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Fidelity of ``out`` to ``ref``: top-1 agreement, mean cosine, relative L2 error."""
+    out2, ref2 = out.flatten(1).double(), ref.flatten(1).double()
+    cos = torch.nn.functional.cosine_similarity(out2, ref2, dim=1)
+    metrics = {
+        "cosine": cos.mean().item(),
+        "cosine_p05": torch.quantile(cos, 0.05).item(),
+        "rel_error": ((out2 - ref2).norm() / ref2.norm().clamp_min(1e-30)).item(),
+        "max_abs_error": (out2 - ref2).abs().max().item(),
+    }
+    if out.dim() == 2 and out.shape[1] > 1:
+        metrics["agreement"] = (out.argmax(1) == ref.argmax(1)).double().mean().item()
+    return metrics
+
+
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, reference: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Accuracy (with labels) and fidelity to ``reference`` outputs (when given)."""
+    out = predict(model, x)
+    if not torch.isfinite(out).all():
+        return {"accuracy": float("nan")} if y is not None else {"cosine": float("nan")}
+    metrics: dict[str, float] = {}
+    if y is not None:
+        metrics["accuracy"] = (out.argmax(1) == y).double().mean().item()
+    if reference is not None:
+        metrics.update(compare_outputs(out, reference))
+    return metrics
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameters, nonzero parameters)."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p).item())
+    return total, nonzero

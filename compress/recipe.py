@@ -1,0 +1,327 @@
+"""Recipes: versioned YAML parsed in one place into typed objects.
+
+Every error names the file, the line, the key path, the bad value and what is allowed
+(with a close match suggested for a misspelt key). Stage configs come from the stage
+registry, so adding a stage adds its keys here and to the JSON Schema without touching
+this file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from compress.errors import RecipeError
+from compress.registry import get_stage, stages
+
+RECIPE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """How to build and load the model passed on the command line."""
+
+    input_shape: list[int] = Field(
+        ..., min_length=1, description="Example input shape, batch dimension first, e.g. [1, 40]."
+    )
+    factory: str | None = Field(
+        None,
+        description="'package.module:function' that builds the architecture; needed when the model file is a state_dict.",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> "ModelSpec":
+        if any(d <= 0 for d in self.input_shape):
+            raise ValueError(f"input_shape dimensions must be positive, got {self.input_shape}")
+        return self
+
+
+class DataSplitSpec(_Strict):
+    """One data split: where it comes from and how to batch it."""
+
+    source: Literal["mnist1d", "digits", "file", "callable"] = Field(
+        ...,
+        description="'mnist1d' (generated locally), 'digits' (scikit-learn), 'file' (.npz/.pt with x and optional y) or 'callable'.",
+    )
+    split: Literal["train", "test"] = Field("train", description="Which part of a built-in or callable source.")
+    path: str | None = Field(None, description="Data file for source 'file' (relative to the recipe).")
+    fn: str | None = Field(None, description="'package.module:function' for source 'callable', called as fn(split).")
+    samples: int | None = Field(None, ge=1, description="Use a seeded random subset of this many samples.")
+    batch_size: int = Field(256, ge=1, description="Batch size for evaluation and calibration.")
+    seed: int = Field(0, description="Seed for the subset and for shuffling.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "DataSplitSpec":
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs 'path'")
+        if self.source == "callable" and not self.fn:
+            raise ValueError("source 'callable' needs 'fn'")
+        return self
+
+
+class DataSpec(_Strict):
+    """Named splits. Stages declare which they need; evaluation uses 'eval'."""
+
+    train: DataSplitSpec | None = Field(None, description="Training data (distillation, fine-tuning).")
+    eval: DataSplitSpec | None = Field(None, description="Held-out data every stage is measured on.")
+    calibration: DataSplitSpec | None = Field(
+        None, description="Calibration data for post-training methods (defaults to 'train')."
+    )
+
+
+class Gates(_Strict):
+    """Limits the final model must meet; a failed gate makes the run exit with code 1."""
+
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="Largest allowed drop in eval accuracy from the input model (fraction, 0.01 = 1 point)."
+    )
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="Smallest allowed eval accuracy (fraction).")
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="Smallest allowed top-1 agreement with the input model's outputs on eval."
+    )
+    min_cosine: float | None = Field(
+        None, ge=-1, le=1, description="Smallest allowed mean cosine similarity to the input model's outputs on eval."
+    )
+    max_size_bytes: int | None = Field(
+        None, ge=1, description="Largest allowed size of the final artifact (ONNX file, else packed weights, else state)."
+    )
+    max_latency_ms: float | None = Field(
+        None, gt=0, description="Largest allowed p50 onnxruntime latency of one sample (needs an export stage)."
+    )
+
+
+class OutputSpec(_Strict):
+    """Where the run's artifacts go."""
+
+    dir: str | None = Field(
+        None, description="Output folder (relative to the working directory); default runs/<recipe name>. '-o' overrides."
+    )
+
+
+class RecipeDoc(_Strict):
+    """A compression recipe: the model, the data, the ordered stages and the gates."""
+
+    version: Literal[1] = Field(..., description="Recipe format version.")
+    name: str | None = Field(None, description="Name of the run (default: the recipe file's stem).")
+    seed: int = Field(0, description="Global seed for every stage.")
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: list[dict[str, Any]] = Field(
+        default_factory=list, description="Ordered stages, each a one-key mapping {stage_name: config}."
+    )
+    gates: Gates = Field(default_factory=Gates)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+
+class StageSpec(BaseModel):
+    """One validated stage of a recipe."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    name: str
+    config: Any
+    index: int
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json") if isinstance(self.config, BaseModel) else dict(self.config or {})
+
+    def config_hash(self) -> str:
+        blob = json.dumps({"stage": self.name, "config": self.config_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Recipe(BaseModel):
+    """A parsed, validated recipe."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    doc: RecipeDoc
+    stages: list[StageSpec]
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.doc.name or (self.path.stem if self.path else "recipe")
+
+    def to_yaml(self) -> str:
+        """The recipe written back, every default filled in (round-trips through ``parse_recipe``)."""
+        d = self.doc.model_dump(mode="json", exclude_none=True)
+        d["stages"] = [{s.name: s.config_dict()} for s in self.stages]
+        return yaml.safe_dump(d, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read recipe ({err})") from err
+    return parse_recipe(text, str(path), base=path)
+
+
+def parse_recipe(text: str, filename: str = "<recipe>", base: Path | None = None) -> Recipe:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
+        raise RecipeError(f"{where}: YAML syntax error: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{filename}: YAML error: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{filename}: a recipe must be a mapping with keys version, model, data, stages, gates")
+    try:
+        doc = RecipeDoc.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, filename, node, ())) from None
+
+    specs = []
+    for i, item in enumerate(doc.stages):
+        loc = ("stages", i)
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RecipeError(
+                f"{_where(filename, node, loc)}: each stage must be a one-key mapping like '- prune: {{method: magnitude}}', got {item!r}"
+            )
+        (name, cfg), = item.items()
+        try:
+            entry = get_stage(name)
+        except RecipeError as err:
+            close = difflib.get_close_matches(str(name), list(stages()), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{_where(filename, node, loc)}: {err}{hint}") from None
+        try:
+            config = TypeAdapter(entry.config).validate_python(cfg if cfg is not None else {})
+        except ValidationError as err:
+            raise RecipeError(_format_errors(err, filename, node, (*loc, name), entry.config)) from None
+        specs.append(StageSpec(name=name, config=config, index=i))
+    return Recipe(doc=doc, stages=specs, path=base)
+
+
+def _line(node: Any, loc: tuple) -> int | None:
+    """1-based line of the YAML node at ``loc`` (the deepest that exists)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                key_node = next((k for k, _ in node.value if k.value == str(key)), None)
+                return key_node.start_mark.line + 1 if key_node is not None else line
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _where(filename: str, node: Any, loc: tuple) -> str:
+    line = _line(node, loc)
+    path = ".".join(str(p) for p in loc)
+    return f"{filename}:{line}: {path}" if line else f"{filename}: {path}"
+
+
+def _format_errors(err: ValidationError, filename: str, node: Any, prefix: tuple, model: Any = None) -> str:
+    lines = []
+    vocab = _property_names(model) if model is not None else _property_names(RecipeDoc)
+    for e in err.errors():
+        yaml_loc = _yaml_loc(node, (*prefix, *e["loc"]))
+        key = yaml_loc[-1] if yaml_loc else ""
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(key), vocab, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            msg = f"unknown key {key!r}{hint}"
+        elif e["type"] == "missing":
+            msg = f"missing required key {key!r}"
+        else:
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "{...}"
+            msg = f"{e['msg']} (got {shown[:80]})"
+        lines.append(f"{_where(filename, node, yaml_loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def _yaml_loc(node: Any, loc: tuple) -> tuple:
+    """``loc`` without the parts that have no YAML counterpart.
+
+    pydantic puts a discriminated union's tag into the error location
+    (``stages.0.prune.magnitude.amount``); the YAML has ``method: magnitude`` instead.
+    """
+    out: list = []
+    cur = node
+    for key in loc:
+        if isinstance(cur, yaml.MappingNode):
+            match = next((v for k, v in cur.value if k.value == str(key)), None)
+            if match is None:
+                method = next((v.value for k, v in cur.value if k.value == "method"), None)
+                if method == key:
+                    continue
+                cur = None
+            else:
+                cur = match
+        elif isinstance(cur, yaml.SequenceNode) and isinstance(key, int):
+            cur = cur.value[key] if key < len(cur.value) else None
+        out.append(key)
+    return tuple(out)
+
+
+def _property_names(model: Any) -> list[str]:
+    names: set[str] = set()
+
+    def walk(s: Any) -> None:
+        if isinstance(s, dict):
+            for k, v in s.get("properties", {}).items():
+                names.add(k)
+                walk(v)
+            for v in s.values():
+                if isinstance(v, (dict, list)):
+                    walk(v)
+        elif isinstance(s, list):
+            for v in s:
+                walk(v)
+
+    walk(TypeAdapter(model).json_schema())
+    return sorted(names)
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of recipes, generated from the typed configs of the core and every stage."""
+    schema = RecipeDoc.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    items = []
+    for name, entry in stages().items():
+        sub = TypeAdapter(entry.config).json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        items.append(
+            {
+                "type": "object",
+                "title": name,
+                "description": entry.summary,
+                "properties": {name: sub},
+                "required": [name],
+                "additionalProperties": False,
+            }
+        )
+    schema["properties"]["stages"]["items"] = {"oneOf": items}
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "compress recipe"
+    return schema

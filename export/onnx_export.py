@@ -1,0 +1,136 @@
+"""Float ONNX export and the onnxruntime checks that go with it.
+
+Export and validation are one motion (as in timm's ``onnx_export(check=True)``): the
+ONNX checker with full check, then onnxruntime CPU inference compared with PyTorch, then
+latency. onnx / onnxruntime are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+# Protobuf refuses messages above 2 GiB; stay well under it before switching to external data.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def export_onnx(
+    module: nn.Module,
+    example_input: torch.Tensor,
+    path: Path,
+    opset: int = 21,
+    exporter: str = "dynamo",
+    dynamic_batch: bool = True,
+):
+    """Export ``module`` to ``path`` and return the loaded ``onnx.ModelProto``.
+
+    Weights are embedded unless the model is too large for one protobuf, in which case
+    they go to ``<path>.data`` beside it. Initializer names equal the PyTorch parameter
+    names, which the quantized rewrite relies on. The write is atomic.
+    """
+    import onnx
+
+    module = module.eval()
+    tmp = path.with_name(path.name + ".tmp")
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.state_dict().values())
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            _quiet_dynamo_logs()
+            dyn = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+            program = torch.onnx.export(
+                module,
+                (example_input,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dyn,
+                optimize=True,
+                verbose=False,
+            )
+            program.save(str(tmp), external_data=external)
+        else:
+            torch.onnx.export(
+                module,
+                (example_input,),
+                str(tmp),
+                opset_version=opset,
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
+            )
+    model = onnx.load(str(tmp), load_external_data=False)
+    if exporter == "dynamo" and model.opset_import[0].version != opset:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(onnx.load(str(tmp)), opset)
+        onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return onnx.load(str(path))
+
+
+def _quiet_dynamo_logs() -> None:
+    # The dynamo exporter prints progress lines and warns about torchvision ops; the
+    # pipeline reports progress itself.
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def check_model(path: Path) -> None:
+    """The ONNX checker with full shape/type inference."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def ort_session(path: Path, threads: int = 1, optimized_path: Path | None = None, config: dict | None = None):
+    """A CPU InferenceSession as an edge device would create it."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, str(value))
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    outs = [session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs)
+
+
+def measure_latency(session, example: np.ndarray, runs: int = 100, warmup: int = 10) -> dict[str, float]:
+    """Wall-clock latency percentiles (ms) of single runs on ``example``."""
+    name = session.get_inputs()[0].name
+    feed = {name: example}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times[i] = (time.perf_counter() - t0) * 1e3
+    return {
+        "latency_p50_ms": float(np.percentile(times, 50)),
+        "latency_p90_ms": float(np.percentile(times, 90)),
+        "latency_p99_ms": float(np.percentile(times, 99)),
+    }

@@ -1,0 +1,66 @@
+"""The export stage: ONNX file, checker, onnxruntime parity and latency."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from compress.metrics import predict
+from compress.state import ModelState, StageContext
+from export.config import ExportConfig
+from export.onnx_export import check_model, export_onnx, measure_latency, ort_predict, ort_session
+
+log = logging.getLogger(__name__)
+
+
+def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelState:
+    path = ctx.out_dir / "model.onnx"
+    example = state.example_input(batch=2 if config.dynamic_batch else 1)
+    model = export_onnx(state.module, example, path, config.opset, config.exporter, config.dynamic_batch)
+    session_config: dict[str, str] = {}
+    if state.quant:
+        from export.quantized import quantize_onnx_model, session_config_for_exact_parity
+
+        import onnx
+
+        model = quantize_onnx_model(model, state.quant)
+        tmp = path.with_name(path.name + ".tmp")
+        onnx.save(model, str(tmp))
+        tmp.replace(path)
+        session_config = session_config_for_exact_parity()
+    check_model(path)
+    ctx.artifacts["model.onnx"] = path
+
+    split = ctx.data["eval"]
+    x = split.x.numpy()
+    session = ort_session(path, threads=config.threads, config=session_config)
+    ort_out = ort_predict(session, x)
+    torch_out = predict(state.module, split.x).numpy()
+    diff = np.abs(ort_out - torch_out)
+    bound = config.atol + config.rtol * np.abs(torch_out)
+    agreement = float((ort_out.argmax(1) == torch_out.argmax(1)).mean()) if ort_out.ndim == 2 else 1.0
+    within = float((diff <= bound).mean())
+    ctx.metrics.update(
+        {
+            "onnx_bytes": path.stat().st_size,
+            "opset": config.opset,
+            "ort_max_abs_error": float(diff.max()),
+            "ort_within_tolerance": within,
+            "ort_agreement": agreement,
+            "ort_threads": config.threads,
+        }
+    )
+    ctx.checks.append(
+        {"gate": "onnx_parity_within_tolerance", "measured": within, "limit": 1.0, "passed": within >= 1.0}
+    )
+    ctx.checks.append(
+        {"gate": "onnx_top1_agreement", "measured": agreement, "limit": config.min_agreement,
+         "passed": agreement >= config.min_agreement}
+    )
+    one = x[:1] if config.dynamic_batch else x[: example.shape[0]]
+    ctx.metrics.update(measure_latency(session, np.ascontiguousarray(one), config.latency_runs, config.latency_warmup))
+    log.info("exported %s (%d bytes), max abs error %.3g, agreement %.4f",
+             path, ctx.metrics["onnx_bytes"], ctx.metrics["ort_max_abs_error"], agreement)
+    return state
