@@ -114,21 +114,33 @@ def run(
     force: bool = typer.Option(False, "--force", help="Redo every stage even when a cached result matches."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (no progress lines)."),
     trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a whole nn.Module (runs code from the file)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train with N processes (torchrun + DistributedDataParallel; gloo on CPU)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log what the stages do."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Run a recipe on a model; exit 0 when every gate passes, 1 when one fails."""
     _setup_logging(verbose, debug)
-    with _guard(debug):
+    from compress.distributed import launched_by_torchrun
+
+    if nproc > 1 and not launched_by_torchrun():
+        raise typer.Exit(_launch_torchrun(nproc))
+    with _distributed_exit(), _guard(debug):
+        from compress.distributed import init_from_env, is_main
+
+        init_from_env()
+        if not is_main():
+            as_json = False
         from compress.pipeline import run as run_pipeline
         from compress.recipe import load_recipe
         from compress.report import gate_line, stage_table
 
         parsed = load_recipe(recipe)
         out_dir = out or Path(parsed.doc.output.dir or f"runs/{parsed.name}")
-        reporter = None if as_json else _ConsoleReporter()
+        reporter = None if as_json or not is_main() else _ConsoleReporter()
         result = run_pipeline(parsed, model, out_dir, force=force, trust_model=trust_model, reporter=reporter)
-        if as_json:
+        if not is_main():
+            pass
+        elif as_json:
             typer.echo(json.dumps(result.report, indent=2, default=str))
         else:
             table = stage_table(result.report["stages"])
@@ -142,6 +154,49 @@ def run(
                 typer.echo(f"FAILED {gate_line(f)}")
         if not result.passed:
             raise typer.Exit(EXIT_GATE)
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Re-run this very command under torchrun with ``nproc`` processes; return rank 0's exit code."""
+    import subprocess
+    import tempfile
+
+    args = [a for a in sys.argv[1:]]
+    i = next(i for i, a in enumerate(args) if a == "--nproc" or a.startswith("--nproc="))
+    del args[i : i + (1 if "=" in args[i] else 2)]
+    with tempfile.TemporaryDirectory() as tmp:
+        exit_file = Path(tmp) / "exit-code"
+        env = dict(os.environ, COMPRESS_EXIT_FILE=str(exit_file), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "compress", *args]
+        proc = subprocess.run(cmd, env=env)
+        if exit_file.is_file():
+            return int(exit_file.read_text().strip() or EXIT_INTERNAL)
+        _err(f"error: the {nproc}-process run failed (torchrun exit code {proc.returncode})")
+        return EXIT_INTERNAL
+
+
+@contextlib.contextmanager
+def _distributed_exit():
+    """Under the --nproc launcher, rank 0 reports its exit code through a file (torchrun
+    would flatten every failure to 1) and every rank leaves the process group."""
+    exit_file = os.environ.get("COMPRESS_EXIT_FILE")
+    code = EXIT_OK
+    try:
+        yield
+    except typer.Exit as done:
+        code = done.exit_code
+        if not exit_file:
+            raise
+    finally:
+        from compress.distributed import is_main, shutdown
+
+        if exit_file and "torch" in sys.modules and is_main():
+            Path(exit_file).write_text(str(code))
+        if "torch" in sys.modules:
+            shutdown()
+    if exit_file:
+        raise typer.Exit(EXIT_OK)
 
 
 @app.command()
@@ -201,10 +256,6 @@ def inspect(
 
 
 def _register_pack_commands() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("compress.commands.pack") is None:
-        return
     from compress.commands import pack as pack_module  # light: imports heavy deps lazily
 
     @app.command()

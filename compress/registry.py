@@ -21,7 +21,7 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 # Packages whose import registers stages. Order is the canonical pipeline order.
-STAGE_PACKAGES = ("distill", "prune", "quantize", "compress.lossless", "export")
+STAGE_PACKAGES = ("distill", "prune", "compress.finetune", "quantize", "compress.lossless", "export")
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,15 @@ def _load() -> None:
 
 
 def stages() -> dict[str, StageEntry]:
-    """All registered stages, by name, in pipeline order."""
+    """All registered stages, by name, in pipeline order (the order of STAGE_PACKAGES)."""
     _load()
-    return dict(_STAGES)
+
+    def order(entry: StageEntry) -> int:
+        module = entry.apply_path.partition(":")[0]
+        matches = [i for i, pkg in enumerate(STAGE_PACKAGES) if module == pkg or module.startswith(pkg + ".")]
+        return max(matches, default=len(STAGE_PACKAGES))
+
+    return {e.name: e for e in sorted(_STAGES.values(), key=order)}
 
 
 def get_stage(name: str) -> StageEntry:

@@ -164,3 +164,17 @@ def test_inspect(cli, write_recipe, digits_mlp_path, tmp_path, target):
     assert code == 0, err
     assert "net.0.weight" in stdout
     assert "total: 2,410 values" in stdout  # 64*32+32 + 32*10+10
+
+
+def test_pack_unpack_commands_round_trip_an_onnx_file(cli, write_recipe, digits_mlp_path, tmp_path):
+    out = tmp_path / "o"
+    assert cli("run", write_recipe(), digits_mlp_path, "-o", out)[0] == 0
+    packed, restored = tmp_path / "m.czip", tmp_path / "restored.onnx"
+    code, stdout, err = cli("pack", out / "model.onnx", packed)
+    assert code == 0, err
+    assert "ratio" in stdout
+    code, _, err = cli("unpack", packed, restored)
+    assert code == 0, err
+    assert restored.read_bytes() == (out / "model.onnx").read_bytes()
+    code, _, err = cli("unpack", tmp_path / "missing.czip")
+    assert code == 2

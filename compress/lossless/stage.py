@@ -1,0 +1,187 @@
+"""The ``compress`` stage: pack the model state losslessly into ``<out_dir>/weights.czip``.
+
+Entry names in the container (``<p>`` is a parameter or buffer name of the module):
+
+* ``param/<p>`` - every state_dict tensor that is not quantized, coded by its dtype.
+* ``quant/<p>/codes`` - integer codes; packed two per byte (layout ``i4``/``u4``) when
+  ``bits <= 4``. ``quant/<p>/scale``, ``/zero_point``, ``/codebook``,
+  ``/codebook_of_row`` - the side tensors that exist. The float weight of a quantized
+  parameter is NOT stored: it is ``QuantizedTensor.dequantize()`` of the above.
+* ``mask/<p>`` - pruning masks, bit-packed.
+
+The manifest's ``meta`` holds ``{"kind": "state", "quant": {<p>: {"bits", "method"}}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.lossless.config import CompressStageConfig
+from compress.lossless.container import ContainerReader, ContainerWriter, CorruptArchiveError
+from compress.qtensor import QuantizedTensor
+from compress.state import ModelState, StageContext
+
+log = logging.getLogger(__name__)
+
+_TORCH_TO_CODEC = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.bool: "bool",
+    torch.complex64: "complex64",
+    torch.complex128: "complex128",
+}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        _TORCH_TO_CODEC[getattr(torch, _name)] = _name
+_CODEC_TO_TORCH = {v: k for k, v in _TORCH_TO_CODEC.items()}
+
+
+def tensor_to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A numpy copy of ``t``'s exact bits and the codec dtype name."""
+    dtype = _TORCH_TO_CODEC.get(t.dtype)
+    if dtype is None:
+        raise TypeError(f"dtype {t.dtype} is not supported by the lossless codec")
+    t = t.detach().cpu().contiguous()
+    if dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16).copy(), dtype
+    if dtype.startswith("float8"):
+        return t.view(torch.uint8).numpy().copy(), dtype
+    return t.numpy().copy(), dtype
+
+
+def numpy_to_tensor(a: np.ndarray, dtype: str) -> torch.Tensor:
+    target = _CODEC_TO_TORCH[dtype]
+    a = a.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    if dtype.startswith("float8"):
+        return torch.from_numpy(a).view(target)
+    return torch.from_numpy(a)
+
+
+def _add(w: ContainerWriter, name: str, t: torch.Tensor, layout: str | None = None, meta: dict | None = None):
+    arr, dtype = tensor_to_numpy(t)
+    return w.add_tensor(name, arr, dtype=dtype, layout=layout, meta=meta)
+
+
+def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> dict[str, Any]:
+    """Write the state's tensors to ``path``; returns the metrics the stage records."""
+    quant_meta = {name: {"bits": qt.bits, "method": qt.method} for name, qt in state.quant.items()}
+    per_tensor: dict[str, dict[str, Any]] = {}
+    with ContainerWriter(
+        path, level=config.level, chunk_size=config.chunk_size, threads=config.threads,
+        meta={"kind": "state", "quant": quant_meta},
+    ) as w:
+        for name, t in state.module.state_dict().items():
+            if name in state.quant:
+                continue
+            st = _add(w, f"param/{name}", t)
+            per_tensor[name] = {"raw_bytes": st.raw_bytes, "packed_bytes": st.stored_bytes}
+        for name, qt in state.quant.items():
+            raw = packed = 0
+            codes_layout = None
+            if qt.bits <= 4:
+                codes_layout = "u4" if qt.codes.dtype == torch.uint8 else "i4"
+            parts = {"codes": qt.codes, "scale": qt.scale, "zero_point": qt.zero_point,
+                     "codebook": qt.codebook, "codebook_of_row": qt.codebook_of_row}
+            for part, t in parts.items():
+                if t is None:
+                    continue
+                st = _add(w, f"quant/{name}/{part}", t, layout=codes_layout if part == "codes" else None)
+                raw += st.raw_bytes
+                packed += st.stored_bytes
+            per_tensor[name] = {"raw_bytes": raw, "packed_bytes": packed, "bits": qt.bits}
+        for name, mask in state.masks.items():
+            st = _add(w, f"mask/{name}", mask.to(torch.bool))
+            per_tensor.setdefault(name, {"raw_bytes": 0, "packed_bytes": 0})
+            per_tensor[name]["mask_packed_bytes"] = st.stored_bytes
+            per_tensor[name]["packed_bytes"] += st.stored_bytes
+        entry_bytes = sum(s.stored_bytes for s in w.stats)
+    for v in per_tensor.values():
+        v["ratio"] = v["packed_bytes"] / v["raw_bytes"] if v["raw_bytes"] else None
+    params = dict(state.module.named_parameters())
+    dense = sum(p.numel() * 4 for p in params.values())
+    nonzeros = 0
+    for name, p in params.items():
+        value = state.quant[name].dequantize() if name in state.quant else p.detach()
+        if name in state.masks:
+            value = value * state.masks[name].to(value.dtype)
+        nonzeros += int(torch.count_nonzero(value))
+    packed = path.stat().st_size
+    return {
+        "file": str(path),
+        "dense_bytes": dense,
+        "packed_bytes": packed,
+        "entry_bytes": entry_bytes,
+        "ratio": packed / dense if dense else None,
+        "nonzeros": nonzeros,
+        "n_params": sum(p.numel() for p in params.values()),
+        "per_tensor": per_tensor,
+    }
+
+
+def apply(state: ModelState, config: CompressStageConfig, ctx: StageContext) -> ModelState:
+    """Pack ``state`` into ``ctx.out_dir / config.filename``; the state is returned unchanged.
+
+    Records in ``ctx.metrics``: ``dense_bytes`` (float32 size of all parameters),
+    ``packed_bytes`` (container size), ``ratio`` (packed / dense), ``nonzeros`` (non-zero
+    parameter values after masks and quantization), ``per_tensor`` (raw/packed bytes and
+    ratio per parameter) and ``file``.
+    """
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(ctx.out_dir) / config.filename
+    metrics = pack_state(state, path, config)
+    ctx.metrics.update(metrics)
+    ctx.artifacts[config.filename] = path
+    ctx.log.info(
+        "packed %d parameters: %d dense bytes -> %d bytes (ratio %.4f) in %s",
+        metrics["n_params"], metrics["dense_bytes"], metrics["packed_bytes"], metrics["ratio"] or 0.0, path,
+    )
+    return state
+
+
+def unpack_state_tensors(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a stage container back.
+
+    Returns:
+        ``{"params": {name: Tensor}, "quant": {name: QuantizedTensor}, "masks": {name: bool Tensor}}``
+        with every tensor bit-identical to what was packed.
+    """
+    params: dict[str, torch.Tensor] = {}
+    quant_parts: dict[str, dict[str, Any]] = {}
+    masks: dict[str, torch.Tensor] = {}
+    with ContainerReader(path) as r:
+        if r.meta.get("kind") != "state":
+            raise CorruptArchiveError(f"{path}: not a model-state container")
+        qmeta = r.meta.get("quant", {})
+        for entry_name in r.names():
+            e = r.entry(entry_name)
+            t = numpy_to_tensor(r.read_tensor(entry_name), e.dtype)
+            group, _, rest = entry_name.partition("/")
+            if group == "param":
+                params[rest] = t
+            elif group == "mask":
+                masks[rest] = t
+            elif group == "quant":
+                pname, _, part = rest.rpartition("/")
+                quant_parts.setdefault(pname, {})[part] = t
+    quant = {}
+    for pname, parts in quant_parts.items():
+        info = qmeta.get(pname, {}) if isinstance(qmeta, dict) else {}
+        try:
+            quant[pname] = QuantizedTensor(bits=int(info["bits"]), method=str(info.get("method", "")), **parts)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptArchiveError(f"{path}: quantized tensor {pname!r} is inconsistent: {err}") from None
+    return {"params": params, "quant": quant, "masks": masks}

@@ -1,0 +1,128 @@
+"""Bit-exact round trips of the codec for every dtype and layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compress.lossless import codec as C
+from compress.lossless.container import ContainerReader, write_container
+
+FLOAT_BITS = {"float32": np.uint32, "bfloat16": np.uint16, "float16": np.uint16}
+
+
+def roundtrip_chunk(layout: str, dtype: str, arr: np.ndarray) -> np.ndarray:
+    before = arr.tobytes()
+    enc = C.encode_chunk(layout, arr.reshape(-1).view(C.numpy_view_dtype(dtype)), level=3)
+    assert arr.tobytes() == before, "codec modified its input"
+    out = C.decode_chunk(layout, arr.size, C.itemsize(dtype), [(s.method, s.payload, s.raw_len) for s in enc.streams])
+    return out
+
+
+special_f32 = [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x00000001, 0x807FFFFF]
+special_16 = [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF, 0x0001, 0x7F80, 0xFF80, 0x7FC1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(sorted(FLOAT_BITS)), data=st.data())
+def test_float_bit_patterns_roundtrip(dtype: str, data) -> None:
+    utype = FLOAT_BITS[dtype]
+    specials = special_f32 if utype == np.uint32 else special_16
+    bits = data.draw(st.lists(st.one_of(st.sampled_from(specials), st.integers(0, np.iinfo(utype).max)), max_size=300))
+    arr = np.array(bits, dtype=utype)
+    layout = C.DTYPES[dtype][1]
+    assert roundtrip_chunk(layout, dtype, arr).tobytes() == arr.tobytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_integer_layouts_roundtrip(data) -> None:
+    n = data.draw(st.integers(0, 257))
+    i4 = np.array(data.draw(st.lists(st.integers(-8, 7), min_size=n, max_size=n)), np.int8)
+    u4 = np.array(data.draw(st.lists(st.integers(0, 15), min_size=n, max_size=n)), np.uint8)
+    i8 = np.array(data.draw(st.lists(st.integers(-128, 127), min_size=n, max_size=n)), np.int8)
+    b = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), np.bool_)
+    assert roundtrip_chunk("i4", "int8", i4).view(np.int8).tobytes() == i4.tobytes()
+    assert roundtrip_chunk("u4", "uint8", u4).tobytes() == u4.tobytes()
+    assert roundtrip_chunk("bytes", "int8", i8).tobytes() == i8.tobytes()
+    assert roundtrip_chunk("bits", "bool", b).tobytes() == b.tobytes()
+
+
+def test_int4_rejects_out_of_range() -> None:
+    with pytest.raises(C.CodecError):
+        C.encode_chunk("i4", np.array([8], np.int8))
+    with pytest.raises(C.CodecError):
+        C.encode_chunk("u4", np.array([16], np.uint8))
+    with pytest.raises(C.CodecError):
+        C.encode_chunk("bits", np.array([2], np.uint8))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "int32", "uint8", "complex64"])
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (7,), (3, 0, 2), (33, 17)])
+def test_container_shapes_and_generic_dtypes(tmp_path, dtype: str, shape) -> None:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, size=int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype=np.uint8)
+    arr = arr.view(dtype).reshape(shape)
+    before = arr.tobytes()
+    write_container(tmp_path / "a.czip", {"x": arr}, chunk_size=4096)
+    assert arr.tobytes() == before
+    with ContainerReader(tmp_path / "a.czip") as r:
+        got = r.read_tensor("x")
+    assert got.dtype == arr.dtype and got.shape == arr.shape and got.tobytes() == before
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+    n=st.integers(0, 9000),
+    seed=st.integers(0, 2**32 - 1),
+    threads=st.sampled_from([1, 2]),
+)
+def test_multichunk_roundtrip_in_container(tmp_path_factory, dtype: str, n: int, seed: int, threads: int) -> None:
+    """Weight-like data across many small chunks, with 1 and 2 threads."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    if dtype == "float32":
+        arr = w
+    elif dtype == "float16":
+        arr = w.astype(np.float16)
+    else:
+        arr = (w.view(np.uint32) >> 16).astype(np.uint16)
+    path = tmp_path_factory.mktemp("c") / "w.czip"
+    write_container(path, {"w": (arr, dtype)}, chunk_size=4096, threads=threads)
+    with ContainerReader(path) as r:
+        r.verify()
+        assert r.read_tensor("w", threads=threads).tobytes() == arr.tobytes()
+
+
+def test_weight_like_data_compresses() -> None:
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal(1 << 18) * 0.02).astype(np.float32)
+    bf = (w.view(np.uint32) >> 16).astype(np.uint16)
+    enc = C.encode_chunk("bf16", bf)
+    assert enc.stored_bytes / bf.nbytes < 0.75
+    assert enc.streams[1].method == C.METHOD_RAW  # the near-random mantissa stream is stored raw
+
+
+@settings(max_examples=30, deadline=None)
+@given(dtype=st.sampled_from(["float32", "bfloat16", "float16"]), n=st.integers(64, 3000),
+       zeros=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1))
+def test_sparse_chunks_roundtrip(dtype: str, n: int, zeros: float, seed: int) -> None:
+    """Pruned weights (exact +0.0, with -0.0 and NaN kept apart) round-trip bit-exactly."""
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, np.iinfo(FLOAT_BITS[dtype]).max, n, dtype=FLOAT_BITS[dtype], endpoint=True)
+    bits[rng.random(n) < zeros] = 0
+    bits[: n // 50] = 1 << (bits.itemsize * 8 - 1)  # -0.0 is not a zero to drop
+    out = roundtrip_chunk(C.DTYPES[dtype][1], dtype, bits)
+    assert out.tobytes() == bits.tobytes()
+
+
+def test_pruned_weights_use_sparse_coding() -> None:
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal(1 << 16) * 0.02).astype(np.float32)
+    w[np.abs(w) < np.quantile(np.abs(w), 0.8)] = 0
+    enc = C.encode_chunk("f32", w)
+    assert len(enc.streams) == 5
+    assert enc.stored_bytes / w.nbytes < 0.25

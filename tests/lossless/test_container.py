@@ -1,0 +1,203 @@
+"""Container integrity: every flipped byte and truncation is caught; hostile files are refused."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+
+from compress.errors import InputError
+from compress.lossless.container import (
+    HEADER_SIZE,
+    TRAILER,
+    TRAILER_SIZE,
+    ContainerReader,
+    ContainerWriter,
+    CorruptArchiveError,
+    write_container,
+)
+
+
+def small_container(path) -> bytes:
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal(400) * 0.05).astype(np.float32)
+    write_container(
+        path,
+        {
+            "w": w,
+            "h": (w.astype(np.float16), "float16"),
+            "codes": (rng.integers(-8, 8, 101).astype(np.int8), "int8", "i4"),
+            "mask": rng.random(100) < 0.3,
+            "blob": b"graph bytes " * 20,
+        },
+        meta={"note": "test"},
+        chunk_size=4096,
+        threads=1,
+    )
+    return path.read_bytes()
+
+
+def open_and_verify(path) -> None:
+    with ContainerReader(path) as r:
+        r.verify()
+
+
+def test_roundtrip_meta_and_random_access(tmp_path) -> None:
+    small_container(tmp_path / "a.czip")
+    with ContainerReader(tmp_path / "a.czip") as r:
+        assert r.names() == ["w", "h", "codes", "mask", "blob"]
+        assert r.meta == {"note": "test"}
+        assert r.read_blob("blob") == b"graph bytes " * 20
+        assert r.read_tensor("codes").min() >= -8
+        with pytest.raises(InputError, match="no entry"):
+            r.read_tensor("missing")
+
+
+def test_every_flipped_byte_is_detected(tmp_path) -> None:
+    path = tmp_path / "a.czip"
+    good = small_container(path)
+    with ContainerReader(path) as r:
+        payload_spans = {
+            (name, ci): [(s[0], s[0] + s[1]) for s in streams]
+            for name, e in r.entries.items()
+            for ci, (_, streams) in enumerate(e.chunks)
+        }
+    bad = tmp_path / "bad.czip"
+    for i in range(len(good)):
+        data = bytearray(good)
+        data[i] ^= 0x5A
+        bad.write_bytes(data)
+        with pytest.raises(CorruptArchiveError) as info:
+            open_and_verify(bad)
+        for (name, ci), spans in payload_spans.items():
+            if any(a <= i < b for a, b in spans):
+                assert f"entry {name!r} chunk {ci}" in str(info.value), (i, str(info.value))
+
+
+def test_every_truncation_is_detected(tmp_path) -> None:
+    path = tmp_path / "a.czip"
+    good = small_container(path)
+    bad = tmp_path / "bad.czip"
+    for n in range(len(good)):
+        bad.write_bytes(good[:n])
+        with pytest.raises(CorruptArchiveError):
+            open_and_verify(bad)
+
+
+def test_version_and_magic(tmp_path) -> None:
+    path = tmp_path / "a.czip"
+    good = bytearray(small_container(path))
+    good[8:10] = struct.pack("<H", 2)
+    path.write_bytes(good)
+    with pytest.raises(CorruptArchiveError, match="version 2"):
+        ContainerReader(path)
+    path.write_bytes(b"PK\x03\x04" + bytes(200))
+    with pytest.raises(CorruptArchiveError, match="not a czip"):
+        ContainerReader(path)
+
+
+def rewrite_manifest(good: bytes, edit) -> bytes:
+    """A file whose manifest was edited and whose manifest CRC was recomputed (hostile)."""
+    off, length, _, _, digest, end = TRAILER.unpack(good[-TRAILER_SIZE:])
+    manifest = json.loads(good[off : off + length])
+    edit(manifest)
+    body = json.dumps(manifest).encode()
+    return good[:off] + body + TRAILER.pack(off, len(body), zlib.crc32(body), 0, digest, end)
+
+
+HOSTILE_EDITS = {
+    "huge shape": lambda m: m["entries"][0].update(shape=[2**40, 2**20]),
+    "nbytes lie": lambda m: m["entries"][0].update(nbytes=10**15),
+    "offset past end": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(0, 10**12),
+    "negative length": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(1, -5),
+    "raw_len lie": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(2, 2**31),
+    "overlap": lambda m: m["entries"][1]["chunks"][0][1].__setitem__(0, list(m["entries"][0]["chunks"][0][1][0][:2]) + m["entries"][1]["chunks"][0][1][0][2:]),
+    "element count lie": lambda m: m["entries"][0]["chunks"][0].__setitem__(0, 2**40),
+    "bad dtype": lambda m: m["entries"][0].update(dtype="object"),
+    "bad layout": lambda m: m["entries"][0].update(layout="i4"),
+    "duplicate": lambda m: m["entries"].append(m["entries"][0]),
+    "deep meta": lambda m: m.update(meta=json.loads("[" * 500 + "]" * 500)),
+    "entries not list": lambda m: m.update(entries={"a": 1}),
+    "bool as int": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(3, True),
+    "method unknown": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(3, 7),
+    "stream count": lambda m: m["entries"][0]["chunks"][0][1].pop(),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HOSTILE_EDITS))
+def test_hostile_manifests_are_refused(tmp_path, edit) -> None:
+    path = tmp_path / "a.czip"
+    good = small_container(path)
+    path.write_bytes(rewrite_manifest(good, HOSTILE_EDITS[edit]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptArchiveError):
+            open_and_verify(path)
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_deep_manifest_json_is_refused(tmp_path) -> None:
+    path = tmp_path / "a.czip"
+    good = small_container(path)
+    off = TRAILER.unpack(good[-TRAILER_SIZE:])[0]
+    body = b"[" * 100000 + b"]" * 100000
+    path.write_bytes(good[:off] + body + TRAILER.pack(off, len(body), zlib.crc32(body), 0, bytes(32), b"CZIPEND\x00"))
+    with pytest.raises(CorruptArchiveError):
+        ContainerReader(path)
+
+
+def test_fuzz_random_and_mutated_files(tmp_path) -> None:
+    path = tmp_path / "a.czip"
+    good = small_container(path)
+    rng = random.Random(1234)
+    bad = tmp_path / "fuzz.czip"
+    tracemalloc.start()
+    try:
+        for it in range(400):
+            kind = it % 4
+            if kind == 0:
+                data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 3000)))
+            elif kind == 1:
+                data = bytearray(good)
+                for _ in range(rng.randint(1, 20)):
+                    data[rng.randrange(len(data))] = rng.getrandbits(8)
+            elif kind == 2:
+                a, b = sorted(rng.randrange(len(good)) for _ in range(2))
+                data = good[:a] + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 50))) + good[b:]
+            else:  # valid header and trailer magic around random content
+                data = good[:HEADER_SIZE] + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 2000))) + good[-8:]
+            bad.write_bytes(bytes(data))
+            try:
+                open_and_verify(bad)
+            except CorruptArchiveError:
+                pass
+            else:
+                assert bytes(data) == good
+        assert tracemalloc.get_traced_memory()[1] < 32 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_writer_is_atomic(tmp_path) -> None:
+    path = tmp_path / "a.czip"
+    with pytest.raises(RuntimeError):
+        with ContainerWriter(path) as w:
+            w.add_tensor("x", np.zeros(10, np.float32))
+            raise RuntimeError("boom")
+    assert not path.exists() and not (tmp_path / "a.czip.tmp").exists()
+
+
+def test_writer_rejects_bad_names_and_dtypes(tmp_path) -> None:
+    with ContainerWriter(tmp_path / "a.czip") as w:
+        w.add_tensor("x", np.zeros(3, np.float32))
+        with pytest.raises(InputError, match="duplicate"):
+            w.add_tensor("x", np.zeros(3, np.float32))
+        with pytest.raises(InputError, match="layout"):
+            w.add_tensor("y", np.zeros(3, np.float32), layout="i4")

@@ -1,0 +1,145 @@
+"""Byte-identical pack/unpack of safetensors, ONNX and torch.save files."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from compress.commands.pack import pack, unpack
+from compress.errors import InputError
+from compress.lossless.container import CorruptArchiveError
+from compress.lossless.files import pack_file, unpack_file
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+
+
+def roundtrip(src, tmp_path, **opts):
+    packed = tmp_path / "x.czip"
+    report = pack_file(src, packed, **opts)
+    out = unpack_file(packed, tmp_path / ("restored" + src.suffix))
+    assert out.read_bytes() == src.read_bytes()
+    return report
+
+
+def test_safetensors_all_dtypes(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 70, generator=g) * 0.02
+    tensors = {
+        "f32": w,
+        "bf16": w.to(torch.bfloat16),
+        "f16": w.to(torch.float16),
+        "i8": torch.randint(-128, 127, (513,), dtype=torch.int8, generator=g),
+        "u8": torch.randint(0, 255, (7, 3), dtype=torch.uint8, generator=g),
+        "i64": torch.arange(77),
+        "bool": torch.rand(99, generator=g) < 0.5,
+        "f64": torch.randn(5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(1.5),
+    }
+    src = tmp_path / "m.safetensors"
+    save_file(tensors, str(src), metadata={"format": "pt"})
+    report = roundtrip(src, tmp_path, chunk_size=8192, threads=2)
+    assert report.ratio < 0.95
+    assert report.n_regions == 9  # the empty tensor has no bytes
+
+
+def test_onnx_roundtrip(tmp_path) -> None:
+    src = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiny_model(), torch.randn(1, 16), str(src), dynamo=False)
+    report = roundtrip(src, tmp_path)
+    assert report.n_regions == 4
+
+
+def test_onnx_helper_model_with_constant_and_fp16(tmp_path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array((np.random.default_rng(0).standard_normal((8, 8)) * 0.1).astype(np.float16), "w")
+    c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((8,), np.float32), "cv"))
+    cast = helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT)
+    mm = helper.make_node("MatMul", ["x", "wf"], ["y0"])
+    add = helper.make_node("Add", ["y0", "c"], ["y"])
+    graph = helper.make_graph(
+        [c, cast, mm, add], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph)
+    src = tmp_path / "h.onnx"
+    onnx.save(model, str(src))
+    report = roundtrip(src, tmp_path)
+    assert report.n_regions == 2
+    assert {e.dtype for e in report.entries} >= {"float16", "float32"}
+
+
+def test_torch_save_roundtrip_is_byte_identical(tmp_path) -> None:
+    sd = tiny_model().state_dict()
+    sd["half"] = torch.randn(100).half()
+    sd["codes"] = torch.randint(-8, 8, (64,), dtype=torch.int8)
+    src = tmp_path / "stage.pt"
+    torch.save(sd, src)
+    report = roundtrip(src, tmp_path)
+    assert {e.dtype for e in report.entries} >= {"float32", "float16", "int8"}
+    loaded = torch.load(tmp_path / "restored.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_unknown_type_and_bad_files(tmp_path) -> None:
+    txt = tmp_path / "a.txt"
+    txt.write_text("hi")
+    with pytest.raises(InputError, match=r"supported: \.onnx, \.pt, \.pth, \.safetensors"):
+        pack_file(txt)
+    with pytest.raises(InputError, match="no such file"):
+        pack_file(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\xff" * 64)
+    with pytest.raises(InputError, match="not a valid ONNX"):
+        pack_file(bad)
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x10" * 8)
+    with pytest.raises(InputError, match="safetensors"):
+        pack_file(bad_st)
+    bad_pt = tmp_path / "bad.pt"
+    bad_pt.write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="torch.save"):
+        pack_file(bad_pt)
+
+
+def test_unpack_detects_damage(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(2000)}, str(src))
+    packed = tmp_path / "m.czip"
+    pack_file(src, packed)
+    data = bytearray(packed.read_bytes())
+    data[100] ^= 1
+    packed.write_bytes(data)
+    with pytest.raises(CorruptArchiveError, match="chunk 0"):
+        unpack_file(packed, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_functions(tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(5000) * 0.02}, str(src))
+    assert pack(src, None, 3, 1) == 0
+    assert "ratio" in capsys.readouterr().out
+    restored = tmp_path / "r.safetensors"
+    assert unpack(tmp_path / "m.safetensors.czip", restored) == 0
+    assert restored.read_bytes() == src.read_bytes()
+    with pytest.raises(InputError):
+        pack(tmp_path / "nope.safetensors", None, 3, None)

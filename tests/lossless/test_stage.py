@@ -1,0 +1,73 @@
+"""The compress stage: packs the state, records metrics, round-trips bit-exactly."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.lossless.config import CompressStageConfig
+from compress.lossless.stage import apply, unpack_state_tensors
+from compress.qtensor import QuantizedTensor
+from compress.registry import stages
+from compress.state import ModelState, StageContext
+
+
+def make_state() -> ModelState:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 10))
+    state = ModelState(module=model, input_shape=(1, 32))
+    w0 = model[0].weight.detach()
+    scale = w0.abs().amax(dim=1, keepdim=True) / 7
+    codes = torch.clamp(torch.round(w0 / scale), -8, 7).to(torch.int8)
+    state.quant["0.weight"] = QuantizedTensor(codes=codes, bits=4, scale=scale, method="rtn")
+    idx = torch.randint(0, 16, model[2].weight.shape, dtype=torch.uint8)
+    state.quant["2.weight"] = QuantizedTensor(
+        codes=idx, bits=4, codebook=torch.randn(1, 16), codebook_of_row=torch.zeros(10, dtype=torch.int64), method="kmeans"
+    )
+    state.masks["0.weight"] = torch.rand(w0.shape) > 0.8
+    state.sync_quantized()
+    state.apply_masks()
+    return state
+
+
+def test_stage_registered_without_heavy_imports() -> None:
+    assert stages()["compress"].config is CompressStageConfig
+    assert CompressStageConfig().level == 3
+
+
+def test_apply_and_roundtrip(tmp_path) -> None:
+    state = make_state()
+    ctx = StageContext(data=None, out_dir=tmp_path, device=torch.device("cpu"), reference=state.module)
+    out = apply(state, CompressStageConfig(threads=2), ctx)
+    assert out is state
+    m = ctx.metrics
+    assert (tmp_path / "weights.czip").stat().st_size == m["packed_bytes"]
+    assert m["dense_bytes"] == sum(p.numel() * 4 for p in state.module.parameters())
+    assert m["packed_bytes"] < m["dense_bytes"] / 2
+    assert 0 < m["nonzeros"] < m["n_params"]
+    assert m["per_tensor"]["0.weight"]["bits"] == 4 and m["per_tensor"]["0.weight"]["ratio"] < 1
+
+    back = unpack_state_tensors(tmp_path / "weights.czip")
+    sd = state.module.state_dict()
+    assert set(back["params"]) == set(sd) - set(state.quant)
+    for name, t in back["params"].items():
+        assert t.dtype == sd[name].dtype and t.shape == sd[name].shape
+        assert torch.equal(t.view(-1).view(torch.uint8) if t.is_floating_point() else t, sd[name].view(-1).view(torch.uint8) if t.is_floating_point() else sd[name])
+    for name, qt in state.quant.items():
+        got = back["quant"][name]
+        for part in ("codes", "scale", "zero_point", "codebook", "codebook_of_row"):
+            a, b = getattr(qt, part), getattr(got, part)
+            assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), (name, part)
+        assert got.bits == qt.bits and got.method == qt.method
+    assert torch.equal(back["masks"]["0.weight"], state.masks["0.weight"])
+
+
+def test_bf16_and_fp16_params(tmp_path) -> None:
+    model = torch.nn.Linear(40, 40).to(torch.bfloat16)
+    model.register_buffer("h", torch.tensor([float("nan"), -0.0, float("inf"), 6e-8], dtype=torch.float16))
+    state = ModelState(module=model, input_shape=(1, 40))
+    ctx = StageContext(data=None, out_dir=tmp_path, device=torch.device("cpu"), reference=model)
+    apply(state, CompressStageConfig(), ctx)
+    back = unpack_state_tensors(tmp_path / "weights.czip")["params"]
+    for name, t in model.state_dict().items():
+        assert back[name].dtype == t.dtype
+        assert torch.equal(back[name].view(torch.int16), t.view(torch.int16))
