@@ -23,6 +23,7 @@ import torch
 import compress
 from compress.artifacts import atomic_write, atomic_write_json, file_hash, text_hash
 from compress.data import DataBundle, load_split
+from compress.distributed import broadcast_from_main, is_main, rank_and_world
 from compress.errors import CompressError, GateFailure, InputError, RecipeError, StageError
 from compress.metrics import count_parameters, evaluate, predict
 from compress.model_io import LoadedModel, check_forward, load_model, load_state, save_state
@@ -77,7 +78,16 @@ def run(
         StageError: a stage failed.
     Gate failures do not raise: they are in ``RunResult.failures`` and the report.
     """
-    reporter = reporter or _SilentReporter()
+    if not is_main():
+        # Other ranks of a multi-process run train alongside rank 0 but write into scratch.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"compress-rank{rank_and_world()[0]}-") as scratch:
+            return _run(recipe, model_path, Path(scratch), force, trust_model, _SilentReporter(), main=False)
+    return _run(recipe, model_path, out_dir, force, trust_model, reporter or _SilentReporter(), main=True)
+
+
+def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> RunResult:
     started = time.perf_counter()
     spec = recipe.doc
     input_shape = tuple(spec.model.input_shape)
@@ -116,9 +126,10 @@ def run(
         key = text_hash(key, stage_spec.name, stage_spec.config_hash())
         folder = out_dir / "stages" / f"{i + 1:02d}-{stage_spec.name}"
         reporter.stage_started(i + 1, total, stage_spec.name)
-        record = None if force else _reusable(folder, key)
+        record = None if force or not main else _reusable(folder, key)
+        record = broadcast_from_main(record)  # every rank must make rank 0's choice
         if record is not None:
-            state = load_state(folder, loaded.rebuild)
+            state = broadcast_from_main(load_state(folder, loaded.rebuild) if main else None)
             row = record["row"] | {"cached": True}
             checks = record["checks"]
             stage_artifacts = {k: folder / v for k, v in record["artifacts"].items()}

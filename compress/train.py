@@ -11,31 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from compress.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
-
-
-class TrainConfig(BaseModel):
-    """How to train: shared by every stage that trains."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(10, ge=0, description="Passes over the training split.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay (L2; decoupled for adamw).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule over all steps.")
-    batch_size: int = Field(128, ge=1, description="Training batch size.")
-    seed: int = Field(0, description="Seed for initialisation-independent randomness (shuffling).")
 
 
 def kd_loss(temperature: float = 2.0, alpha: float = 0.7) -> LossFn:
@@ -102,10 +88,21 @@ def fit(
     """
     if cfg.epochs == 0 or (max_steps is not None and max_steps <= 0):
         return {"steps": 0, "final_loss": float("nan"), "seconds": 0.0}
+    from compress.distributed import rank_and_world
+
     start = time.perf_counter()
     opt = make_optimizer(list(params) if params is not None else model.parameters(), cfg)
-    n = len(x)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    rank, world = rank_and_world()
+    forward = model
+    if world > 1:
+        # Same global batch as one process: each rank takes 1/world of every batch, and
+        # DDP averages the gradients, so 1 and N processes follow the same recipe.
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model)
+    n = len(x) - len(x) % world  # equal shards, or the ranks' step counts diverge
+    batch = max(cfg.batch_size // world, 1)
+    steps_per_epoch = math.ceil(n / world / batch)
     total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
     sched = (
         torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -118,17 +115,17 @@ def fit(
     step, loss_value = 0, float("nan")
     model.train()
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(len(x), generator=g)[:n][rank::world]  # same permutation on every rank
         running, batches = 0.0, 0
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
+        for i in range(0, len(perm), batch):
+            idx = perm[i : i + batch]
             xb = x[idx]
             yb = None if y is None else y[idx]
             if before_step is not None:
                 before_step()
             with torch.no_grad():
                 tb = teacher(xb) if teacher is not None else None
-            loss = loss_fn(model(xb), yb, tb)
+            loss = loss_fn(forward(xb), yb, tb)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
             opt.zero_grad(set_to_none=True)

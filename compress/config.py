@@ -1,0 +1,23 @@
+"""Typed configs shared by several stages, kept free of heavy imports (the recipe
+validator and `compress schema` load them without torch)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """How to train: shared by every stage that trains."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=0, description="Passes over the training split.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (L2; decoupled for adamw).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule over all steps.")
+    batch_size: int = Field(128, ge=1, description="Training batch size.")
+    seed: int = Field(0, description="Seed for initialisation-independent randomness (shuffling).")

@@ -1,0 +1,72 @@
+"""Multi-process training: the same recipe on 1 or N processes.
+
+`compress run --nproc N` relaunches itself under torchrun. Every rank runs the pipeline;
+training (``compress.train.fit``) wraps the model in DistributedDataParallel and gives
+each rank its shard of every batch, so N processes do one run's training together. Only
+rank 0 writes artifacts and the report; the other ranks work in private scratch folders
+and follow rank 0's cache decisions so every collective call matches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on GPUs)."""
+    if not launched_by_torchrun():
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
+
+
+def rank_and_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's value of ``obj`` on every rank (a no-op in one process)."""
+    if rank_and_world()[1] == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown() -> None:
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

@@ -1,0 +1,54 @@
+"""The same recipe on 1 and 2 processes (torchrun + DDP, gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DIGITS_RECIPE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(recipe: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "compress", "run", str(recipe), str(model), "-o", str(out), "--json", *extra],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, digits_mlp_path):
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(
+        DIGITS_RECIPE.format(
+            stages="  - finetune: {distill: true, train: {epochs: 3, lr: 0.001, batch_size: 64}}",
+            gates="  max_accuracy_drop: 0.5",
+        )
+    )
+    one = _run(recipe, digits_mlp_path, tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = _run(recipe, digits_mlp_path, tmp_path / "two", "--nproc", "2")
+    assert two.returncode == 0, two.stderr
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # only rank 0 printed a report
+    assert abs(r1["stages"][-1]["accuracy"] - r2["stages"][-1]["accuracy"]) <= 0.01
+    assert r1["stages"][-1]["metrics"]["steps"] == r2["stages"][-1]["metrics"]["steps"]
+    stage_dirs = list((tmp_path / "two" / "stages").iterdir())
+    assert [d.name for d in stage_dirs] == ["01-finetune"]
+    assert (tmp_path / "two" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_gate_failure_exit_code_survives_torchrun(tmp_path, digits_mlp_path):
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(
+        DIGITS_RECIPE.format(stages="  - finetune: {train: {epochs: 1}}", gates="  min_accuracy: 1.0")
+    )
+    two = _run(recipe, digits_mlp_path, tmp_path / "two", "--nproc", "2")
+    assert two.returncode == 1, two.stderr
