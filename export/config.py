@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.registry import register_stage
+
 
 class ExportConfig(BaseModel):
     """Export to ONNX and check the file on onnxruntime CPU, the way an edge device runs it."""
@@ -25,3 +27,12 @@ class ExportConfig(BaseModel):
     latency_runs: int = Field(100, ge=1, description="Timed single-sample runs for the latency percentiles.")
     latency_warmup: int = Field(10, ge=0, description="Untimed runs before timing.")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (1 = a small edge CPU core).")
+
+
+register_stage(
+    "export",
+    ExportConfig,
+    apply="export.stage:apply",
+    summary="ONNX export checked on onnxruntime CPU: parity with PyTorch, latency, size",
+    needs=("eval",),
+)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
+
+from export.runtime import measure_latency, ort_predict, ort_session  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -94,43 +94,3 @@ def check_model(path: Path) -> None:
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
-
-
-def ort_session(path: Path, threads: int = 1, optimized_path: Path | None = None, config: dict | None = None):
-    """A CPU InferenceSession as an edge device would create it."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-    for key, value in (config or {}).items():
-        so.add_session_config_entry(key, str(value))
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def ort_predict(session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs)
-
-
-def measure_latency(session, example: np.ndarray, runs: int = 100, warmup: int = 10) -> dict[str, float]:
-    """Wall-clock latency percentiles (ms) of single runs on ``example``."""
-    name = session.get_inputs()[0].name
-    feed = {name: example}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = np.empty(runs)
-    for i in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times[i] = (time.perf_counter() - t0) * 1e3
-    return {
-        "latency_p50_ms": float(np.percentile(times, 50)),
-        "latency_p90_ms": float(np.percentile(times, 90)),
-        "latency_p99_ms": float(np.percentile(times, 99)),
-    }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 
 from compress.metrics import predict
 from compress.state import ModelState, StageContext
@@ -20,22 +19,25 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     example = state.example_input(batch=2 if config.dynamic_batch else 1)
     model = export_onnx(state.module, example, path, config.opset, config.exporter, config.dynamic_batch)
     session_config: dict[str, str] = {}
+    disabled: tuple[str, ...] = ()
     if state.quant:
-        from export.quantized import quantize_onnx_model, session_config_for_exact_parity
-
         import onnx
+
+        from export.quantized import DISABLED_OPTIMIZERS, quantize_onnx_model, session_config_for_exact_parity
 
         model = quantize_onnx_model(model, state.quant)
         tmp = path.with_name(path.name + ".tmp")
         onnx.save(model, str(tmp))
         tmp.replace(path)
+        # fp32 compute inside the fused N-bit kernels: exact parity with the PyTorch model
         session_config = session_config_for_exact_parity()
+        disabled = DISABLED_OPTIMIZERS
     check_model(path)
     ctx.artifacts["model.onnx"] = path
 
     split = ctx.data["eval"]
     x = split.x.numpy()
-    session = ort_session(path, threads=config.threads, config=session_config)
+    session = ort_session(path, threads=config.threads, config=session_config, disabled_optimizers=disabled)
     ort_out = ort_predict(session, x)
     torch_out = predict(state.module, split.x).numpy()
     diff = np.abs(ort_out - torch_out)

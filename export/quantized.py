@@ -1,0 +1,378 @@
+"""Rewrite a float ONNX export so quantized weights are stored as real integers.
+
+For every parameter in ``state.quant`` the float initializer of the same name is replaced:
+
+* Linear (``Gemm(transB=1)``) with a uniform grid becomes ``DequantizeLinear → MatMul``
+  (``+ Add`` for the bias) on the transposed codes, the pattern onnxruntime fuses into
+  ``MatMulNBits`` (checked with ORT 1.32):
+  - bits ≤ 4: opset-21 blockwise ``DequantizeLinear`` over an ``INT4`` initializer (``UINT4``
+    plus ``UINT4`` zero points for asymmetric grids), axis 0; per-channel scales use one
+    block of a power of two ≥ max(16, in_features) (ORT fuses only power-of-two blocks ≥ 16);
+  - bits > 4: ``INT8`` (``UINT8`` with zero points) per output channel (``axis=1``) or
+    blockwise for per-group scales.
+* Other consumers (Conv, ...) get ``DequantizeLinear`` (per output channel, or blockwise
+  over the flattened input for per-group scales; INT4/UINT4 for bits ≤ 4) + ``Reshape``.
+* Codebooks: a ``UINT8`` (``UINT4`` for bits ≤ 4) index initializer → ``Cast(int32)`` →
+  ``Gather`` from the codebook (``GatherElements`` over per-row tables for several codebooks).
+  onnxruntime constant-folds this into a float weight at load: smaller file, same memory.
+
+The fused 4-/8-bit kernel quantizes activations to 8 bits by default; ``ort_session`` (and
+``session_config_for_exact_parity``) set ``session.qdq_matmulnbits_accuracy_level`` to 1
+(fp32 compute), which reproduces the dequantized PyTorch model exactly (measured: 0 error
+with levels 0 and 1, ~0.5% relative error with the default 4).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from compress.qtensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger(__name__)
+
+EXACT_PARITY_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+# ORT's MatMul+Add→Gemm fusion runs before the DequantizeLinear→MatMulNBits fusion and hides
+# the pattern behind Gemm / FusedGemm(Relu): measured with ORT 1.32 on the zoo MLPs.
+DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
+MIN_FUSED_BLOCK = 16
+
+
+def session_config_for_exact_parity() -> dict[str, str]:
+    """Session config entries under which ORT's fused N-bit MatMul computes in fp32."""
+    return dict(EXACT_PARITY_CONFIG)
+
+
+def _pack_nibbles(values: np.ndarray) -> bytes:
+    """Pack 4-bit values (two's complement or unsigned) two per byte, low nibble first."""
+    flat = (values.astype(np.int16).ravel() & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
+def _int_initializer(name: str, values: np.ndarray, bits: int, signed: bool):
+    """An INT4/UINT4 (bits ≤ 4) or INT8/UINT8 initializer holding ``values``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if bits <= 4:
+        dtype = TensorProto.INT4 if signed else TensorProto.UINT4
+        return helper.make_tensor(name, dtype, list(values.shape), _pack_nibbles(values), raw=True)
+    return numpy_helper.from_array(values.astype(np.int8 if signed else np.uint8), name)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class _Rewriter:
+    def __init__(self, model: "onnx.ModelProto"):
+        import onnx
+
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        self.graph = self.model.graph
+        self.nodes: list = []  # the node list, edited as Python objects and written back by finish()
+        for n in self.graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            self.nodes.append(copy)
+        self.inits = {init.name: init for init in self.graph.initializer}
+        self.taken = {init.name for init in self.graph.initializer} | {
+            o for n in self.graph.node for o in list(n.input) + list(n.output)
+        } | {v.name for v in self.graph.input}
+        self.needs_opset21 = False
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+    def consumers(self, name: str) -> list:
+        return [n for n in self.nodes if name in n.input]
+
+    def finish(self) -> None:
+        del self.graph.node[:]
+        self.graph.node.extend(self.nodes)
+
+    def remove_initializer(self, name: str) -> None:
+        init = self.inits.pop(name)
+        self.graph.initializer.remove(init)
+        for vi in list(self.graph.value_info):
+            if vi.name == name:
+                self.graph.value_info.remove(vi)
+
+    # --- uniform -------------------------------------------------------------------------
+
+    def dequantize_linear_matmul(self, pname: str, qt: QuantizedTensor) -> tuple[str, "onnx.NodeProto"]:
+        """DequantizeLinear producing W^T (in, out) in the layout ORT fuses; returns its output name."""
+        from onnx import helper, numpy_helper
+
+        rows, cols = qt.rows_cols
+        codes = qt.codes.reshape(rows, cols).numpy().astype(np.int16).T  # (K, N)
+        scale = qt.scale.float().numpy()
+        zp = None if qt.zero_point is None else qt.zero_point.numpy().astype(np.int16)
+        if scale.shape[0] == 1 and rows > 1:  # per tensor: one scale per channel, same value
+            scale = np.repeat(scale, rows, axis=0)
+            zp = None if zp is None else np.repeat(zp, rows, axis=0)
+        groups = scale.shape[1]
+        signed = zp is None
+        offset = 0 if signed else (8 if qt.bits <= 4 else 128)  # unsigned storage for zero points
+        attrs: dict = {}
+        if qt.bits <= 4 or groups > 1:
+            block = cols // groups if groups > 1 else max(MIN_FUSED_BLOCK, _next_pow2(cols))
+            if groups > 1 and (block < MIN_FUSED_BLOCK or block & (block - 1)):
+                log.info("%s: group size %d is not a power of two >= 16; ORT will not fuse it", pname, block)
+            scale_t = scale.T.copy()  # (groups, N)
+            zp_t = None if zp is None else zp.T.copy()
+            attrs = {"axis": 0, "block_size": block}
+            self.needs_opset21 = True
+        else:  # int8 per output channel
+            scale_t = scale[:, 0].copy()  # (N,)
+            zp_t = None if zp is None else zp[:, 0].copy()
+            attrs = {"axis": 1}
+        q_name = self.fresh(f"{pname}_quantized")
+        s_name = self.fresh(f"{pname}_scale")
+        new_inits = [_int_initializer(q_name, codes + offset, qt.bits, signed), numpy_helper.from_array(scale_t, s_name)]
+        inputs = [q_name, s_name]
+        if zp_t is not None:
+            z_name = self.fresh(f"{pname}_zero_point")
+            new_inits.append(_int_initializer(z_name, zp_t + offset, qt.bits, signed))
+            inputs.append(z_name)
+        out = self.fresh(f"{pname}_transposed")
+        self.graph.initializer.extend(new_inits)
+        node = helper.make_node("DequantizeLinear", inputs, [out], name=self.fresh(f"{pname}_DequantizeLinear"), **attrs)
+        return out, node
+
+    def dequantize_generic(self, pname: str, qt: QuantizedTensor, shape: list[int]) -> list:
+        """Nodes producing the float weight under its own name from integer codes."""
+        from onnx import helper, numpy_helper
+
+        rows, cols = qt.rows_cols
+        codes = qt.codes.reshape(rows, cols).numpy().astype(np.int16)
+        scale = qt.scale.float().numpy()
+        zp = None if qt.zero_point is None else qt.zero_point.numpy().astype(np.int16)
+        signed = zp is None
+        offset = 0 if signed else (8 if qt.bits <= 4 else 128)
+        if scale.shape == (1, 1):
+            scale_v, zp_v, attrs = scale.reshape(()), None if zp is None else zp.reshape(()), {}
+        elif scale.shape[1] == 1:
+            if scale.shape[0] == 1:
+                scale = np.repeat(scale, rows, axis=0)
+            scale_v, zp_v, attrs = scale[:, 0].copy(), None if zp is None else zp[:, 0].copy(), {"axis": 0}
+        else:
+            scale_v, zp_v = scale, zp
+            attrs = {"axis": 1, "block_size": cols // scale.shape[1]}
+            self.needs_opset21 = True
+        if qt.bits <= 4:
+            self.needs_opset21 = True
+        q_name, s_name = self.fresh(f"{pname}_quantized"), self.fresh(f"{pname}_scale")
+        self.graph.initializer.extend(
+            [_int_initializer(q_name, codes + offset, qt.bits, signed), numpy_helper.from_array(np.asarray(scale_v, np.float32), s_name)]
+        )
+        inputs = [q_name, s_name]
+        if zp_v is not None:
+            z_name = self.fresh(f"{pname}_zero_point")
+            self.graph.initializer.append(_int_initializer(z_name, np.asarray(zp_v) + offset, qt.bits, signed))
+            inputs.append(z_name)
+        return self._reshaped(pname, "DequantizeLinear", inputs, attrs, shape, rows, cols)
+
+    def _reshaped(self, pname: str, op: str, inputs: list[str], attrs: dict, shape: list[int], rows: int, cols: int) -> list:
+        from onnx import helper, numpy_helper
+
+        if list(shape) == [rows, cols]:
+            return [helper.make_node(op, inputs, [pname], name=self.fresh(f"{pname}_{op}"), **attrs)]
+        flat = self.fresh(f"{pname}_2d")
+        shape_name = self.fresh(f"{pname}_shape")
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(shape, np.int64), shape_name))
+        return [
+            helper.make_node(op, inputs, [flat], name=self.fresh(f"{pname}_{op}"), **attrs),
+            helper.make_node("Reshape", [flat, shape_name], [pname], name=self.fresh(f"{pname}_Reshape")),
+        ]
+
+    # --- codebooks -----------------------------------------------------------------------
+
+    def codebook_nodes(self, pname: str, qt: QuantizedTensor, shape: list[int]) -> list:
+        from onnx import TensorProto, helper, numpy_helper
+
+        rows, cols = qt.rows_cols
+        idx = qt.codes.reshape(rows, cols).numpy()
+        idx_name = self.fresh(f"{pname}_indices")
+        if qt.bits <= 4:
+            self.needs_opset21 = True
+        self.graph.initializer.append(_int_initializer(idx_name, idx, qt.bits, signed=False))
+        idx32 = self.fresh(f"{pname}_indices_int32")
+        nodes = [helper.make_node("Cast", [idx_name], [idx32], to=TensorProto.INT32, name=self.fresh(f"{pname}_Cast"))]
+        codebook = qt.codebook.float().numpy()
+        if codebook.shape[0] == 1:
+            cb_name = self.fresh(f"{pname}_codebook")
+            self.graph.initializer.append(numpy_helper.from_array(codebook[0].copy(), cb_name))
+            return nodes + self._reshaped(pname, "Gather", [cb_name, idx32], {"axis": 0}, shape, rows, cols)
+        cb_name = self.fresh(f"{pname}_codebooks")
+        row_name = self.fresh(f"{pname}_codebook_of_row")
+        row_dtype = np.uint8 if codebook.shape[0] <= 256 else np.int32
+        self.graph.initializer.extend([
+            numpy_helper.from_array(codebook, cb_name),
+            numpy_helper.from_array(qt.codebook_of_row.numpy().astype(row_dtype), row_name),
+        ])
+        row32 = self.fresh(f"{pname}_codebook_of_row_int32")
+        table = self.fresh(f"{pname}_row_tables")
+        nodes += [
+            helper.make_node("Cast", [row_name], [row32], to=TensorProto.INT32, name=self.fresh(f"{pname}_CastRows")),
+            helper.make_node("Gather", [cb_name, row32], [table], axis=0, name=self.fresh(f"{pname}_GatherTables")),
+        ]
+        return nodes + self._reshaped(pname, "GatherElements", [table, idx32], {"axis": 1}, shape, rows, cols)
+
+
+def _is_plain_linear_gemm(node, pname: str) -> bool:
+    from onnx import helper
+
+    if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] != pname or node.input[0] == pname:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return (
+        attrs.get("transB", 0) == 1 and attrs.get("transA", 0) == 0
+        and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        and (len(node.input) < 3 or node.input[2] != pname)
+    )
+
+
+def quantize_onnx_model(model: "onnx.ModelProto", quant: dict[str, QuantizedTensor]) -> "onnx.ModelProto":
+    """Replace the float initializers named in ``quant`` by integer initializers and dequantizing ops.
+
+    Args:
+        model: a float export whose initializer names equal the PyTorch parameter names
+            (``export.onnx_export.export_onnx``); it is not modified.
+        quant: ``state.quant``: parameter name → ``QuantizedTensor``.
+
+    Returns:
+        A new model (opset ≥ 21 when INT4/UINT4 or blockwise scales are used) that computes
+        with exactly the dequantized weights, with no initializer listed as a graph input.
+
+    Raises:
+        ValueError: a quantized parameter has no initializer of that name, or the model's
+            opset is too old for the integer types needed.
+    """
+    from onnx import helper
+
+    rw = _Rewriter(model)
+    for pname, qt in quant.items():
+        if pname not in rw.inits:
+            raise ValueError(
+                f"quantized parameter {pname!r} has no ONNX initializer of that name "
+                f"(initializers: {', '.join(sorted(rw.inits)[:20])}{', ...' if len(rw.inits) > 20 else ''})"
+            )
+        shape = list(rw.inits[pname].dims)
+        if tuple(shape) != qt.shape:
+            raise ValueError(f"initializer {pname!r} has shape {shape} but its quantized codes have {list(qt.shape)}")
+        consumers = rw.consumers(pname)
+        rw.remove_initializer(pname)
+        if qt.is_codebook:
+            new_nodes = rw.codebook_nodes(pname, qt, shape)
+        elif consumers and all(_is_plain_linear_gemm(n, pname) for n in consumers):
+            w_t, dq = rw.dequantize_linear_matmul(pname, qt)
+            new_nodes = [dq]
+            for gemm in consumers:
+                idx = next(i for i, n in enumerate(rw.nodes) if n is gemm)
+                out = gemm.output[0]
+                has_bias = len(gemm.input) > 2 and gemm.input[2] != ""
+                mm_out = rw.fresh(f"{out}_matmul") if has_bias else out
+                repl = [helper.make_node("MatMul", [gemm.input[0], w_t], [mm_out], name=rw.fresh(f"{pname}_MatMul"))]
+                if has_bias:
+                    repl.append(helper.make_node("Add", [mm_out, gemm.input[2]], [out], name=rw.fresh(f"{pname}_AddBias")))
+                rw.nodes[idx : idx + 1] = repl
+        else:
+            new_nodes = rw.dequantize_generic(pname, qt, shape)
+        rw.nodes[0:0] = new_nodes  # producers first: keeps the graph topologically sorted
+    rw.finish()
+    # Initializers listed as graph inputs block constant folding and fusion.
+    init_names = {i.name for i in rw.graph.initializer}
+    for vi in [v for v in rw.graph.input if v.name in init_names]:
+        rw.graph.input.remove(vi)
+    _require_opset(rw.model, 21 if rw.needs_opset21 else 13)
+    return rw.model
+
+
+def _require_opset(model: "onnx.ModelProto", minimum: int) -> None:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            if op.version < minimum:
+                raise ValueError(
+                    f"the quantized weights need ONNX opset >= {minimum} (INT4 / blockwise DequantizeLinear); "
+                    f"the model has opset {op.version}: export with opset={minimum} or higher"
+                )
+            break
+    model.ir_version = max(model.ir_version, 10)  # INT4/UINT4 need IR version 10
+
+
+# --- onnxruntime helpers ---------------------------------------------------------------------
+
+
+def ort_session(
+    path: Path | str, *, threads: int = 1, exact: bool = True, optimized_path: Path | str | None = None,
+    config: dict[str, str] | None = None, disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
+):
+    """A CPU session for a quantized model, set up so every quantized Linear fuses.
+
+    Args:
+        path: the ONNX file.
+        threads: intra-op threads.
+        exact: fp32 compute in the fused N-bit MatMul (parity with the dequantized PyTorch
+            model); False keeps ORT's default, which quantizes activations to 8 bits.
+        optimized_path: where ORT writes the graph it actually runs.
+        config: further session config entries.
+        disabled_optimizers: ORT graph transformers to switch off. The default disables
+            ``MatMulAddFusion``: it turns ``MatMul + Add`` into ``Gemm`` before the
+            DequantizeLinear→MatMul fusion runs, and a ``Gemm`` followed by ``Relu`` then
+            becomes ``FusedGemm`` over a float weight (the bias Add is absorbed by
+            ``MatMulNBits`` instead).
+    """
+    from export.onnx_export import ort_session as float_session
+
+    entries = dict(session_config_for_exact_parity() if exact else {})
+    entries.update(config or {})
+    return float_session(Path(path), threads, optimized_path, entries, tuple(disabled_optimizers))
+
+
+def optimized_op_types(
+    path: Path | str, *, exact: bool = True, disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS
+) -> Counter:
+    """Op types (with counts) of the graph onnxruntime runs after its optimizations.
+
+    Used to assert fusion: a 4-/8-bit Linear shows up as ``MatMulNBits``.
+    """
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        ort_session(path, exact=exact, optimized_path=opt, disabled_optimizers=disabled_optimizers)
+        graph = onnx.load(str(opt), load_external_data=False).graph
+        return Counter(n.op_type for n in graph.node)
+
+
+def initializer_bytes(model: "onnx.ModelProto") -> dict[str, int]:
+    """Stored bytes of each initializer (packed INT4 counts half a byte per element)."""
+    from onnx import TensorProto, helper
+
+    out: dict[str, int] = {}
+    for init in model.graph.initializer:
+        if init.raw_data:
+            out[init.name] = len(init.raw_data)
+            continue
+        n = int(np.prod(init.dims)) if init.dims else 1
+        if init.data_type in (TensorProto.INT4, TensorProto.UINT4):
+            out[init.name] = (n + 1) // 2
+        else:
+            out[init.name] = n * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return out

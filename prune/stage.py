@@ -1,0 +1,80 @@
+"""The prune stage: dispatch on ``method`` and report the model's size honestly.
+
+Unstructured methods (magnitude, lottery) leave shapes alone and set ``state.masks``: the
+dense size does not change, the zeros pay off only through the lossless stage or sparse
+formats. Variance pruning replaces Linear modules by smaller ones: parameters drop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from compress.state import ModelState, StageContext
+    from prune.config import LotteryConfig, MagnitudeConfig, VarianceConfig
+
+log = logging.getLogger(__name__)
+
+
+def size_metrics(module: nn.Module) -> dict[str, Any]:
+    """Parameters, nonzeros, sparsity and dense bytes (every parameter at its dtype's width)."""
+    from compress.metrics import count_parameters
+
+    params, nonzeros = count_parameters(module)
+    return {
+        "parameters": params,
+        "nonzeros": nonzeros,
+        "sparsity": 1 - nonzeros / params if params else 0.0,
+        "dense_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
+    }
+
+
+def apply(
+    state: "ModelState", config: "MagnitudeConfig | VarianceConfig | LotteryConfig", ctx: "StageContext"
+) -> "ModelState":
+    """Prune ``state`` as ``config`` says; fills ``ctx.metrics``.
+
+    Raises:
+        ValueError: an unknown method or a config the model cannot satisfy.
+    """
+    from prune.config import METHODS
+    from prune.training import evaluate_split
+
+    method = getattr(config, "method", None)
+    if method not in METHODS:
+        raise ValueError(f"unknown prune method {method!r}; allowed: {', '.join(METHODS)}")
+    before = size_metrics(state.module)
+    ctx.metrics["method"] = method
+    ctx.metrics["accuracy_before"] = evaluate_split(state.module, ctx)
+    ctx.metrics["before"] = before
+    if method == "magnitude":
+        from prune.magnitude import magnitude_prune
+
+        state = magnitude_prune(state, config, ctx)
+    elif method == "variance":
+        from prune.variance import apply_variance
+
+        state = apply_variance(state, config, ctx)
+    else:
+        from prune.lottery import lottery_prune
+
+        state = lottery_prune(state, config, ctx)
+    after = size_metrics(state.module)
+    ctx.metrics.update(after)
+    ctx.metrics["accuracy_after"] = evaluate_split(state.module, ctx)
+    ctx.metrics["parameter_reduction"] = 1 - after["parameters"] / before["parameters"] if before["parameters"] else 0.0
+    state.extras["prune"] = {
+        "method": method,
+        "parameters": after["parameters"],
+        "nonzeros": after["nonzeros"],
+        "sparsity": after["sparsity"],
+    }
+    log.info(
+        "prune (%s): %d -> %d parameters, %d nonzero (sparsity %.1f%%), accuracy %s -> %s",
+        method, before["parameters"], after["parameters"], after["nonzeros"], 100 * after["sparsity"],
+        ctx.metrics["accuracy_before"], ctx.metrics["accuracy_after"],
+    )
+    return state

@@ -1,0 +1,536 @@
+"""Variance-based structured pruning of MLP blocks (Berisha, Mehnert, Condurache, ICCV 2025).
+
+For every MLP block ``y = W2 sigma(W1 x + b1) + b2``:
+
+1. gather each hidden neuron's mean and variance *after* the nonlinearity over the
+   calibration data (streaming: Chan et al.'s parallel update of Welford's moments per
+   batch; for sequence inputs every token is a sample);
+2. pool the neurons of all blocks, rank them globally, remove the lowest ``amount``;
+3. fold removed neurons' means into the next bias: ``b2' = b2 + W2[:, pruned] mu[pruned]``
+   (a neuron that is constant on the data is thereby removed exactly);
+4. delete rows of W1/b1 and columns of W2: the Linear modules are replaced by smaller ones,
+   so the parameter count and the exported ONNX shrink.
+
+Blocks are found by tracing (``torch.fx``; forward hooks on leaf modules when the model is
+not symbolically traceable) or named in the recipe as pairs of module names.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from compress.state import ModelState, StageContext
+    from prune.config import VarianceConfig
+
+log = logging.getLogger(__name__)
+
+STATISTICS = ("variance", "pre_activation_variance", "magnitude")
+RANKING_SCOPES = ("global", "block")
+
+ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU,
+    nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Hardtanh,
+)
+ACTIVATION_FUNCTIONS = {
+    F.relu, F.relu6, F.gelu, F.silu, F.tanh, F.sigmoid, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.hardtanh, torch.relu, torch.tanh, torch.sigmoid,
+}
+ACTIVATION_METHODS = {"relu", "tanh", "sigmoid"}
+# Between the activation and the second Linear (identity in eval mode).
+PASSTHROUGH_MODULES = (nn.Dropout, nn.Identity)
+
+
+@dataclass(frozen=True)
+class MLPBlock:
+    """``second(act(first(x)))``: the hidden neurons are ``first``'s outputs."""
+
+    first: str
+    second: str
+    activation: str = "?"
+
+
+@dataclass
+class RunningMoments:
+    """Per-feature mean and variance over a stream of batches (float64).
+
+    Each batch's moments are merged with Chan et al.'s parallel update of Welford's
+    algorithm, which stays accurate where sum-of-squares formulas cancel catastrophically.
+    """
+
+    n: int = 0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch; the last dimension is the feature axis, all others are samples."""
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        mb = x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
+        self.n = n
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance (divides by n)."""
+        if self.n == 0 or self.m2 is None:
+            raise ValueError("no samples seen")
+        return self.m2 / self.n
+
+
+@dataclass
+class BlockStatistics:
+    post: RunningMoments = field(default_factory=RunningMoments)  # after the nonlinearity
+    pre: RunningMoments = field(default_factory=RunningMoments)  # before it
+
+
+# ---------------------------------------------------------------------------- finding blocks
+
+
+def _is_activation_node(node: Any, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), ACTIVATION_MODULES)
+    if node.op == "call_function":
+        return node.target in ACTIVATION_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ACTIVATION_METHODS
+    return False
+
+
+def _is_linear_node(node: Any, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(node.target), nn.Linear)
+
+
+def _describe(node: Any, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _blocks_by_fx(module: nn.Module) -> list[MLPBlock]:
+    import torch.fx
+
+    gm = torch.fx.symbolic_trace(module)
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    blocks = []
+    for node in gm.graph.nodes:
+        if not _is_linear_node(node, modules) or calls[node.target] != 1:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or not _is_activation_node(users[0], modules):
+            continue
+        act = users[0]
+        if any(isinstance(a, torch.fx.Node) and a is not node for a in act.all_input_nodes):
+            continue  # e.g. an activation that mixes in another tensor
+        cur = act
+        while True:
+            nxt = list(cur.users)
+            if len(nxt) != 1:
+                break
+            u = nxt[0]
+            if u.op == "call_module" and isinstance(modules.get(u.target), PASSTHROUGH_MODULES):
+                cur = u
+                continue
+            if _is_linear_node(u, modules) and calls[u.target] == 1 and u.args[0] is cur:
+                blocks.append(MLPBlock(node.target, u.target, _describe(act, modules)))
+            break
+    return blocks
+
+
+def _is_activation_module(m: nn.Module) -> bool:
+    # Also catches wrappers such as transformers' GELUActivation / NewGELUActivation.
+    name = type(m).__name__
+    return isinstance(m, ACTIVATION_MODULES) or name.endswith("Activation") or "GELU" in name
+
+
+def _blocks_by_hooks(module: nn.Module, example_input: torch.Tensor) -> list[MLPBlock]:
+    """Dataflow between leaf modules, seen by forward hooks on one example forward pass.
+
+    Weaker than fx: a functional use of the first Linear's output elsewhere is invisible,
+    so this is only the fallback for models ``torch.fx`` cannot trace.
+    """
+    records: list[tuple[str, nn.Module, list[int], int]] = []
+    alive: list[torch.Tensor] = []  # keep tensors referenced so ids are not reused
+
+    def hook(name):
+        def fn(m, inputs, output):
+            ins = [id(t) for t in inputs if isinstance(t, torch.Tensor)]
+            alive.extend(t for t in inputs if isinstance(t, torch.Tensor))
+            if isinstance(output, torch.Tensor):
+                alive.append(output)
+                records.append((name, m, ins, id(output)))
+
+        return fn
+
+    handles = [
+        m.register_forward_hook(hook(n)) for n, m in module.named_modules() if n and not list(m.children())
+    ]
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            module(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+    calls: dict[str, int] = {}
+    for name, *_ in records:
+        calls[name] = calls.get(name, 0) + 1
+    consumers: dict[int, list[int]] = {}
+    for i, (_, _, ins, _) in enumerate(records):
+        for t in ins:
+            consumers.setdefault(t, []).append(i)
+    blocks = []
+    for name, m, _, out in records:
+        if not isinstance(m, nn.Linear) or calls[name] != 1:
+            continue
+        users = consumers.get(out, [])
+        if len(users) != 1 or not _is_activation_module(records[users[0]][1]):
+            continue
+        act = records[users[0]]
+        cur = act
+        while True:
+            nxt = consumers.get(cur[3], [])
+            if len(nxt) != 1:
+                break
+            rec = records[nxt[0]]
+            if isinstance(rec[1], PASSTHROUGH_MODULES):
+                cur = rec
+                continue
+            if isinstance(rec[1], nn.Linear) and calls[rec[0]] == 1:
+                blocks.append(MLPBlock(name, rec[0], type(act[1]).__name__))
+            break
+    return blocks
+
+
+def find_mlp_blocks(module: nn.Module, example_input: torch.Tensor | None = None) -> list[MLPBlock]:
+    """Every ``Linear -> activation [-> Dropout] -> Linear`` block of ``module``.
+
+    Uses ``torch.fx`` (exact dataflow); when the model cannot be symbolically traced,
+    forward hooks on one pass over ``example_input``.
+
+    Raises:
+        ValueError: the model cannot be traced and no example input was given.
+    """
+    try:
+        blocks = _blocks_by_fx(module)
+        log.debug("fx found %d MLP blocks", len(blocks))
+        return blocks
+    except Exception as err:  # fx raises many types on untraceable control flow
+        if example_input is None:
+            raise ValueError(
+                f"torch.fx cannot trace {type(module).__name__} ({err}); pass an example input or "
+                "name the blocks in the recipe ('blocks: [[first_linear, second_linear], ...]')"
+            ) from err
+        log.info("torch.fx cannot trace %s (%s); finding MLP blocks with forward hooks", type(module).__name__, err)
+        return _blocks_by_hooks(module, example_input)
+
+
+def check_blocks(module: nn.Module, blocks: Iterable[MLPBlock]) -> list[MLPBlock]:
+    """Validate named blocks: both ends exist, are Linear, and agree on the hidden width."""
+    mods = dict(module.named_modules())
+    out = []
+    for b in blocks:
+        for name in (b.first, b.second):
+            if name not in mods:
+                raise ValueError(f"MLP block {b.first!r} -> {b.second!r}: no module named {name!r}")
+            if not isinstance(mods[name], nn.Linear):
+                raise ValueError(
+                    f"MLP block {b.first!r} -> {b.second!r}: {name!r} is {type(mods[name]).__name__}, not nn.Linear"
+                )
+        if mods[b.first].out_features != mods[b.second].in_features:
+            raise ValueError(
+                f"MLP block {b.first!r} -> {b.second!r}: hidden widths differ "
+                f"({mods[b.first].out_features} vs {mods[b.second].in_features})"
+            )
+        out.append(b)
+    firsts = [b.first for b in out]
+    if len(set(firsts)) != len(firsts):
+        raise ValueError(f"a Linear starts more than one MLP block: {firsts}")
+    return out
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+@torch.no_grad()
+def collect_statistics(
+    module: nn.Module, blocks: list[MLPBlock], batches: Iterable[torch.Tensor]
+) -> dict[MLPBlock, BlockStatistics]:
+    """Streaming moments of each block's hidden activations, before and after sigma.
+
+    The post-activation value is what the second Linear receives (Dropout is identity in
+    eval mode), so any activation, module or functional, is covered.
+    """
+    mods = dict(module.named_modules())
+    stats = {b: BlockStatistics() for b in blocks}
+    handles = []
+    for b in blocks:
+        s = stats[b]
+        handles.append(mods[b.first].register_forward_hook(lambda m, i, o, s=s: s.pre.update(o)))
+        handles.append(mods[b.second].register_forward_pre_hook(lambda m, i, s=s: s.post.update(i[0])))
+    was_training = module.training
+    module.eval()
+    try:
+        for xb in batches:
+            module(xb)
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+    for b, s in stats.items():
+        if s.post.n == 0:
+            raise ValueError(f"MLP block {b.first!r} -> {b.second!r} never ran on the calibration data")
+    return stats
+
+
+def neuron_scores(
+    module: nn.Module, blocks: list[MLPBlock], stats: dict[MLPBlock, BlockStatistics], statistic: str
+) -> dict[MLPBlock, torch.Tensor]:
+    """Per-neuron importance: low scores are removed first."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; allowed: {', '.join(STATISTICS)}")
+    mods = dict(module.named_modules())
+    if statistic == "variance":
+        return {b: stats[b].post.variance for b in blocks}
+    if statistic == "pre_activation_variance":
+        return {b: stats[b].pre.variance for b in blocks}
+    return {b: mods[b.first].weight.detach().double().norm(dim=1) for b in blocks}
+
+
+def select_pruned(
+    scores: dict[MLPBlock, torch.Tensor], amount: float, min_neurons: int = 1, scope: str = "global"
+) -> dict[MLPBlock, torch.Tensor]:
+    """The lowest-scoring ``round(amount * total)`` neurons, each block keeping ``min_neurons``.
+
+    Args:
+        scores: per block, one score per hidden neuron.
+        amount: fraction to remove.
+        min_neurons: neurons every block keeps.
+        scope: ``"global"`` ranks all blocks' neurons together (the method); ``"block"``
+            removes ``amount`` of each block separately.
+
+    Returns:
+        Per block, a bool tensor over its hidden neurons (True = removed).
+    """
+    if not 0 <= amount < 1:
+        raise ValueError(f"pruning amount must be in [0, 1), got {amount}")
+    if scope not in RANKING_SCOPES:
+        raise ValueError(f"unknown ranking scope {scope!r}; allowed: {', '.join(RANKING_SCOPES)}")
+    if scope == "block":
+        out: dict[MLPBlock, torch.Tensor] = {}
+        for b, s in scores.items():
+            out.update(select_pruned({b: s}, amount, min_neurons, "global"))
+        return out
+    blocks = list(scores)
+    total = sum(s.numel() for s in scores.values())
+    k = round(amount * total)
+    removed = {b: torch.zeros(scores[b].numel(), dtype=torch.bool) for b in blocks}
+    if k == 0 or not blocks:
+        return removed
+    flat = torch.cat([scores[b].double() for b in blocks])
+    owner = torch.cat([torch.full((scores[b].numel(),), i) for i, b in enumerate(blocks)])
+    local = torch.cat([torch.arange(scores[b].numel()) for b in blocks])
+    order = torch.sort(flat, stable=True).indices
+    left = [scores[b].numel() for b in blocks]
+    taken = 0
+    for idx in order.tolist():
+        if taken == k:
+            break
+        i = int(owner[idx])
+        if left[i] <= min_neurons:
+            continue
+        removed[blocks[i]][int(local[idx])] = True
+        left[i] -= 1
+        taken += 1
+    if taken < k:
+        log.warning("removed %d neurons instead of %d: every block keeps at least %d", taken, k, min_neurons)
+    return removed
+
+
+# ------------------------------------------------------------------------------- surgery
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+@torch.no_grad()
+def remove_neurons(
+    module: nn.Module,
+    removed: dict[MLPBlock, torch.Tensor],
+    means: dict[MLPBlock, torch.Tensor] | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Physically delete the removed neurons, folding their means into the next bias.
+
+    Args:
+        module: changed in place: the blocks' Linear modules are replaced.
+        removed: per block, True for each hidden neuron to delete.
+        means: per block, the post-activation means to fold (None: no fold).
+        masks: pruning masks by parameter name, sliced along with their parameters.
+
+    Returns:
+        Per replaced Linear: its new ``in_features`` / ``out_features``.
+    """
+    mods = dict(module.named_modules())
+    out_keep: dict[str, torch.Tensor] = {}
+    in_keep: dict[str, torch.Tensor] = {}
+    bias_delta: dict[str, torch.Tensor] = {}
+    for b, rem in removed.items():
+        keep = torch.nonzero(~rem).flatten()
+        out_keep[b.first] = keep
+        in_keep[b.second] = keep
+        if means is not None and rem.any():
+            w2 = mods[b.second].weight.double()
+            bias_delta[b.second] = w2[:, rem] @ means[b].double().to(w2.device)[rem]
+    report = {}
+    for name in sorted(set(out_keep) | set(in_keep)):
+        old: nn.Linear = mods[name]
+        w = old.weight
+        rows = out_keep.get(name, torch.arange(old.out_features))
+        cols = in_keep.get(name, torch.arange(old.in_features))
+        delta = bias_delta.get(name)
+        bias = old.bias
+        if delta is not None:
+            bias = (torch.zeros(old.out_features, dtype=torch.float64, device=w.device) if bias is None
+                    else bias.double()) + delta
+        new = nn.Linear(len(cols), len(rows), bias=bias is not None, device=w.device, dtype=w.dtype)
+        new.weight.copy_(w[rows][:, cols])
+        if bias is not None:
+            new.bias.copy_(bias[rows].to(w.dtype))
+        new.train(old.training)
+        _set_submodule(module, name, new)
+        if masks is not None:
+            wname = f"{name}.weight"
+            if wname in masks:
+                masks[wname] = masks[wname][rows][:, cols]
+            bname = f"{name}.bias"
+            if bname in masks:
+                masks[bname] = masks[bname][rows]
+                if delta is not None:  # a folded bias is a new value; keep it
+                    masks[bname] = torch.ones_like(masks[bname])
+        report[name] = {"in_features": len(cols), "out_features": len(rows)}
+    return report
+
+
+def variance_prune(
+    module: nn.Module,
+    batches: Iterable[torch.Tensor],
+    amount: float,
+    *,
+    blocks: list[MLPBlock] | None = None,
+    statistic: str = "variance",
+    mean_fold: bool = True,
+    min_neurons: int = 1,
+    scope: str = "global",
+    example_input: torch.Tensor | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Prune ``module``'s MLP blocks in place; the functional core of the stage.
+
+    Args:
+        module: changed in place.
+        batches: calibration inputs.
+        amount: fraction of all blocks' hidden neurons to remove.
+        blocks: the blocks; None finds them by tracing.
+        statistic: ``variance`` (post-activation), or the ablations
+            ``pre_activation_variance`` / ``magnitude``.
+        mean_fold: fold removed neurons' means into the next bias.
+        min_neurons: neurons each block keeps at least.
+        scope: ``global`` ranking over all blocks (the method) or per ``block``.
+        example_input: for tracing by hooks when fx fails.
+        masks: pruning masks to slice along (see ``remove_neurons``).
+
+    Returns:
+        A report: per block the hidden width before/after, and the removed count.
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; allowed: {', '.join(STATISTICS)}")
+    blocks = check_blocks(module, blocks if blocks is not None else find_mlp_blocks(module, example_input))
+    if not blocks:
+        raise ValueError(
+            f"no Linear -> activation -> Linear block found in {type(module).__name__}; "
+            "name them in the recipe as 'blocks: [[first_linear, second_linear], ...]'"
+        )
+    stats = collect_statistics(module, blocks, batches)
+    scores = neuron_scores(module, blocks, stats, statistic)
+    removed = select_pruned(scores, amount, min_neurons, scope)
+    means = {b: stats[b].post.mean for b in blocks} if mean_fold else None
+    remove_neurons(module, removed, means, masks)
+    report = {
+        "blocks": [
+            {
+                "first": b.first,
+                "second": b.second,
+                "activation": b.activation,
+                "hidden_before": int(removed[b].numel()),
+                "hidden_after": int((~removed[b]).sum()),
+            }
+            for b in blocks
+        ],
+        "neurons_removed": int(sum(int(r.sum()) for r in removed.values())),
+        "neurons_total": int(sum(r.numel() for r in removed.values())),
+        "calibration_samples": int(next(iter(stats.values())).post.n),
+    }
+    log.info(
+        "variance pruning (%s, fold=%s): removed %d of %d hidden neurons in %d blocks",
+        statistic, mean_fold, report["neurons_removed"], report["neurons_total"], len(blocks),
+    )
+    return report
+
+
+def apply_variance(state: "ModelState", config: "VarianceConfig", ctx: "StageContext") -> "ModelState":
+    """The stage's variance method: prune, then optionally fine-tune with distillation."""
+    from prune.training import evaluate_split, finetune
+
+    if state.quant:
+        raise ValueError(
+            f"variance pruning must run before quantization; quantized parameters present: {sorted(state.quant)}"
+        )
+    calib = ctx.data.calibration()
+    blocks = [MLPBlock(a, b) for a, b in config.blocks] if config.blocks is not None else None
+    report = variance_prune(
+        state.module,
+        calib.batches(config.calibration_batch_size),
+        config.amount,
+        blocks=blocks,
+        statistic=config.statistic,
+        mean_fold=config.mean_fold,
+        min_neurons=config.min_neurons,
+        scope=config.scope,
+        example_input=calib.x[:2],
+        masks=state.masks,
+    )
+    state.apply_masks()
+    ctx.metrics.update(report)
+    ctx.metrics["accuracy_pruned"] = evaluate_split(state.module, ctx)
+    if config.finetune is not None and config.finetune.epochs > 0:
+        from prune.magnitude import MaskEnforcer
+
+        enforce = MaskEnforcer(state.module, state.masks) if state.masks else None
+        ctx.metrics["finetune"] = finetune(state.module, config.finetune, config, ctx, after_step=enforce)
+        ctx.metrics["accuracy_finetuned"] = evaluate_split(state.module, ctx)
+    return state

@@ -1,0 +1,209 @@
+"""Codebook quantization (weight sharing, Han et al. 2016): 1-D k-means per layer or neuron group.
+
+Each layer (or each group of output neurons with similarly spread weights, after JLCM's
+grouping idea) gets a codebook of at most ``2**bits`` values fit by 1-D k-means with linear
+initialisation over ``[min, max]``. Pruned weights (a mask, or exact zeros) get a reserved
+code whose value is exactly 0. Centroids can then be fine-tuned with assignments fixed,
+through the parametrisation ``W = C[g(row), I]``, whose gradient is
+``∂L/∂C_k = Σ ∂L/∂W_ij · 1[I_ij = k]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compress.qtensor import QuantizedTensor
+from quantize.rtn import as_matrix
+
+log = logging.getLogger(__name__)
+
+
+def kmeans_1d(
+    values: torch.Tensor, k: int, *, iterations: int = 50, init: str = "linear"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on scalars.
+
+    In one dimension sorted centroids have interval cells, so assignment is a bucket search
+    against the midpoints (O(n log k)) rather than an (n × k) distance matrix.
+
+    Args:
+        values: 1-D float tensor (at least one element).
+        k: number of centroids.
+        iterations: maximum Lloyd iterations (stops early when assignments settle).
+        init: ``linear`` (evenly over [min, max]) or ``quantile`` (evenly spaced quantiles).
+
+    Returns:
+        Sorted centroids ``(k',)`` with ``k' <= k`` (duplicates of a constant input collapse)
+        and the index of each value's centroid.
+    """
+    v = values.detach().double().flatten()
+    if v.numel() == 0:
+        raise ValueError("k-means needs at least one value")
+    lo, hi = v.min(), v.max()
+    if init == "linear":
+        c = torch.linspace(lo.item(), hi.item(), k, dtype=torch.float64)
+    elif init == "quantile":
+        c = torch.quantile(v, torch.linspace(0, 1, k, dtype=torch.float64))
+    else:
+        raise ValueError(f"unknown k-means init {init!r}; use linear or quantile")
+    c = torch.unique(c)  # sorted; collapses when the values are (nearly) constant
+    assign = None
+    for _ in range(iterations):
+        new_assign = torch.bucketize(v, (c[1:] + c[:-1]) / 2)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        sums = torch.zeros_like(c).scatter_add_(0, assign, v)
+        counts = torch.zeros_like(c).scatter_add_(0, assign, torch.ones_like(v))
+        c = torch.where(counts > 0, sums / counts.clamp_min(1), c)  # empty cells keep their centroid
+        c, _ = torch.sort(c)
+    assign = torch.bucketize(v, (c[1:] + c[:-1]) / 2)
+    return c.float(), assign
+
+
+def neuron_groups(w2d: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Assign each output row to one of ``n_groups`` groups of rows with similar weight spread.
+
+    Rows are ordered by their standard deviation and cut into contiguous, equally sized
+    groups, so each codebook serves similarly distributed neurons (no per-weight cost).
+    """
+    rows = w2d.shape[0]
+    n_groups = max(1, min(n_groups, rows))
+    order = torch.argsort(w2d.float().std(dim=1) if w2d.shape[1] > 1 else w2d.float().abs().flatten())
+    groups = torch.empty(rows, dtype=torch.long)
+    groups[order] = torch.arange(rows) * n_groups // rows
+    return groups
+
+
+def codebook_quantize(
+    weight: torch.Tensor,
+    bits: int,
+    *,
+    mask: torch.Tensor | None = None,
+    n_codebooks: int = 1,
+    iterations: int = 50,
+    init: str = "linear",
+) -> QuantizedTensor:
+    """k-means codebook quantization of one weight tensor.
+
+    Args:
+        weight: Linear/Conv weight (output channels first).
+        bits: index width; each codebook has at most ``2**bits`` entries.
+        mask: pruning mask (True = kept). Without one, exact zeros count as pruned.
+        n_codebooks: groups of output neurons with their own codebook.
+        iterations, init: k-means settings (``kmeans_1d``).
+
+    Returns:
+        A codebook ``QuantizedTensor``; pruned weights dequantize to exactly 0 (code 0 is
+        then reserved for 0.0 in every codebook).
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"codebook bits must be in 1..8, got {bits}")
+    w2d = as_matrix(weight.detach()).float()
+    rows, cols = w2d.shape
+    keep = (w2d != 0) if mask is None else as_matrix(mask).bool()
+    reserve_zero = not bool(keep.all())
+    k = 2**bits
+    k_fit = k - 1 if reserve_zero else k
+    groups = neuron_groups(w2d, n_codebooks)
+    n_groups = int(groups.max().item()) + 1
+    codebook = torch.zeros(n_groups, k)
+    codes = torch.zeros(rows, cols, dtype=torch.long)
+    for g in range(n_groups):
+        row_sel = groups == g
+        sub_w, sub_keep = w2d[row_sel], keep[row_sel]
+        vals = sub_w[sub_keep]
+        offset = 1 if reserve_zero else 0
+        if vals.numel() == 0 or k_fit == 0:
+            continue  # all pruned: every code is the reserved zero
+        cents, assign = kmeans_1d(vals, k_fit, iterations=iterations, init=init)
+        codebook[g, offset : offset + len(cents)] = cents
+        if len(cents) < k_fit:  # unused entries repeat the last centroid (harmless, never indexed)
+            codebook[g, offset + len(cents) :] = cents[-1]
+        sub_codes = torch.zeros_like(sub_w, dtype=torch.long)
+        sub_codes[sub_keep] = assign + offset
+        codes[row_sel] = sub_codes
+    return QuantizedTensor(
+        codes=codes.to(torch.uint8).reshape(weight.shape).contiguous(),
+        bits=bits,
+        codebook=codebook,
+        codebook_of_row=groups.to(torch.int32) if n_groups > 1 else torch.zeros(rows, dtype=torch.int32),
+        method="codebook",
+    )
+
+
+class _CodebookWeight(nn.Module):
+    """Parametrisation ``W = C[g(row), I]``: the weight as a function of trainable centroids."""
+
+    def __init__(self, qt: QuantizedTensor, reserve_zero: bool):
+        super().__init__()
+        rows, cols = qt.rows_cols
+        self.shape = qt.shape
+        self.codebook = nn.Parameter(qt.codebook.float().clone())
+        self.register_buffer("index", qt.codes.reshape(rows, cols).long())
+        self.register_buffer("which", qt.codebook_of_row.long())
+        # The reserved zero code (code 0 when pruned weights exist) must stay exactly 0.
+        frozen = torch.zeros_like(self.codebook, dtype=torch.bool)
+        if reserve_zero:
+            frozen[:, 0] = True
+        self.register_buffer("frozen", frozen)
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        table = self.codebook[self.which]  # (rows, k)
+        return torch.gather(table, 1, self.index).reshape(self.shape)
+
+    def clamp_frozen(self) -> None:
+        with torch.no_grad():
+            self.codebook.masked_fill_(self.frozen, 0.0)
+
+
+def finetune_codebooks(
+    model: nn.Module,
+    quant: dict[str, QuantizedTensor],
+    train: Callable[[nn.Module, list[nn.Parameter], Callable[[], None]], object],
+) -> dict[str, QuantizedTensor]:
+    """Fine-tune the centroids of ``quant``'s codebooks inside ``model`` (assignments fixed).
+
+    Args:
+        model: holds the parameters named in ``quant``.
+        quant: ``{"<layer>.weight": codebook QuantizedTensor}``.
+        train: ``train(model, params, after_step)`` runs the training loop (e.g. a closure
+            over ``compress.train.fit``) on ``params`` and calls ``after_step`` after each step.
+
+    Returns:
+        The same tensors with fine-tuned codebooks (indices unchanged).
+    """
+    from torch.nn.utils import parametrize
+
+    modules = dict(model.named_modules())
+    parts: dict[str, _CodebookWeight] = {}
+    for pname, qt in quant.items():
+        layer_name, _, attr = pname.rpartition(".")
+        reserve_zero = bool((qt.codebook[:, 0] == 0).all() and (qt.codes == 0).any())
+        part = _CodebookWeight(qt, reserve_zero)
+        parametrize.register_parametrization(modules[layer_name], attr, part, unsafe=True)
+        parts[pname] = part
+    try:
+        params = [p.codebook for p in parts.values()]
+
+        def after_step() -> None:
+            for p in parts.values():
+                p.clamp_frozen()
+
+        train(model, params, after_step)
+    finally:
+        for pname in parts:
+            layer_name, _, attr = pname.rpartition(".")
+            parametrize.remove_parametrizations(modules[layer_name], attr, leave_parametrized=True)
+    out = {}
+    for pname, qt in quant.items():
+        cb = parts[pname].codebook.detach().clone()
+        cb.masked_fill_(parts[pname].frozen, 0.0)
+        out[pname] = QuantizedTensor(
+            codes=qt.codes, bits=qt.bits, codebook=cb, codebook_of_row=qt.codebook_of_row, method=qt.method
+        )
+    return out

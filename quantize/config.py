@@ -1,0 +1,192 @@
+"""Typed configuration of the ``quantize`` stage (no torch import: the recipe schema is built from it).
+
+One model per method, joined in ``QuantizeConfig``, a union discriminated on ``method``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from compress.config import TrainConfig
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+
+
+class _LayerSelection(BaseModel):
+    """Options every method shares: which layers, at how many bits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: int = Field(4, description="Bits per weight (2..8) for every quantized layer without an override.")
+    layers: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Globs over layer names (e.g. 'head.*') or parameter names selecting the Linear/Conv layers to quantize.",
+    )
+    skip: list[str] = Field(
+        default_factory=list,
+        description="Globs over layer or parameter names kept in float (e.g. ['net.0', 'head.2']); default: none.",
+    )
+    layer_bits: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-layer bit widths: {glob: bits}; the first glob (in order) that matches a layer wins.",
+    )
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {v}")
+        return v
+
+    @field_validator("layer_bits")
+    @classmethod
+    def _check_layer_bits(cls, v: dict[str, int]) -> dict[str, int]:
+        for glob, bits in v.items():
+            if not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise ValueError(f"layer_bits[{glob!r}] must be between 2 and 8, got {bits!r}")
+        return v
+
+    def bits_for(self, layer: str) -> int:
+        """The bit width of ``layer`` (its module name)."""
+        for glob, bits in self.layer_bits.items():
+            if _matches(layer, glob):
+                return bits
+        return self.bits
+
+    def selects(self, layer: str) -> bool:
+        """Whether ``layer`` (its module name) is quantized rather than kept in float."""
+        return any(_matches(layer, g) for g in self.layers) and not any(_matches(layer, g) for g in self.skip)
+
+
+def _matches(layer: str, glob: str) -> bool:
+    return fnmatch.fnmatchcase(layer, glob) or fnmatch.fnmatchcase(f"{layer}.weight", glob)
+
+
+class _UniformOptions(_LayerSelection):
+    """Options of the uniform (integer-grid) methods."""
+
+    granularity: Literal["per_tensor", "per_channel", "per_group"] = Field(
+        "per_channel",
+        description="Scale granularity: one scale per tensor, per output channel, or per group of input columns.",
+    )
+    group_size: int = Field(
+        32,
+        description="Input columns sharing one scale when granularity is per_group (a power of two >= 16 lets "
+        "onnxruntime fuse 4-bit weights into MatMulNBits). Layers it does not divide fall back to per_channel.",
+    )
+    symmetric: bool = Field(
+        True, description="Symmetric grid around zero (no zero point); false adds an integer zero point per scale."
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"group_size must be at least 2, got {v}")
+        return v
+
+
+class RTNConfig(_UniformOptions):
+    """Round-to-nearest: the baseline; scale from the weight range, no data needed."""
+
+    method: Literal["rtn"] = Field("rtn", description="Round-to-nearest weight quantization.")
+
+
+class GPFQConfig(_UniformOptions):
+    """GPFQ (Zhang, Zhou, Saab 2023): greedy path-following quantization, layer by layer."""
+
+    method: Literal["gpfq"] = Field("gpfq", description="Greedy path-following quantization on calibration data.")
+    scale_factor: float = Field(
+        1.16, description="C in the step size delta = C * R / K (R: the neuron's weight range, K = 2**(bits-1))."
+    )
+    range_quantile: float = Field(
+        1.0, description="R is this quantile of |w| per neuron (or group); 1.0 uses max |w|."
+    )
+    sparsity: Literal["none", "l1", "l0"] = Field(
+        "none", description="Sparsity-promoting variant: soft (l1) or hard (l0) threshold before rounding."
+    )
+    sparsity_lambda: float = Field(
+        0.1, description="Threshold lambda of the sparsity variant, in units of the step size delta."
+    )
+    bias_correction: bool = Field(
+        False, description="Shift each quantized layer's bias so its mean output on calibration data matches the float network's."
+    )
+    calibration_samples: int | None = Field(
+        None, description="Use at most this many calibration samples (default: the whole calibration split)."
+    )
+    batch_size: int = Field(256, description="Calibration batch size when capturing layer inputs.")
+    max_patches: int = Field(
+        16384,
+        description="Convolutions: keep at most this many randomly chosen input patches per layer (bounds memory and time).",
+    )
+    block_size: int = Field(
+        128, description="Input columns processed per block of the vectorised greedy loop (speed only; same result)."
+    )
+
+    @field_validator("scale_factor", "sparsity_lambda")
+    @classmethod
+    def _check_positive(cls, v: float, info) -> float:
+        if not v > 0 and not (info.field_name == "sparsity_lambda" and v == 0):
+            raise ValueError(f"{info.field_name} must be positive, got {v}")
+        return v
+
+    @field_validator("range_quantile")
+    @classmethod
+    def _check_quantile(cls, v: float) -> float:
+        if not 0.5 <= v <= 1.0:
+            raise ValueError(f"range_quantile must be in [0.5, 1.0], got {v}")
+        return v
+
+    @field_validator("calibration_samples", "batch_size", "max_patches", "block_size")
+    @classmethod
+    def _check_count(cls, v: int | None, info) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"{info.field_name} must be at least 1, got {v}")
+        return v
+
+
+class CodebookConfig(_LayerSelection):
+    """Weight sharing (Han et al. 2016): 1-D k-means codebooks of 2**bits values, optional centroid fine-tuning."""
+
+    method: Literal["codebook"] = Field("codebook", description="k-means weight sharing with a codebook per layer or neuron group.")
+    codebooks_per_layer: int = Field(
+        1,
+        description="Codebooks per layer: output neurons are grouped by their weight spread and each group gets its own codebook.",
+    )
+    iterations: int = Field(50, description="Maximum Lloyd iterations of the 1-D k-means.")
+    init: Literal["linear", "quantile"] = Field(
+        "linear", description="Centroid initialisation: evenly over [min, max] (linear) or at evenly spaced quantiles."
+    )
+    finetune: TrainConfig | None = Field(
+        None,
+        description="Fine-tune the centroids (assignments fixed, pruned weights kept zero) on the train split; "
+        "null skips fine-tuning.",
+    )
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, v: int) -> int:  # codebooks may be as small as 2 entries
+        if not 1 <= v <= 8:
+            raise ValueError(f"bits must be between 1 and 8 for codebooks, got {v}")
+        return v
+
+    @field_validator("layer_bits")
+    @classmethod
+    def _check_layer_bits(cls, v: dict[str, int]) -> dict[str, int]:
+        for glob, bits in v.items():
+            if not isinstance(bits, int) or not 1 <= bits <= 8:
+                raise ValueError(f"layer_bits[{glob!r}] must be between 1 and 8, got {bits!r}")
+        return v
+
+    @field_validator("codebooks_per_layer", "iterations")
+    @classmethod
+    def _check_count(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be at least 1, got {v}")
+        return v
+
+
+QuantizeConfig = Annotated[Union[RTNConfig, GPFQConfig, CodebookConfig], Field(discriminator="method")]

@@ -1,0 +1,158 @@
+"""Quantized ONNX export: real integer initializers, ORT parity, fused kernels, file size."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compress.state import ModelState
+
+MODELS = {"digits_mlp": ({"hidden": (128,)}, 10), "mnist1d_cnn": ({}, 4)}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from compress import zoo
+    from compress.data import builtin
+    from compress.train import TrainConfig, fit
+
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, (kwargs, epochs) in MODELS.items():
+            factory, _shape, source = zoo.ZOO[name]
+            x, y = (torch.as_tensor(a) for a in builtin(source, "train"))
+            xe, ye = (torch.as_tensor(a) for a in builtin(source, "test"))
+            torch.manual_seed(0)
+            model = factory(**kwargs)
+            fit(model, x, y, TrainConfig(epochs=epochs, lr=3e-3, seed=0))
+            out[name] = (model.eval(), x[:512], xe)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _quantized_state(model, calib, config) -> ModelState:
+    from compress.data import DataBundle, Split
+    from compress.state import StageContext
+    from quantize.stage import apply
+
+    state = ModelState(copy.deepcopy(model), (1, calib.shape[1]))
+    ctx = StageContext(DataBundle({"calibration": Split("calibration", calib, None, 256, 0)}), out_dir=None,
+                       device=torch.device("cpu"), reference=model)
+    return apply(state, config, ctx)
+
+
+def _export(state, tmp_path, name="model"):
+    from export.onnx_export import export_onnx
+    from export.quantized import quantize_onnx_model
+
+    float_model = export_onnx(state.module, state.example_input(2), tmp_path / f"{name}.float.onnx")
+    qmodel = quantize_onnx_model(float_model, state.quant)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(qmodel, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return float_model, qmodel, path
+
+
+CONFIGS = {
+    "gpfq-int4": {"method": "gpfq", "bits": 4},
+    "gpfq-int4-group32": {"method": "gpfq", "bits": 4, "granularity": "per_group", "group_size": 32},
+    "rtn-int3-asym": {"method": "rtn", "bits": 3, "symmetric": False},
+    "gpfq-int8": {"method": "gpfq", "bits": 8},
+    "codebook-4": {"method": "codebook", "bits": 4},
+    "codebook-6x2": {"method": "codebook", "bits": 6, "codebooks_per_layer": 2},
+}
+
+
+@pytest.mark.parametrize("model_name", ["digits_mlp", pytest.param("mnist1d_cnn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_parity_and_fusion(trained, tmp_path, model_name, cfg_name):
+    from pydantic import TypeAdapter
+
+    from compress.metrics import predict
+    from export.onnx_export import ort_predict
+    from export.quantized import optimized_op_types, ort_session
+    from quantize.config import QuantizeConfig
+
+    model, calib, x_eval = trained[model_name]
+    state = _quantized_state(model, calib, TypeAdapter(QuantizeConfig).validate_python(CONFIGS[cfg_name]))
+    _, qmodel, path = _export(state, tmp_path)
+
+    init_names = {i.name for i in qmodel.graph.initializer}
+    assert not init_names & {i.name for i in qmodel.graph.input}
+    assert not init_names & set(state.quant)  # no float copy of a quantized weight is left
+
+    ort_out = ort_predict(ort_session(path), x_eval.numpy())
+    torch_out = predict(state.module, x_eval).numpy()
+    agreement = (ort_out.argmax(1) == torch_out.argmax(1)).mean()
+    assert agreement >= 0.995
+    np.testing.assert_allclose(ort_out, torch_out, rtol=1e-4, atol=1e-4)
+
+    ops = optimized_op_types(path)
+    linears = sum(1 for m in state.module.modules() if isinstance(m, torch.nn.Linear))
+    if CONFIGS[cfg_name]["method"] != "codebook":
+        # every quantized Linear runs as ORT's fused N-bit kernel (4-bit or 8-bit MatMulNBits)
+        assert ops["MatMulNBits"] == linears, ops
+    else:
+        assert ops["MatMulNBits"] == 0 and ops["GatherElements"] + ops["Gather"] == 0, ops  # folded at load
+
+
+def test_int4_bytes_are_an_eighth_of_float_plus_scales(trained, tmp_path):
+    from pydantic import TypeAdapter
+
+    from export.quantized import initializer_bytes
+    from quantize.config import QuantizeConfig
+
+    model, calib, _ = trained["digits_mlp"]
+    state = _quantized_state(model, calib, TypeAdapter(QuantizeConfig).validate_python({"method": "gpfq", "bits": 4}))
+    float_model, qmodel, _ = _export(state, tmp_path)
+    fbytes, qbytes = initializer_bytes(float_model), initializer_bytes(qmodel)
+    float_w = sum(fbytes[n] for n in state.quant)
+    int_w = sum(qbytes[f"{n}_quantized"] for n in state.quant)
+    scales = sum(qbytes[f"{n}_scale"] for n in state.quant)
+    assert int_w == pytest.approx(float_w / 8, rel=0.01)
+    assert qbytes.keys().isdisjoint(state.quant)
+    assert sum(qbytes.values()) <= sum(fbytes.values()) - float_w + float_w / 8 + scales + 64
+    dtypes = {i.name: i.data_type for i in qmodel.graph.initializer}
+    assert all(dtypes[f"{n}_quantized"] == onnx.TensorProto.INT4 for n in state.quant)
+
+
+def test_exact_parity_needs_the_session_option(trained, tmp_path):
+    """ORT's default accuracy level quantizes activations; level 1 reproduces PyTorch exactly."""
+    from pydantic import TypeAdapter
+
+    from compress.metrics import predict
+    from export.onnx_export import ort_predict
+    from export.quantized import ort_session
+    from quantize.config import QuantizeConfig
+
+    model, calib, x_eval = trained["digits_mlp"]
+    state = _quantized_state(model, calib, TypeAdapter(QuantizeConfig).validate_python({"method": "rtn", "bits": 4}))
+    _, _, path = _export(state, tmp_path)
+    ref = predict(state.module, x_eval).numpy()
+    exact = np.abs(ort_predict(ort_session(path, exact=True), x_eval.numpy()) - ref).max()
+    default = np.abs(ort_predict(ort_session(path, exact=False), x_eval.numpy()) - ref).max()
+    assert exact < 1e-4 < default
+
+
+def test_old_opset_and_missing_names_are_rejected(trained, tmp_path):
+    from export.quantized import quantize_onnx_model
+    from quantize.rtn import rtn_quantize
+
+    model, _, _ = trained["digits_mlp"]
+    state = ModelState(copy.deepcopy(model), (1, 64))
+    state.quant = {n: rtn_quantize(p, 4) for n, p in model.named_parameters() if n.endswith("weight")}
+    float_model, _, _ = _export(state, tmp_path)
+    old = onnx.ModelProto()
+    old.CopyFrom(float_model)
+    old.opset_import[0].version = 18
+    with pytest.raises(ValueError, match="opset"):
+        quantize_onnx_model(old, state.quant)
+    with pytest.raises(ValueError, match="no ONNX initializer"):
+        quantize_onnx_model(float_model, {"nope.weight": state.quant["net.0.weight"]})

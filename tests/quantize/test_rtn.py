@@ -1,0 +1,82 @@
+"""Round-to-nearest: codes on the grid, error within half a step, masks, config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from compress.qtensor import signed_range
+from quantize.config import QuantizeConfig, RTNConfig
+from quantize.rtn import expand_to_columns, rtn_quantize
+
+CASES = [
+    (bits, gran, sym)
+    for bits in (2, 3, 4, 8)
+    for gran in ("per_tensor", "per_channel", "per_group")
+    for sym in (True, False)
+]
+
+
+@pytest.mark.parametrize("bits,granularity,symmetric", CASES)
+def test_codes_in_range_and_error_within_half_step(bits, granularity, symmetric):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(24, 64, generator=g) * torch.rand(24, 1, generator=g)
+    qt = rtn_quantize(w, bits, granularity=granularity, group_size=16, symmetric=symmetric)
+    qmin, qmax = signed_range(bits)
+    assert qt.codes.dtype == torch.int8 and qt.codes.shape == w.shape
+    assert qmin <= qt.codes.min() and qt.codes.max() <= qmax
+    assert qt.granularity == granularity
+    assert (qt.zero_point is None) == symmetric
+    step = expand_to_columns(qt.scale, 24, 64)
+    assert ((qt.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_conv_weight_and_group_fallback():
+    w = torch.randn(8, 3, 5)  # 15 input columns: group_size 16 cannot split them
+    qt = rtn_quantize(w, 4, granularity="per_group", group_size=16)
+    assert qt.granularity == "per_channel" and qt.shape == (8, 3, 5)
+    assert torch.allclose(qt.dequantize(), w, atol=(w.abs().amax() / 7).item())
+
+
+def test_mask_gives_exact_zeros():
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    mask = torch.rand(16, 32) > 0.5
+    for symmetric in (True, False):
+        qt = rtn_quantize(w, 3, mask=mask, symmetric=symmetric)
+        deq = qt.dequantize()
+        assert (deq[~mask] == 0).all()
+
+
+def test_zero_rows_are_safe():
+    w = torch.zeros(4, 8)
+    w[0] = 1.0
+    qt = rtn_quantize(w, 4)
+    assert torch.isfinite(qt.scale).all() and torch.equal(qt.dequantize(), w)
+
+
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ({"method": "rtn", "bits": 9}, "9"),
+        ({"method": "rtn", "bits": 1}, "1"),
+        ({"method": "rtn", "granularity": "per_row"}, "per_row"),
+        ({"method": "rtn", "group_size": 1}, "1"),
+        ({"method": "rtn", "layer_bits": {"net.*": 12}}, "12"),
+        ({"method": "rtn", "bogus": 1}, "bogus"),
+        ({"method": "nope"}, "nope"),
+    ],
+)
+def test_config_rejects_bad_values(bad, needle):
+    with pytest.raises(ValidationError) as err:
+        TypeAdapter(QuantizeConfig).validate_python(bad)
+    assert needle in str(err.value)
+
+
+def test_layer_selection_globs():
+    cfg = RTNConfig(bits=4, skip=["head.2"], layer_bits={"features.*": 8, "*": 3})
+    assert not cfg.selects("head.2") and cfg.selects("head.0")
+    assert cfg.bits_for("features.0") == 8 and cfg.bits_for("head.0") == 3
+    assert RTNConfig(layers=["head.*"]).selects("head.0") and not RTNConfig(layers=["head.*"]).selects("net.0")
+    assert not RTNConfig(skip=["net.0.weight"]).selects("net.0")  # parameter names work too
