@@ -164,7 +164,8 @@ def load_split(name: str, spec: "DataSplitSpec", base_dir: Path, input_shape: tu
         raise DataError(f"data split {name!r} is empty")
     return Split(
         name=name,
-        x=torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32),
+        # Integer inputs (token ids, indices) stay integers; everything else is float32.
+        x=torch.as_tensor(np.ascontiguousarray(x), dtype=torch.int64 if x.dtype.kind in "iu" else torch.float32),
         y=None if y is None else torch.as_tensor(y.astype(np.int64)),
         batch_size=spec.batch_size,
         seed=spec.seed,

@@ -114,9 +114,12 @@ def load_model(path: Path, factory: str | None, kwargs: dict, trust_model: bool 
     return LoadedModel(module.eval(), "state_dict", rebuild)
 
 
-def check_forward(module: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """Fail early, with the shape in the message, if the model does not run on its input."""
-    x = torch.zeros(input_shape)
+def check_forward(module: nn.Module, input_shape: tuple[int, ...], example: torch.Tensor | None = None) -> None:
+    """Fail early, with the shape in the message, if the model does not run on its input.
+
+    ``example`` (a real sample, when the recipe has data) is used instead of zeros.
+    """
+    x = example if example is not None else torch.zeros(input_shape)
     try:
         with torch.no_grad():
             out = module(x)

@@ -24,7 +24,7 @@ import compress
 from compress.artifacts import atomic_write, atomic_write_json, file_hash, text_hash
 from compress.data import DataBundle, load_split
 from compress.distributed import broadcast_from_main, is_main, rank_and_world
-from compress.errors import CompressError, GateFailure, InputError, RecipeError, StageError
+from compress.errors import CompressError, DataError, InputError, RecipeError, StageError
 from compress.metrics import count_parameters, evaluate, predict
 from compress.model_io import LoadedModel, check_forward, load_model, load_state, save_state
 from compress.recipe import Recipe
@@ -97,11 +97,18 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
     _check_plan(recipe, entries)
 
     loaded = load_model(model_path, spec.model.factory, spec.model.kwargs, trust_model)
-    check_forward(loaded.module, input_shape)
     base_dir = recipe.path.parent if recipe.path else Path.cwd()
     data = DataBundle(
         {name: load_split(name, s, base_dir, input_shape) for name, s in spec.data if s is not None}
     )
+    for name, split in data.splits.items():
+        want = torch.int64 if spec.model.input_dtype == "int64" else torch.float32
+        if split.x.dtype != want:
+            raise DataError(
+                f"data split {name!r} holds {split.x.dtype} inputs but model.input_dtype is {spec.model.input_dtype}"
+            )
+    first = next(iter(data.splits.values()), None)
+    check_forward(loaded.module, input_shape, first.x[: input_shape[0]] if first is not None else None)
 
     torch.manual_seed(spec.seed)
     reference = loaded.module
@@ -110,7 +117,8 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
     eval_split = data.splits.get("eval")
     reference_out = predict(reference, eval_split.x) if eval_split is not None else None
 
-    state = ModelState(module=_copy_module(loaded), input_shape=input_shape)
+    example = first.x[:2] if first is not None else None
+    state = ModelState(module=_copy_module(loaded), input_shape=input_shape, example=example)
     rows = [_measure(state, "input", data, reference_out, seconds=0.0, size_bytes=model_path.stat().st_size)]
     rows[0].update({"cached": False, "config_hash": None})
 
@@ -130,6 +138,7 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
         record = broadcast_from_main(record)  # every rank must make rank 0's choice
         if record is not None:
             state = broadcast_from_main(load_state(folder, loaded.rebuild) if main else None)
+            state.example = example
             row = record["row"] | {"cached": True}
             checks = record["checks"]
             stage_artifacts = {k: folder / v for k, v in record["artifacts"].items()}
@@ -242,10 +251,11 @@ def _reusable(folder: Path, key: str) -> dict | None:
 
 
 def _run_stage(state, stage_spec, entry, folder, key, data, reference, reference_out, seed):
-    # Remove the completion record first: if this run is interrupted, the folder is not trusted.
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    # Remove the completion record first: if this run is interrupted, the folder is not
+    # trusted. Other files stay, so a long stage can resume from its own checkpoints
+    # (which it must key by its config, as lottery-ticket rounds do).
+    (folder / STAGE_RECORD).unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(
         data=data, out_dir=folder, device=torch.device("cpu"), reference=reference,
         seed=seed + stage_spec.index, log=logging.getLogger(f"compress.stage.{stage_spec.name}"),
@@ -267,8 +277,9 @@ def _run_stage(state, stage_spec, entry, folder, key, data, reference, reference
     written = save_state(state, folder)
     stage_artifacts = {name: Path(p) for name, p in ctx.artifacts.items()}
     primary = next(iter(stage_artifacts.values()), None)
-    size = primary.stat().st_size if primary else sum(p.stat().st_size for p in written)
+    size = primary.stat().st_size if primary else stored_bytes(state)
     row = _measure(state, stage_spec.name, data, reference_out, seconds, size)
+    row["state_file_bytes"] = sum(p.stat().st_size for p in written)
     row.update({"config_hash": stage_spec.config_hash(), "metrics": ctx.metrics, "cached": False})
     method = getattr(stage_spec.config, "method", None)
     if method:
@@ -305,6 +316,16 @@ def _measure(state: ModelState, name: str, data: DataBundle, reference_out, seco
         split = data["eval"]
         row.update(evaluate(state.module, split.x, split.y, reference_out))
     return row
+
+
+def stored_bytes(state: ModelState) -> int:
+    """Bytes of the model at its stored precision: quantized tensors as packed integers plus
+    their scales/codebooks, everything else at its dtype's width (no entropy coding)."""
+    total = 0
+    for name, t in state.module.state_dict().items():
+        qt = state.quant.get(name)
+        total += -(-qt.storage_bits() // 8) if qt is not None else t.numel() * t.element_size()
+    return total
 
 
 def _weight_bits(state: ModelState) -> float:

@@ -38,6 +38,9 @@ class ModelSpec(_Strict):
         description="'package.module:function' that builds the architecture; needed when the model file is a state_dict.",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    input_dtype: Literal["float32", "int64"] = Field(
+        "float32", description="Element type of the model input (int64 for token ids)."
+    )
 
     @model_validator(mode="after")
     def _positive(self) -> "ModelSpec":

@@ -13,15 +13,18 @@ package is a bug and must be loud.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-# Packages whose import registers stages. Order is the canonical pipeline order.
-STAGE_PACKAGES = ("distill", "prune", "compress.finetune", "quantize", "compress.lossless", "export")
+# Modules whose import registers stages (a stage registers itself next to its config, so
+# registering needs neither torch nor the stage's runtime). Order is the pipeline order.
+STAGE_PACKAGES = ("distill", "prune", "compress.finetune", "quantize", "compress.lossless.config", "export.config")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class StageEntry:
     apply_path: str  # "package.module:function"
     summary: str
     needs: tuple[str, ...] = ()  # data splits the stage reads: "train", "eval", "calibration"
+    order: int = 1 << 30  # position in the pipeline order (STAGE_PACKAGES), for listings
 
     def resolve(self) -> Callable:
         module_name, _, attr = self.apply_path.partition(":")
@@ -42,13 +46,21 @@ _STAGES: dict[str, StageEntry] = {}
 _loaded = False
 
 
+def _pipeline_position(module: str) -> int:
+    for i, package in enumerate(STAGE_PACKAGES):
+        if module == package or module.startswith(package + "."):
+            return i
+    return len(STAGE_PACKAGES)
+
+
 def register_stage(
     name: str, config: Any, apply: str, summary: str, needs: tuple[str, ...] = ()
 ) -> None:
     """Register a stage. Registering a name twice warns and keeps the newer entry."""
     if name in _STAGES and _STAGES[name].apply_path != apply:
         warnings.warn(f"stage {name!r} registered twice; {apply} replaces {_STAGES[name].apply_path}")
-    _STAGES[name] = StageEntry(name, config, apply, summary, tuple(needs))
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    _STAGES[name] = StageEntry(name, config, apply, summary, tuple(needs), _pipeline_position(caller))
 
 
 def _load() -> None:
@@ -57,26 +69,18 @@ def _load() -> None:
         return
     _loaded = True
     for package in STAGE_PACKAGES:
-        try:
-            importlib.import_module(package)
-        except ModuleNotFoundError as err:
-            # Only a package that does not exist at all is skipped (a stage not built yet);
-            # an import error inside an existing package propagates.
-            if err.name != package:
-                raise
+        # A stage package that does not exist yet is skipped; an import error inside an
+        # existing one propagates (a broken stage must be loud).
+        if importlib.util.find_spec(package.partition(".")[0]) is None:
             log.debug("stage package %s not present", package)
+            continue
+        importlib.import_module(package)
 
 
 def stages() -> dict[str, StageEntry]:
     """All registered stages, by name, in pipeline order (the order of STAGE_PACKAGES)."""
     _load()
-
-    def order(entry: StageEntry) -> int:
-        module = entry.apply_path.partition(":")[0]
-        matches = [i for i, pkg in enumerate(STAGE_PACKAGES) if module == pkg or module.startswith(pkg + ".")]
-        return max(matches, default=len(STAGE_PACKAGES))
-
-    return {e.name: e for e in sorted(_STAGES.values(), key=order)}
+    return {e.name: e for e in sorted(_STAGES.values(), key=lambda e: e.order)}
 
 
 def get_stage(name: str) -> StageEntry:

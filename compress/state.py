@@ -28,6 +28,7 @@ class ModelState:
         masks: per-parameter pruning masks (bool, True = kept), keyed by parameter name.
         lineage: one entry per stage that ran: ``{"stage", "config", "config_hash"}``.
         extras: JSON-able facts a stage wants to hand on (e.g. lottery tickets' densities).
+        example: a few real input samples (from the recipe's data), for tracing and export.
     """
 
     module: nn.Module
@@ -36,8 +37,13 @@ class ModelState:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     lineage: list[dict[str, Any]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    example: torch.Tensor | None = None
 
     def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        """``batch`` real samples when the recipe has data (tracing and export see real
+        inputs, e.g. valid token ids), else seeded random floats of the input shape."""
+        if self.example is not None and len(self.example) >= batch:
+            return self.example[:batch]
         g = torch.Generator().manual_seed(seed)
         return torch.randn((batch, *self.input_shape[1:]), generator=g)
 

@@ -81,7 +81,9 @@ def fit(
         before_step: called before each forward pass (e.g. swap in quantized weights).
         after_step: called after each optimizer step (e.g. re-apply pruning masks).
         on_epoch_end: called with the epoch index.
-        max_steps: stop after this many optimizer steps (lottery rewinding points).
+        max_steps: stop after this many optimizer steps. The learning-rate schedule is
+            fitted to the shortened run (a cosine schedule anneals to 0 by ``max_steps``);
+            to snapshot weights mid-run instead, use ``after_step``.
 
     Returns:
         ``{"steps", "final_loss", "seconds"}``.

@@ -1,15 +1,6 @@
 """Lossless ZipNN-style packing of weights, integer codes and masks (the ``compress`` stage).
 
-Kept light on purpose: importing this package registers the stage without importing
-numpy or torch; the codec is loaded when the stage runs or a file is packed.
+Kept light on purpose: the codec and container import only numpy and zstandard, so the
+edge path can read packed files without torch or pydantic. The stage registers in
+``compress.lossless.config``.
 """
-
-from compress.lossless.config import CompressStageConfig
-from compress.registry import register_stage
-
-register_stage(
-    "compress",
-    CompressStageConfig,
-    apply="compress.lossless.stage:apply",
-    summary="Lossless ZipNN-style coding of the weights, integer codes and masks",
-)

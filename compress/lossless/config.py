@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.registry import register_stage
+
 
 class CompressStageConfig(BaseModel):
     """Lossless packing of the model state into ``<stage out_dir>/weights.czip``."""
@@ -32,3 +34,11 @@ class CompressStageConfig(BaseModel):
         pattern=r"^[A-Za-z0-9._-]+$",
         description="Name of the container written into the stage's output folder.",
     )
+
+
+register_stage(
+    "compress",
+    CompressStageConfig,
+    apply="compress.lossless.stage:apply",
+    summary="Lossless ZipNN-style coding of the weights, integer codes and masks",
+)

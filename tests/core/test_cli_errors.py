@@ -88,7 +88,8 @@ def test_state_dict_of_another_architecture(cli, write_recipe, digits_mlp_path):
 
 
 def test_forward_fails_on_declared_shape(cli, write_recipe, digits_mlp_path):
-    text = write_recipe().read_text().replace("input_shape: [1, 64]", "input_shape: [1, 40]")
+    text = write_recipe(stages="  []").read_text().replace("input_shape: [1, 64]", "input_shape: [1, 40]")
+    text = text.split("data:")[0] + "stages: []\n"  # no data: the declared shape alone is tried
     code, _, err = cli("run", write_recipe(text=text), digits_mlp_path)
     assert code == 2
     assert "forward fails on the declared input_shape [1, 40]" in err
@@ -106,6 +107,13 @@ def test_data_of_wrong_shape(cli, write_recipe, digits_mlp_path, tmp_path):
     code, _, err = cli("run", write_recipe(text=text), digits_mlp_path)
     assert code == 2
     assert "shape [40]" in err and "[1, 64]" in err
+
+
+def test_integer_data_for_a_float_model(cli, write_recipe, digits_mlp_path, tmp_path):
+    np.savez(tmp_path / "eval.npz", x=np.zeros((10, 64), np.int64), y=np.zeros(10, np.int64))
+    text = write_recipe().read_text().replace("eval: {source: digits, split: test}", "eval: {source: file, path: eval.npz}")
+    code, _, err = cli("run", write_recipe(text=text), digits_mlp_path)
+    assert code == 2 and "torch.int64 inputs but model.input_dtype is float32" in err
 
 
 def test_unwritable_output_folder(cli, write_recipe, digits_mlp_path, tmp_path):
