@@ -115,6 +115,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (no progress lines)."),
     trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a whole nn.Module (runs code from the file)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train with N processes (torchrun + DistributedDataParallel; gloo on CPU)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write every gate and check as a JUnit XML test case."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log what the stages do."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -138,6 +139,11 @@ def run(
         out_dir = out or Path(parsed.doc.output.dir or f"runs/{parsed.name}")
         reporter = None if as_json or not is_main() else _ConsoleReporter()
         result = run_pipeline(parsed, model, out_dir, force=force, trust_model=trust_model, reporter=reporter)
+        if junit is not None and is_main():
+            from compress.junit import write_junit
+
+            checks = _unique_checks(result.report["gates"] + result.report["failures"])
+            write_junit(junit, f"compress run {parsed.name}", checks, result.report["wall_seconds"])
         if not is_main():
             pass
         elif as_json:
@@ -153,6 +159,61 @@ def run(
             for f in result.failures:
                 typer.echo(f"FAILED {gate_line(f)}")
         if not result.passed:
+            raise typer.Exit(EXIT_GATE)
+
+
+def _unique_checks(checks: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for c in checks:
+        key = (c["gate"], str(c["measured"]), str(c["limit"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+@app.command()
+def validate(
+    path: Path = typer.Argument(..., help="An .onnx model, or a device bundle (bundle.czip from `compress run`)."),
+    data: Optional[Path] = typer.Option(None, "--data", help=".npz with inputs 'x' and optional labels 'y' (not needed for a bundle)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help=".npz with the expected 'outputs' for those inputs."),
+    threads: int = typer.Option(1, "--threads", min=1, help="onnxruntime intra-op threads."),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Fail if the p50 latency of one sample is above this."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Fail if top-1 agreement with the reference is below this."),
+    max_abs_error: Optional[float] = typer.Option(None, "--max-abs-error", help="Fail if an output differs from the reference by more."),
+    runs: int = typer.Option(100, "--runs", min=1, help="Timed runs for the latency percentiles."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write the checks as JUnit XML."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Validate a model on this device with onnxruntime alone (no torch): parity, accuracy, latency, memory."""
+    with _guard(debug):
+        from compress.validate import validate as run_validation
+
+        report = run_validation(path, data, reference, threads, max_latency_ms, min_agreement, max_abs_error, runs)
+        if junit is not None:
+            from compress.junit import write_junit
+
+            write_junit(junit, f"compress validate {path.name}", report["checks"], report["seconds"])
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            env, lat = report["environment"], report["latency"]
+            typer.echo(f"{path}: {report['model_bytes']:,} B model, {report['samples']} samples, "
+                       f"onnxruntime {env['onnxruntime']}, {threads} thread(s) on {env['cpu']}")
+            if "accuracy" in report:
+                typer.echo(f"accuracy {report['accuracy']:.2%}")
+            if "parity" in report:
+                p = report["parity"]
+                agreement = f"agreement {p['agreement']:.2%}, " if "agreement" in p else ""
+                typer.echo(f"parity: {agreement}max abs error {p['max_abs_error']:.3g}, cosine {p['cosine']:.6f}")
+            typer.echo(f"latency p50 {lat['latency_p50_ms']:.3f} ms, p90 {lat['latency_p90_ms']:.3f} ms, "
+                       f"p99 {lat['latency_p99_ms']:.3f} ms; peak memory {report['peak_rss_mb']:.0f} MB")
+            from compress.report import gate_line
+
+            for c in report["checks"]:
+                typer.echo(gate_line(c))
+        if not report["passed"]:
             raise typer.Exit(EXIT_GATE)
 
 

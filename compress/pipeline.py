@@ -152,9 +152,14 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
         reporter.stage_finished(i + 1, total, row)
 
     final_artifacts = _publish_artifacts(artifacts, out_dir)
+    if main and "model.onnx" in final_artifacts and eval_split is not None:
+        final_artifacts["bundle.czip"] = _write_bundle(
+            out_dir / "bundle.czip", final_artifacts["model.onnx"], state, eval_split, recipe, rows
+        )
     final = rows[-1]
     if "model.onnx" in final_artifacts:
         final["final_size_bytes"] = final_artifacts["model.onnx"].stat().st_size
+    layers = layer_table(state)
     gate_results = _check_gates(spec.gates, rows)
     failures += [g for g in gate_results if not g["passed"]]
     report = {
@@ -169,6 +174,7 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
         "failures": failures,
         "gates": gate_results,
         "stages": rows,
+        "layers": layers,
         "artifacts": {k: str(v) for k, v in final_artifacts.items()},
         "wall_seconds": time.perf_counter() - started,
         "environment": {
@@ -180,8 +186,11 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
     }
     from compress.report import render_markdown
 
+    from compress.html_report import render_html
+
     atomic_write_json(out_dir / "report.json", report)
     atomic_write(out_dir / "report.md", lambda p: p.write_text(render_markdown(report)))
+    atomic_write(out_dir / "report.html", lambda p: p.write_text(render_html(report)))
     return RunResult(out_dir, report, failures)
 
 
@@ -227,7 +236,7 @@ def _check_plan(recipe: Recipe, entries) -> None:
 def _data_files_hash(recipe: Recipe, base_dir: Path) -> str:
     parts = []
     for _, s in recipe.doc.data:
-        if s is not None and s.source == "file":
+        if s is not None and s.source in ("file", "text"):
             p = Path(s.path) if Path(s.path).is_absolute() else base_dir / s.path
             parts.append(file_hash(p) if p.is_file() else "missing")
     return text_hash(*parts)
@@ -318,6 +327,22 @@ def _measure(state: ModelState, name: str, data: DataBundle, reference_out, seco
     return row
 
 
+def layer_table(state: ModelState) -> list[dict[str, Any]]:
+    """Per weight tensor of the final model: shape, parameters, sparsity, stored bits."""
+    rows = []
+    for name, p in state.module.named_parameters():
+        if p.dim() < 2:
+            continue
+        qt = state.quant.get(name)
+        nonzero = int(torch.count_nonzero(p).item())
+        rows.append({
+            "name": name, "shape": list(p.shape), "parameters": p.numel(), "nonzeros": nonzero,
+            "sparsity": 1 - nonzero / p.numel(), "bits": qt.bits if qt is not None else 32,
+            "quantization": (qt.method or qt.granularity) if qt is not None else None,
+        })
+    return rows
+
+
 def stored_bytes(state: ModelState) -> int:
     """Bytes of the model at its stored precision: quantized tensors as packed integers plus
     their scales/codebooks, everything else at its dtype's width (no entropy coding)."""
@@ -337,6 +362,32 @@ def _weight_bits(state: ModelState) -> float:
     bits = sum(qt.codes.numel() * qt.bits for qt in state.quant.values())
     bits += 32 * sum(p.numel() for n, p in params.items() if n not in state.quant)
     return round(bits / total, 3)
+
+
+BUNDLE_MAX_SAMPLES = 1000
+
+
+def _write_bundle(dst: Path, onnx_path: Path, state: ModelState, split, recipe: Recipe, rows: list[dict]) -> Path:
+    """The device bundle: the final ONNX, reference inputs/outputs from the final PyTorch
+    model, labels, the onnxruntime settings export checked with, and the limits to re-check."""
+    from compress.bundle import write_bundle
+
+    x = split.x[:BUNDLE_MAX_SAMPLES]
+    outputs = predict(state.module, x).numpy()
+    export_row = next(r for r in reversed(rows) if r["stage"] == "export")
+    export_spec = next(s for s in reversed(recipe.stages) if s.name == "export")
+    limits = {"min_agreement": export_spec.config.min_agreement}
+    if recipe.doc.gates.max_latency_ms is not None:
+        limits["max_latency_ms"] = recipe.doc.gates.max_latency_ms
+    manifest = {
+        "recipe": recipe.name,
+        "input_shape": list(state.input_shape),
+        "session": export_row["metrics"].get("ort_session", {}),
+        "limits": limits,
+        "lineage": [e["stage"] for e in state.lineage],
+    }
+    labels = split.y[:BUNDLE_MAX_SAMPLES].numpy() if split.y is not None else None
+    return write_bundle(onnx_path, dst, x.numpy(), outputs, labels, manifest)
 
 
 def _publish_artifacts(artifacts: dict[str, Path], out_dir: Path) -> dict[str, Path]:

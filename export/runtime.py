@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+# Turns a batch of samples into the session's feeds (several named inputs); None feeds the
+# batch to the model's only input.
+Feeds = Callable[[np.ndarray], dict]
 
 
 def ort_session(
@@ -36,16 +41,26 @@ def ort_session(
     )
 
 
-def ort_predict(session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+def _feed(session, x: np.ndarray, feeds: Feeds | None) -> dict:
+    return {session.get_inputs()[0].name: x} if feeds is None else feeds(x)
+
+
+def ort_predict(session, x: np.ndarray, batch_size: int = 256, feeds: Feeds | None = None) -> np.ndarray:
+    """The first output of ``session`` on ``x``, in batches of ``batch_size`` samples.
+
+    ``feeds`` maps a batch to named inputs (a model exported with an ``OnnxSignature``,
+    e.g. ``input_ids`` and ``attention_mask``); by default the batch is the only input.
+    """
+    outs = [session.run(None, _feed(session, x[i : i + batch_size], feeds))[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs)
 
 
-def measure_latency(session, example: np.ndarray, runs: int = 100, warmup: int = 10) -> dict[str, float]:
-    """Wall-clock latency percentiles (ms) of single runs on ``example``."""
-    name = session.get_inputs()[0].name
-    feed = {name: example}
+def measure_latency(
+    session, example: np.ndarray, runs: int = 100, warmup: int = 10, feeds: Feeds | None = None
+) -> dict[str, float]:
+    """Wall-clock latency percentiles (ms) of single runs on ``example`` (fed as in
+    ``ort_predict``), and every sample."""
+    feed = _feed(session, example, feeds)
     for _ in range(warmup):
         session.run(None, feed)
     times = np.empty(runs)
@@ -57,4 +72,5 @@ def measure_latency(session, example: np.ndarray, runs: int = 100, warmup: int =
         "latency_p50_ms": float(np.percentile(times, 50)),
         "latency_p90_ms": float(np.percentile(times, 90)),
         "latency_p99_ms": float(np.percentile(times, 99)),
+        "latency_ms_samples": [round(float(t), 5) for t in times],
     }

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+import numpy as np
+
 from compress.errors import InputError
 from compress.lossless import codec as C
 from compress.lossless.container import ContainerReader, ContainerWriter, CorruptArchiveError, EntryStats
@@ -370,6 +372,8 @@ def pack_file(
     level: int = C.DEFAULT_LEVEL,
     chunk_size: int = C.DEFAULT_CHUNK_SIZE,
     threads: int | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> PackReport:
     """Pack a model file into a ``.czip`` container (memory stays at a few chunks).
 
@@ -377,6 +381,9 @@ def pack_file(
         src: a ``.safetensors``, ``.onnx``, ``.pt`` or ``.pth`` file.
         dst: output path (default: ``src`` + ``.czip``).
         level: zstd level (1-22). chunk_size: raw bytes per chunk. threads: None = all cores.
+        extra_tensors: more arrays to store beside the file, as entries ``extra/<name>``
+            (a device bundle's reference inputs and outputs); ``unpack_file`` ignores them.
+        extra_meta: JSON stored as the manifest's ``meta["extra"]``.
 
     Raises:
         InputError: missing file, unsupported type or a file that does not parse.
@@ -434,6 +441,10 @@ def pack_file(
                 pos = r.offset + r.length
             add_gap(pos, size - pos)
             flush_skeleton()
+            for name, array in (extra_tensors or {}).items():
+                w.add_tensor(f"extra/{name}", np.ascontiguousarray(array))
+            if extra_meta is not None:
+                meta["extra"] = extra_meta
             meta["source"]["sha256"] = hasher.hexdigest()
             meta["segments"] = segments
             w.meta = meta

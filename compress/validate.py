@@ -1,0 +1,171 @@
+"""Edge validation: check an ONNX model (or a device bundle) on the device itself.
+
+Imports only numpy, onnxruntime and the standard library (plus zstandard to open a
+bundle) — never torch — so it runs where the model will run. It measures output parity
+against reference outputs from the pipeline, accuracy when labels exist, latency
+percentiles, peak memory and model size, and checks them against limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.errors import DataError, InputError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+VALIDATE_REPORT_VERSION = 1
+
+
+def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as err:
+        raise DataError(f"{path}: cannot read {what} ({err})") from None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _check_input(session, x: np.ndarray) -> np.ndarray:
+    spec = session.get_inputs()[0]
+    want = {"tensor(float)": np.float32, "tensor(int64)": np.int64}.get(spec.type)
+    if want is not None:
+        x = x.astype(want, copy=False)
+    if len(spec.shape) != x.ndim or any(
+        isinstance(d, int) and d != n for d, n in zip(spec.shape[1:], x.shape[1:])
+    ):
+        raise DataError(f"data samples have shape {list(x.shape[1:])}; the model's input {spec.name!r} is {spec.shape}")
+    return np.ascontiguousarray(x)
+
+
+def validate(
+    path: Path,
+    data: Path | None = None,
+    reference: Path | None = None,
+    threads: int = 1,
+    max_latency_ms: float | None = None,
+    min_agreement: float | None = None,
+    max_abs_error: float | None = None,
+    runs: int = 100,
+    warmup: int = 10,
+) -> dict[str, Any]:
+    """Validate ``path`` (an ``.onnx`` file or a device bundle from ``compress run``).
+
+    A bundle brings its own inputs, reference outputs, labels, session settings and
+    limits; explicit arguments override its limits.
+
+    Returns:
+        The report: ``{"passed", "checks", "parity", "accuracy", "latency", ...}``.
+    """
+    from compress.bundle import is_bundle, open_bundle
+    from export.runtime import measure_latency, ort_predict, ort_session
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"not found: {path}")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="compress-validate-") as tmp:
+        manifest: dict[str, Any] = {}
+        labels = ref = None
+        if is_bundle(path):
+            bundle = open_bundle(path, Path(tmp))
+            model, x, ref, labels, manifest = bundle.model, bundle.inputs, bundle.outputs, bundle.labels, bundle.manifest
+            limits = manifest.get("limits", {})
+            min_agreement = limits.get("min_agreement") if min_agreement is None else min_agreement
+            max_latency_ms = limits.get("max_latency_ms") if max_latency_ms is None else max_latency_ms
+            max_abs_error = limits.get("max_abs_error") if max_abs_error is None else max_abs_error
+        else:
+            model = path
+            if data is None:
+                raise InputError(f"{path} is not a bundle: give the inputs with --data DATA.npz (array 'x', optional labels 'y')")
+            arrays = _load_npz(Path(data), "data")
+            if "x" not in arrays:
+                raise DataError(f"{data}: no array named 'x' (found: {', '.join(sorted(arrays)) or 'nothing'})")
+            x, labels = arrays["x"], arrays.get("y")
+            if reference is not None:
+                refs = _load_npz(Path(reference), "reference")
+                if "outputs" not in refs:
+                    raise DataError(f"{reference}: no array named 'outputs'")
+                ref = refs["outputs"]
+                if len(ref) != len(x):
+                    raise DataError(f"{reference} has {len(ref)} outputs for {len(x)} inputs")
+        session_settings = manifest.get("session", {})
+        try:
+            session = ort_session(
+                model, threads=threads, config=session_settings.get("config"),
+                disabled_optimizers=tuple(session_settings.get("disabled_optimizers", ())),
+            )
+        except Exception as err:
+            raise ModelLoadError(f"{path}: onnxruntime cannot load the model ({str(err).splitlines()[0][:300]})") from None
+        x = _check_input(session, x)
+        out = ort_predict(session, x)
+        latency = measure_latency(session, x[:1], runs, warmup)
+        model_bytes = model.stat().st_size
+
+    report: dict[str, Any] = {
+        "report_version": VALIDATE_REPORT_VERSION,
+        "model": str(path),
+        "model_bytes": model_bytes,
+        "file_bytes": path.stat().st_size,
+        "samples": int(len(x)),
+        "latency": {k: v for k, v in latency.items() if not k.endswith("samples")},
+        "environment": {
+            "onnxruntime": __import__("onnxruntime").__version__,
+            "numpy": np.__version__,
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": threads,
+            "platform": platform.platform(),
+        },
+    }
+    checks: list[dict[str, Any]] = []
+    if labels is not None:
+        report["accuracy"] = float((out.argmax(1) == labels).mean())
+    if ref is not None:
+        diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+        o2, r2 = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
+        cos = (o2 * r2).sum(1) / np.maximum(np.linalg.norm(o2, axis=1) * np.linalg.norm(r2, axis=1), 1e-30)
+        parity = {"max_abs_error": float(diff.max()), "cosine": float(cos.mean())}
+        if out.ndim == 2 and out.shape[1] > 1:
+            parity["agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
+        report["parity"] = parity
+        if min_agreement is not None and "agreement" in parity:
+            checks.append(_check("min_agreement", parity["agreement"], min_agreement, parity["agreement"] >= min_agreement))
+        if max_abs_error is not None:
+            checks.append(_check("max_abs_error", parity["max_abs_error"], max_abs_error, parity["max_abs_error"] <= max_abs_error))
+    elif min_agreement is not None:
+        raise InputError("--min-agreement needs reference outputs (--reference REF.npz, or a bundle)")
+    if max_latency_ms is not None:
+        p50 = latency["latency_p50_ms"]
+        checks.append(_check("max_latency_ms", p50, max_latency_ms, p50 <= max_latency_ms))
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    report["peak_rss_mb"] = rss / (1 << 20) if platform.system() == "Darwin" else rss / 1024
+    report["checks"] = checks
+    report["passed"] = all(c["passed"] for c in checks)
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def _check(gate: str, measured: float, limit: float, passed: bool) -> dict[str, Any]:
+    return {"gate": gate, "measured": float(measured), "limit": float(limit), "passed": bool(passed)}
