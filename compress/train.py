@@ -48,6 +48,23 @@ def cross_entropy(student: torch.Tensor, y: torch.Tensor | None, teacher: torch.
     return F.cross_entropy(student, y)
 
 
+def reinitialize(module: nn.Module, seed: int) -> nn.Module:
+    """A fresh initialisation of ``module`` in place: ``reset_parameters()`` of every layer,
+    seeded, leaving the global RNG state as it was (lottery tickets, born-again students)."""
+    covered: set[int] = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in module.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+                covered.update(id(p) for p in m.parameters(recurse=False))
+    missed = [n for n, p in module.named_parameters() if id(p) not in covered]
+    if missed:
+        log.warning("no reset_parameters() for %s: they keep their current values", missed)
+    return module
+
+
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -14,6 +14,7 @@ from torch import nn
 
 from compress.imports import import_callable
 from compress.train import LossFn, TrainConfig, cross_entropy, fit, kd_loss
+from compress.train import reinitialize as reset_parameters
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,9 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 
 def reinitialize(module: nn.Module, seed: int) -> nn.Module:
-    """A fresh initialisation of ``module``'s architecture: a copy with every submodule that has
-    ``reset_parameters`` reset under ``seed`` (the global RNG is left untouched)."""
-    fresh = copy.deepcopy(module)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for sub in fresh.modules():
-            reset = getattr(sub, "reset_parameters", None)
-            if callable(reset):
-                reset()
+    """A trainable copy of ``module`` with a fresh seeded initialisation (the global RNG is
+    left untouched)."""
+    fresh = reset_parameters(copy.deepcopy(module), seed)
     for p in fresh.parameters():
         p.requires_grad_(True)
     return fresh.train()

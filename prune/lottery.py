@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from compress.train import reinitialize
 from prune.magnitude import MaskEnforcer, default_skip, magnitude_masks, prunable_layers, select_weights
 
 if TYPE_CHECKING:
     from compress.state import ModelState, StageContext
     from prune.config import LotteryConfig
+
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +42,6 @@ CHECKPOINT = "lottery.pt"
 CONTROLS = ("none", "random_reinit")
 
 
-def reinitialize(module: nn.Module, seed: int) -> nn.Module:
-    """Fresh initialisation in place: ``reset_parameters()`` of every layer, seeded.
-
-    The global RNG state is left as it was.
-    """
-    covered: set[int] = set()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in module.modules():
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset):
-                reset()
-                covered.update(id(p) for p in m.parameters(recurse=False))
-    missed = [n for n, p in module.named_parameters() if id(p) not in covered]
-    if missed:
-        log.warning("no reset_parameters() for %s: they keep their input values in theta_0", missed)
-    return module
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
