@@ -52,13 +52,23 @@ class ModelSpec(_Strict):
 class DataSplitSpec(_Strict):
     """One data split: where it comes from and how to batch it."""
 
-    source: Literal["mnist1d", "digits", "file", "callable"] = Field(
+    source: Literal["mnist1d", "digits", "file", "callable", "text"] = Field(
         ...,
-        description="'mnist1d' (generated locally), 'digits' (scikit-learn), 'file' (.npz/.pt with x and optional y) or 'callable'.",
+        description="'mnist1d' (generated locally), 'digits' (scikit-learn), 'file' (.npz/.pt with x and optional y), "
+        "'callable', or 'text' (a UTF-8 file of one text per line, turned into x by the tokenizer 'fn').",
     )
     split: Literal["train", "test"] = Field("train", description="Which part of a built-in or callable source.")
-    path: str | None = Field(None, description="Data file for source 'file' (relative to the recipe).")
-    fn: str | None = Field(None, description="'package.module:function' for source 'callable', called as fn(split).")
+    path: str | None = Field(
+        None, description="Data file for source 'file', text file for source 'text' (relative to the recipe)."
+    )
+    fn: str | None = Field(
+        None,
+        description="'package.module:function': for source 'callable' called as fn(split, **kwargs); for source "
+        "'text' the tokenizer, called as fn(lines, **kwargs) and returning x (one row per line).",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for fn (e.g. {max_length: 64} for a tokenizer)."
+    )
     samples: int | None = Field(None, ge=1, description="Use a seeded random subset of this many samples.")
     batch_size: int = Field(256, ge=1, description="Batch size for evaluation and calibration.")
     seed: int = Field(0, description="Seed for the subset and for shuffling.")
@@ -69,6 +79,8 @@ class DataSplitSpec(_Strict):
             raise ValueError("source 'file' needs 'path'")
         if self.source == "callable" and not self.fn:
             raise ValueError("source 'callable' needs 'fn'")
+        if self.source == "text" and not (self.path and self.fn):
+            raise ValueError("source 'text' needs 'path' (one text per line) and 'fn' (the tokenizer)")
         return self
 
 
@@ -252,12 +264,26 @@ def _format_errors(err: ValidationError, filename: str, node: Any, prefix: tuple
             msg = f"unknown key {key!r}{hint}"
         elif e["type"] == "missing":
             msg = f"missing required key {key!r}"
+        elif e["type"] == "union_tag_not_found":
+            field = e["ctx"]["discriminator"].strip("'")
+            msg = f"missing key {field!r}; one of: {', '.join(_tags(model))}"
+        elif e["type"] == "union_tag_invalid":
+            field, tag = e["ctx"]["discriminator"].strip("'"), str(e["ctx"]["tag"])
+            close = difflib.get_close_matches(tag, _tags(model), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            msg = f"unknown {field} {tag!r}; one of: {', '.join(_tags(model))}{hint}"
         else:
             value = e.get("input")
             shown = repr(value) if not isinstance(value, dict) else "{...}"
             msg = f"{e['msg']} (got {shown[:80]})"
         lines.append(f"{_where(filename, node, yaml_loc)}: {msg}")
     return "\n".join(lines)
+
+
+def _tags(model: Any) -> list[str]:
+    """The values a discriminated union accepts for its tag (a stage's methods)."""
+    schema = TypeAdapter(model).json_schema() if model is not None else {}
+    return sorted(schema.get("discriminator", {}).get("mapping", {}))
 
 
 def _yaml_loc(node: Any, loc: tuple) -> tuple:

@@ -64,6 +64,15 @@ def test_bad_recipes_name_the_problem(text, expected):
         assert fragment in str(err.value), str(err.value)
 
 
+def test_stage_method_errors_list_the_methods():
+    text = GOOD.replace("  - export: {opset: 21}", "  - quantize: {bits: 4}")
+    with pytest.raises(RecipeError, match=r"r\.yaml:8: stages\.0\.quantize: missing key 'method'; one of: codebook, gpfq, rtn"):
+        parse_recipe(text, "r.yaml")
+    text = GOOD.replace("  - export: {opset: 21}", "  - quantize: {method: gpfg}")
+    with pytest.raises(RecipeError, match=r"unknown method 'gpfg'; one of: codebook, gpfq, rtn; did you mean 'gpfq'\?"):
+        parse_recipe(text, "r.yaml")
+
+
 def test_syntax_error_shows_the_line():
     text = GOOD.replace("gates: {max_accuracy_drop: 0.01}", "gates: {max_accuracy_drop: 0.01")
     with pytest.raises(RecipeError, match=r"r\.yaml:1\d:\d+: YAML syntax error"):
