@@ -28,6 +28,9 @@ def inspect_path(path: Path, trust_model: bool = False) -> dict[str, Any]:
         return _inspect_stage_folder(path)
     if path.suffix == ".onnx":
         return _inspect_onnx(path)
+    with open(path, "rb") as f:
+        if f.read(8) == b"\x89CZIP\r\n\x1a":
+            return _inspect_container(path)
     return _inspect_torch(path, trust_model)
 
 
@@ -90,6 +93,31 @@ def _inspect_stage_folder(path: Path) -> dict[str, Any]:
         "masked": ", ".join(extras.get("masks", {})) or "none",
     }
     return _summarise(path, "stage folder", _torch_rows(sd), extra)
+
+
+def _inspect_container(path: Path) -> dict[str, Any]:
+    """A packed file: entries with their dtypes, shapes and coded sizes (nothing decoded)."""
+    from compress.lossless.container import ContainerReader
+
+    with ContainerReader(path) as reader:
+        rows = []
+        for name in reader.names():
+            e = reader.entry(name)
+            numel = 1
+            for d in e.shape:
+                numel *= d
+            row = _tensor_row(name, e.shape, e.dtype if e.kind == "tensor" else "blob", numel, numel)
+            row["sparsity"] = 0.0  # not decoded: zeros are unknown without decoding
+            row["stored_bytes"] = e.stored_bytes
+            rows.append(row)
+        meta = reader.meta
+    raw = sum(reader.entry(n).nbytes for n in reader.names())
+    stored = sum(r["stored_bytes"] for r in rows)
+    kind = "device bundle" if meta.get("extra", {}).get("kind") == "compress-device-bundle" else "packed file"
+    extra = {"coded": f"{raw:,} B -> {stored:,} B (ratio {stored / max(raw, 1):.4f})"}
+    if meta.get("source"):
+        extra["packs"] = f"{meta['source'].get('name')} ({meta['source'].get('format')}, {meta['source'].get('size'):,} B)"
+    return _summarise(path, kind, rows, extra)
 
 
 def _inspect_onnx(path: Path) -> dict[str, Any]:

@@ -132,6 +132,12 @@ def test_run_junit_has_one_failure_per_failed_gate(cli, write_recipe, digits_mlp
     assert int(suite.get("failures")) == sum(cases.values())
 
 
+def test_inspect_lists_a_bundle_without_decoding(cli, run_dir):
+    code, out, err = cli("inspect", run_dir / "bundle.czip")
+    assert code == 0, err
+    assert "device bundle" in out and "extra/inputs" in out and "ratio" in out
+
+
 def test_html_report_is_self_contained(run_dir):
     page = (run_dir / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 4
