@@ -96,6 +96,18 @@ def main() -> None:
     )
     add("quantized distillation +mixup, stoch.", "cnn 16/64", "4", s, q, r["seconds"])
 
+    # --- the 4-bit claim at twice the budget (3200 optimizer steps for every arm) ------------
+    s = half()
+    r = fit(s, x, y, TrainConfig(epochs=ep(80), **train))
+    q = rtn_bucket_quantize(s, 4)
+    add("labels only + RTN, 3200 steps", "cnn 16/64", "4", s, q, r["seconds"])
+    s = half()
+    q, r = quantized_distill(s, None, x, y, TrainConfig(epochs=ep(80), **train), bits=4, alpha=0.0)
+    add("labels only, quant. training, 3200 st.", "cnn 16/64", "4", s, q, r["seconds"])
+    s = half()
+    q, r = quantized_distill(s, teacher, x, y, TrainConfig(epochs=ep(40), **train), bits=4, mixup=1)
+    add("quantized distill. +mixup, 3200 steps", "cnn 16/64", "4", s, q, r["seconds"])
+
     # --- differentiable quantization on the teacher's weights ------------------------------
     layers = quantizable_layers(teacher)
     points_cfg = TrainConfig(epochs=ep(3), lr=1e-3, seed=0)

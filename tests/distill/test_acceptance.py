@@ -46,20 +46,19 @@ def test_quantized_distillation_4bit_half_width(mnist1d, teacher, one_thread):
 
     x, y = mnist1d.x, mnist1d.y
     teacher_acc = _acc(teacher, mnist1d)
-    # every arm takes 1600 optimizer steps: KD sees the train split plus one mixup copy for 20 epochs
+    # every arm takes 3200 optimizer steps: KD sees the train split plus one mixup copy for
+    # 40 epochs, the label-only arms the train split for 80 epochs
     kd = _half_width()
-    quantized_distill(kd, teacher, x, y, TrainConfig(epochs=20, **TRAIN), bits=4, temperature=2, alpha=0.7, mixup=1)
+    quantized_distill(kd, teacher, x, y, TrainConfig(epochs=40, **TRAIN), bits=4, temperature=2, alpha=0.7, mixup=1)
     kd_acc = _acc(kd, mnist1d)
     labels_rtn = _half_width()
-    fit(labels_rtn, x, y, TrainConfig(epochs=40, **TRAIN))
+    fit(labels_rtn, x, y, TrainConfig(epochs=80, **TRAIN))
     rtn_bucket_quantize(labels_rtn, 4)
     labels_q = _half_width()
-    quantized_distill(labels_q, None, x, y, TrainConfig(epochs=40, **TRAIN), bits=4, alpha=0.0)
+    quantized_distill(labels_q, None, x, y, TrainConfig(epochs=80, **TRAIN), bits=4, alpha=0.0)
     results = {"teacher": teacher_acc, "kd": kd_acc, "labels+rtn": _acc(labels_rtn, mnist1d), "labels+qtrain": _acc(labels_q, mnist1d)}
     assert kd_acc > results["labels+rtn"] and kd_acc > results["labels+qtrain"], results
-    assert kd_acc >= teacher_acc - 0.025, results
-    if kd_acc < teacher_acc - 0.02:
-        pytest.xfail(f"4-bit half-width student {kd_acc:.3f} is short of teacher - 2 points ({teacher_acc - 0.02:.3f}): {results}")
+    assert kd_acc >= teacher_acc - 0.02, results
 
 
 @pytest.mark.parametrize("bits", [2, 3])
