@@ -2,9 +2,11 @@
 
 Sources: ``digits`` (scikit-learn's bundled 8x8 digits, flattened to 64 features),
 ``mnist1d`` (generated locally and deterministically, never downloaded), ``file`` (an
-``.npz`` or ``.pt`` holding ``x`` and optional ``y``) and ``callable`` (``pkg.module:fn``
-called as ``fn(split)`` returning ``x`` or ``(x, y)``). Stages never load data: the runner
-builds a ``DataBundle`` from the recipe and hands it over in the stage context.
+``.npz`` or ``.pt`` holding ``x`` and optional ``y``), ``callable`` (``pkg.module:fn``
+called as ``fn(split, **kwargs)`` returning ``x`` or ``(x, y)``) and ``text`` (a UTF-8 file
+of one text per line, blank lines skipped, turned into ``x`` by a tokenizer ``fn(lines,
+**kwargs)``; no labels). Stages never load data: the runner builds a ``DataBundle`` from
+the recipe and hands it over in the stage context.
 """
 
 from __future__ import annotations
@@ -86,10 +88,40 @@ def _load_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return content["x"], content.get("y")
 
 
-def _load_callable(ref: str, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+def read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped."""
+    if not path.is_file():
+        raise DataError(f"text file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({err})") from err
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise DataError(f"{path}: no text in the file (one text per line expected)")
+    return lines
+
+
+def _load_text(path: Path, ref: str, kwargs: dict) -> np.ndarray:
+    lines = read_lines(path)
+    fn = import_callable(ref, what="tokenizer", error=DataError)
+    try:
+        x = fn(lines, **kwargs)
+    except Exception as err:
+        raise DataError(f"tokenizer {ref} failed on {path}: {type(err).__name__}: {err}") from err
+    if isinstance(x, torch.Tensor):
+        x = x.numpy()
+    x = np.asarray(x)
+    if x.ndim < 1 or len(x) != len(lines):
+        raise DataError(f"tokenizer {ref} returned {len(x) if x.ndim else 'no'} rows for the {len(lines)} lines of {path}")
+    return x
+
+
+def _load_callable(ref: str, split: str, kwargs: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     fn = import_callable(ref, what="data callable", error=DataError)
     try:
-        out = fn(split)
+        out = fn(split, **(kwargs or {}))
     except Exception as err:
         raise DataError(f"data callable {ref} failed for split {split!r}: {err}") from err
     if isinstance(out, dict):
@@ -139,8 +171,11 @@ def load_split(name: str, spec: "DataSplitSpec", base_dir: Path, input_shape: tu
     elif spec.source == "file":
         path = Path(spec.path)
         x, y = _load_file(path if path.is_absolute() else base_dir / path)
+    elif spec.source == "text":
+        path = Path(spec.path)
+        x, y = _load_text(path if path.is_absolute() else base_dir / path, spec.fn, spec.kwargs), None
     else:  # callable
-        x, y = _load_callable(spec.fn, spec.split)
+        x, y = _load_callable(spec.fn, spec.split, spec.kwargs)
     x = np.asarray(x)
     if x.dtype.kind not in "fiu" or x.ndim < 1:
         raise DataError(f"data split {name!r}: x must be a numeric array, got dtype {x.dtype} shape {x.shape}")

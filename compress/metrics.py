@@ -16,8 +16,38 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
     return out
 
 
-def compare_outputs(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """Fidelity of ``out`` to ``ref``: top-1 agreement, mean cosine, relative L2 error."""
+@torch.no_grad()
+def nearest_neighbours(emb: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Index of each row's most cosine-similar other row (itself excluded)."""
+    e = torch.nn.functional.normalize(emb.flatten(1).double(), dim=1)
+    n = len(e)
+    out = torch.empty(n, dtype=torch.long)
+    for i in range(0, n, chunk):
+        sims = e[i : i + chunk] @ e.T
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + i] = -float("inf")
+        out[i : i + chunk] = sims.argmax(1)
+    return out
+
+
+def retrieval_agreement(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Share of samples whose nearest neighbour among the others is the same under ``out``
+    as under ``ref`` (embeddings compared by cosine). NaN for fewer than 2 samples."""
+    if len(out) < 2:
+        return float("nan")
+    return (nearest_neighbours(out) == nearest_neighbours(ref)).double().mean().item()
+
+
+def compare_outputs(out: torch.Tensor, ref: torch.Tensor, retrieval: bool = False) -> dict[str, float]:
+    """Fidelity of ``out`` to ``ref``: top-1 agreement, mean and 5th-percentile cosine, relative L2 error.
+
+    Args:
+        out: outputs of the model under test, batch first.
+        ref: the reference model's outputs on the same inputs.
+        retrieval: treat the outputs as embeddings and add ``retrieval_agreement`` (the
+            nearest neighbour of each sample among the others is unchanged); for models
+            without task labels.
+    """
     out2, ref2 = out.flatten(1).double(), ref.flatten(1).double()
     cos = torch.nn.functional.cosine_similarity(out2, ref2, dim=1)
     metrics = {
@@ -28,13 +58,16 @@ def compare_outputs(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     }
     if out.dim() == 2 and out.shape[1] > 1:
         metrics["agreement"] = (out.argmax(1) == ref.argmax(1)).double().mean().item()
+    if retrieval and len(out) > 1:
+        metrics["retrieval_agreement"] = retrieval_agreement(out, ref)
     return metrics
 
 
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, reference: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """Accuracy (with labels) and fidelity to ``reference`` outputs (when given)."""
+    """Accuracy (with labels) and fidelity to ``reference`` outputs (when given); without
+    labels the outputs are treated as embeddings and fidelity includes retrieval agreement."""
     out = predict(model, x)
     if not torch.isfinite(out).all():
         return {"accuracy": float("nan")} if y is not None else {"cosine": float("nan")}
@@ -42,7 +75,7 @@ def evaluate(
     if y is not None:
         metrics["accuracy"] = (out.argmax(1) == y).double().mean().item()
     if reference is not None:
-        metrics.update(compare_outputs(out, reference))
+        metrics.update(compare_outputs(out, reference, retrieval=y is None))
     return metrics
 
 

@@ -24,6 +24,10 @@ class ExportConfig(BaseModel):
     min_agreement: float = Field(
         1.0, ge=0, le=1, description="Minimum top-1 agreement between onnxruntime and PyTorch on the eval split."
     )
+    min_cosine: float | None = Field(
+        None, ge=-1, le=1,
+        description="Minimum cosine similarity between onnxruntime's and PyTorch's output of every eval sample (null: not checked).",
+    )
     latency_runs: int = Field(100, ge=1, description="Timed single-sample runs for the latency percentiles.")
     latency_warmup: int = Field(10, ge=0, description="Untimed runs before timing.")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (1 = a small edge CPU core).")

@@ -11,11 +11,15 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from export.runtime import measure_latency, ort_predict, ort_session  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from compress.onnx_signature import OnnxSignature
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +36,48 @@ def export_onnx(
     opset: int = 21,
     exporter: str = "dynamo",
     dynamic_batch: bool = True,
+    signature: "OnnxSignature | None" = None,
 ):
     """Export ``module`` to ``path`` and return the loaded ``onnx.ModelProto``.
 
     Weights are embedded unless the model is too large for one protobuf, in which case
     they go to ``<path>.data`` beside it. Initializer names equal the PyTorch parameter
-    names, which the quantized rewrite relies on. The write is atomic.
+    names where the exporter keeps them (a Linear on 2-D inputs; a Linear on sequences
+    becomes MatMul over a folded, transposed copy that the quantized rewrite finds by
+    value). The write is atomic.
+
+    Args:
+        module: the model (eval mode is set).
+        example_input: a batch of pipeline samples (``dynamic_batch`` needs 2 or more).
+        path: the ONNX file to write.
+        opset: ONNX opset.
+        exporter: ``dynamo`` or ``legacy``.
+        dynamic_batch: make the batch axis dynamic (default signature only).
+        signature: export ``signature.module`` with its named inputs and dynamic axes instead
+            of ``module`` with one input named ``input`` (see ``compress.onnx_signature``).
     """
     import onnx
 
     module = module.eval()
+    if signature is not None:
+        module = signature.module.eval()
+        args = tuple(signature.split(example_input))
+        input_names = list(signature.input_names)
+        axes = signature.dynamic_axes
+        dims: dict[str, object] = {}
+        dyn = tuple(
+            {axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.get(inp, {}).items()} or None
+            for inp in input_names
+        )
+        legacy_axes: dict | None = {n: dict(a) for n, a in axes.items()}
+        first_axes = axes.get(input_names[0], {})
+        if 0 in first_axes:
+            legacy_axes[OUTPUT_NAME] = {0: first_axes[0]}
+    else:
+        args = (example_input,)
+        input_names = [INPUT_NAME]
+        dyn = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+        legacy_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     tmp = path.with_name(path.name + ".tmp")
     weight_bytes = sum(p.numel() * p.element_size() for p in module.state_dict().values())
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
@@ -49,12 +85,11 @@ def export_onnx(
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             _quiet_dynamo_logs()
-            dyn = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
             program = torch.onnx.export(
                 module,
-                (example_input,),
+                args,
                 dynamo=True,
-                input_names=[INPUT_NAME],
+                input_names=input_names,
                 output_names=[OUTPUT_NAME],
                 dynamic_shapes=dyn,
                 optimize=True,
@@ -64,13 +99,13 @@ def export_onnx(
         else:
             torch.onnx.export(
                 module,
-                (example_input,),
+                args,
                 str(tmp),
                 opset_version=opset,
                 dynamo=False,
-                input_names=[INPUT_NAME],
+                input_names=input_names,
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
+                dynamic_axes=legacy_axes,
             )
     model = onnx.load(str(tmp), load_external_data=False)
     if exporter == "dynamo" and model.opset_import[0].version != opset:

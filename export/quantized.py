@@ -24,6 +24,7 @@ with levels 0 and 1, ~0.5% relative error with the default 4).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
@@ -89,6 +90,49 @@ class _Rewriter:
             o for n in self.graph.node for o in list(n.input) + list(n.output)
         } | {v.name for v in self.graph.input}
         self.needs_opset21 = False
+        self._by_value: dict | None = None  # (shape, sha256) -> initializer names, built on demand
+
+    def locate(self, pname: str, qt: QuantizedTensor, alias: str | None = None) -> tuple[str, bool]:
+        """The initializer holding parameter ``pname``, and whether it holds it transposed.
+
+        By name first (``alias``: the name under an export wrapper, then ``pname``); else by
+        value: exporters fold a Linear-on-sequences' ``Transpose(W)`` into a new initializer
+        (``val_130``) holding ``Wᵀ``. The module's weight is exactly ``qt.dequantize()``,
+        so its bytes (or those of its transpose) identify the initializer.
+
+        Raises:
+            ValueError: no initializer matches.
+        """
+        for name in (alias, pname):
+            if name and name in self.inits:
+                return name, False
+        from onnx import TensorProto
+
+        if self._by_value is None:
+            self._by_value = {}
+            for name, init in self.inits.items():
+                if init.data_type == TensorProto.FLOAT and len(init.dims) >= 2:
+                    self._by_value.setdefault(self._digest(init), []).append(name)
+        w = qt.dequantize().float().numpy()
+        candidates = [(w, False)] + ([(w.reshape(w.shape[0], -1).T, True)] if w.ndim == 2 else [])
+        for values, transposed in candidates:
+            key = (tuple(values.shape), hashlib.sha256(np.ascontiguousarray(values, np.float32).tobytes()).hexdigest())
+            names = [n for n in self._by_value.get(key, []) if n in self.inits]
+            if names:
+                return names[0], transposed
+        shown = ", ".join(sorted(self.inits)[:20]) + (", ..." if len(self.inits) > 20 else "")
+        raise ValueError(
+            f"quantized parameter {pname!r} has no ONNX initializer of that name"
+            + (f" or {alias!r}" if alias and alias != pname else "")
+            + f", nor one holding its values or their transpose (initializers: {shown})"
+        )
+
+    @staticmethod
+    def _digest(init) -> tuple:
+        from onnx import numpy_helper
+
+        values = np.ascontiguousarray(numpy_helper.to_array(init), np.float32)
+        return tuple(values.shape), hashlib.sha256(values.tobytes()).hexdigest()
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -246,52 +290,75 @@ def _is_plain_linear_gemm(node, pname: str) -> bool:
     )
 
 
-def quantize_onnx_model(model: "onnx.ModelProto", quant: dict[str, QuantizedTensor]) -> "onnx.ModelProto":
-    """Replace the float initializers named in ``quant`` by integer initializers and dequantizing ops.
+def _is_matmul_by(node, name: str) -> bool:
+    return node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] == name and node.input[0] != name
+
+
+def quantize_onnx_model(
+    model: "onnx.ModelProto", quant: dict[str, QuantizedTensor], names: dict[str, str] | None = None
+) -> "onnx.ModelProto":
+    """Replace the float initializers of the parameters in ``quant`` by integer initializers and dequantizing ops.
 
     Args:
-        model: a float export whose initializer names equal the PyTorch parameter names
-            (``export.onnx_export.export_onnx``); it is not modified.
+        model: a float export (``export.onnx_export.export_onnx``); it is not modified.
         quant: ``state.quant``: parameter name → ``QuantizedTensor``.
+        names: parameter name → initializer name where an export wrapper renamed them
+            (``OnnxSignature.module`` adds its own prefix). A parameter whose initializer
+            is found under neither name is found by value: a Linear applied to sequences
+            is exported as ``MatMul`` over a folded transposed copy of its weight.
 
     Returns:
         A new model (opset ≥ 21 when INT4/UINT4 or blockwise scales are used) that computes
         with exactly the dequantized weights, with no initializer listed as a graph input.
 
     Raises:
-        ValueError: a quantized parameter has no initializer of that name, or the model's
-            opset is too old for the integer types needed.
+        ValueError: a quantized parameter has no initializer (by name or value), or the
+            model's opset is too old for the integer types needed.
     """
     from onnx import helper
 
     rw = _Rewriter(model)
+    names = names or {}
     for pname, qt in quant.items():
-        if pname not in rw.inits:
+        init_name, transposed = rw.locate(pname, qt, names.get(pname))
+        shape = list(rw.inits[init_name].dims)
+        want = [qt.shape[1], qt.shape[0]] if transposed else list(qt.shape)
+        if shape != want:
             raise ValueError(
-                f"quantized parameter {pname!r} has no ONNX initializer of that name "
-                f"(initializers: {', '.join(sorted(rw.inits)[:20])}{', ...' if len(rw.inits) > 20 else ''})"
+                f"initializer {init_name!r} has shape {shape} but the quantized codes of {pname!r} "
+                f"have {list(qt.shape)}{' (transposed)' if transposed else ''}"
             )
-        shape = list(rw.inits[pname].dims)
-        if tuple(shape) != qt.shape:
-            raise ValueError(f"initializer {pname!r} has shape {shape} but its quantized codes have {list(qt.shape)}")
-        consumers = rw.consumers(pname)
-        rw.remove_initializer(pname)
-        if qt.is_codebook:
-            new_nodes = rw.codebook_nodes(pname, qt, shape)
-        elif consumers and all(_is_plain_linear_gemm(n, pname) for n in consumers):
-            w_t, dq = rw.dequantize_linear_matmul(pname, qt)
+        consumers = rw.consumers(init_name)
+        rw.remove_initializer(init_name)
+        if transposed:
+            # The initializer holds Wᵀ (in, out): exactly the layout DequantizeLinear → MatMul wants.
+            if not qt.is_codebook and consumers and all(_is_matmul_by(n, init_name) for n in consumers):
+                w_t, dq = rw.dequantize_linear_matmul(init_name, qt)
+                new_nodes = [dq]
+                for mm in consumers:
+                    mm.input[1] = w_t
+            else:
+                plain = rw.fresh(f"{init_name}_untransposed")
+                new_nodes = (rw.codebook_nodes(plain, qt, list(qt.shape)) if qt.is_codebook
+                             else rw.dequantize_generic(plain, qt, list(qt.shape)))
+                new_nodes.append(helper.make_node("Transpose", [plain], [init_name], perm=[1, 0],
+                                                  name=rw.fresh(f"{init_name}_Transpose")))
+        elif qt.is_codebook:
+            new_nodes = rw.codebook_nodes(init_name, qt, shape)
+        elif consumers and all(_is_plain_linear_gemm(n, init_name) for n in consumers):
+            w_t, dq = rw.dequantize_linear_matmul(init_name, qt)
             new_nodes = [dq]
             for gemm in consumers:
                 idx = next(i for i, n in enumerate(rw.nodes) if n is gemm)
                 out = gemm.output[0]
                 has_bias = len(gemm.input) > 2 and gemm.input[2] != ""
                 mm_out = rw.fresh(f"{out}_matmul") if has_bias else out
-                repl = [helper.make_node("MatMul", [gemm.input[0], w_t], [mm_out], name=rw.fresh(f"{pname}_MatMul"))]
+                repl = [helper.make_node("MatMul", [gemm.input[0], w_t], [mm_out], name=rw.fresh(f"{init_name}_MatMul"))]
                 if has_bias:
-                    repl.append(helper.make_node("Add", [mm_out, gemm.input[2]], [out], name=rw.fresh(f"{pname}_AddBias")))
+                    repl.append(helper.make_node("Add", [mm_out, gemm.input[2]], [out], name=rw.fresh(f"{init_name}_AddBias")))
                 rw.nodes[idx : idx + 1] = repl
         else:
-            new_nodes = rw.dequantize_generic(pname, qt, shape)
+            new_nodes = rw.dequantize_generic(init_name, qt, shape)
         rw.nodes[0:0] = new_nodes  # producers first: keeps the graph topologically sorted
     rw.finish()
     # Initializers listed as graph inputs block constant folding and fusion.

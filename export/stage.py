@@ -7,6 +7,7 @@ import logging
 import numpy as np
 
 from compress.metrics import predict
+from compress.onnx_signature import onnx_signature_of
 from compress.state import ModelState, StageContext
 from export.config import ExportConfig
 from export.onnx_export import check_model, export_onnx, measure_latency, ort_predict, ort_session
@@ -16,8 +17,12 @@ log = logging.getLogger(__name__)
 
 def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelState:
     path = ctx.out_dir / "model.onnx"
-    example = state.example_input(batch=2 if config.dynamic_batch else 1)
-    model = export_onnx(state.module, example, path, config.opset, config.exporter, config.dynamic_batch)
+    # A model may declare named ONNX inputs (e.g. input_ids + attention_mask with dynamic
+    # batch and sequence axes); parity and latency then feed them through the signature.
+    signature = onnx_signature_of(state.module)
+    example = state.example_input(batch=2 if config.dynamic_batch or signature is not None else 1)
+    model = export_onnx(state.module, example, path, config.opset, config.exporter, config.dynamic_batch, signature)
+    feeds = signature.feeds if signature is not None else None
     session_config: dict[str, str] = {}
     disabled: tuple[str, ...] = ()
     if state.quant:
@@ -25,7 +30,7 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
 
         from export.quantized import DISABLED_OPTIMIZERS, quantize_onnx_model, session_config_for_exact_parity
 
-        model = quantize_onnx_model(model, state.quant)
+        model = quantize_onnx_model(model, state.quant, _wrapped_names(state.module, signature))
         tmp = path.with_name(path.name + ".tmp")
         onnx.save(model, str(tmp))
         tmp.replace(path)
@@ -38,7 +43,7 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     split = ctx.data["eval"]
     x = split.x.numpy()
     session = ort_session(path, threads=config.threads, config=session_config, disabled_optimizers=disabled)
-    ort_out = ort_predict(session, x)
+    ort_out = ort_predict(session, x, feeds=feeds)
     torch_out = predict(state.module, split.x).numpy()
     diff = np.abs(ort_out - torch_out)
     bound = config.atol + config.rtol * np.abs(torch_out)
@@ -66,9 +71,14 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
         {"gate": "onnx_top1_agreement", "measured": agreement, "limit": config.min_agreement,
          "passed": agreement >= config.min_agreement}
     )
-    one = x[:1] if config.dynamic_batch else x[: example.shape[0]]
+    if config.min_cosine is not None:
+        ctx.checks.append(
+            {"gate": "onnx_min_cosine", "measured": float(cosine.min()), "limit": config.min_cosine,
+             "passed": bool(cosine.min() >= config.min_cosine)}
+        )
+    one = x[:1] if config.dynamic_batch or signature is not None else x[: example.shape[0]]
     ctx.metrics.update(
-        measure_latency(session, np.ascontiguousarray(one), config.latency_runs, config.latency_warmup)
+        measure_latency(session, np.ascontiguousarray(one), config.latency_runs, config.latency_warmup, feeds=feeds)
     )
     log.info("exported %s (%d bytes), max abs error %.3g, agreement %.4f",
              path, ctx.metrics["onnx_bytes"], ctx.metrics["ort_max_abs_error"], agreement)
@@ -81,3 +91,11 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b2 = b.reshape(len(b), -1).astype(np.float64)
     norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
     return (a2 * b2).sum(1) / np.maximum(norms, 1e-30)
+
+
+def _wrapped_names(module, signature) -> dict[str, str] | None:
+    """Parameter name in ``module`` → its name under the signature's export wrapper (by identity)."""
+    if signature is None:
+        return None
+    own = {id(p): n for n, p in module.named_parameters()}
+    return {own[id(p)]: n for n, p in signature.module.named_parameters() if id(p) in own}

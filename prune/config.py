@@ -109,10 +109,12 @@ class VarianceConfig(_FinetuneLoss):
             "null = find every Linear -> activation -> Linear block by tracing the model."
         ),
     )
-    statistic: Literal["variance", "pre_activation_variance", "magnitude"] = Field(
+    statistic: Literal["variance", "output_variance", "pre_activation_variance", "magnitude"] = Field(
         "variance",
         description=(
             "Neuron ranking: 'variance' of the activation after the nonlinearity (the method); "
+            "'output_variance' weighs it by the squared norm of the neuron's column in the second layer "
+            "(the exact output error of removing it with the mean fold); "
             "'pre_activation_variance' and 'magnitude' (L2 norm of the first layer's row) are ablations."
         ),
     )

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATISTICS = ("variance", "pre_activation_variance", "magnitude")
+STATISTICS = ("variance", "output_variance", "pre_activation_variance", "magnitude")
 RANKING_SCOPES = ("global", "block")
 
 ACTIVATION_MODULES = (
@@ -280,19 +280,27 @@ def collect_statistics(
     """Streaming moments of each block's hidden activations, before and after sigma.
 
     The post-activation value is what the second Linear receives (Dropout is identity in
-    eval mode), so any activation, module or functional, is covered.
+    eval mode), so any activation, module or functional, is covered. When the model defines
+    ``token_mask(x)`` (``compress.padding``), padding positions are left out.
     """
+    from compress.padding import token_mask, valid_rows
+
     mods = dict(module.named_modules())
     stats = {b: BlockStatistics() for b in blocks}
     handles = []
+    # Padding positions (a model's ``token_mask``) are not samples: they never reach the output.
+    current: list[torch.Tensor | None] = [None]
     for b in blocks:
         s = stats[b]
-        handles.append(mods[b.first].register_forward_hook(lambda m, i, o, s=s: s.pre.update(o)))
-        handles.append(mods[b.second].register_forward_pre_hook(lambda m, i, s=s: s.post.update(i[0])))
+        handles.append(mods[b.first].register_forward_hook(
+            lambda m, i, o, s=s: s.pre.update(valid_rows(o, current[0]))))
+        handles.append(mods[b.second].register_forward_pre_hook(
+            lambda m, i, s=s: s.post.update(valid_rows(i[0], current[0]))))
     was_training = module.training
     module.eval()
     try:
         for xb in batches:
+            current[0] = token_mask(module, xb)
             module(xb)
     finally:
         for h in handles:
@@ -313,6 +321,11 @@ def neuron_scores(
     mods = dict(module.named_modules())
     if statistic == "variance":
         return {b: stats[b].post.variance for b in blocks}
+    if statistic == "output_variance":
+        # Var(h_j) * ||W2[:, j]||^2: exactly the mean squared output change that removing
+        # neuron j (with its mean folded) causes, so neurons of blocks whose next layer
+        # scales differently compete fairly in the global ranking.
+        return {b: stats[b].post.variance * mods[b.second].weight.detach().double().pow(2).sum(0) for b in blocks}
     if statistic == "pre_activation_variance":
         return {b: stats[b].pre.variance for b in blocks}
     return {b: mods[b.first].weight.detach().double().norm(dim=1) for b in blocks}

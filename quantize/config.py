@@ -99,8 +99,11 @@ class GPFQConfig(_UniformOptions):
     """GPFQ (Zhang, Zhou, Saab 2023): greedy path-following quantization, layer by layer."""
 
     method: Literal["gpfq"] = Field("gpfq", description="Greedy path-following quantization on calibration data.")
-    scale_factor: float = Field(
-        1.16, description="C in the step size delta = C * R / K (R: the neuron's weight range, K = 2**(bits-1))."
+    scale_factor: float | Literal["auto"] = Field(
+        "auto",
+        description="C in the step size delta = C * R / K (R: the neuron's weight range, K = 2**(bits-1)); "
+        "'auto' tries C in 0.8, 0.9, 1.0, 1.16 (the paper's default), 1.3 per layer and keeps the one with the "
+        "lowest output error on the calibration data.",
     )
     range_quantile: float = Field(
         1.0, description="R is this quantile of |w| per neuron (or group); 1.0 uses max |w|."
@@ -129,6 +132,8 @@ class GPFQConfig(_UniformOptions):
     @field_validator("scale_factor", "sparsity_lambda")
     @classmethod
     def _check_positive(cls, v: float, info) -> float:
+        if v == "auto":
+            return v
         if not v > 0 and not (info.field_name == "sparsity_lambda" and v == 0):
             raise ValueError(f"{info.field_name} must be positive, got {v}")
         return v

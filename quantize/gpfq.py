@@ -126,43 +126,45 @@ def gpfq_codes(
     dead = diag_h <= 1e-12 * diag_h.max().clamp_min(1e-30)
     inv_h = torch.where(dead, torch.zeros_like(diag_h), 1.0 / diag_h.clamp_min(1e-30))
 
-    W = w2d.detach().to(dtype)
-    S = expand_to_columns(scale.to(dtype), rows, n).contiguous()
-    Z = (
-        expand_to_columns(zero_point.to(dtype), rows, n).contiguous()
+    # Column-major working copies (one row per input column t): every access in the loop
+    # below (column t, the columns of a block) is then a contiguous slice.
+    Wt = w2d.detach().to(dtype).T.contiguous()
+    St = expand_to_columns(scale.to(dtype), rows, n).T.contiguous()
+    Zt = (
+        expand_to_columns(zero_point.to(dtype), rows, n).T.contiguous()
         if zero_point is not None
-        else torch.zeros(rows, n, dtype=dtype)
+        else torch.zeros(n, rows, dtype=dtype)
     )
-    keep = None if mask is None else mask.reshape(rows, n).bool()
-    V = torch.zeros(rows, n, dtype=dtype)  # V[:, i] = <X̃_i, u>
-    Qv = torch.zeros(rows, n, dtype=dtype)  # dequantized values q_t
-    codes = torch.zeros(rows, n, dtype=dtype)
+    keep = None if mask is None else mask.reshape(rows, n).bool().T.contiguous()
+    Vt = torch.zeros(n, rows, dtype=dtype)  # Vt[i] = <X̃_i, u> for every neuron
+    Qt = torch.zeros(n, rows, dtype=dtype)  # dequantized values q_t
+    codes = torch.zeros(n, rows, dtype=dtype)
 
     for a in range(0, n, block_size):
         b = min(a + block_size, n)
         for t in range(a, b):
-            w_t = W[:, t]
+            w_t = Wt[t]
             if dead[t]:
                 arg = w_t  # X̃_t is zero on the calibration data: any q_t fits it; keep w_t's nearest
             else:
-                arg = (V[:, t] + w_t * diag_g[t]) * inv_h[t]
-            z = arg / S[:, t]
+                arg = (Vt[t] + w_t * diag_g[t]) * inv_h[t]
+            z = arg / St[t]
             if sparsity == "l1":
                 z = torch.sign(z) * (z.abs() - sparsity_lambda).clamp_min(0)
             elif sparsity == "l0":
                 z = torch.where(z.abs() > 0.5 + sparsity_lambda, z, torch.zeros_like(z))
-            c = (torch.round(z) + Z[:, t]).clamp_(qmin, qmax)
+            c = (torch.round(z) + Zt[t]).clamp_(qmin, qmax)
             if keep is not None:
-                c = torch.where(keep[:, t], c, Z[:, t])
-            codes[:, t] = c
-            q_t = (c - Z[:, t]) * S[:, t]
-            Qv[:, t] = q_t
+                c = torch.where(keep[t], c, Zt[t])
+            codes[t] = c
+            q_t = (c - Zt[t]) * St[t]
+            Qt[t] = q_t
             if t + 1 < b:
                 # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the block
-                V[:, t + 1 : b].addr_(w_t, Gt[t, t + 1 : b]).addr_(q_t, H[t, t + 1 : b], alpha=-1.0)
+                Vt[t + 1 : b].addr_(Gt[t, t + 1 : b], w_t).addr_(H[t, t + 1 : b], q_t, alpha=-1.0)
         if b < n:
-            V[:, b:].addmm_(W[:, a:b], Gt[a:b, b:]).addmm_(Qv[:, a:b], H[a:b, b:], alpha=-1.0)
-    return codes.to(torch.int8)
+            Vt[b:].addmm_(Gt[a:b, b:].T, Wt[a:b]).addmm_(H[a:b, b:].T, Qt[a:b], alpha=-1.0)
+    return codes.T.contiguous().to(torch.int8)
 
 
 def gpfq_quantize_matrix(
@@ -254,18 +256,50 @@ def layer_rows(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
 
 def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the quantizable layers in the order the forward pass calls them."""
+    return [name for group in shared_input_groups(model, example) for name in group]
+
+
+def shared_input_groups(model: nn.Module, example: torch.Tensor) -> list[list[str]]:
+    """The quantizable layers in forward order, consecutive Linear layers fed the very same
+    tensor grouped together (an attention block's query, key and value projections).
+
+    Quantizing one member of a group cannot change the others' input, so a group's
+    calibration statistics are captured once for all of its members.
+    """
     order: list[str] = []
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, QUANTIZABLE):
-            handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: order.append(name) if name not in order else None))
+    inputs: dict[str, int] = {}
+    alive: list[torch.Tensor] = []  # held so that no tensor id is reused during the pass
+
+    def record(name):
+        def hook(_module, args):
+            if name not in inputs:
+                order.append(name)
+                inputs[name] = id(args[0])
+                alive.append(args[0])
+
+        return hook
+
+    handles = [
+        mod.register_forward_pre_hook(record(name))
+        for name, mod in model.named_modules()
+        if isinstance(mod, QUANTIZABLE)
+    ]
     try:
         with torch.no_grad():
             model(example)
     finally:
         for h in handles:
             h.remove()
-    return order
+    modules = dict(model.named_modules())
+    groups: list[list[str]] = []
+    for name in order:
+        prev = groups[-1][-1] if groups else None
+        if (prev is not None and inputs[prev] == inputs[name]
+                and isinstance(modules[prev], nn.Linear) and isinstance(modules[name], nn.Linear)):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
 
 
 @dataclass
@@ -293,12 +327,20 @@ def collect_stats(
     """Accumulate a layer's ``LayerStats`` batch by batch (memory: one batch's activations).
 
     Convolution patches are subsampled (the same positions for both networks) so that at most
-    about ``max_patches`` rows enter the statistics.
+    about ``max_patches`` rows enter the statistics. A Linear layer of a model that defines
+    ``token_mask(x)`` (``compress.padding``) sees only the data positions, not the padding.
     """
+    from compress.padding import token_mask, valid_rows
+
     stats: LayerStats | None = None
     for xb in batches:
-        x = layer_rows(float_layer, _capture_input(float_model, float_layer, xb))
-        xt = layer_rows(quant_layer, _capture_input(quant_model, quant_layer, xb))
+        x_in = _capture_input(float_model, float_layer, xb)
+        xt_in = _capture_input(quant_model, quant_layer, xb)
+        mask = token_mask(quant_model, xb) if isinstance(float_layer, nn.Linear) else None
+        if mask is not None:
+            x, xt = valid_rows(x_in, mask), valid_rows(xt_in, mask)
+        else:
+            x, xt = layer_rows(float_layer, x_in), layer_rows(quant_layer, xt_in)
         if x.shape[0] > xb.shape[0]:  # several rows per sample: patches (or tokens)
             budget = max(1, math.ceil(max_patches * xb.shape[0] / max(total, 1)))
             if budget < x.shape[0]:
@@ -312,13 +354,17 @@ def collect_stats(
     return stats
 
 
+# The step-size constants C that scale_factor="auto" tries per layer (1.16: the paper's default).
+AUTO_SCALE_FACTORS = (0.8, 0.9, 1.0, 1.16, 1.3)
+
+
 @torch.no_grad()
 def gpfq_quantize_model(
     model: nn.Module,
     calibration: torch.Tensor,
     plans: dict[str, LayerPlan],
     *,
-    scale_factor: float = 1.16,
+    scale_factor: float | tuple[float, ...] = 1.16,
     range_quantile: float = 1.0,
     sparsity: str = "none",
     sparsity_lambda: float = 0.1,
@@ -339,7 +385,9 @@ def gpfq_quantize_model(
             biases, with ``bias_correction``).
         calibration: calibration inputs (batch first).
         plans: layer name → ``LayerPlan``; layers not named stay as they are.
-        scale_factor, range_quantile, sparsity, sparsity_lambda, bias_correction, batch_size,
+        scale_factor: C, or a tuple of candidates: each layer keeps the one with the lowest
+            output error on the calibration data.
+        range_quantile, sparsity, sparsity_lambda, bias_correction, batch_size,
             max_patches, block_size: as in ``GPFQConfig``.
         seed: seeds the patch subsampling.
 
@@ -352,7 +400,12 @@ def gpfq_quantize_model(
     float_model = copy.deepcopy(model).eval()
     modules = dict(model.named_modules())
     float_modules = dict(float_model.named_modules())
-    order = [n for n in forward_order(model, calibration[:2]) if n in plans]
+    groups = [[n for n in g if n in plans] for g in shared_input_groups(model, calibration[:2])]
+    groups = [g for g in groups if g]
+    order = [n for g in groups for n in g]
+    first_of_group = {n: g[0] for g in groups for n in g}
+    last_of_group = {g[-1]: g[0] for g in groups}
+    shared: dict[str, LayerStats] = {}  # a group's statistics, captured by its first member
     missing = set(plans) - set(order)
     if missing:
         raise ValueError(f"layers {sorted(missing)} are not called in the model's forward pass")
@@ -364,22 +417,45 @@ def gpfq_quantize_model(
         plan, layer = plans[name], modules[name]
         w2d = as_matrix(layer.weight.detach()).float()
         rows, cols = w2d.shape
-        scale, zp = uniform_scale(
-            w2d, plan.bits, granularity=plan.granularity, group_size=plan.group_size, symmetric=plan.symmetric,
-            factor=scale_factor, quantile=range_quantile, full_range=True,
-        )
+        factors = scale_factor if isinstance(scale_factor, tuple) else (scale_factor,)
+
+        def grid(factor: float):
+            return uniform_scale(
+                w2d, plan.bits, granularity=plan.granularity, group_size=plan.group_size, symmetric=plan.symmetric,
+                factor=factor, quantile=range_quantile, full_range=True,
+            )
+
         if not supports_gpfq(layer):
             log.warning("layer %s (%s) is not supported by GPFQ; using round-to-nearest", name, type(layer).__name__)
+            scale, zp = grid(factors[0])
             codes = round_to_grid(w2d, scale, zp, plan.bits)
             stats = None
         else:
-            batches = (calibration[i : i + batch_size] for i in range(0, total, batch_size))
-            stats = collect_stats(float_model, model, float_modules[name], layer, batches, total, max_patches, gen)
+            head = first_of_group[name]
+            if head not in shared:
+                batches = (calibration[i : i + batch_size] for i in range(0, total, batch_size))
+                shared[head] = collect_stats(
+                    float_model, model, float_modules[head], modules[head], batches, total, max_patches, gen
+                )
+            stats = shared[head]
             mask = None if plan.mask is None else as_matrix(plan.mask)
-            codes = gpfq_codes(
-                w2d, stats, plan.bits, scale, zp, mask=mask, sparsity=sparsity,
-                sparsity_lambda=sparsity_lambda, block_size=block_size,
-            )
+            best = None
+            # Several C: keep the alphabet whose GPFQ output error ‖Xw − X̃q‖ on the
+            # calibration data is lowest (the statistics are shared, so each try is cheap).
+            for factor in factors:
+                scale, zp = grid(factor)
+                codes = gpfq_codes(
+                    w2d, stats, plan.bits, scale, zp, mask=mask, sparsity=sparsity,
+                    sparsity_lambda=sparsity_lambda, block_size=block_size,
+                )
+                if len(factors) > 1:
+                    deq = codes.float() - (0 if zp is None else expand_to_columns(zp, rows, cols).float())
+                    err = output_error(w2d, deq * expand_to_columns(scale, rows, cols), stats)
+                    if best is None or err < best[0]:
+                        best = (err, factor, scale, zp, codes)
+            if best is not None:
+                _, chosen, scale, zp, codes = best
+                log.debug("gpfq %s: scale factor C = %g", name, chosen)
         qt = QuantizedTensor(
             codes=codes.reshape(layer.weight.shape).contiguous(), bits=plan.bits, scale=scale, zero_point=zp, method="gpfq"
         )
@@ -401,6 +477,8 @@ def gpfq_quantize_model(
         layer.weight.copy_(q2d.reshape(layer.weight.shape).to(layer.weight.dtype))
         quant[f"{name}.weight"] = qt
         report[name] = info
+        if name in last_of_group:
+            shared.pop(last_of_group[name], None)  # N×N float64 matrices: free them early
         log.debug("gpfq %s: %s", name, info)
     model.train(was_training)
     return quant, report

@@ -16,7 +16,7 @@ from torch import nn
 from compress.qtensor import QuantizedTensor
 from compress.state import ModelState, StageContext
 from quantize.config import CodebookConfig, GPFQConfig, RTNConfig
-from quantize.gpfq import QUANTIZABLE, LayerPlan, gpfq_quantize_model
+from quantize.gpfq import AUTO_SCALE_FACTORS, QUANTIZABLE, LayerPlan, gpfq_quantize_model
 from quantize.rtn import as_matrix, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
         }
         new, report = gpfq_quantize_model(
             module, calib, plans,
-            scale_factor=config.scale_factor, range_quantile=config.range_quantile,
+            scale_factor=AUTO_SCALE_FACTORS if config.scale_factor == "auto" else config.scale_factor,
+            range_quantile=config.range_quantile,
             sparsity=config.sparsity, sparsity_lambda=config.sparsity_lambda,
             bias_correction=config.bias_correction, batch_size=config.batch_size,
             max_patches=config.max_patches, block_size=config.block_size, seed=ctx.seed,

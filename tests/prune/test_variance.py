@@ -178,7 +178,7 @@ def test_named_blocks_and_their_errors(trained_cnn, mnist1d):
         variance_prune(copy.deepcopy(trained_cnn), [], 0.25, blocks=[MLPBlock("head.9", "head.2")])
     with pytest.raises(ValueError, match="hidden widths differ"):
         variance_prune(copy.deepcopy(trained_cnn), [], 0.25, blocks=[MLPBlock("head.0", "head.0")])
-    with pytest.raises(ValueError, match="allowed: variance, pre_activation_variance, magnitude"):
+    with pytest.raises(ValueError, match="allowed: variance, output_variance, pre_activation_variance, magnitude"):
         variance_prune(copy.deepcopy(trained_cnn), [], 0.25, statistic="l1")
 
 

@@ -1,0 +1,1 @@
+"""Model factories for real pretrained models (optional extras; the small zoo is ``compress.zoo``)."""
