@@ -28,7 +28,7 @@ BUNDLE_VERSION = 1
 @dataclass
 class Bundle:
     model: Path  # the restored ONNX file
-    inputs: np.ndarray
+    inputs: np.ndarray | dict[str, np.ndarray]  # one array, or one per named ONNX input
     outputs: np.ndarray
     labels: np.ndarray | None
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -37,20 +37,29 @@ class Bundle:
 def write_bundle(
     onnx_path: Path,
     dst: Path,
-    inputs: np.ndarray,
+    inputs: np.ndarray | dict[str, np.ndarray],
     outputs: np.ndarray,
     labels: np.ndarray | None = None,
     manifest: dict[str, Any] | None = None,
 ) -> Path:
-    """Pack ``onnx_path`` with its reference data into ``dst`` (atomic)."""
+    """Pack ``onnx_path`` with its reference data into ``dst`` (atomic).
+
+    ``inputs`` is one array fed to the model's single input, or a dict of arrays by ONNX
+    input name (a model exported with named inputs, e.g. input_ids + attention_mask).
+    """
     from compress.lossless.files import pack_file
 
-    if len(inputs) != len(outputs) or (labels is not None and len(labels) != len(inputs)):
+    named = inputs if isinstance(inputs, dict) else None
+    n = len(next(iter(named.values()))) if named else len(inputs)
+    if n != len(outputs) or (labels is not None and len(labels) != n) or (named and any(len(v) != n for v in named.values())):
         raise ValueError("inputs, outputs and labels must have the same number of samples")
-    tensors = {"inputs": inputs, "outputs": outputs}
+    tensors = {f"input/{k}": v for k, v in named.items()} if named else {"inputs": inputs}
+    tensors["outputs"] = outputs
     if labels is not None:
         tensors["labels"] = labels
     meta = {"kind": BUNDLE_KIND, "version": BUNDLE_VERSION, **(manifest or {})}
+    if named:
+        meta["input_names"] = list(named)
     pack_file(onnx_path, dst, extra_tensors=tensors, extra_meta=meta)
     return dst
 
@@ -78,10 +87,15 @@ def open_bundle(path: Path, workdir: Path) -> Bundle:
         if meta.get("version") != BUNDLE_VERSION:
             raise InputError(f"{path}: bundle version {meta.get('version')} is not supported (this reader: {BUNDLE_VERSION})")
         names = set(reader.names())
-        missing = {"extra/inputs", "extra/outputs"} - names
+        input_names = meta.get("input_names")
+        wanted = {f"extra/input/{n}" for n in input_names} if isinstance(input_names, list) else {"extra/inputs"}
+        missing = (wanted | {"extra/outputs"}) - names
         if missing:
             raise CorruptArchiveError(f"{path}: bundle lacks {', '.join(sorted(missing))}")
-        inputs = reader.read_tensor("extra/inputs")
+        if isinstance(input_names, list):
+            inputs = {n: reader.read_tensor(f"extra/input/{n}") for n in input_names}
+        else:
+            inputs = reader.read_tensor("extra/inputs")
         outputs = reader.read_tensor("extra/outputs")
         labels = reader.read_tensor("extra/labels") if "extra/labels" in names else None
     model = unpack_file(path, workdir / "model.onnx")

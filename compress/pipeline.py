@@ -371,6 +371,7 @@ def _write_bundle(dst: Path, onnx_path: Path, state: ModelState, split, recipe: 
     """The device bundle: the final ONNX, reference inputs/outputs from the final PyTorch
     model, labels, the onnxruntime settings export checked with, and the limits to re-check."""
     from compress.bundle import write_bundle
+    from compress.onnx_signature import onnx_signature_of
 
     x = split.x[:BUNDLE_MAX_SAMPLES]
     outputs = predict(state.module, x).numpy()
@@ -387,7 +388,10 @@ def _write_bundle(dst: Path, onnx_path: Path, state: ModelState, split, recipe: 
         "lineage": [e["stage"] for e in state.lineage],
     }
     labels = split.y[:BUNDLE_MAX_SAMPLES].numpy() if split.y is not None else None
-    return write_bundle(onnx_path, dst, x.numpy(), outputs, labels, manifest)
+    signature = onnx_signature_of(state.module)
+    # A model exported with named inputs gets one array per input, as the device feeds it.
+    inputs = signature.feeds(x.numpy()) if signature is not None else x.numpy()
+    return write_bundle(onnx_path, dst, inputs, outputs, labels, manifest)
 
 
 def _publish_artifacts(artifacts: dict[str, Path], out_dir: Path) -> dict[str, Path]:

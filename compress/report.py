@@ -14,6 +14,7 @@ COLUMNS = [
     ("accuracy", "accuracy", "{:.2%}"),
     ("agreement", "agreement", "{:.2%}"),
     ("cosine", "cosine", "{:.5f}"),
+    ("retrieval_agreement", "same NN", "{:.2%}"),
     ("latency_p50_ms", "p50 ms", "{:.3f}"),
     ("seconds", "time (s)", "{:.2f}"),
     ("cached", "cached", "{}"),

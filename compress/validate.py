@@ -58,6 +58,17 @@ def _check_input(session, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _check_named_inputs(session, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    want = {i.name: i for i in session.get_inputs()}
+    if set(arrays) != set(want):
+        raise DataError(f"the model's inputs are {sorted(want)}; the data has {sorted(arrays)}")
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1:
+        raise DataError(f"the named inputs have different sample counts: { {k: len(v) for k, v in arrays.items()} }")
+    types = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+    return {k: np.ascontiguousarray(v.astype(types.get(want[k].type, v.dtype), copy=False)) for k, v in arrays.items()}
+
+
 def validate(
     path: Path,
     data: Path | None = None,
@@ -99,9 +110,13 @@ def validate(
             if data is None:
                 raise InputError(f"{path} is not a bundle: give the inputs with --data DATA.npz (array 'x', optional labels 'y')")
             arrays = _load_npz(Path(data), "data")
-            if "x" not in arrays:
+            if "x" in arrays:
+                x = arrays["x"]
+            elif arrays and {k for k in arrays if k != "y"}:
+                x = {k: v for k, v in arrays.items() if k != "y"}  # one array per named ONNX input
+            else:
                 raise DataError(f"{data}: no array named 'x' (found: {', '.join(sorted(arrays)) or 'nothing'})")
-            x, labels = arrays["x"], arrays.get("y")
+            labels = arrays.get("y")
             if reference is not None:
                 refs = _load_npz(Path(reference), "reference")
                 if "outputs" not in refs:
@@ -117,9 +132,15 @@ def validate(
             )
         except Exception as err:
             raise ModelLoadError(f"{path}: onnxruntime cannot load the model ({str(err).splitlines()[0][:300]})") from None
-        x = _check_input(session, x)
-        out = ort_predict(session, x)
-        latency = measure_latency(session, x[:1], runs, warmup)
+        feeds = None
+        if isinstance(x, dict):  # several named inputs: feed rows of each by sample index
+            named = _check_named_inputs(session, x)
+            x = np.arange(len(next(iter(named.values()))))
+            feeds = lambda idx: {k: v[idx] for k, v in named.items()}  # noqa: E731
+        else:
+            x = _check_input(session, x)
+        out = ort_predict(session, x, feeds=feeds)
+        latency = measure_latency(session, x[:1], runs, warmup, feeds=feeds)
         model_bytes = model.stat().st_size
 
     report: dict[str, Any] = {
@@ -127,7 +148,7 @@ def validate(
         "model": str(path),
         "model_bytes": model_bytes,
         "file_bytes": path.stat().st_size,
-        "samples": int(len(x)),
+        "samples": int(len(out)),
         "latency": {k: v for k, v in latency.items() if not k.endswith("samples")},
         "environment": {
             "onnxruntime": __import__("onnxruntime").__version__,

@@ -178,3 +178,39 @@ def test_edge_install_has_no_torch_and_validates(run_dir, tmp_path):
     proc = subprocess.run([str(venv / "bin" / "compress"), "validate", str(run_dir / "bundle.czip"), "--min-agreement", "1.01"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 1
+
+
+def test_bundle_of_a_model_with_named_inputs(tmp_path):
+    """A model exported with several named ONNX inputs: the bundle stores one array per
+    input and validate feeds them by name."""
+    import torch
+
+    from compress.bundle import open_bundle
+    from compress.pipeline import run
+    from compress.recipe import parse_recipe
+    from tests.core.twoinput import two_input
+
+    model_path = tmp_path / "two.pt"
+    torch.save(two_input().state_dict(), model_path)
+    text = """\
+version: 1
+model: {factory: "tests.core.twoinput:two_input", input_shape: [1, 2, 8]}
+data:
+  eval: {source: callable, fn: "tests.core.twoinput:data", split: test}
+stages:
+  - export: {latency_runs: 5}
+"""
+    out = tmp_path / "o"
+    assert run(parse_recipe(text, "two.yaml"), model_path, out).passed
+    bundle = open_bundle(out / "bundle.czip", tmp_path)
+    assert set(bundle.inputs) == {"a", "b"} and bundle.inputs["a"].shape == (64, 8)
+    proc = _validate(out / "bundle.czip", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["samples"] == 64 and report["parity"]["max_abs_error"] < 1e-5
+    np.savez(tmp_path / "named.npz", a=bundle.inputs["a"], b=bundle.inputs["b"], y=bundle.labels)
+    proc = _validate(bundle.model, "--data", tmp_path / "named.npz")
+    assert proc.returncode == 0, proc.stderr
+    np.savez(tmp_path / "wrong.npz", a=bundle.inputs["a"])
+    proc = _validate(bundle.model, "--data", tmp_path / "wrong.npz")
+    assert proc.returncode == 2 and "the model's inputs are ['a', 'b']" in proc.stderr
