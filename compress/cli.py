@@ -142,7 +142,7 @@ def run(
         if junit is not None and is_main():
             from compress.junit import write_junit
 
-            checks = _unique_checks(result.report["gates"] + result.report["failures"])
+            checks = result.report["gates"] + result.report["checks"]
             write_junit(junit, f"compress run {parsed.name}", checks, result.report["wall_seconds"])
         if not is_main():
             pass
@@ -160,16 +160,6 @@ def run(
                 typer.echo(f"FAILED {gate_line(f)}")
         if not result.passed:
             raise typer.Exit(EXIT_GATE)
-
-
-def _unique_checks(checks: list[dict]) -> list[dict]:
-    seen, out = set(), []
-    for c in checks:
-        key = (c["gate"], str(c["measured"]), str(c["limit"]))
-        if key not in seen:
-            seen.add(key)
-            out.append(c)
-    return out
 
 
 @app.command()

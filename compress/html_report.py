@@ -147,7 +147,7 @@ def render_html(report: dict[str, Any]) -> str:
         [],
     )
     checks, seen = [], set()
-    for g in report["gates"] + report["failures"]:
+    for g in report["gates"] + report.get("checks", []):
         line = gate_line(g)
         if line not in seen:
             seen.add(line)

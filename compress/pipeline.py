@@ -127,6 +127,7 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
         spec.data.model_dump_json(), _data_files_hash(recipe, base_dir), str(spec.seed),
     )
     failures: list[dict[str, Any]] = []
+    stage_checks: list[dict[str, Any]] = []
     artifacts: dict[str, Path] = {}
     total = len(recipe.stages)
     for stage_spec, entry in zip(recipe.stages, entries):
@@ -148,7 +149,8 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
             )
         rows.append(row)
         artifacts.update(stage_artifacts)
-        failures += [c for c in checks if not c["passed"]]
+        stage_checks += [{**c, "stage": stage_spec.name} for c in checks]
+        failures += [c for c in stage_checks[len(stage_checks) - len(checks):] if not c["passed"]]
         reporter.stage_finished(i + 1, total, row)
 
     final_artifacts = _publish_artifacts(artifacts, out_dir)
@@ -172,6 +174,7 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
         "out_dir": str(out_dir),
         "passed": not failures,
         "failures": failures,
+        "checks": stage_checks,
         "gates": gate_results,
         "stages": rows,
         "layers": layers,

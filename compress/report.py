@@ -58,10 +58,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|" + "|".join("---" for _ in table[0]) + "|",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
-    if report["gates"] or report["failures"]:
+    if report["gates"] or report.get("checks"):
         lines += ["", "## Gates and checks", ""]
         seen = set()
-        for g in report["gates"] + report["failures"]:
+        for g in report["gates"] + report.get("checks", []):
             line = gate_line(g)
             if line not in seen:
                 seen.add(line)

@@ -31,6 +31,10 @@ class ExportConfig(BaseModel):
     latency_runs: int = Field(100, ge=1, description="Timed single-sample runs for the latency percentiles.")
     latency_warmup: int = Field(10, ge=0, description="Untimed runs before timing.")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (1 = a small edge CPU core).")
+    ort_format: bool = Field(
+        False,
+        description="Also write model.ort, onnxruntime's ORT format for minimal/mobile builds, and check its parity too.",
+    )
 
 
 register_stage(

@@ -23,14 +23,24 @@ def ort_session(
     optimized_path: Path | None = None,
     config: dict | None = None,
     disabled_optimizers: tuple[str, ...] = (),
+    optimization: str = "all",
 ):
-    """A CPU InferenceSession as an edge device would create it."""
+    """A CPU InferenceSession as an edge device would create it.
+
+    ``optimization`` is onnxruntime's graph optimization level: ``basic`` (portable
+    rewrites only), ``extended`` or ``all`` (hardware-specific layouts).
+    """
     import onnxruntime as ort
 
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = levels[optimization]
     so.log_severity_level = 3
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
@@ -74,3 +84,21 @@ def measure_latency(
         "latency_p99_ms": float(np.percentile(times, 99)),
         "latency_ms_samples": [round(float(t), 5) for t in times],
     }
+
+
+def save_ort_format(onnx_path: Path, ort_path: Path, config: dict | None = None,
+                    disabled_optimizers: tuple[str, ...] = ()) -> Path:
+    """Convert to onnxruntime's ORT format (for minimal/mobile onnxruntime builds).
+
+    The graph is saved after *extended* optimizations: that fuses int4/int8 weights into
+    MatMulNBits (the ORT format cannot hold INT4 initializers themselves) but applies none
+    of the CPU-specific layout transformations of level ``all``, so the file stays portable
+    across CPUs. The write is atomic.
+    """
+    tmp = ort_path.with_name(ort_path.name + ".tmp")
+    entries = dict(config or {})
+    entries["session.save_model_format"] = "ORT"
+    ort_session(onnx_path, optimized_path=tmp, config=entries, disabled_optimizers=disabled_optimizers,
+                optimization="extended")
+    tmp.replace(ort_path)
+    return ort_path

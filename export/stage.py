@@ -80,6 +80,18 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     ctx.metrics.update(
         measure_latency(session, np.ascontiguousarray(one), config.latency_runs, config.latency_warmup, feeds=feeds)
     )
+    if config.ort_format:
+        from export.runtime import save_ort_format
+
+        ort_path = save_ort_format(path, ctx.out_dir / "model.ort", session_config, disabled)
+        ort_file_out = ort_predict(ort_session(ort_path, threads=config.threads, config=session_config), x, feeds=feeds)
+        ort_diff = float(np.abs(ort_file_out - torch_out).max())
+        ctx.metrics.update({"ort_format_bytes": ort_path.stat().st_size, "ort_format_max_abs_error": ort_diff})
+        ctx.checks.append(
+            {"gate": "ort_format_parity", "measured": ort_diff, "limit": config.atol,
+             "passed": bool(np.all(np.abs(ort_file_out - torch_out) <= bound))}
+        )
+        ctx.artifacts["model.ort"] = ort_path
     log.info("exported %s (%d bytes), max abs error %.3g, agreement %.4f",
              path, ctx.metrics["onnx_bytes"], ctx.metrics["ort_max_abs_error"], agreement)
     return state

@@ -129,6 +129,7 @@ def test_run_junit_has_one_failure_per_failed_gate(cli, write_recipe, digits_mlp
     suite = ET.parse(junit).getroot().find("testsuite")
     cases = {c.get("name"): c.find("failure") is not None for c in suite.iter("testcase")}
     assert cases["max_size_bytes"] and cases["min_accuracy"] and not cases["max_accuracy_drop"]
+    assert cases["onnx_top1_agreement"] is False  # passing stage checks are test cases too
     assert int(suite.get("failures")) == sum(cases.values())
 
 
@@ -214,3 +215,19 @@ stages:
     np.savez(tmp_path / "wrong.npz", a=bundle.inputs["a"])
     proc = _validate(bundle.model, "--data", tmp_path / "wrong.npz")
     assert proc.returncode == 2 and "the model's inputs are ['a', 'b']" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", ["  - export: {latency_runs: 5, ort_format: true}",
+                                   "  - quantize: {method: rtn, bits: 4}\n  - export: {latency_runs: 5, ort_format: true}"])
+def test_ort_format_for_minimal_builds(cli, write_recipe, digits_mlp_path, tmp_path, stage):
+    import onnxruntime as ort
+
+    out = tmp_path / "o"
+    code, _, err = cli("run", write_recipe(stages=stage), digits_mlp_path, "-o", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "model.ort").read_bytes()[4:8] == b"ORTM"  # flatbuffer file identifier
+    assert report["stages"][-1]["metrics"]["ort_format_max_abs_error"] < 1e-4
+    assert report["passed"]  # includes the ort_format_parity check
+    sess = ort.InferenceSession(str(out / "model.ort"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].name == "input"
