@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import time
 
-import torch
 from torch import nn
 
 from compress.metrics import count_parameters, evaluate

@@ -199,7 +199,7 @@ class _Rewriter:
 
     def dequantize_generic(self, pname: str, qt: QuantizedTensor, shape: list[int]) -> list:
         """Nodes producing the float weight under its own name from integer codes."""
-        from onnx import helper, numpy_helper
+        from onnx import numpy_helper
 
         rows, cols = qt.rows_cols
         codes = qt.codes.reshape(rows, cols).numpy().astype(np.int16)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.config import TrainConfig
 

@@ -5,7 +5,6 @@ Budgets are the smallest at which the claims were measured to hold on this data 
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

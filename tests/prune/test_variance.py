@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from compress.metrics import count_parameters, evaluate
-from compress.zoo import mnist1d_mlp
 from prune.variance import MLPBlock, RunningMoments, find_mlp_blocks, variance_prune
 
 
