@@ -31,6 +31,13 @@ class ExportConfig(BaseModel):
     latency_runs: int = Field(100, ge=1, description="Timed single-sample runs for the latency percentiles.")
     latency_warmup: int = Field(10, ge=0, description="Untimed runs before timing.")
     threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (1 = a small edge CPU core).")
+    exact_quantized_kernels: bool = Field(
+        True,
+        description="Quantized models: run onnxruntime's fused N-bit MatMul in fp32 (parity with the PyTorch model "
+        "to float rounding). false keeps onnxruntime's default, which quantizes activations to 8 bits: several times "
+        "faster on large layers, outputs within about 0.5%; judge it with atol/rtol or min_cosine. The device bundle "
+        "carries the choice.",
+    )
     ort_format: bool = Field(
         False,
         description="Also write model.ort, onnxruntime's ORT format for minimal/mobile builds, and check its parity too.",

@@ -156,3 +156,25 @@ def test_old_opset_and_missing_names_are_rejected(trained, tmp_path):
         quantize_onnx_model(old, state.quant)
     with pytest.raises(ValueError, match="no ONNX initializer"):
         quantize_onnx_model(float_model, {"nope.weight": state.quant["net.0.weight"]})
+
+
+def test_fast_quantized_kernels_option_is_carried_to_the_bundle(tmp_path, digits_mlp_path):
+    """exact_quantized_kernels: false drops the fp32 accuracy-level entry, and the bundle says so."""
+    import json
+
+    from compress.bundle import open_bundle
+    from compress.pipeline import run
+    from compress.recipe import parse_recipe
+    from tests.conftest import DIGITS_RECIPE
+
+    text = DIGITS_RECIPE.format(
+        stages="  - quantize: {method: rtn, bits: 4}\n  - export: {latency_runs: 5, exact_quantized_kernels: false, "
+        "atol: 0.5, min_agreement: 0.9}",
+        gates="  {}",
+    )
+    out = tmp_path / "o"
+    result = run(parse_recipe(text, "fast.yaml"), digits_mlp_path, out)
+    assert result.passed, result.failures
+    session = result.report["stages"][-1]["metrics"]["ort_session"]
+    assert "session.qdq_matmulnbits_accuracy_level" not in session["config"]
+    assert open_bundle(out / "bundle.czip", tmp_path).manifest["session"] == json.loads(json.dumps(session))
