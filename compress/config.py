@@ -21,3 +21,21 @@ class TrainConfig(BaseModel):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule over all steps.")
     batch_size: int = Field(128, ge=1, description="Training batch size.")
     seed: int = Field(0, description="Seed for initialisation-independent randomness (shuffling).")
+
+
+class TrainingLoss(BaseModel):
+    """Loss options shared by the stages that train a model against the one entering them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loss: Literal["ce", "kd"] = Field(
+        "kd",
+        description=(
+            "Training loss: 'kd' distils from the model as it entered the stage "
+            "(for prune: the pipeline's float input model), 'ce' is cross-entropy on the train split's labels."
+        ),
+    )
+    kd_temperature: float = Field(2.0, gt=0, description="Distillation temperature T (loss 'kd' only).")
+    kd_alpha: float = Field(
+        0.7, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs cross-entropy (loss 'kd' only)."
+    )

@@ -42,6 +42,15 @@ def kd_loss(temperature: float = 2.0, alpha: float = 0.7) -> LossFn:
     return loss
 
 
+def loss_from_config(config) -> LossFn:
+    """The loss a ``TrainingLoss`` config names: cross-entropy or distillation."""
+    if config.loss == "ce":
+        return cross_entropy
+    if config.loss == "kd":
+        return kd_loss(config.kd_temperature, config.kd_alpha)
+    raise ValueError(f"unknown loss {config.loss!r}; allowed: ce, kd")
+
+
 def cross_entropy(student: torch.Tensor, y: torch.Tensor | None, teacher: torch.Tensor | None) -> torch.Tensor:
     if y is None:
         raise ValueError("training on labels needs a split with labels 'y'; use a distillation loss otherwise")

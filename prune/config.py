@@ -10,28 +10,10 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compress.config import TrainConfig
+from compress.config import TrainConfig, TrainingLoss
 
 
-class _FinetuneLoss(BaseModel):
-    """Loss options shared by every method that trains."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    loss: Literal["ce", "kd"] = Field(
-        "kd",
-        description=(
-            "Training loss: 'kd' distils from the stage's reference (the pipeline's float input "
-            "model), 'ce' is cross-entropy on the train split's labels."
-        ),
-    )
-    kd_temperature: float = Field(2.0, gt=0, description="Distillation temperature T (loss 'kd' only).")
-    kd_alpha: float = Field(
-        0.7, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs cross-entropy (loss 'kd' only)."
-    )
-
-
-class MagnitudeConfig(_FinetuneLoss):
+class MagnitudeConfig(TrainingLoss):
     """Unstructured magnitude pruning: zero the weights of smallest |w| (masks, same shapes)."""
 
     method: Literal["magnitude"] = Field(description="Pruning method.")
@@ -93,7 +75,7 @@ class MagnitudeConfig(_FinetuneLoss):
         return self
 
 
-class VarianceConfig(_FinetuneLoss):
+class VarianceConfig(TrainingLoss):
     """Structured variance-based pruning of MLP blocks (Berisha et al., ICCV 2025)."""
 
     method: Literal["variance"] = Field(description="Pruning method.")
@@ -137,7 +119,7 @@ class VarianceConfig(_FinetuneLoss):
     )
 
 
-class LotteryConfig(_FinetuneLoss):
+class LotteryConfig(TrainingLoss):
     """Iterative magnitude pruning with weight rewinding (Frankle et al. 2019/2020)."""
 
     method: Literal["lottery"] = Field(description="Pruning method.")

@@ -11,7 +11,7 @@ from torch import nn
 if TYPE_CHECKING:
     from compress.state import StageContext
     from compress.train import TrainConfig
-    from prune.config import _FinetuneLoss
+    from compress.config import TrainingLoss
 
 log = logging.getLogger(__name__)
 
@@ -21,31 +21,20 @@ def steps_per_run(cfg: "TrainConfig", n_samples: int) -> int:
     return cfg.epochs * math.ceil(n_samples / cfg.batch_size)
 
 
-def loss_for(config: "_FinetuneLoss"):
-    """The training loss a config names: cross-entropy or distillation from the reference."""
-    from compress.train import cross_entropy, kd_loss
-
-    if config.loss == "ce":
-        return cross_entropy
-    if config.loss == "kd":
-        return kd_loss(config.kd_temperature, config.kd_alpha)
-    raise ValueError(f"unknown loss {config.loss!r}; allowed: ce, kd")
-
-
 def finetune(
     module: nn.Module,
     cfg: "TrainConfig",
-    config: "_FinetuneLoss",
+    config: "TrainingLoss",
     ctx: "StageContext",
     *,
     after_step: Callable[[], None] | None = None,
 ) -> dict:
     """Train ``module`` on the train split with the config's loss (teacher: ``ctx.reference``)."""
-    from compress.train import fit
+    from compress.train import fit, loss_from_config
 
     train = ctx.data["train"]
     teacher = ctx.reference if config.loss == "kd" else None
-    result = fit(module, train.x, train.y, cfg, loss_fn=loss_for(config), teacher=teacher, after_step=after_step)
+    result = fit(module, train.x, train.y, cfg, loss_fn=loss_from_config(config), teacher=teacher, after_step=after_step)
     log.info("fine-tuned %d steps in %.1fs, final loss %.4f", result["steps"], result["seconds"], result["final_loss"])
     return result
 

@@ -28,7 +28,7 @@ def test_two_processes_match_one(tmp_path, digits_mlp_path):
     recipe = tmp_path / "ft.yaml"
     recipe.write_text(
         DIGITS_RECIPE.format(
-            stages="  - finetune: {distill: true, train: {epochs: 3, lr: 0.001, batch_size: 64}}",
+            stages="  - finetune: {loss: kd, train: {epochs: 3, lr: 0.001, batch_size: 64}}",
             gates="  max_accuracy_drop: 0.5",
         )
     )
