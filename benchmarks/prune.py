@@ -48,7 +48,8 @@ def data_bundle() -> DataBundle:
 def onnx_numbers(module: torch.nn.Module, example: torch.Tensor, folder: Path, name: str) -> dict:
     import zstandard
 
-    from export.onnx_export import export_onnx, measure_latency, ort_session
+    from export.onnx_export import export_onnx
+    from export.runtime import measure_latency, ort_session
 
     path = folder / f"{name}.onnx"
     export_onnx(module, example, path, opset=18, exporter="legacy")

@@ -47,13 +47,6 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
-def barrier() -> None:
-    if rank_and_world()[1] > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def broadcast_from_main(obj: Any) -> Any:
     """Rank 0's value of ``obj`` on every rank (a no-op in one process)."""
     if rank_and_world()[1] == 1:

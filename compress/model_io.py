@@ -14,7 +14,6 @@ pruning), so a reload never needs to unpickle code.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import pickle
@@ -182,10 +181,8 @@ def load_state(folder: Path, rebuild: Callable[[], nn.Module]) -> ModelState:
     )
 
 
-# Attributes that describe a layer's size; updated when a parameter changes shape.
-_SIZE_ATTRS = {
-    "weight": {"out_features": 0, "in_features": 1, "out_channels": 0, "num_embeddings": 0, "embedding_dim": 1},
-}
+# Size attributes a layer's weight shape determines: attribute -> weight dimension.
+_WEIGHT_SIZE_ATTRS = {"out_features": 0, "in_features": 1, "out_channels": 0, "num_embeddings": 0, "embedding_dim": 1}
 
 
 def resize_to_state_dict(module: nn.Module, sd: dict[str, torch.Tensor]) -> None:
@@ -209,21 +206,13 @@ def resize_to_state_dict(module: nn.Module, sd: dict[str, torch.Tensor]) -> None
             setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
         else:
             owner.register_buffer(attr, new)
-        for size_attr, dim in _SIZE_ATTRS.get(attr, {}).items():
-            if hasattr(owner, size_attr) and tensor.dim() > dim:
-                value = tensor.shape[dim]
-                if size_attr == "in_channels" and getattr(owner, "groups", 1) > 1:
-                    continue
-                setattr(owner, size_attr, value)
-        if attr == "weight" and hasattr(owner, "in_channels") and tensor.dim() > 1:
-            owner.in_channels = tensor.shape[1] * getattr(owner, "groups", 1)
+        if attr == "weight":
+            for size_attr, dim in _WEIGHT_SIZE_ATTRS.items():
+                if hasattr(owner, size_attr) and tensor.dim() > dim:
+                    setattr(owner, size_attr, tensor.shape[dim])
+            if hasattr(owner, "in_channels") and tensor.dim() > 1:  # conv weight: (out, in / groups, ...)
+                owner.in_channels = tensor.shape[1] * getattr(owner, "groups", 1)
         if hasattr(owner, "num_features") and attr in ("weight", "bias", "running_mean", "running_var"):
             owner.num_features = tensor.shape[0]
         if hasattr(owner, "normalized_shape") and attr in ("weight", "bias"):
             owner.normalized_shape = tuple(tensor.shape)
-
-
-def state_bytes(module: nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(module.state_dict(), buf)
-    return buf.tell()

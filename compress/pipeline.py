@@ -126,7 +126,6 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
         compress.__version__, file_hash(model_path), spec.model.model_dump_json(),
         spec.data.model_dump_json(), _data_files_hash(recipe, base_dir), str(spec.seed),
     )
-    failures: list[dict[str, Any]] = []
     stage_checks: list[dict[str, Any]] = []
     artifacts: dict[str, Path] = {}
     total = len(recipe.stages)
@@ -150,7 +149,6 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
         rows.append(row)
         artifacts.update(stage_artifacts)
         stage_checks += [{**c, "stage": stage_spec.name} for c in checks]
-        failures += [c for c in stage_checks[len(stage_checks) - len(checks):] if not c["passed"]]
         reporter.stage_finished(i + 1, total, row)
 
     final_artifacts = _publish_artifacts(artifacts, out_dir)
@@ -163,7 +161,7 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
         final["final_size_bytes"] = final_artifacts["model.onnx"].stat().st_size
     layers = layer_table(state)
     gate_results = _check_gates(spec.gates, rows)
-    failures += [g for g in gate_results if not g["passed"]]
+    failures = [c for c in stage_checks + gate_results if not c["passed"]]
     report = {
         "report_version": REPORT_VERSION,
         "compress_version": compress.__version__,
@@ -187,9 +185,8 @@ def _run(recipe, model_path, out_dir, force, trust_model, reporter, main) -> Run
             "threads": torch.get_num_threads(),
         },
     }
-    from compress.report import render_markdown
-
     from compress.html_report import render_html
+    from compress.report import render_markdown
 
     atomic_write_json(out_dir / "report.json", report)
     atomic_write(out_dir / "report.md", lambda p: p.write_text(render_markdown(report)))

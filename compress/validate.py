@@ -89,7 +89,7 @@ def validate(
         The report: ``{"passed", "checks", "parity", "accuracy", "latency", ...}``.
     """
     from compress.bundle import is_bundle, open_bundle
-    from export.runtime import measure_latency, ort_predict, ort_session
+    from export.runtime import measure_latency, ort_predict, ort_session, row_cosine
 
     path = Path(path)
     if not path.is_file():
@@ -164,8 +164,7 @@ def validate(
         report["accuracy"] = float((out.argmax(1) == labels).mean())
     if ref is not None:
         diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
-        o2, r2 = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
-        cos = (o2 * r2).sum(1) / np.maximum(np.linalg.norm(o2, axis=1) * np.linalg.norm(r2, axis=1), 1e-30)
+        cos = row_cosine(out, ref)
         parity = {"max_abs_error": float(diff.max()), "cosine": float(cos.mean())}
         if out.ndim == 2 and out.shape[1] > 1:
             parity["agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())

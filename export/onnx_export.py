@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from export.runtime import measure_latency, ort_predict, ort_session  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from compress.onnx_signature import OnnxSignature

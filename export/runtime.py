@@ -102,3 +102,11 @@ def save_ort_format(onnx_path: Path, ort_path: Path, config: dict | None = None,
                 optimization="extended")
     tmp.replace(ort_path)
     return ort_path
+
+
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample's flattened output in ``a`` and ``b`` (float64)."""
+    a2 = a.reshape(len(a), -1).astype(np.float64)
+    b2 = b.reshape(len(b), -1).astype(np.float64)
+    norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+    return (a2 * b2).sum(1) / np.maximum(norms, 1e-30)

@@ -10,7 +10,8 @@ from compress.metrics import predict
 from compress.onnx_signature import onnx_signature_of
 from compress.state import ModelState, StageContext
 from export.config import ExportConfig
-from export.onnx_export import check_model, export_onnx, measure_latency, ort_predict, ort_session
+from export.onnx_export import check_model, export_onnx
+from export.runtime import measure_latency, ort_predict, ort_session, row_cosine
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     bound = config.atol + config.rtol * np.abs(torch_out)
     agreement = float((ort_out.argmax(1) == torch_out.argmax(1)).mean()) if ort_out.ndim == 2 else 1.0
     within = float((diff <= bound).mean())
-    cosine = _row_cosine(ort_out, torch_out)
+    cosine = row_cosine(ort_out, torch_out)
     # The session settings the parity was measured with: a device bundle carries them.
     ctx.metrics["ort_session"] = {"config": session_config, "disabled_optimizers": list(disabled)}
     ctx.metrics.update(
@@ -96,14 +97,6 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     log.info("exported %s (%d bytes), max abs error %.3g, agreement %.4f",
              path, ctx.metrics["onnx_bytes"], ctx.metrics["ort_max_abs_error"], agreement)
     return state
-
-
-def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each sample's flattened output in ``a`` and ``b`` (float64)."""
-    a2 = a.reshape(len(a), -1).astype(np.float64)
-    b2 = b.reshape(len(b), -1).astype(np.float64)
-    norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-    return (a2 * b2).sum(1) / np.maximum(norms, 1e-30)
 
 
 def _wrapped_names(module, signature) -> dict[str, str] | None:

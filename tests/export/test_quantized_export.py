@@ -76,7 +76,7 @@ def test_parity_and_fusion(trained, tmp_path, model_name, cfg_name):
     from pydantic import TypeAdapter
 
     from compress.metrics import predict
-    from export.onnx_export import ort_predict
+    from export.runtime import ort_predict
     from export.quantized import optimized_op_types, ort_session
     from quantize.config import QuantizeConfig
 
@@ -128,7 +128,7 @@ def test_exact_parity_needs_the_session_option(trained, tmp_path):
     from pydantic import TypeAdapter
 
     from compress.metrics import predict
-    from export.onnx_export import ort_predict
+    from export.runtime import ort_predict
     from export.quantized import ort_session
     from quantize.config import QuantizeConfig
 

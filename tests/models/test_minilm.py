@@ -203,7 +203,8 @@ def test_onnx_named_inputs_dynamic_sequence_and_quantized_parity(minilm_setup, t
     import onnx
 
     from compress.onnx_signature import onnx_signature_of
-    from export.onnx_export import export_onnx, ort_predict
+    from export.onnx_export import export_onnx
+    from export.runtime import ort_predict
     from export.quantized import optimized_op_types, ort_session, quantize_onnx_model
     from export.stage import _wrapped_names
 
