@@ -25,11 +25,11 @@ from compress.data import builtin  # noqa: E402
 from compress.metrics import evaluate  # noqa: E402
 from compress.train import TrainConfig, fit  # noqa: E402
 from compress.zoo import mnist1d_cnn  # noqa: E402
-from distill.born_again import born_again, ensemble_accuracy  # noqa: E402
-from distill.diffquant import allocate_bits, differentiable_quantize, layer_gradient_norms  # noqa: E402
-from distill.kd import distill, distillation_loss, reinitialize  # noqa: E402
-from distill.quantized import quantizable_layers, quantized_distill, rtn_bucket_quantize  # noqa: E402
-from distill.stage import storage_bytes  # noqa: E402
+from compress.distill.born_again import born_again, ensemble_accuracy  # noqa: E402
+from compress.distill.diffquant import allocate_bits, differentiable_quantize, layer_gradient_norms  # noqa: E402
+from compress.distill.kd import distill, distillation_loss, reinitialize  # noqa: E402
+from compress.distill.quantized import quantizable_layers, quantized_distill, rtn_bucket_quantize  # noqa: E402
+from compress.distill.stage import storage_bytes  # noqa: E402
 
 HALF = {"channels": 16, "hidden": 64}
 

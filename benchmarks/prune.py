@@ -27,8 +27,8 @@ from compress.metrics import evaluate  # noqa: E402
 from compress.state import ModelState, StageContext  # noqa: E402
 from compress.train import TrainConfig, fit  # noqa: E402
 from compress.zoo import ZOO  # noqa: E402
-from prune.config import LotteryConfig, MagnitudeConfig, VarianceConfig  # noqa: E402
-from prune.stage import apply  # noqa: E402
+from compress.prune.config import LotteryConfig, MagnitudeConfig, VarianceConfig  # noqa: E402
+from compress.prune.stage import apply  # noqa: E402
 
 FT = TrainConfig(epochs=3, lr=5e-4)
 
@@ -48,8 +48,8 @@ def data_bundle() -> DataBundle:
 def onnx_numbers(module: torch.nn.Module, example: torch.Tensor, folder: Path, name: str) -> dict:
     import zstandard
 
-    from export.onnx_export import export_onnx
-    from export.runtime import measure_latency, ort_session
+    from compress.export.onnx_export import export_onnx
+    from compress.export.runtime import measure_latency, ort_session
 
     path = folder / f"{name}.onnx"
     export_onnx(module, example, path, opset=18, exporter="legacy")
@@ -87,7 +87,7 @@ def cases(lottery: bool) -> list[tuple[str, object]]:
 def compare_with_torch_prune(model: torch.nn.Module, amount: float, repeat: int = 5) -> dict:
     import torch.nn.utils.prune as tprune
 
-    from prune.magnitude import magnitude_masks, select_weights
+    from compress.prune.magnitude import magnitude_masks, select_weights
 
     names, _ = select_weights(model, [])
     params = dict(model.named_parameters())
@@ -141,7 +141,7 @@ def main() -> None:
                 m = ctx.metrics
             else:
                 acc = evaluate(dense, data["eval"].x, data["eval"].y)["accuracy"]
-                from prune.stage import size_metrics
+                from compress.prune.stage import size_metrics
 
                 m = {"accuracy_before": acc, "accuracy_after": acc, **size_metrics(dense)}
             seconds = time.perf_counter() - t0

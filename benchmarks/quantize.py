@@ -58,7 +58,7 @@ def train(name: str):
 
 
 def run_ours(model, x, y, config):
-    from quantize.stage import apply
+    from compress.quantize.stage import apply
 
     state = ModelState(copy.deepcopy(model), (1, x.shape[1]))
     bundle = DataBundle({"train": Split("train", x, y, 128, 0), "calibration": Split("calibration", x[:CALIB], None, 256, 0)})
@@ -146,8 +146,8 @@ def gemm_to_matmul(model):
 
 
 def ort_eval(path: Path, xe, ye, exact_config: bool) -> tuple[float, float]:
-    from export.runtime import measure_latency, ort_predict
-    from export.quantized import ort_session
+    from compress.export.runtime import measure_latency, ort_predict
+    from compress.export.quantized import ort_session
 
     sess = ort_session(path, exact=exact_config, disabled_optimizers=("MatMulAddFusion",) if exact_config else ())
     out = ort_predict(sess, xe.numpy())
@@ -159,8 +159,8 @@ def ort_eval(path: Path, xe, ye, exact_config: bool) -> tuple[float, float]:
 def export_ours(state, tmp: Path, tag: str) -> Path:
     import onnx
 
-    from export.onnx_export import export_onnx
-    from export.quantized import quantize_onnx_model
+    from compress.export.onnx_export import export_onnx
+    from compress.export.quantized import quantize_onnx_model
 
     fm = export_onnx(state.module, state.example_input(2), tmp / f"{tag}.float.onnx")
     path = tmp / f"{tag}.onnx"
@@ -172,8 +172,8 @@ def benchmark_model(name: str, tmp: Path) -> list[dict]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from export.onnx_export import export_onnx
-    from quantize.config import CodebookConfig, GPFQConfig, RTNConfig
+    from compress.export.onnx_export import export_onnx
+    from compress.quantize.config import CodebookConfig, GPFQConfig, RTNConfig
 
     model, x, y, xe, ye = train(name)
     calib = x[:CALIB]
@@ -247,8 +247,8 @@ def benchmark_model(name: str, tmp: Path) -> list[dict]:
 
 def overparametrisation_curve(ns=(64, 128, 256, 512, 1024, 2048, 4096), m: int = 128, bits: int = 3) -> list[tuple]:
     """Relative output error of one synthetic layer vs its input count N (m samples fixed)."""
-    from quantize.gpfq import LayerStats, gpfq_quantize_matrix, output_error
-    from quantize.rtn import rtn_quantize
+    from compress.quantize.gpfq import LayerStats, gpfq_quantize_matrix, output_error
+    from compress.quantize.rtn import rtn_quantize
 
     out = []
     for n in ns:

@@ -94,9 +94,9 @@ def export(state: ModelState, path: Path):
     import onnx
 
     from compress.onnx_signature import onnx_signature_of
-    from export.onnx_export import export_onnx
-    from export.quantized import quantize_onnx_model
-    from export.stage import _wrapped_names
+    from compress.export.onnx_export import export_onnx
+    from compress.export.quantized import quantize_onnx_model
+    from compress.export.stage import _wrapped_names
 
     sig = onnx_signature_of(state.module)
     model = export_onnx(state.module, state.example_input(2), path, 21, signature=sig)
@@ -106,14 +106,14 @@ def export(state: ModelState, path: Path):
 
 
 def session(path: Path, quantized: bool, threads: int, exact: bool = True):
-    from export.quantized import ort_session
-    from export.runtime import ort_session as float_session
+    from compress.export.quantized import ort_session
+    from compress.export.runtime import ort_session as float_session
 
     return ort_session(path, threads=threads, exact=exact) if quantized else float_session(path, threads)
 
 
 def ort_embed(sess, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    from export.runtime import ort_predict
+    from compress.export.runtime import ort_predict
 
     return ort_predict(sess, x, batch_size=batch,
                        feeds=lambda b: {"input_ids": np.ascontiguousarray(b[:, 0]),
@@ -125,7 +125,7 @@ def trim(x: np.ndarray) -> np.ndarray:
 
 
 def latency(sess, x: np.ndarray, runs: int) -> float:
-    from export.runtime import measure_latency
+    from compress.export.runtime import measure_latency
 
     feeds = lambda b: {"input_ids": np.ascontiguousarray(b[:, 0]), "attention_mask": np.ascontiguousarray(b[:, 1])}  # noqa: E731
     return measure_latency(sess, trim(x), runs=runs, warmup=3, feeds=feeds)["latency_p50_ms"]
@@ -210,7 +210,7 @@ def main() -> int:
         if float_onnx is not None:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            from export.runtime import ort_session
+            from compress.export.runtime import ort_session
 
             q = tmp / "ort_int8.onnx"
             t0 = time.perf_counter()

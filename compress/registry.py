@@ -1,66 +1,138 @@
-"""Registry of pipeline stages.
+"""Registry of pipeline stages and of the methods inside them.
 
-A stage is registered under a stable name with its typed config (a pydantic model,
-usually a discriminated union over ``method``) and the dotted path of its
-``apply(state, config, ctx) -> state`` function. The function path is resolved only when
-the stage runs, so validating a recipe or printing the schema never imports torch.
+A stage is registered under a stable name with the dotted path of its
+``apply(state, config, ctx) -> state`` function and either a typed config (a pydantic
+model) or, for a stage with several methods, nothing: its config is then the union of the
+configs registered for it with ``register_method``, discriminated on ``method``. Adding a
+method is one config class, one function and one ``register_method`` line; the recipe
+parser, ``compress schema`` and ``compress check`` see it at once.
 
-Stage packages register themselves in their (light) ``__init__`` modules; the registry
-imports those packages on first use. Import errors are not swallowed: a broken stage
-package is a bug and must be loud.
+Function paths are resolved only when a stage or method runs, so validating a recipe or
+printing the schema never imports torch.
+
+Stage packages are discovered through the ``compress.stages`` entry-point group (each
+entry names a light module whose import registers the stage and its methods), so a
+third-party package adds a stage the same way the built-in ones do. Import errors are not
+swallowed: a broken stage package is a bug and must be loud.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
-import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Union, get_args
 
 log = logging.getLogger(__name__)
 
-# Modules whose import registers stages (a stage registers itself next to its config, so
-# registering needs neither torch nor the stage's runtime). Order is the pipeline order.
-STAGE_PACKAGES = ("distill", "prune", "compress.finetune", "quantize", "compress.lossless.config", "export.config")
+ENTRY_POINT_GROUP = "compress.stages"
+
+
+def _resolve(path: str | Callable[..., Any]) -> Callable[..., Any]:
+    if callable(path):
+        return path
+    module_name, _, attr = path.partition(":")
+    module = importlib.import_module(module_name)
+    fn: Callable[..., Any] = getattr(module, attr)
+    return fn
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method of a stage: its tag (the config's ``method`` value), config and function."""
+
+    stage: str
+    name: str
+    config: type
+    apply_path: str | Callable[..., Any]  # "package.module:function" (resolved lazily) or the function
+
+    def resolve(self) -> Callable[..., Any]:
+        return _resolve(self.apply_path)
 
 
 @dataclass(frozen=True)
 class StageEntry:
     name: str
-    config: Any  # a pydantic model class or an Annotated union of them
     apply_path: str  # "package.module:function"
     summary: str
     needs: tuple[str, ...] = ()  # data splits the stage reads: "train", "eval", "calibration"
-    order: int = 1 << 30  # position in the pipeline order (STAGE_PACKAGES), for listings
+    order: int = 1000  # position in listings and the schema (pipeline order)
+    fixed_config: Any = None  # a pydantic model class, for stages without methods
 
-    def resolve(self) -> Callable:
-        module_name, _, attr = self.apply_path.partition(":")
-        module = importlib.import_module(module_name)
-        return getattr(module, attr)
+    @property
+    def config(self) -> Any:
+        """The stage's config type: its own model, or the union of its methods' configs."""
+        if self.fixed_config is not None:
+            return self.fixed_config
+        configs = tuple(m.config for m in methods(self.name).values())
+        if not configs:
+            raise LookupError(f"stage {self.name!r} has neither a config nor registered methods")
+        if len(configs) == 1:
+            return configs[0]
+        from pydantic import Field
+
+        return Annotated[Union[configs], Field(discriminator="method")]  # type: ignore[valid-type]
+
+    def resolve(self) -> Callable[..., Any]:
+        return _resolve(self.apply_path)
 
 
 _STAGES: dict[str, StageEntry] = {}
+_METHODS: dict[str, dict[str, MethodEntry]] = {}
 _loaded = False
 
 
-def _pipeline_position(module: str) -> int:
-    for i, package in enumerate(STAGE_PACKAGES):
-        if module == package or module.startswith(package + "."):
-            return i
-    return len(STAGE_PACKAGES)
-
-
 def register_stage(
-    name: str, config: Any, apply: str, summary: str, needs: tuple[str, ...] = ()
+    name: str,
+    config: Any = None,
+    *,
+    apply: str,
+    summary: str,
+    needs: tuple[str, ...] = (),
+    order: int = 1000,
 ) -> None:
-    """Register a stage. Registering a name twice warns and keeps the newer entry."""
+    """Register a stage. ``config`` None: the stage's config is the union of its methods'.
+
+    Registering a name twice warns and keeps the newer entry.
+    """
     if name in _STAGES and _STAGES[name].apply_path != apply:
-        warnings.warn(f"stage {name!r} registered twice; {apply} replaces {_STAGES[name].apply_path}")
-    caller = sys._getframe(1).f_globals.get("__name__", "")
-    _STAGES[name] = StageEntry(name, config, apply, summary, tuple(needs), _pipeline_position(caller))
+        warnings.warn(f"stage {name!r} registered twice; {apply} replaces {_STAGES[name].apply_path}", stacklevel=2)
+    _STAGES[name] = StageEntry(name, apply, summary, tuple(needs), order, config)
+
+
+def register_method(stage: str, config: type, *, apply: str | Callable[..., Any]) -> None:
+    """Register ``config`` (a pydantic model with a ``method: Literal[...]`` field) as a method
+    of ``stage``, run by the function at ``apply`` ("package.module:function").
+
+    The function's signature is the stage's business (each stage documents what its
+    methods receive and return).
+    """
+    field = getattr(config, "model_fields", {}).get("method")
+    tags = get_args(field.annotation) if field is not None else ()
+    tag = tags[0] if len(tags) == 1 else None
+    if not isinstance(tag, str):
+        raise TypeError(f"{config.__name__} needs a field 'method: Literal[\"name\"]' to register as a method")
+    table = _METHODS.setdefault(stage, {})
+    if tag in table and table[tag].apply_path != apply:
+        warnings.warn(
+            f"{stage} method {tag!r} registered twice; {apply} replaces {table[tag].apply_path}", stacklevel=2
+        )
+    table[tag] = MethodEntry(stage, tag, config, apply)
+
+
+def unregister_method(stage: str, name: str) -> None:
+    """Remove a method (for tests and plugins that add one temporarily)."""
+    _METHODS.get(stage, {}).pop(name, None)
+
+
+def _entry_point_modules() -> list[str]:
+    from importlib.metadata import entry_points
+
+    seen: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        seen.setdefault(ep.name, ep.value)
+    return list(seen.values())
 
 
 def _load() -> None:
@@ -68,19 +140,32 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    for package in STAGE_PACKAGES:
-        # A stage package that does not exist yet is skipped; an import error inside an
-        # existing one propagates (a broken stage must be loud).
-        if importlib.util.find_spec(package.partition(".")[0]) is None:
-            log.debug("stage package %s not present", package)
-            continue
-        importlib.import_module(package)
+    modules = _entry_point_modules()
+    if not modules:
+        log.warning(
+            "no stages found: the entry-point group %r is empty (is the package installed? pip install -e .)",
+            ENTRY_POINT_GROUP,
+        )
+    for module in modules:
+        # An import error inside a stage package propagates: a broken stage must be loud.
+        importlib.import_module(module)
 
 
 def stages() -> dict[str, StageEntry]:
-    """All registered stages, by name, in pipeline order (the order of STAGE_PACKAGES)."""
+    """All registered stages, by name, in pipeline order."""
     _load()
-    return {e.name: e for e in sorted(_STAGES.values(), key=lambda e: e.order)}
+    return {e.name: e for e in sorted(_STAGES.values(), key=lambda e: (e.order, e.name))}
+
+
+def methods(stage: str) -> dict[str, MethodEntry]:
+    """The methods registered for ``stage``, by tag, in registration order."""
+    _load()
+    return dict(_METHODS.get(stage, {}))
+
+
+def stage_config(name: str) -> Any:
+    """The config type of stage ``name`` (for ``pydantic.TypeAdapter``)."""
+    return get_stage(name).config
 
 
 def get_stage(name: str) -> StageEntry:
@@ -88,7 +173,19 @@ def get_stage(name: str) -> StageEntry:
 
     available = stages()
     if name not in available:
-        raise RecipeError(
-            f"unknown stage {name!r}; available stages: {', '.join(available) or '(none)'}"
-        )
+        raise RecipeError(f"unknown stage {name!r}; available stages: {', '.join(available) or '(none)'}")
     return available[name]
+
+
+def method_for(stage: str, config: Any) -> Callable[..., Any]:
+    """The function registered for ``config``'s method in ``stage``.
+
+    Raises:
+        ValueError: no such method (the message lists the registered ones).
+    """
+    tag = getattr(config, "method", None)
+    table = methods(stage)
+    entry = table.get(tag) if isinstance(tag, str) else None
+    if entry is None or not isinstance(config, entry.config):
+        raise ValueError(f"unknown {stage} method {tag!r}; registered: {', '.join(table) or '(none)'}")
+    return entry.resolve()

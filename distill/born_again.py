@@ -153,3 +153,38 @@ def ensemble_accuracy(members: list[nn.Module], x: torch.Tensor, y: torch.Tensor
     """Accuracy of the mean softmax of ``members`` on ``(x, y)``."""
     out = predict(SoftmaxEnsemble(members), x)
     return (out.argmax(1) == y).double().mean().item()
+
+
+def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, dict, dict]:
+    """The ``born_again`` method of the distill stage (see ``compress.distill.stage``)."""
+    from compress.distill.kd import reinitialize
+
+    ev = ctx.data["eval"] if ctx.data.has("eval") else None
+    labelled_eval = ev is not None and ev.y is not None
+    train = ctx.data["train"]
+    members, records = born_again(
+        teacher,
+        lambda k: reinitialize(state.module, ctx.seed + k),
+        train.x, train.y, config.train,
+        generations=config.generations, variant=config.variant, temperature=config.temperature,
+        eval_x=ev.x if labelled_eval else None, eval_y=ev.y if labelled_eval else None, seed=ctx.seed,
+    )
+    ctx.metrics["generations"] = records
+    if config.ensemble and labelled_eval:
+        ctx.metrics["ensemble_accuracy"] = ensemble_accuracy(members, ev.x, ev.y)
+        ctx.metrics["ensemble_members"] = len(members)
+    if config.select == "best":
+        if not labelled_eval:
+            raise ValueError("born_again select 'best' needs a labelled eval split; use select 'last'")
+        chosen = max(range(len(members)), key=lambda i: records[i]["accuracy"])
+    else:
+        chosen = len(members) - 1
+    ctx.metrics["selected_generation"] = chosen + 1
+    summary = {
+        "seconds": sum(r["seconds"] for r in records),
+        "final_loss": records[chosen]["final_loss"],
+    }
+    student = members[chosen]
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student, {}, summary

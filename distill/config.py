@@ -16,13 +16,12 @@ also works after other stages (for a pipeline that starts with distill it is the
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compress.config import TrainConfig
 
-METHODS = ("kd", "quantized", "differentiable_quantization", "born_again")
 STUDENT_KEYWORDS = ("same", "input")
 ROUNDINGS = ("deterministic", "stochastic")
 POINT_INITS = ("quantiles", "uniform")
@@ -241,17 +240,12 @@ class BornAgainConfig(BaseModel):
     )
 
 
-DistillConfig = Annotated[
-    Union[KDConfig, QuantizedDistillConfig, DiffQuantConfig, BornAgainConfig], Field(discriminator="method")
-]
 
 __all__ = [
     "BAN_VARIANTS",
     "BornAgainConfig",
     "DiffQuantConfig",
-    "DistillConfig",
     "KDConfig",
-    "METHODS",
     "POINT_INITS",
     "QuantizedDistillConfig",
     "ROUNDINGS",

@@ -182,12 +182,12 @@ def differentiable_quantize(
         points_init: initial points.
         learn_points: False keeps the initial points (the untrained baseline).
         temperature, alpha: the distillation loss.
-        mixup: teacher-labelled mixup copies of the inputs (see ``distill.kd.distill``).
+        mixup: teacher-labelled mixup copies of the inputs (see ``compress.distill.kd.distill``).
 
     Returns:
         (``{"<layer>.weight": codebook QuantizedTensor}``, ``fit``'s summary).
     """
-    from distill.kd import distill
+    from compress.distill.kd import distill
 
     mods = dict(student.named_modules())
     frozen = [p for p in student.parameters() if p.requires_grad]
@@ -231,3 +231,38 @@ def differentiable_quantize(
     student.eval()
     log.info("differentiable quantization: %s", {n: b for n, b in layer_bits.items()})
     return quant, summary
+
+
+def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, dict, dict]:
+    """The ``differentiable_quantization`` method of the distill stage (see ``compress.distill.stage``)."""
+    from compress.distill.kd import build_student, distill, distillation_loss
+    from compress.distill.quantized import quantizable_layers
+    from compress.metrics import evaluate
+
+    train = ctx.data["train"]
+    x, y = train.x, train.y
+    ev = ctx.data["eval"] if ctx.data.has("eval") else None
+    metrics = ctx.metrics
+    student = build_student(config.student, config.student_kwargs, state.module, ctx.seed)
+    if config.student != "input":
+        pre = distill(student, teacher, x, y, config.pretrain, config.temperature, config.alpha, config.mixup)
+        metrics["pretrain_seconds"] = round(pre["seconds"], 3)
+        if ev is not None and ev.y is not None:
+            metrics["float_student_accuracy"] = evaluate(student, ev.x, ev.y)["accuracy"]
+    layers = quantizable_layers(student, config.keep_first_last_float)
+    if config.bit_budget is not None:
+        loss_fn, needs_teacher = distillation_loss(config.temperature, config.alpha)
+        norms = layer_gradient_norms(student, teacher if needs_teacher else None, x, y, layers, loss_fn)
+        mods = dict(student.named_modules())
+        sizes = {n: mods[n].weight.numel() for n in layers}
+        layer_bits = allocate_bits(norms, sizes, config.bit_budget, config.min_bits, config.max_bits)
+        metrics["gradient_norms"] = {n: round(v, 6) for n, v in norms.items()}
+    else:
+        layer_bits = {n: config.bits for n in layers}
+    metrics["layer_bits"] = layer_bits
+    quant, summary = differentiable_quantize(
+        student, teacher, x, y, config.train, layer_bits, points_init=config.points_init,
+        learn_points=config.learn_points, temperature=config.temperature, alpha=config.alpha,
+        mixup=config.mixup,
+    )
+    return student, quant, summary

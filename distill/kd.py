@@ -155,3 +155,11 @@ def distill(
         if y is not None:
             y = torch.cat([y, torch.full((len(extra),), UNLABELLED, dtype=y.dtype)])
     return fit(student, x, y, cfg, loss_fn=loss_fn, teacher=teacher if needs_teacher else None, **hooks)
+
+
+def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, dict, dict]:
+    """The ``kd`` method of the distill stage (see ``compress.distill.stage``)."""
+    train = ctx.data["train"]
+    student = build_student(config.student, config.student_kwargs, state.module, ctx.seed)
+    summary = distill(student, teacher, train.x, train.y, config.train, config.temperature, config.alpha, config.mixup)
+    return student, {}, summary

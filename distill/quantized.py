@@ -234,12 +234,12 @@ def quantized_distill(
     """Train ``student`` in place with quantized weights; leave ``Q(w)`` in it.
 
     ``alpha = 0`` is the labels-only baseline (the same quantized training, no teacher);
-    ``mixup`` adds teacher-labelled mixup inputs (see ``distill.kd.distill``).
+    ``mixup`` adds teacher-labelled mixup inputs (see ``compress.distill.kd.distill``).
 
     Returns:
         (``{"<layer>.weight": QuantizedTensor}``, ``fit``'s summary).
     """
-    from distill.kd import distill
+    from compress.distill.kd import distill
 
     layers = quantizable_layers(student, keep_first_last_float)
     if not layers:
@@ -263,3 +263,17 @@ def rtn_bucket_quantize(module: nn.Module, bits: int, bucket: int = 256, keep_fi
             p.copy_(qt.dequantize().to(p.dtype))
             quant[name] = qt
     return quant
+
+
+def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, dict, dict]:
+    """The ``quantized`` method of the distill stage (Polino et al.; see ``compress.distill.stage``)."""
+    from compress.distill.kd import build_student
+
+    train = ctx.data["train"]
+    student = build_student(config.student, config.student_kwargs, state.module, ctx.seed)
+    quant, summary = quantized_distill(
+        student, teacher, train.x, train.y, config.train, bits=config.bits, bucket=config.bucket,
+        rounding=config.rounding, keep_first_last_float=config.keep_first_last_float,
+        temperature=config.temperature, alpha=config.alpha, mixup=config.mixup,
+    )
+    return student, quant, summary

@@ -47,7 +47,8 @@ class ExportConfig(BaseModel):
 register_stage(
     "export",
     ExportConfig,
-    apply="export.stage:apply",
+    apply="compress.export.stage:apply",
     summary="ONNX export checked on onnxruntime CPU: parity with PyTorch, latency, size",
     needs=("eval",),
+    order=60,
 )

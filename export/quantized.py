@@ -300,7 +300,7 @@ def quantize_onnx_model(
     """Replace the float initializers of the parameters in ``quant`` by integer initializers and dequantizing ops.
 
     Args:
-        model: a float export (``export.onnx_export.export_onnx``); it is not modified.
+        model: a float export (``compress.export.onnx_export.export_onnx``); it is not modified.
         quant: ``state.quant``: parameter name → ``QuantizedTensor``.
         names: parameter name → initializer name where an export wrapper renamed them
             (``OnnxSignature.module`` adds its own prefix). A parameter whose initializer
@@ -403,7 +403,7 @@ def ort_session(
             becomes ``FusedGemm`` over a float weight (the bias Add is absorbed by
             ``MatMulNBits`` instead).
     """
-    from export.runtime import ort_session as float_session
+    from compress.export.runtime import ort_session as float_session
 
     entries = dict(session_config_for_exact_parity() if exact else {})
     entries.update(config or {})

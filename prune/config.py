@@ -6,7 +6,7 @@ generated from the field descriptions below.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -149,6 +149,3 @@ class LotteryConfig(TrainingLoss):
     )
 
 
-PruneConfig = Annotated[Union[MagnitudeConfig, VarianceConfig, LotteryConfig], Field(discriminator="method")]
-
-METHODS = ("magnitude", "variance", "lottery")

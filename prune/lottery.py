@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from compress.train import reinitialize
-from prune.magnitude import MaskEnforcer, default_skip, magnitude_masks, prunable_layers, select_weights
+from compress.prune.magnitude import MaskEnforcer, default_skip, magnitude_masks, prunable_layers, select_weights
 
 if TYPE_CHECKING:
     from compress.state import ModelState, StageContext
-    from prune.config import LotteryConfig
+    from compress.prune.config import LotteryConfig
 
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def lottery_prune(state: "ModelState", config: "LotteryConfig", ctx: "StageConte
     Sets ``state.module`` (the last round's trained, masked network), ``state.masks``,
     ``state.extras["lottery"]`` (every round's density and accuracy) and ``ctx.metrics``.
     """
-    from prune.training import evaluate_split, finetune, steps_per_run
+    from compress.prune.training import evaluate_split, finetune, steps_per_run
 
     if config.control not in CONTROLS:
         raise ValueError(f"unknown lottery control {config.control!r}; allowed: {', '.join(CONTROLS)}")

@@ -22,7 +22,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from compress.state import ModelState, StageContext
-    from prune.config import MagnitudeConfig
+    from compress.prune.config import MagnitudeConfig
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def magnitude_prune(state: "ModelState", config: "MagnitudeConfig", ctx: "StageC
     zeros are kept) and records accuracy before/after and the per-layer table in
     ``ctx.metrics``.
     """
-    from prune.training import evaluate_split, finetune, steps_per_run
+    from compress.prune.training import evaluate_split, finetune, steps_per_run
 
     module = state.module
     skip = config.skip if config.skip is not None else default_skip(module, "first_last")

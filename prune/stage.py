@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from compress.registry import method_for
+
 if TYPE_CHECKING:
     from compress.state import ModelState, StageContext
-    from prune.config import LotteryConfig, MagnitudeConfig, VarianceConfig
+    from compress.prune.config import LotteryConfig, MagnitudeConfig, VarianceConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +42,15 @@ def apply(
     Raises:
         ValueError: an unknown method or a config the model cannot satisfy.
     """
-    from prune.config import METHODS
-    from prune.training import evaluate_split
+    from compress.prune.training import evaluate_split
 
-    method = getattr(config, "method", None)
-    if method not in METHODS:
-        raise ValueError(f"unknown prune method {method!r}; allowed: {', '.join(METHODS)}")
+    method_fn = method_for("prune", config)
+    method = config.method
     before = size_metrics(state.module)
     ctx.metrics["method"] = method
     ctx.metrics["accuracy_before"] = evaluate_split(state.module, ctx)
     ctx.metrics["before"] = before
-    if method == "magnitude":
-        from prune.magnitude import magnitude_prune
-
-        state = magnitude_prune(state, config, ctx)
-    elif method == "variance":
-        from prune.variance import apply_variance
-
-        state = apply_variance(state, config, ctx)
-    else:
-        from prune.lottery import lottery_prune
-
-        state = lottery_prune(state, config, ctx)
+    state = method_fn(state, config, ctx)
     after = size_metrics(state.module)
     ctx.metrics.update(after)
     ctx.metrics["accuracy_after"] = evaluate_split(state.module, ctx)

@@ -27,7 +27,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from compress.state import ModelState, StageContext
-    from prune.config import VarianceConfig
+    from compress.prune.config import VarianceConfig
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +517,7 @@ def variance_prune(
 
 def apply_variance(state: "ModelState", config: "VarianceConfig", ctx: "StageContext") -> "ModelState":
     """The stage's variance method: prune, then optionally fine-tune with distillation."""
-    from prune.training import evaluate_split, finetune
+    from compress.prune.training import evaluate_split, finetune
 
     if state.quant:
         raise ValueError(
@@ -541,7 +541,7 @@ def apply_variance(state: "ModelState", config: "VarianceConfig", ctx: "StageCon
     ctx.metrics.update(report)
     ctx.metrics["accuracy_pruned"] = evaluate_split(state.module, ctx)
     if config.finetune is not None and config.finetune.epochs > 0:
-        from prune.magnitude import MaskEnforcer
+        from compress.prune.magnitude import MaskEnforcer
 
         enforce = MaskEnforcer(state.module, state.masks) if state.masks else None
         ctx.metrics["finetune"] = finetune(state.module, config.finetune, config, ctx, after_step=enforce)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress.qtensor import QuantizedTensor
-from quantize.rtn import as_matrix
+from compress.quantize.rtn import as_matrix
 
 log = logging.getLogger(__name__)
 
@@ -207,3 +207,44 @@ def finetune_codebooks(
             codes=qt.codes, bits=qt.bits, codebook=cb, codebook_of_row=qt.codebook_of_row, method=qt.method
         )
     return out
+
+
+def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
+    """The ``codebook`` method of the quantize stage (see ``compress.quantize.stage``)."""
+    from compress.train import cross_entropy, fit, kd_loss
+    from compress.quantize.rtn import weight_rel_error
+
+    params = state.parameters_by_name()
+    floats = {name: params[f"{name}.weight"].detach().clone() for name in chosen}
+    new: dict[str, QuantizedTensor] = {}
+    for name, bits in chosen.items():
+        new[f"{name}.weight"] = codebook_quantize(
+            params[f"{name}.weight"], bits, mask=masks[name], n_codebooks=config.codebooks_per_layer,
+            iterations=config.iterations, init=config.init,
+        )
+    report = {
+        name: {
+            "bits": bits,
+            "codebooks": int(new[f"{name}.weight"].codebook.shape[0]),
+            "weight_rel_error": weight_rel_error(new[f"{name}.weight"], floats[name]),
+        }
+        for name, bits in chosen.items()
+    }
+    if config.finetune is not None and config.finetune.epochs > 0 and new:
+        train = ctx.data["train"]
+        # Biases and float layers stay as they are: only the centroids move.
+        with torch.no_grad():
+            for pname, qt in new.items():
+                params[pname].copy_(qt.dequantize())
+        labelled = train.y is not None
+        loss_fn = cross_entropy if labelled else kd_loss()
+        teacher = None if labelled else ctx.reference
+
+        def run(model, cb_params, after_step):
+            return fit(model, train.x, train.y, config.finetune, loss_fn=loss_fn, teacher=teacher,
+                       params=cb_params, after_step=after_step)
+
+        new = finetune_codebooks(state.module, new, run)
+        for name in chosen:
+            report[name]["finetuned_weight_rel_error"] = weight_rel_error(new[f"{name}.weight"], floats[name])
+    return new, report

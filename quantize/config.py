@@ -6,7 +6,7 @@ One model per method, joined in ``QuantizeConfig``, a union discriminated on ``m
 from __future__ import annotations
 
 import fnmatch
-from typing import Annotated, Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -194,4 +194,4 @@ class CodebookConfig(_LayerSelection):
         return v
 
 
-QuantizeConfig = Annotated[Union[RTNConfig, GPFQConfig, CodebookConfig], Field(discriminator="method")]
+

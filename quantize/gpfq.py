@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.qtensor import QuantizedTensor, signed_range
-from quantize.rtn import as_matrix, expand_to_columns, round_to_grid, uniform_scale
+from compress.quantize.rtn import as_matrix, expand_to_columns, round_to_grid, uniform_scale
 
 log = logging.getLogger(__name__)
 
@@ -482,3 +482,23 @@ def gpfq_quantize_model(
         log.debug("gpfq %s: %s", name, info)
     model.train(was_training)
     return quant, report
+
+
+def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
+    """The ``gpfq`` method of the quantize stage (see ``compress.quantize.stage``)."""
+    calib = ctx.data.calibration().x
+    if config.calibration_samples is not None and config.calibration_samples < len(calib):
+        g = torch.Generator().manual_seed(ctx.seed)
+        calib = calib[torch.randperm(len(calib), generator=g)[: config.calibration_samples]]
+    plans = {
+        name: LayerPlan(bits, config.granularity, config.group_size, config.symmetric, masks[name])
+        for name, bits in chosen.items()
+    }
+    return gpfq_quantize_model(
+        state.module, calib, plans,
+        scale_factor=AUTO_SCALE_FACTORS if config.scale_factor == "auto" else config.scale_factor,
+        range_quantile=config.range_quantile,
+        sparsity=config.sparsity, sparsity_lambda=config.sparsity_lambda,
+        bias_correction=config.bias_correction, batch_size=config.batch_size,
+        max_patches=config.max_patches, block_size=config.block_size, seed=ctx.seed,
+    )

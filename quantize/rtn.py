@@ -151,3 +151,25 @@ def rtn_quantize(
     return QuantizedTensor(
         codes=codes.reshape(weight.shape).contiguous(), bits=bits, scale=scale, zero_point=zero_point, method="rtn"
     )
+
+
+def weight_rel_error(qt: QuantizedTensor, weight: torch.Tensor) -> float:
+    """||dequantized - weight|| / ||weight||."""
+    w = weight.detach().float()
+    return ((qt.dequantize() - w).norm() / w.norm().clamp_min(1e-30)).item()
+
+
+def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
+    """The ``rtn`` method of the quantize stage (see ``compress.quantize.stage``)."""
+    params = state.parameters_by_name()
+    new: dict[str, QuantizedTensor] = {}
+    report: dict[str, dict] = {}
+    for name, bits in chosen.items():
+        w = params[f"{name}.weight"]
+        qt = rtn_quantize(
+            w, bits, granularity=config.granularity, group_size=config.group_size,
+            symmetric=config.symmetric, mask=masks[name],
+        )
+        new[f"{name}.weight"] = qt
+        report[name] = {"bits": bits, "granularity": qt.granularity, "weight_rel_error": weight_rel_error(qt, w)}
+    return new, report

@@ -22,4 +22,5 @@ register_stage(
     apply="compress.finetune.stage:apply",
     summary="Fine-tune the current model with the shared training loop (multi-process with --nproc)",
     needs=("train",),
+    order=30,
 )

@@ -41,4 +41,5 @@ register_stage(
     CompressStageConfig,
     apply="compress.lossless.stage:apply",
     summary="Lossless ZipNN-style coding of the weights, integer codes and masks",
+    order=50,
 )

@@ -136,12 +136,12 @@ def test_gate_that_needs_a_missing_stage(cli, write_recipe, digits_mlp_path):
 
 
 def test_internal_error_has_message_not_traceback(cli, write_recipe, digits_mlp_path, tmp_path, monkeypatch):
-    import export.stage
+    import compress.export.stage
 
     def boom(*a, **k):
         raise ZeroDivisionError("kaboom")
 
-    monkeypatch.setattr(export.stage, "export_onnx", boom)
+    monkeypatch.setattr(compress.export.stage, "export_onnx", boom)
     code, _, err = cli("run", write_recipe(), digits_mlp_path, "-o", tmp_path / "o")
     assert code == 3
     assert "export" in err and "kaboom" in err and "Traceback" not in err

@@ -68,8 +68,10 @@ def run_distill(mnist1d, teacher, one_thread):
     from pydantic import TypeAdapter
 
     from compress.state import ModelState, StageContext
-    from distill.config import DistillConfig
-    from distill.stage import apply
+    from compress.registry import stage_config
+
+    DistillConfig = stage_config("distill")
+    from compress.distill.stage import apply
 
     def run(config: dict, model: nn.Module | None = None, train_samples: int | None = None):
         entering = copy.deepcopy(model if model is not None else teacher)

@@ -41,7 +41,7 @@ def _half_width():
 
 
 def test_quantized_distillation_4bit_half_width(mnist1d, teacher, one_thread):
-    from distill.quantized import quantized_distill, rtn_bucket_quantize
+    from compress.distill.quantized import quantized_distill, rtn_bucket_quantize
 
     x, y = mnist1d.x, mnist1d.y
     teacher_acc = _acc(teacher, mnist1d)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.born_again import SoftmaxEnsemble, ban_loss, born_again, ensemble_accuracy, permute_non_max
+from compress.distill.born_again import SoftmaxEnsemble, ban_loss, born_again, ensemble_accuracy, permute_non_max
 
 
 def test_dkpp_permutes_only_the_non_argmax_probabilities():
@@ -43,7 +43,7 @@ def test_ban_losses():
 def test_generations_and_ensemble(mnist1d, one_thread):
     from compress.train import TrainConfig, fit
     from compress.zoo import mnist1d_mlp
-    from distill.kd import reinitialize
+    from compress.distill.kd import reinitialize
 
     torch.manual_seed(0)
     teacher = mnist1d_mlp(hidden=(32,))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from distill.diffquant import (
+from compress.distill.diffquant import (
     LearnedPoints,
     allocate_bits,
     differentiable_quantize,
@@ -101,9 +101,9 @@ def test_allocate_bits_follows_gradient_norms_within_budget():
 
 
 def test_gradient_norms_of_a_frozen_model(mnist1d, teacher):
-    from distill.diffquant import layer_gradient_norms
-    from distill.kd import distillation_loss
-    from distill.quantized import quantizable_layers
+    from compress.distill.diffquant import layer_gradient_norms
+    from compress.distill.kd import distillation_loss
+    from compress.distill.quantized import quantizable_layers
 
     layers = quantizable_layers(teacher)
     norms = layer_gradient_norms(teacher, teacher, mnist1d.x[:256], mnist1d.y[:256], layers, distillation_loss(2.0, 0.7)[0])

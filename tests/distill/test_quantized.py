@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from compress.qtensor import signed_range
-from distill.quantized import (
+from compress.distill.quantized import (
     ShadowWeights,
     bucket_columns,
     bucket_grid,

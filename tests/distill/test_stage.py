@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
+from compress.registry import stage_config
 
-from distill.config import DistillConfig
+DistillConfig = stage_config("distill")
+
 
 HALF = {"student": "compress.zoo:mnist1d_cnn", "student_kwargs": {"channels": 16, "hidden": 64}}
 
@@ -35,7 +37,7 @@ def test_registered_stage():
     from compress.registry import get_stage
 
     entry = get_stage("distill")
-    assert entry.needs == ("train",) and entry.apply_path == "distill.stage:apply"
+    assert entry.needs == ("train",) and entry.apply_path == "compress.distill.stage:apply"
 
 
 def _teacher_untouched(entering, teacher):
@@ -53,7 +55,7 @@ def test_kd_student_from_factory(run_distill, teacher):
 
 
 def test_same_student_is_a_seeded_fresh_init(teacher):
-    from distill.kd import build_student
+    from compress.distill.kd import build_student
 
     a, b = build_student("same", {}, teacher, 3), build_student("same", {}, teacher, 3)
     c = build_student("same", {}, teacher, 4)

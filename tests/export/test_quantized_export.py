@@ -40,7 +40,7 @@ def trained():
 def _quantized_state(model, calib, config) -> ModelState:
     from compress.data import DataBundle, Split
     from compress.state import StageContext
-    from quantize.stage import apply
+    from compress.quantize.stage import apply
 
     state = ModelState(copy.deepcopy(model), (1, calib.shape[1]))
     ctx = StageContext(DataBundle({"calibration": Split("calibration", calib, None, 256, 0)}), out_dir=None,
@@ -49,8 +49,8 @@ def _quantized_state(model, calib, config) -> ModelState:
 
 
 def _export(state, tmp_path, name="model"):
-    from export.onnx_export import export_onnx
-    from export.quantized import quantize_onnx_model
+    from compress.export.onnx_export import export_onnx
+    from compress.export.quantized import quantize_onnx_model
 
     float_model = export_onnx(state.module, state.example_input(2), tmp_path / f"{name}.float.onnx")
     qmodel = quantize_onnx_model(float_model, state.quant)
@@ -76,9 +76,11 @@ def test_parity_and_fusion(trained, tmp_path, model_name, cfg_name):
     from pydantic import TypeAdapter
 
     from compress.metrics import predict
-    from export.runtime import ort_predict
-    from export.quantized import optimized_op_types, ort_session
-    from quantize.config import QuantizeConfig
+    from compress.export.runtime import ort_predict
+    from compress.export.quantized import optimized_op_types, ort_session
+    from compress.registry import stage_config
+
+    QuantizeConfig = stage_config("quantize")
 
     model, calib, x_eval = trained[model_name]
     state = _quantized_state(model, calib, TypeAdapter(QuantizeConfig).validate_python(CONFIGS[cfg_name]))
@@ -106,8 +108,10 @@ def test_parity_and_fusion(trained, tmp_path, model_name, cfg_name):
 def test_int4_bytes_are_an_eighth_of_float_plus_scales(trained, tmp_path):
     from pydantic import TypeAdapter
 
-    from export.quantized import initializer_bytes
-    from quantize.config import QuantizeConfig
+    from compress.export.quantized import initializer_bytes
+    from compress.registry import stage_config
+
+    QuantizeConfig = stage_config("quantize")
 
     model, calib, _ = trained["digits_mlp"]
     state = _quantized_state(model, calib, TypeAdapter(QuantizeConfig).validate_python({"method": "gpfq", "bits": 4}))
@@ -128,9 +132,11 @@ def test_exact_parity_needs_the_session_option(trained, tmp_path):
     from pydantic import TypeAdapter
 
     from compress.metrics import predict
-    from export.runtime import ort_predict
-    from export.quantized import ort_session
-    from quantize.config import QuantizeConfig
+    from compress.export.runtime import ort_predict
+    from compress.export.quantized import ort_session
+    from compress.registry import stage_config
+
+    QuantizeConfig = stage_config("quantize")
 
     model, calib, x_eval = trained["digits_mlp"]
     state = _quantized_state(model, calib, TypeAdapter(QuantizeConfig).validate_python({"method": "rtn", "bits": 4}))
@@ -142,8 +148,8 @@ def test_exact_parity_needs_the_session_option(trained, tmp_path):
 
 
 def test_old_opset_and_missing_names_are_rejected(trained, tmp_path):
-    from export.quantized import quantize_onnx_model
-    from quantize.rtn import rtn_quantize
+    from compress.export.quantized import quantize_onnx_model
+    from compress.quantize.rtn import rtn_quantize
 
     model, _, _ = trained["digits_mlp"]
     state = ModelState(copy.deepcopy(model), (1, 64))

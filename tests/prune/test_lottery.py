@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import prune.training
+import compress.prune.training as prune_training
 from compress.train import TrainConfig, fit
 from compress.zoo import mnist1d_mlp
-from prune.config import LotteryConfig
-from prune.lottery import CHECKPOINT, _RewindSnapshot, lottery_prune, reinitialize
+from compress.prune.config import LotteryConfig
+from compress.prune.lottery import CHECKPOINT, _RewindSnapshot, lottery_prune, reinitialize
 
 
 def _config(**kw) -> LotteryConfig:
@@ -46,7 +46,7 @@ def test_resume_after_interruption_gives_the_same_ticket(make_ctx, fresh_state, 
     full_ctx = make_ctx(model, out_dir=tmp_path / "full")
     full = lottery_prune(fresh_state(model), cfg, full_ctx)
 
-    real = prune.training.finetune
+    real = prune_training.finetune
     calls = {"n": 0}
 
     def crash_on_third(*args, **kwargs):
@@ -55,7 +55,7 @@ def test_resume_after_interruption_gives_the_same_ticket(make_ctx, fresh_state, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prune.training, "finetune", crash_on_third)
+    monkeypatch.setattr(prune_training, "finetune", crash_on_third)
     ctx = make_ctx(model, out_dir=tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
         lottery_prune(fresh_state(model), cfg, ctx)

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from compress.metrics import evaluate
 from compress.train import TrainConfig
-from prune.config import MagnitudeConfig
-from prune.magnitude import (
+from compress.prune.config import MagnitudeConfig
+from compress.prune.magnitude import (
     cubic_sparsity,
     default_skip,
     magnitude_masks,

@@ -9,15 +9,18 @@ from pydantic import TypeAdapter, ValidationError
 
 from compress.registry import get_stage
 from compress.train import TrainConfig
-from prune.config import LotteryConfig, MagnitudeConfig, PruneConfig, VarianceConfig
-from prune.stage import apply, size_metrics
+from compress.prune.config import LotteryConfig, MagnitudeConfig, VarianceConfig
+from compress.prune.stage import apply, size_metrics
+from compress.registry import stage_config
+
+PruneConfig = stage_config("prune")
 
 SIZE_KEYS = {"parameters", "nonzeros", "sparsity", "dense_bytes"}
 
 
 def test_registered_with_its_union_and_needs():
     entry = get_stage("prune")
-    assert entry.apply_path == "prune.stage:apply"
+    assert entry.apply_path == "compress.prune.stage:apply"
     assert entry.needs == ("train", "calibration")
     adapter = TypeAdapter(entry.config)
     assert isinstance(adapter.validate_python({"method": "magnitude", "amount": 0.5}), MagnitudeConfig)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compress.metrics import count_parameters, evaluate
-from prune.variance import MLPBlock, RunningMoments, find_mlp_blocks, variance_prune
+from compress.prune.variance import MLPBlock, RunningMoments, find_mlp_blocks, variance_prune
 
 
 def _batches(x: torch.Tensor, bs: int = 500):

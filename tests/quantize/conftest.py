@@ -89,6 +89,6 @@ def _run_stage(trained: Trained, config, masks: dict | None = None):
     model = copy.deepcopy(trained.model)
     state = ModelState(model, (1, *trained.x_eval.shape[1:]), masks=dict(masks or {}))
     ctx = StageContext(trained.bundle(), out_dir=None, device=torch.device("cpu"), reference=trained.model, seed=0)
-    from quantize.stage import apply
+    from compress.quantize.stage import apply
 
     return apply(state, config, ctx), ctx

@@ -7,8 +7,8 @@ import torch
 
 from compress.metrics import evaluate
 from compress.train import TrainConfig
-from quantize.codebook import _CodebookWeight, codebook_quantize, kmeans_1d
-from quantize.config import CodebookConfig
+from compress.quantize.codebook import _CodebookWeight, codebook_quantize, kmeans_1d
+from compress.quantize.config import CodebookConfig
 
 
 def test_kmeans_recovers_clusters():

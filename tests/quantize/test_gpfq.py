@@ -8,9 +8,9 @@ from torch import nn
 
 from compress.metrics import evaluate
 from compress.qtensor import signed_range
-from quantize.config import GPFQConfig, RTNConfig
-from quantize.gpfq import LayerStats, gpfq_codes, gpfq_quantize_matrix, gpfq_quantize_model, LayerPlan, output_error
-from quantize.rtn import rtn_quantize, uniform_scale
+from compress.quantize.config import GPFQConfig, RTNConfig
+from compress.quantize.gpfq import LayerStats, gpfq_codes, gpfq_quantize_matrix, gpfq_quantize_model, LayerPlan, output_error
+from compress.quantize.rtn import rtn_quantize, uniform_scale
 
 
 def paper_gpfq(w: torch.Tensor, x: torch.Tensor, xt: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ def test_conv_model_layers_in_order_and_bounded_patches():
 
 
 def test_2d_conv_unfold_matches_conv():
-    from quantize.gpfq import layer_rows
+    from compress.quantize.gpfq import layer_rows
 
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1)
     x = torch.randn(2, 3, 8, 8)

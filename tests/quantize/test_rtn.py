@@ -7,8 +7,11 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from compress.qtensor import signed_range
-from quantize.config import QuantizeConfig, RTNConfig
-from quantize.rtn import expand_to_columns, rtn_quantize
+from compress.quantize.config import RTNConfig
+from compress.quantize.rtn import expand_to_columns, rtn_quantize
+from compress.registry import stage_config
+
+QuantizeConfig = stage_config("quantize")
 
 CASES = [
     (bits, gran, sym)

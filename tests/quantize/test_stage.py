@@ -6,8 +6,11 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from quantize.config import CodebookConfig, GPFQConfig, QuantizeConfig, RTNConfig
-from quantize.stage import masks_respected
+from compress.quantize.config import CodebookConfig, GPFQConfig, RTNConfig
+from compress.quantize.stage import masks_respected
+from compress.registry import stage_config
+
+QuantizeConfig = stage_config("quantize")
 
 
 def test_registered_with_calibration_need():
