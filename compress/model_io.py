@@ -28,7 +28,7 @@ from torch import nn
 from compress.artifacts import atomic_write, atomic_write_json
 from compress.errors import ModelLoadError
 from compress.imports import import_callable
-from compress.qtensor import QuantizedTensor
+from compress.qtensor import quantized_from_dict
 from compress.state import ModelState
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def load_state(folder: Path, rebuild: Callable[[], nn.Module]) -> ModelState:
     return ModelState(
         module=module,
         input_shape=tuple(meta["input_shape"]),
-        quant={k: QuantizedTensor.from_dict(v) for k, v in extras["quant"].items()},
+        quant={k: quantized_from_dict(v) for k, v in extras["quant"].items()},
         masks=dict(extras["masks"]),
         lineage=meta["lineage"],
         extras=meta["extras"],

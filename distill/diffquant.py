@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.qtensor import QuantizedTensor
+from compress.qtensor import CodebookTensor, QuantizedTensor
 from compress.train import LossFn, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def differentiable_quantize(
             for name, lp in pts.items():
                 original = mods[name].parametrizations.weight.original
                 idx = lp.assignments(original)
-                quant[f"{name}.weight"] = QuantizedTensor(
+                quant[f"{name}.weight"] = CodebookTensor(
                     codes=idx.to(torch.uint8),
                     bits=lp.bits,
                     codebook=lp.codebook().detach().reshape(1, -1).clone(),
@@ -237,6 +237,7 @@ def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, d
     """The ``differentiable_quantization`` method of the distill stage (see ``compress.distill.stage``)."""
     from compress.distill.kd import build_student, distill, distillation_loss
     from compress.distill.quantized import quantizable_layers
+
     from compress.metrics import evaluate
 
     train = ctx.data["train"]

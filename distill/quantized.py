@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from compress.qtensor import QuantizedTensor, signed_range
+from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def to_quantized_tensor(w: torch.Tensor, bits: int, bucket: int = 256) -> Quanti
     qmin, _ = signed_range(bits)
     codes = (levels + qmin).to(torch.int8).reshape(w.shape)
     zero_point = (grid.zero_level + qmin).to(torch.int8)
-    return QuantizedTensor(
+    return UniformTensor(
         codes=codes, bits=bits, scale=grid.scale.clone(), zero_point=zero_point, method="quantized_distillation"
     )
 

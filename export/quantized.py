@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compress.qtensor import QuantizedTensor
+from compress.qtensor import CodebookTensor, QuantizedTensor, UniformTensor
 
 if TYPE_CHECKING:
     import onnx
@@ -157,7 +157,7 @@ class _Rewriter:
 
     # --- uniform -------------------------------------------------------------------------
 
-    def dequantize_linear_matmul(self, pname: str, qt: QuantizedTensor) -> tuple[str, "onnx.NodeProto"]:
+    def dequantize_linear_matmul(self, pname: str, qt: UniformTensor) -> tuple[str, "onnx.NodeProto"]:
         """DequantizeLinear producing W^T (in, out) in the layout ORT fuses; returns its output name."""
         from onnx import helper, numpy_helper
 
@@ -197,7 +197,7 @@ class _Rewriter:
         node = helper.make_node("DequantizeLinear", inputs, [out], name=self.fresh(f"{pname}_DequantizeLinear"), **attrs)
         return out, node
 
-    def dequantize_generic(self, pname: str, qt: QuantizedTensor, shape: list[int]) -> list:
+    def dequantize_generic(self, pname: str, qt: UniformTensor, shape: list[int]) -> list:
         """Nodes producing the float weight under its own name from integer codes."""
         from onnx import numpy_helper
 
@@ -245,7 +245,7 @@ class _Rewriter:
 
     # --- codebooks -----------------------------------------------------------------------
 
-    def codebook_nodes(self, pname: str, qt: QuantizedTensor, shape: list[int]) -> list:
+    def codebook_nodes(self, pname: str, qt: CodebookTensor, shape: list[int]) -> list:
         from onnx import TensorProto, helper, numpy_helper
 
         rows, cols = qt.rows_cols
@@ -266,7 +266,7 @@ class _Rewriter:
         row_dtype = np.uint8 if codebook.shape[0] <= 256 else np.int32
         self.graph.initializer.extend([
             numpy_helper.from_array(codebook, cb_name),
-            numpy_helper.from_array(qt.codebook_of_row.numpy().astype(row_dtype), row_name),
+            numpy_helper.from_array(qt.row_codebooks().numpy().astype(row_dtype), row_name),
         ])
         row32 = self.fresh(f"{pname}_codebook_of_row_int32")
         table = self.fresh(f"{pname}_row_tables")
@@ -332,18 +332,18 @@ def quantize_onnx_model(
         rw.remove_initializer(init_name)
         if transposed:
             # The initializer holds Wᵀ (in, out): exactly the layout DequantizeLinear → MatMul wants.
-            if not qt.is_codebook and consumers and all(_is_matmul_by(n, init_name) for n in consumers):
+            if not isinstance(qt, CodebookTensor) and consumers and all(_is_matmul_by(n, init_name) for n in consumers):
                 w_t, dq = rw.dequantize_linear_matmul(init_name, qt)
                 new_nodes = [dq]
                 for mm in consumers:
                     mm.input[1] = w_t
             else:
                 plain = rw.fresh(f"{init_name}_untransposed")
-                new_nodes = (rw.codebook_nodes(plain, qt, list(qt.shape)) if qt.is_codebook
+                new_nodes = (rw.codebook_nodes(plain, qt, list(qt.shape)) if isinstance(qt, CodebookTensor)
                              else rw.dequantize_generic(plain, qt, list(qt.shape)))
                 new_nodes.append(helper.make_node("Transpose", [plain], [init_name], perm=[1, 0],
                                                   name=rw.fresh(f"{init_name}_Transpose")))
-        elif qt.is_codebook:
+        elif isinstance(qt, CodebookTensor):
             new_nodes = rw.codebook_nodes(init_name, qt, shape)
         elif consumers and all(_is_plain_linear_gemm(n, init_name) for n in consumers):
             w_t, dq = rw.dequantize_linear_matmul(init_name, qt)

@@ -10,14 +10,15 @@ through the parametrisation ``W = C[g(row), I]``, whose gradient is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
 import torch
+from compress.quantize.rtn import as_matrix
 from torch import nn
 
-from compress.qtensor import QuantizedTensor
-from compress.quantize.rtn import as_matrix
+from compress.qtensor import CodebookTensor, QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def codebook_quantize(
         sub_codes = torch.zeros_like(sub_w, dtype=torch.long)
         sub_codes[sub_keep] = assign + offset
         codes[row_sel] = sub_codes
-    return QuantizedTensor(
+    return CodebookTensor(
         codes=codes.to(torch.uint8).reshape(weight.shape).contiguous(),
         bits=bits,
         codebook=codebook,
@@ -145,7 +146,7 @@ class _CodebookWeight(nn.Module):
         self.shape = qt.shape
         self.codebook = nn.Parameter(qt.codebook.float().clone())
         self.register_buffer("index", qt.codes.reshape(rows, cols).long())
-        self.register_buffer("which", qt.codebook_of_row.long())
+        self.register_buffer("which", qt.row_codebooks())
         # The reserved zero code (code 0 when pruned weights exist) must stay exactly 0.
         frozen = torch.zeros_like(self.codebook, dtype=torch.bool)
         if reserve_zero:
@@ -203,16 +204,15 @@ def finetune_codebooks(
     for pname, qt in quant.items():
         cb = parts[pname].codebook.detach().clone()
         cb.masked_fill_(parts[pname].frozen, 0.0)
-        out[pname] = QuantizedTensor(
-            codes=qt.codes, bits=qt.bits, codebook=cb, codebook_of_row=qt.codebook_of_row, method=qt.method
-        )
+        out[pname] = dataclasses.replace(qt, codebook=cb)
     return out
 
 
 def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
     """The ``codebook`` method of the quantize stage (see ``compress.quantize.stage``)."""
-    from compress.train import cross_entropy, fit, kd_loss
     from compress.quantize.rtn import weight_rel_error
+
+    from compress.train import cross_entropy, fit, kd_loss
 
     params = state.parameters_by_name()
     floats = {name: params[f"{name}.weight"].detach().clone() for name in chosen}

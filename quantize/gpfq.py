@@ -22,10 +22,15 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from compress.quantize.rtn import (
+    as_matrix,
+    expand_to_columns,
+    round_to_grid,
+    uniform_scale,
+)
 from torch import nn
 
-from compress.qtensor import QuantizedTensor, signed_range
-from compress.quantize.rtn import as_matrix, expand_to_columns, round_to_grid, uniform_scale
+from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +204,7 @@ def gpfq_quantize_matrix(
     codes = gpfq_codes(
         w2d, stats, bits, scale, zp, sparsity=sparsity, sparsity_lambda=sparsity_lambda, block_size=block_size
     )
-    return QuantizedTensor(codes=codes, bits=bits, scale=scale, zero_point=zp, method="gpfq")
+    return UniformTensor(codes=codes, bits=bits, scale=scale, zero_point=zp, method="gpfq")
 
 
 # --- capturing layer inputs --------------------------------------------------------------
@@ -456,7 +461,7 @@ def gpfq_quantize_model(
             if best is not None:
                 _, chosen, scale, zp, codes = best
                 log.debug("gpfq %s: scale factor C = %g", name, chosen)
-        qt = QuantizedTensor(
+        qt = UniformTensor(
             codes=codes.reshape(layer.weight.shape).contiguous(), bits=plan.bits, scale=scale, zero_point=zp, method="gpfq"
         )
         q2d = as_matrix(qt.dequantize())

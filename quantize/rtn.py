@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from compress.qtensor import QuantizedTensor, signed_range
+from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def rtn_quantize(
     if mask is not None:
         keep = as_matrix(mask).bool()
         codes = torch.where(keep, codes, zero_codes(zero_point, rows, cols))
-    return QuantizedTensor(
+    return UniformTensor(
         codes=codes.reshape(weight.shape).contiguous(), bits=bits, scale=scale, zero_point=zero_point, method="rtn"
     )
 

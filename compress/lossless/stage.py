@@ -22,8 +22,12 @@ import numpy as np
 import torch
 
 from compress.lossless.config import CompressStageConfig
-from compress.lossless.container import ContainerReader, ContainerWriter, CorruptArchiveError
-from compress.qtensor import QuantizedTensor
+from compress.lossless.container import (
+    ContainerReader,
+    ContainerWriter,
+    CorruptArchiveError,
+)
+from compress.qtensor import quantized_from_dict
 from compress.state import ModelState, StageContext
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,7 @@ def _add(w: ContainerWriter, name: str, t: torch.Tensor, layout: str | None = No
 
 def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> dict[str, Any]:
     """Write the state's tensors to ``path``; returns the metrics the stage records."""
-    quant_meta = {name: {"bits": qt.bits, "method": qt.method} for name, qt in state.quant.items()}
+    quant_meta = {name: {"kind": qt.kind, "bits": qt.bits, "method": qt.method} for name, qt in state.quant.items()}
     per_tensor: dict[str, dict[str, Any]] = {}
     with ContainerWriter(
         path, level=config.level, chunk_size=config.chunk_size, threads=config.threads,
@@ -94,8 +98,7 @@ def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> di
             codes_layout = None
             if qt.bits <= 4:
                 codes_layout = "u4" if qt.codes.dtype == torch.uint8 else "i4"
-            parts = {"codes": qt.codes, "scale": qt.scale, "zero_point": qt.zero_point,
-                     "codebook": qt.codebook, "codebook_of_row": qt.codebook_of_row}
+            parts = {k: v for k, v in qt.to_dict().items() if isinstance(v, torch.Tensor)}
             for part, t in parts.items():
                 if t is None:
                     continue
@@ -181,7 +184,10 @@ def unpack_state_tensors(path: str | Path) -> dict[str, dict[str, Any]]:
     for pname, parts in quant_parts.items():
         info = qmeta.get(pname, {}) if isinstance(qmeta, dict) else {}
         try:
-            quant[pname] = QuantizedTensor(bits=int(info["bits"]), method=str(info.get("method", "")), **parts)
+            fields = {"bits": int(info["bits"]), "method": str(info.get("method", "")), **parts}
+            if "kind" in info:
+                fields["kind"] = info["kind"]
+            quant[pname] = quantized_from_dict(fields)
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptArchiveError(f"{path}: quantized tensor {pname!r} is inconsistent: {err}") from None
     return {"params": params, "quant": quant, "masks": masks}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,12 @@ import torch
 from compress.data import DataBundle, builtin, load_split
 from compress.errors import DataError
 from compress.metrics import compare_outputs, evaluate
-from compress.qtensor import QuantizedTensor, signed_range
+from compress.qtensor import (
+    CodebookTensor,
+    UniformTensor,
+    quantized_from_dict,
+    signed_range,
+)
 from compress.recipe import DataSplitSpec
 from compress.train import TrainConfig, fit, kd_loss
 from compress.zoo import ZOO
@@ -130,17 +136,26 @@ def test_quantized_tensor_uniform_and_codebook():
     scale = (w.abs().amax(1, keepdim=True) / 7).float()
     lo, hi = signed_range(4)
     codes = torch.clamp(torch.round(w / scale), lo, hi).to(torch.int8)
-    qt = QuantizedTensor(codes=codes, bits=4, scale=scale)
+    qt = UniformTensor(codes=codes, bits=4, scale=scale)
     assert qt.granularity == "per_channel"
     assert (qt.dequantize() - w).abs().max() <= scale.max() / 2 + 1e-6
-    grouped = QuantizedTensor(codes=codes, bits=4, scale=scale.repeat(1, 2))
+    grouped = UniformTensor(codes=codes, bits=4, scale=scale.repeat(1, 2))
     assert grouped.group_size == 4 and torch.equal(grouped.dequantize(), qt.dequantize())
-    cb = QuantizedTensor(codes=torch.randint(0, 4, (6, 8), dtype=torch.uint8), bits=2,
-                         codebook=torch.tensor([[-1.0, 0.0, 0.5, 2.0]]))
+    cb = CodebookTensor(codes=torch.randint(0, 4, (6, 8), dtype=torch.uint8), bits=2,
+                        codebook=torch.tensor([[-1.0, 0.0, 0.5, 2.0]]))
     assert set(cb.dequantize().unique().tolist()) <= {-1.0, 0.0, 0.5, 2.0}
-    again = QuantizedTensor.from_dict(cb.to_dict())
-    assert torch.equal(again.dequantize(), cb.dequantize())
+    for t in (qt, grouped, cb):
+        again = quantized_from_dict(t.to_dict())
+        assert type(again) is type(t) and torch.equal(again.dequantize(), t.dequantize())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        qt.bits = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="unknown quantized tensor kind 'sparse'"):
+        quantized_from_dict({**qt.to_dict(), "kind": "sparse"})
+    with pytest.raises(ValueError, match="version 99"):
+        quantized_from_dict({**qt.to_dict(), "version": 99})
+    with pytest.raises(ValueError, match="fields"):
+        quantized_from_dict({**qt.to_dict(), "codebook": torch.zeros(1, 4)})
     with pytest.raises(ValueError, match="scale shape"):
-        QuantizedTensor(codes=codes, bits=4, scale=torch.ones(6, 3))
+        UniformTensor(codes=codes, bits=4, scale=torch.ones(6, 3))
     with pytest.raises(ValueError, match="bits must be"):
         signed_range(9)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
+
+from compress.qtensor import CodebookTensor
 from compress.registry import stage_config
 
 DistillConfig = stage_config("distill")
@@ -90,7 +92,7 @@ def test_differentiable_quantization_stage_with_bit_budget(run_distill):
     assert sum(bits[n] * sizes[n] for n in bits) <= 3 * sum(sizes.values())
     params = state.parameters_by_name()
     for name, qt in state.quant.items():
-        assert qt.is_codebook and qt.bits == bits[name.rsplit(".", 1)[0]]
+        assert isinstance(qt, CodebookTensor) and qt.bits == bits[name.rsplit(".", 1)[0]]
         assert torch.equal(qt.dequantize(), params[name].detach())
 
 

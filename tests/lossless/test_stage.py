@@ -6,7 +6,7 @@ import torch
 
 from compress.lossless.config import CompressStageConfig
 from compress.lossless.stage import apply, unpack_state_tensors
-from compress.qtensor import QuantizedTensor
+from compress.qtensor import CodebookTensor, UniformTensor
 from compress.registry import stages
 from compress.state import ModelState, StageContext
 
@@ -18,9 +18,9 @@ def make_state() -> ModelState:
     w0 = model[0].weight.detach()
     scale = w0.abs().amax(dim=1, keepdim=True) / 7
     codes = torch.clamp(torch.round(w0 / scale), -8, 7).to(torch.int8)
-    state.quant["0.weight"] = QuantizedTensor(codes=codes, bits=4, scale=scale, method="rtn")
+    state.quant["0.weight"] = UniformTensor(codes=codes, bits=4, scale=scale, method="rtn")
     idx = torch.randint(0, 16, model[2].weight.shape, dtype=torch.uint8)
-    state.quant["2.weight"] = QuantizedTensor(
+    state.quant["2.weight"] = CodebookTensor(
         codes=idx, bits=4, codebook=torch.randn(1, 16), codebook_of_row=torch.zeros(10, dtype=torch.int64), method="kmeans"
     )
     state.masks["0.weight"] = torch.rand(w0.shape) > 0.8
@@ -54,8 +54,9 @@ def test_apply_and_roundtrip(tmp_path) -> None:
         assert torch.equal(t.view(-1).view(torch.uint8) if t.is_floating_point() else t, sd[name].view(-1).view(torch.uint8) if t.is_floating_point() else sd[name])
     for name, qt in state.quant.items():
         got = back["quant"][name]
+        assert type(got) is type(qt)
         for part in ("codes", "scale", "zero_point", "codebook", "codebook_of_row"):
-            a, b = getattr(qt, part), getattr(got, part)
+            a, b = getattr(qt, part, None), getattr(got, part, None)
             assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), (name, part)
         assert got.bits == qt.bits and got.method == qt.method
     assert torch.equal(back["masks"]["0.weight"], state.masks["0.weight"])
