@@ -49,7 +49,7 @@ def onnx_numbers(module: torch.nn.Module, example: torch.Tensor, folder: Path, n
     import zstandard
 
     from compress.export.onnx_export import export_onnx
-    from compress.export.runtime import measure_latency, ort_session
+    from compress.runtime import measure_latency, ort_session
 
     path = folder / f"{name}.onnx"
     export_onnx(module, example, path, opset=18, exporter="legacy")

@@ -146,7 +146,7 @@ def gemm_to_matmul(model):
 
 
 def ort_eval(path: Path, xe, ye, exact_config: bool) -> tuple[float, float]:
-    from compress.export.runtime import measure_latency, ort_predict
+    from compress.runtime import measure_latency, ort_predict
     from compress.export.quantized import ort_session
 
     sess = ort_session(path, exact=exact_config, disabled_optimizers=("MatMulAddFusion",) if exact_config else ())

@@ -107,13 +107,13 @@ def export(state: ModelState, path: Path):
 
 def session(path: Path, quantized: bool, threads: int, exact: bool = True):
     from compress.export.quantized import ort_session
-    from compress.export.runtime import ort_session as float_session
+    from compress.runtime import ort_session as float_session
 
     return ort_session(path, threads=threads, exact=exact) if quantized else float_session(path, threads)
 
 
 def ort_embed(sess, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    from compress.export.runtime import ort_predict
+    from compress.runtime import ort_predict
 
     return ort_predict(sess, x, batch_size=batch,
                        feeds=lambda b: {"input_ids": np.ascontiguousarray(b[:, 0]),
@@ -125,7 +125,7 @@ def trim(x: np.ndarray) -> np.ndarray:
 
 
 def latency(sess, x: np.ndarray, runs: int) -> float:
-    from compress.export.runtime import measure_latency
+    from compress.runtime import measure_latency
 
     feeds = lambda b: {"input_ids": np.ascontiguousarray(b[:, 0]), "attention_mask": np.ascontiguousarray(b[:, 1])}  # noqa: E731
     return measure_latency(sess, trim(x), runs=runs, warmup=3, feeds=feeds)["latency_p50_ms"]
@@ -210,7 +210,7 @@ def main() -> int:
         if float_onnx is not None:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            from compress.export.runtime import ort_session
+            from compress.runtime import ort_session
 
             q = tmp / "ort_int8.onnx"
             t0 = time.perf_counter()

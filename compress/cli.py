@@ -263,7 +263,10 @@ def check(
         parsed = load_recipe(recipe)
         if show:
             typer.echo(parsed.to_yaml(), nl=False)
-        names = ", ".join(s.name for s in parsed.stages) or "no stages"
+        names = ", ".join(
+            f"{s.name} ({s.config.method})" if isinstance(getattr(s.config, "method", None), str) else s.name
+            for s in parsed.stages
+        ) or "no stages"
         _err(f"{recipe}: valid ({names})")
 
 

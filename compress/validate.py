@@ -89,7 +89,7 @@ def validate(
         The report: ``{"passed", "checks", "parity", "accuracy", "latency", ...}``.
     """
     from compress.bundle import is_bundle, open_bundle
-    from compress.export.runtime import measure_latency, ort_predict, ort_session, row_cosine
+    from compress.runtime import measure_latency, ort_predict, ort_session, row_cosine
 
     path = Path(path)
     if not path.is_file():

@@ -403,7 +403,7 @@ def ort_session(
             becomes ``FusedGemm`` over a float weight (the bias Add is absorbed by
             ``MatMulNBits`` instead).
     """
-    from compress.export.runtime import ort_session as float_session
+    from compress.runtime import ort_session as float_session
 
     entries = dict(session_config_for_exact_parity() if exact else {})
     entries.update(config or {})

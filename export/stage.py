@@ -11,7 +11,7 @@ from compress.onnx_signature import onnx_signature_of
 from compress.state import ModelState, StageContext
 from compress.export.config import ExportConfig
 from compress.export.onnx_export import check_model, export_onnx
-from compress.export.runtime import measure_latency, ort_predict, ort_session, row_cosine
+from compress.runtime import measure_latency, ort_predict, ort_session, row_cosine
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
         measure_latency(session, np.ascontiguousarray(one), config.latency_runs, config.latency_warmup, feeds=feeds)
     )
     if config.ort_format:
-        from compress.export.runtime import save_ort_format
+        from compress.runtime import save_ort_format
 
         ort_path = save_ort_format(path, ctx.out_dir / "model.ort", session_config, disabled)
         ort_file_out = ort_predict(ort_session(ort_path, threads=config.threads, config=session_config), x, feeds=feeds)

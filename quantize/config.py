@@ -15,7 +15,7 @@ from compress.config import TrainConfig
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 
 
-class _LayerSelection(BaseModel):
+class LayerSelection(BaseModel):
     """Options every method shares: which layers, at how many bits."""
 
     model_config = ConfigDict(extra="forbid")
@@ -65,7 +65,7 @@ def _matches(layer: str, glob: str) -> bool:
     return fnmatch.fnmatchcase(layer, glob) or fnmatch.fnmatchcase(f"{layer}.weight", glob)
 
 
-class _UniformOptions(_LayerSelection):
+class _UniformOptions(LayerSelection):
     """Options of the uniform (integer-grid) methods."""
 
     granularity: Literal["per_tensor", "per_channel", "per_group"] = Field(
@@ -153,7 +153,7 @@ class GPFQConfig(_UniformOptions):
         return v
 
 
-class CodebookConfig(_LayerSelection):
+class CodebookConfig(LayerSelection):
     """Weight sharing (Han et al. 2016): 1-D k-means codebooks of 2**bits values, optional centroid fine-tuning."""
 
     method: Literal["codebook"] = Field("codebook", description="k-means weight sharing with a codebook per layer or neuron group.")

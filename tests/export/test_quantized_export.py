@@ -76,7 +76,7 @@ def test_parity_and_fusion(trained, tmp_path, model_name, cfg_name):
     from pydantic import TypeAdapter
 
     from compress.metrics import predict
-    from compress.export.runtime import ort_predict
+    from compress.runtime import ort_predict
     from compress.export.quantized import optimized_op_types, ort_session
     from compress.registry import stage_config
 
@@ -132,7 +132,7 @@ def test_exact_parity_needs_the_session_option(trained, tmp_path):
     from pydantic import TypeAdapter
 
     from compress.metrics import predict
-    from compress.export.runtime import ort_predict
+    from compress.runtime import ort_predict
     from compress.export.quantized import ort_session
     from compress.registry import stage_config
 

@@ -204,7 +204,7 @@ def test_onnx_named_inputs_dynamic_sequence_and_quantized_parity(minilm_setup, t
 
     from compress.onnx_signature import onnx_signature_of
     from compress.export.onnx_export import export_onnx
-    from compress.export.runtime import ort_predict
+    from compress.runtime import ort_predict
     from compress.export.quantized import optimized_op_types, ort_session, quantize_onnx_model
     from compress.export.stage import _wrapped_names
 
