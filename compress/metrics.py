@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from compress.qtensor import QuantizedTensor
 
 
 @torch.no_grad()
@@ -86,3 +92,40 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         nonzero += int(torch.count_nonzero(p).item())
     return total, nonzero
+
+
+def model_size(model: nn.Module, quant: Mapping[str, QuantizedTensor] | None = None) -> dict[str, Any]:
+    """The one size accounting every stage and the report use.
+
+    Returns:
+        ``parameters`` and ``nonzeros`` (parameters only, a tied parameter counted once),
+        ``sparsity``, ``dense_bytes`` (every state_dict tensor at its dtype's width: what a
+        float checkpoint holds), ``stored_bytes`` (quantized tensors as packed integers plus
+        their scales/codebooks, the rest at its dtype's width, no entropy coding) and
+        ``weight_bits`` (average stored bits per parameter: quantized ones at their width,
+        the rest at their dtype's width).
+    """
+    quant = quant or {}
+    params, nonzeros = count_parameters(model)
+    dense = stored = 0
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # tied tensors are stored once
+            continue
+        seen.add(id(t))
+        nbytes = t.numel() * t.element_size()
+        dense += nbytes
+        qt = quant.get(name)
+        stored += -(-qt.storage_bits() // 8) if qt is not None else nbytes
+    bits = 0
+    for name, p in dict(model.named_parameters()).items():
+        qt = quant.get(name)
+        bits += qt.codes.numel() * qt.bits if qt is not None else p.numel() * p.element_size() * 8
+    return {
+        "parameters": params,
+        "nonzeros": nonzeros,
+        "sparsity": 1 - nonzeros / params if params else 0.0,
+        "dense_bytes": dense,
+        "stored_bytes": stored,
+        "weight_bits": round(bits / params, 3) if params else 0.0,
+    }

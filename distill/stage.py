@@ -20,7 +20,7 @@ import time
 
 from torch import nn
 
-from compress.metrics import count_parameters, evaluate
+from compress.metrics import count_parameters, evaluate, model_size
 from compress.qtensor import QuantizedTensor
 from compress.state import ModelState, StageContext
 from compress.distill.config import BornAgainConfig, DiffQuantConfig, KDConfig, QuantizedDistillConfig
@@ -31,10 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def storage_bytes(module: nn.Module, quant: dict[str, QuantizedTensor]) -> int:
-    """Bytes to store ``module``: quantized weights at their width (plus scales/codebooks), the rest float32."""
-    bits = sum(qt.storage_bits() for qt in quant.values())
-    bits += 32 * sum(p.numel() for n, p in module.named_parameters() if n not in quant)
-    return (bits + 7) // 8
+    """Bytes to store ``module``: quantized weights at their width (plus scales/codebooks), the rest at their dtype's."""
+    return int(model_size(module, quant)["stored_bytes"])
 
 
 def _describe(module: nn.Module, quant: dict[str, QuantizedTensor]) -> dict:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from compress.metrics import model_size
+
 
 if TYPE_CHECKING:
     from compress.onnx_signature import OnnxSignature
@@ -78,7 +80,7 @@ def export_onnx(
         dyn = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
         legacy_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     tmp = path.with_name(path.name + ".tmp")
-    weight_bytes = sum(p.numel() * p.element_size() for p in module.state_dict().values())
+    weight_bytes = model_size(module)["dense_bytes"]
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

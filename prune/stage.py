@@ -22,16 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def size_metrics(module: nn.Module) -> dict[str, Any]:
-    """Parameters, nonzeros, sparsity and dense bytes (every parameter at its dtype's width)."""
-    from compress.metrics import count_parameters
+    """Parameters, nonzeros, sparsity and dense bytes (every state tensor at its dtype's width)."""
+    from compress.metrics import model_size
 
-    params, nonzeros = count_parameters(module)
-    return {
-        "parameters": params,
-        "nonzeros": nonzeros,
-        "sparsity": 1 - nonzeros / params if params else 0.0,
-        "dense_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
-    }
+    size = model_size(module)
+    return {k: size[k] for k in ("parameters", "nonzeros", "sparsity", "dense_bytes")}
 
 
 def apply(
