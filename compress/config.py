@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
 class TrainConfig(BaseModel):
@@ -23,19 +23,39 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="Seed for initialisation-independent randomness (shuffling).")
 
 
-class TrainingLoss(BaseModel):
-    """Loss options shared by the stages that train a model against the one entering them."""
+class DistillationLoss(BaseModel):
+    """Hinton et al.'s distillation loss, alpha*T^2*KL(teacher || student) + (1 - alpha)*CE(labels):
+    the one definition every training stage uses (``compress.train.kd_loss``)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(
+        2.0,
+        gt=0,
+        allow_inf_nan=False,
+        validation_alias=AliasChoices("temperature", "kd_temperature"),
+        description="Distillation temperature T.",
+    )
+    alpha: float = Field(
+        0.7,
+        ge=0,
+        le=1,
+        validation_alias=AliasChoices("alpha", "kd_alpha"),
+        description=(
+            "Weight of the distillation term, alpha*T^2*KL; (1 - alpha) weighs cross-entropy on the labels. "
+            "1 = teacher only (unlabelled data), 0 = labels only (no teacher)."
+        ),
+    )
+
+
+class TrainingLoss(DistillationLoss):
+    """Loss options shared by the stages that train a model against the one entering them."""
 
     loss: Literal["ce", "kd"] = Field(
         "kd",
         description=(
             "Training loss: 'kd' distils from the model as it entered the stage "
-            "(for prune: the pipeline's float input model), 'ce' is cross-entropy on the train split's labels."
+            "(for prune: the pipeline's float input model; temperature and alpha apply), "
+            "'ce' is cross-entropy on the train split's labels."
         ),
-    )
-    kd_temperature: float = Field(2.0, gt=0, description="Distillation temperature T (loss 'kd' only).")
-    kd_alpha: float = Field(
-        0.7, ge=0, le=1, description="Weight of the distillation term; 1 - alpha weighs cross-entropy (loss 'kd' only)."
     )

@@ -47,7 +47,7 @@ def loss_from_config(config) -> LossFn:
     if config.loss == "ce":
         return cross_entropy
     if config.loss == "kd":
-        return kd_loss(config.kd_temperature, config.kd_alpha)
+        return kd_loss(config.temperature, config.alpha)
     raise ValueError(f"unknown loss {config.loss!r}; allowed: ce, kd")
 
 

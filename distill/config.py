@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compress.config import TrainConfig
+from compress.config import DistillationLoss, TrainConfig
 
 STUDENT_KEYWORDS = ("same", "input")
 ROUNDINGS = ("deterministic", "stochastic")
@@ -74,17 +74,7 @@ class _Student(BaseModel):
         return self
 
 
-class _KDLoss(BaseModel):
-    temperature: float = Field(2.0, gt=0, description="Distillation temperature T.")
-    alpha: float = Field(
-        0.7,
-        ge=0,
-        le=1,
-        description=(
-            "Weight of the distillation term, alpha*T^2*KL; (1 - alpha) weighs cross-entropy on the labels. "
-            "1 = teacher only (unlabelled data), 0 = labels only (no teacher)."
-        ),
-    )
+class _KDLoss(DistillationLoss):
     mixup: int = Field(
         0,
         ge=0,

@@ -212,7 +212,8 @@ def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> 
     """The ``codebook`` method of the quantize stage (see ``compress.quantize.stage``)."""
     from compress.quantize.rtn import weight_rel_error
 
-    from compress.train import cross_entropy, fit, kd_loss
+    from compress.config import TrainingLoss
+    from compress.train import fit, loss_from_config
 
     params = state.parameters_by_name()
     floats = {name: params[f"{name}.weight"].detach().clone() for name in chosen}
@@ -236,9 +237,9 @@ def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> 
         with torch.no_grad():
             for pname, qt in new.items():
                 params[pname].copy_(qt.dequantize())
-        labelled = train.y is not None
-        loss_fn = cross_entropy if labelled else kd_loss()
-        teacher = None if labelled else ctx.reference
+        loss_config = config.finetune_loss or TrainingLoss(loss="ce" if train.y is not None else "kd")
+        loss_fn = loss_from_config(loss_config)
+        teacher = ctx.reference if loss_config.loss == "kd" else None
 
         def run(model, cb_params, after_step):
             return fit(model, train.x, train.y, config.finetune, loss_fn=loss_fn, teacher=teacher,

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from compress.config import TrainConfig
+from compress.config import TrainConfig, TrainingLoss
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 
@@ -169,6 +169,11 @@ class CodebookConfig(LayerSelection):
         None,
         description="Fine-tune the centroids (assignments fixed, pruned weights kept zero) on the train split; "
         "null skips fine-tuning.",
+    )
+    finetune_loss: TrainingLoss | None = Field(
+        None,
+        description="Loss of the centroid fine-tuning: {loss: ce} or {loss: kd, temperature, alpha} (distillation from "
+        "the pipeline's input model). null: cross-entropy when the train split has labels, else distillation.",
     )
 
     @field_validator("bits")
