@@ -1,30 +1,17 @@
-"""Shared fixtures of the prune tests: MNIST-1D and small models trained on it (seeded)."""
+"""Fixtures of the prune tests: small models trained on MNIST-1D (seeded), single-threaded."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from compress.data import DataBundle, Split, builtin
-from compress.state import ModelState, StageContext
+from compress.state import ModelState
+from compress.testing import make_context, one_thread
 from compress.train import TrainConfig, fit
 from compress.zoo import mnist1d_cnn, mnist1d_mlp
-
-
-@contextlib.contextmanager
-def one_thread():
-    """These models are too small to gain from intra-op threads, and on shared cores the
-    threads' spin-waiting can slow training tenfold; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,19 +21,12 @@ def _single_threaded():
 
 
 @pytest.fixture(scope="session")
-def mnist1d() -> dict[str, torch.Tensor]:
-    x, y = builtin("mnist1d", "train")
-    xt, yt = builtin("mnist1d", "test")
-    return {"x": torch.as_tensor(x), "y": torch.as_tensor(y), "xt": torch.as_tensor(xt), "yt": torch.as_tensor(yt)}
-
-
-@pytest.fixture(scope="session")
 def trained_mlp(mnist1d) -> torch.nn.Module:
     """mnist1d_mlp (40-256-256-10), 10 epochs: about 61% test accuracy, ~2 s."""
     torch.manual_seed(0)
     model = mnist1d_mlp()
     with one_thread():
-        fit(model, mnist1d["x"], mnist1d["y"], TrainConfig(epochs=10, lr=3e-3))
+        fit(model, mnist1d.x, mnist1d.y, TrainConfig(epochs=10, lr=3e-3))
     return model.eval()
 
 
@@ -56,7 +36,7 @@ def trained_cnn(mnist1d) -> torch.nn.Module:
     torch.manual_seed(0)
     model = mnist1d_cnn()
     with one_thread():
-        fit(model, mnist1d["x"], mnist1d["y"], TrainConfig(epochs=6, lr=3e-3))
+        fit(model, mnist1d.x, mnist1d.y, TrainConfig(epochs=6, lr=3e-3))
     return model.eval()
 
 
@@ -65,18 +45,7 @@ def make_ctx(mnist1d, tmp_path: Path):
     """``make_ctx(reference, out_dir=None, calibration=None)`` -> StageContext on MNIST-1D."""
 
     def make(reference: torch.nn.Module, out_dir: Path | None = None, calibration: int | None = None, seed: int = 0):
-        splits = {
-            "train": Split("train", mnist1d["x"], mnist1d["y"], 128, 0),
-            "eval": Split("eval", mnist1d["xt"], mnist1d["yt"], 256, 0),
-        }
-        if calibration is not None:
-            splits["calibration"] = Split("calibration", mnist1d["x"][:calibration], None, 256, 0)
-        ref = copy.deepcopy(reference).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return StageContext(
-            data=DataBundle(splits), out_dir=out_dir or tmp_path, device=torch.device("cpu"), reference=ref, seed=seed
-        )
+        return make_context(mnist1d.bundle(calibration=calibration), reference, out_dir or tmp_path, seed)
 
     return make
 

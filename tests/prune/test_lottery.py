@@ -82,7 +82,7 @@ def test_resume_after_interruption_gives_the_same_ticket(make_ctx, fresh_state, 
 
 def test_rewind_snapshot_is_the_weights_after_k_steps(mnist1d):
     cfg = TrainConfig(epochs=1, lr=1e-3, schedule="constant")
-    x, y = mnist1d["x"][:1024], mnist1d["y"][:1024]
+    x, y = mnist1d.x[:1024], mnist1d.y[:1024]
     a = reinitialize(mnist1d_mlp(hidden=(16,)), seed=3)
     b = reinitialize(mnist1d_mlp(hidden=(16,)), seed=3)
     snap = _RewindSnapshot(a, 3)

@@ -51,7 +51,7 @@ def test_masks_identical_to_torch_prune(request, model_name, scope, amount):
 
 
 def test_global_80_with_short_finetune_stays_within_one_point(trained_mlp, make_ctx, fresh_state, mnist1d):
-    dense = evaluate(trained_mlp, mnist1d["xt"], mnist1d["yt"])["accuracy"]
+    dense = evaluate(trained_mlp, mnist1d.x_eval, mnist1d.y_eval)["accuracy"]
     state = fresh_state(trained_mlp)
     ctx = make_ctx(trained_mlp)
     cfg = MagnitudeConfig(method="magnitude", amount=0.8, finetune=TrainConfig(epochs=2, lr=5e-4))

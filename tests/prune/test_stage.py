@@ -80,7 +80,7 @@ def test_variance_stage_shrinks_model_and_onnx(trained_cnn, make_ctx, fresh_stat
     assert state.module.head[0].out_features == 64
     assert ctx.metrics["accuracy_finetuned"] is not None
 
-    x = mnist1d["xt"][:64]
+    x = mnist1d.x_eval[:64]
     sizes = {}
     for label, model in (("dense", trained_cnn), ("pruned", state.module)):
         path = tmp_path / f"{label}.onnx"

@@ -78,16 +78,16 @@ def test_finds_blocks_in_mlp_cnn_head_transformer_and_untraceable(trained_mlp, t
 
 def test_amount_zero_changes_no_output(trained_mlp, mnist1d):
     model = copy.deepcopy(trained_mlp)
-    before = model(mnist1d["xt"])
-    report = variance_prune(model, _batches(mnist1d["x"]), 0.0)
+    before = model(mnist1d.x_eval)
+    report = variance_prune(model, _batches(mnist1d.x), 0.0)
     assert report["neurons_removed"] == 0
     assert count_parameters(model) == count_parameters(trained_mlp)
-    torch.testing.assert_close(model(mnist1d["xt"]), before, rtol=0, atol=0)
+    torch.testing.assert_close(model(mnist1d.x_eval), before, rtol=0, atol=0)
 
 
 def test_zero_variance_neurons_fold_exactly(trained_mlp, mnist1d):
     model = copy.deepcopy(trained_mlp)
-    x = mnist1d["x"][:1000]
+    x = mnist1d.x[:1000]
     with torch.no_grad():  # make 40 neurons of the first block constant: 20 dead, 20 at a fixed value
         model.net[0].weight[:40] = 0
         model.net[0].bias[:20] = -1.0
@@ -100,7 +100,7 @@ def test_zero_variance_neurons_fold_exactly(trained_mlp, mnist1d):
 
 def test_without_fold_constant_neurons_are_not_exact(trained_mlp, mnist1d):
     model = copy.deepcopy(trained_mlp)
-    x = mnist1d["x"][:1000]
+    x = mnist1d.x[:1000]
     with torch.no_grad():
         model.net[0].weight[:40] = 0
         model.net[0].bias[:40] = 1.0
@@ -118,8 +118,8 @@ def test_half_the_neurons_beats_row_norm_and_no_fold(trained_mlp, mnist1d):
         "pre_activation": {"statistic": "pre_activation_variance"},
     }.items():
         model = copy.deepcopy(trained_mlp)
-        variance_prune(model, _batches(mnist1d["x"]), 0.5, **kw)
-        acc[label] = evaluate(model, mnist1d["xt"], mnist1d["yt"])["accuracy"]
+        variance_prune(model, _batches(mnist1d.x), 0.5, **kw)
+        acc[label] = evaluate(model, mnist1d.x_eval, mnist1d.y_eval)["accuracy"]
     assert acc["variance"] > acc["row_norm"] + 0.03, acc
     assert acc["variance"] > acc["no_fold"] + 0.03, acc
 
@@ -127,7 +127,7 @@ def test_half_the_neurons_beats_row_norm_and_no_fold(trained_mlp, mnist1d):
 def test_parameter_count_drops_by_the_removed_rows_and_columns(trained_mlp, mnist1d):
     model = copy.deepcopy(trained_mlp)
     before, _ = count_parameters(model)
-    report = variance_prune(model, _batches(mnist1d["x"]), 0.5)
+    report = variance_prune(model, _batches(mnist1d.x), 0.5)
     assert report["neurons_removed"] == 256
     r1 = 256 - report["blocks"][0]["hidden_after"]
     r2 = 256 - report["blocks"][1]["hidden_after"]
@@ -146,9 +146,9 @@ def test_parameter_count_drops_by_the_removed_rows_and_columns(trained_mlp, mnis
 
 def test_min_neurons_per_block(trained_mlp, mnist1d):
     model = copy.deepcopy(trained_mlp)
-    report = variance_prune(model, _batches(mnist1d["x"][:500]), 0.99, min_neurons=8)
+    report = variance_prune(model, _batches(mnist1d.x[:500]), 0.99, min_neurons=8)
     assert all(b["hidden_after"] >= 8 for b in report["blocks"])
-    assert model(mnist1d["xt"][:4]).shape == (4, 10)
+    assert model(mnist1d.x_eval[:4]).shape == (4, 10)
 
 
 def test_transformer_ffn_tokens_are_samples():
@@ -169,7 +169,7 @@ def test_transformer_ffn_tokens_are_samples():
 
 def test_named_blocks_and_their_errors(trained_cnn, mnist1d):
     model = copy.deepcopy(trained_cnn)
-    variance_prune(model, _batches(mnist1d["x"][:500]), 0.25, blocks=[MLPBlock("head.0", "head.2")])
+    variance_prune(model, _batches(mnist1d.x[:500]), 0.25, blocks=[MLPBlock("head.0", "head.2")])
     assert model.head[0].out_features == 96
     with pytest.raises(ValueError, match="not nn.Linear"):
         variance_prune(copy.deepcopy(trained_cnn), [], 0.25, blocks=[MLPBlock("features.0", "head.2")])
@@ -208,7 +208,7 @@ def test_hf_bert_ffn_found_by_hooks():
 
 def test_block_scope_removes_the_same_fraction_everywhere(trained_mlp, mnist1d):
     model = copy.deepcopy(trained_mlp)
-    report = variance_prune(model, _batches(mnist1d["x"][:1000]), 0.5, scope="block")
+    report = variance_prune(model, _batches(mnist1d.x[:1000]), 0.5, scope="block")
     assert [b["hidden_after"] for b in report["blocks"]] == [128, 128]
     with pytest.raises(ValueError, match="allowed: global, block"):
-        variance_prune(copy.deepcopy(trained_mlp), _batches(mnist1d["x"][:500]), 0.5, scope="layer")
+        variance_prune(copy.deepcopy(trained_mlp), _batches(mnist1d.x[:500]), 0.5, scope="layer")

@@ -40,24 +40,13 @@ class Trained:
 
 def train_zoo_model(name: str) -> Trained:
     from compress import zoo
-    from compress.data import builtin
-    from compress.metrics import evaluate
-    from compress.train import TrainConfig, fit
+    from compress.testing import builtin_dataset
+    from compress.testing import train_zoo_model as train
 
-    factory, _shape, source = zoo.ZOO[name]
     kwargs, epochs = TRAINED[name]
-    x, y = (torch.as_tensor(a) for a in builtin(source, "train"))
-    xe, ye = (torch.as_tensor(a) for a in builtin(source, "test"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster than two contended ones
-    try:
-        torch.manual_seed(0)
-        model = factory(**kwargs)
-        fit(model, x, y, TrainConfig(epochs=epochs, lr=3e-3, batch_size=128, seed=0))
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    return Trained(name, model, x, y, xe, ye, evaluate(model, xe, ye)["accuracy"])
+    model, accuracy = train(name, epochs, **kwargs)
+    data = builtin_dataset(zoo.ZOO[name][2])
+    return Trained(name, model, data.x, data.y, data.x_eval, data.y_eval, accuracy)
 
 
 @pytest.fixture(scope="session")
