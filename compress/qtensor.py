@@ -204,4 +204,4 @@ def quantized_from_dict(d: dict[str, Any]) -> QuantizedTensor:
     if unknown:
         raise ValueError(f"unknown {kind} quantized tensor fields: {sorted(unknown)}")
     cls: Any = _KINDS[kind]
-    return cls(**d)  # type: ignore[no-any-return]
+    return cls(**d)

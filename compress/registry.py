@@ -72,7 +72,7 @@ class StageEntry:
             return configs[0]
         from pydantic import Field
 
-        return Annotated[Union[configs], Field(discriminator="method")]  # type: ignore[valid-type]
+        return Annotated[Union[configs], Field(discriminator="method")]
 
     def resolve(self) -> Callable[..., Any]:
         return _resolve(self.apply_path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def ort_predict(session, x: np.ndarray, batch_size: int = 256, feeds: Feeds | No
 
 def measure_latency(
     session, example: np.ndarray, runs: int = 100, warmup: int = 10, feeds: Feeds | None = None
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Wall-clock latency percentiles (ms) of single runs on ``example`` (fed as in
     ``ort_predict``), and every sample."""
     feed = _feed(session, example, feeds)

@@ -8,6 +8,8 @@ reshape inside, so data files stay simple 2-D arrays.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -86,7 +88,7 @@ def digits_cnn(channels: int = 16, hidden: int = 128, classes: int = 10) -> nn.M
 
 
 # name -> (factory, per-sample input shape, data source): used by the teacher script and tests.
-ZOO = {
+ZOO: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], str]] = {
     "mnist1d_mlp": (mnist1d_mlp, (40,), "mnist1d"),
     "mnist1d_cnn": (mnist1d_cnn, (40,), "mnist1d"),
     "digits_mlp": (digits_mlp, (64,), "digits"),

@@ -167,10 +167,11 @@ def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, d
         lambda k: reinitialize(state.module, ctx.seed + k),
         train.x, train.y, config.train,
         generations=config.generations, variant=config.variant, temperature=config.temperature,
-        eval_x=ev.x if labelled_eval else None, eval_y=ev.y if labelled_eval else None, seed=ctx.seed,
+        eval_x=ev.x if ev is not None and labelled_eval else None,
+        eval_y=ev.y if ev is not None and labelled_eval else None, seed=ctx.seed,
     )
     ctx.metrics["generations"] = records
-    if config.ensemble and labelled_eval:
+    if config.ensemble and ev is not None and labelled_eval:
         ctx.metrics["ensemble_accuracy"] = ensemble_accuracy(members, ev.x, ev.y)
         ctx.metrics["ensemble_members"] = len(members)
     if config.select == "best":

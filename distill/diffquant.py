@@ -63,6 +63,9 @@ class LearnedPoints(nn.Module):
         init: ``"quantiles"`` or ``"uniform"``.
     """
 
+    alpha: torch.Tensor
+    beta: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bits: int, init: PointsInit = "quantiles") -> None:
         super().__init__()
         w = weight.detach().float()
@@ -207,7 +210,7 @@ def differentiable_quantize(
 
             params = [lp.points for lp in pts.values()]
             summary = distill(student, teacher, x, y, cfg, temperature, alpha, mixup, params=params, after_step=sort_points)
-        quant = {}
+        quant: dict[str, QuantizedTensor] = {}
         with torch.no_grad():
             for name, lp in pts.items():
                 original = mods[name].parametrizations.weight.original

@@ -145,7 +145,7 @@ def distill(
         raise ValueError("distillation with alpha > 0 needs a teacher")
     if y is None and alpha < 1:
         raise ValueError(f"alpha {alpha} < 1 weighs a label term, but the train split has no labels; set alpha: 1")
-    if needs_teacher:
+    if teacher is not None and needs_teacher:
         check_outputs_match(student, teacher, x)
     if mixup:
         if not needs_teacher:
