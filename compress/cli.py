@@ -265,6 +265,11 @@ def check(
             typer.echo(parsed.to_yaml(), nl=False)
         names = ", ".join(s.name for s in parsed.stages) or "no stages"
         _err(f"{recipe}: valid ({names})")
+        imports = parsed.imports()
+        # A recipe runs the code it names: show every import so a reviewer sees it.
+        _err("imports the run will make:" if imports else "imports the run will make: none")
+        for loc, ref in imports:
+            _err(f"  {'.'.join(map(str, loc))}: {ref}")
 
 
 @app.command()
