@@ -33,9 +33,13 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 def disk_error(err: OSError, fallback: Path) -> InputError:
     """An ``InputError`` naming the path and the free space for an OS error while writing."""
     path = Path(err.filename) if err.filename else fallback
-    where = path if path.exists() else path.parent
+    if path.parent.name.startswith(STAGING_PREFIX):  # name the file the user will look for
+        path = path.parent.parent / path.name
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
-        free = f"; {shutil.disk_usage(where if where.exists() else fallback).free:,} bytes free there"
+        free = f"; {shutil.disk_usage(where).free:,} bytes free there"
     except OSError:
         free = ""
     reason = err.strerror or str(err)
