@@ -54,7 +54,7 @@ class OutputFolder:
         self.path = Path(path)
         self._lock = None
 
-    def __enter__(self) -> OutputFolder:
+    def __enter__(self) -> OutputFolder:  # noqa: PYI034 (a final-enough class)
         self.lock()
         return self
 

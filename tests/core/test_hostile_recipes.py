@@ -118,8 +118,6 @@ ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
 
 def test_alias_bomb_refused_fast(cli, write_recipe, digits_mlp_path, tmp_path):
     _bounded(ALIAS_BOMB, "aliases")
-    text = BASE.replace("kwargs: {hidden: [32]}", "kwargs: {hidden: [32], junk: *i}")
-    text = ALIAS_BOMB.replace("a: &a", "x0: &a").replace("\n", "\n", 1)
     bomb_in_kwargs = "anchors:\n" + "".join("  " + line + "\n" for line in ALIAS_BOMB.splitlines())
     _bounded(bomb_in_kwargs + BASE.replace("kwargs: {hidden: [32]}", "kwargs: {hidden: [32], junk: *i}"), "aliases")
     err = _refused(cli, write_recipe, digits_mlp_path, tmp_path, ALIAS_BOMB)

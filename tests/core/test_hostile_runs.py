@@ -155,7 +155,7 @@ def test_stale_onnx_refused(cli, tmp_path, recipe_text, digits_mlp_path):
 
 def test_failed_rerun_leaves_no_old_passed_report(cli, tmp_path, recipe_text, digits_mlp_path):
     out = tmp_path / "o"
-    code, _, err = _run(cli, tmp_path, recipe_text(), digits_mlp_path, "-o", out)
+    code, _, _ = _run(cli, tmp_path, recipe_text(), digits_mlp_path, "-o", out)
     assert code == 0 and json.loads((out / "report.json").read_text())["passed"]
     sd = torch.load(digits_mlp_path, weights_only=True)
     sd["net.0.weight"][0, 0] = float("nan")
@@ -174,9 +174,8 @@ def test_output_folder_locked(tmp_path, recipe_text, digits_mlp_path):
     from compress.recipe import parse_recipe
 
     out = tmp_path / "o"
-    with OutputFolder(out):
-        with pytest.raises(InputError, match=f"in use by pid {os.getpid()}"):
-            run(parse_recipe(recipe_text()), digits_mlp_path, out)
+    with OutputFolder(out), pytest.raises(InputError, match=f"in use by pid {os.getpid()}"):
+        run(parse_recipe(recipe_text()), digits_mlp_path, out)
     assert run(parse_recipe(recipe_text()), digits_mlp_path, out).passed  # released
 
 
