@@ -57,14 +57,14 @@ class ModelState:
             for name, qt in self.quant.items():
                 if name not in params:
                     raise KeyError(f"quantized tensor {name!r} matches no parameter of the model")
-                params[name].copy_(qt.dequantize().to(params[name].dtype))
+                params[name].copy_(qt.dequantize().to(params[name].device, params[name].dtype))
 
     def apply_masks(self) -> None:
         """Zero every masked-out weight (masks are enforced after each optimizer step)."""
         params = self.parameters_by_name()
         with torch.no_grad():
             for name, mask in self.masks.items():
-                params[name].mul_(mask.to(params[name].dtype))
+                params[name].mul_(mask.to(params[name].device, params[name].dtype))
 
 
 @dataclass
