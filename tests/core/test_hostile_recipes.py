@@ -192,3 +192,9 @@ def test_misplaced_key_does_not_suggest_itself():
         parse_recipe(BASE + "gates: {seed: 3}\n")
     assert "did you mean 'seed'" not in str(e.value)
     assert "'seed' is not allowed under gates" in str(e.value)
+
+
+@pytest.mark.parametrize("seed", ["-1", "1.0e+23"])
+def test_bad_training_seed(seed):
+    with pytest.raises(RecipeError, match="stages.0.finetune.train.seed"):
+        parse_recipe(BASE + f"stages:\n  - finetune: {{train: {{epochs: 1, seed: {seed}}}}}\n")

@@ -307,3 +307,15 @@ def test_device_cuda_matches_cpu(cli, tmp_path, recipe_text, digits_mlp_path):
         assert code == 0, err
         results[dev] = json.loads(out)
     assert abs(results["cpu"]["stages"][-1]["accuracy"] - results["cuda"]["stages"][-1]["accuracy"]) < 0.03
+
+
+def test_inspect_corrupt_stage_folder(cli, tmp_path, recipe_text, digits_mlp_path):
+    out = tmp_path / "o"
+    code, _, err = _run(cli, tmp_path, recipe_text(stages=RTN), digits_mlp_path, "-o", out)
+    assert code == 0, err
+    folder = next((out / "stages").iterdir())
+    model = folder / "model.pt"
+    model.write_bytes(model.read_bytes()[:300])
+    code, _, err = cli("inspect", folder)
+    assert code == 2, err
+    assert "model.pt: corrupt" in err
