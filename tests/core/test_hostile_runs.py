@@ -162,7 +162,7 @@ def test_failed_rerun_leaves_no_old_passed_report(cli, tmp_path, recipe_text, di
     bad = tmp_path / "nan.pt"
     torch.save(sd, bad)
     code, _, err = _run(cli, tmp_path, recipe_text(), bad, "-o", out)
-    assert code == 2
+    assert code == 2, err
     for name in ("report.json", "report.md", "report.html", "model.onnx", "bundle.czip"):
         assert not (out / name).exists(), name
 
@@ -210,6 +210,57 @@ def test_disk_full_during_a_stage_names_the_path(cli, tmp_path, recipe_text, dig
     code, _, err = _run(cli, tmp_path, recipe_text(stages=RTN), digits_mlp_path, "-o", tmp_path / "o")
     assert code == 2, err
     assert "model.pt: No space left on device" in err and "bytes free" in err
+
+
+def test_file_size_limit_end_to_end(tmp_path, recipe_text, digits_mlp_path):
+    """A real write failure (RLIMIT_FSIZE: the kernel refuses writes past 20 KB, as a full
+    disk would): exit 2 naming a path, and neither the artifacts nor a report published."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text())
+    out = tmp_path / "o"
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress", "run", str(recipe), str(digits_mlp_path), "-o", str(out)],
+        capture_output=True, text=True, preexec_fn=limit, timeout=300, check=False,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot write" in proc.stderr and str(out) in proc.stderr and "Traceback" not in proc.stderr
+    top = {p.name for p in out.iterdir()}
+    assert not top & {"report.json", "model.onnx", "bundle.czip"}, top
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".publish-")]
+
+
+def test_export_restores_torch_log_levels():
+    import logging
+
+    from compress.export.onnx_export import _quiet_dynamo_logs
+
+    logging.getLogger("torch.onnx").setLevel(logging.INFO)
+    with _quiet_dynamo_logs():
+        assert logging.getLogger("torch.onnx").level == logging.ERROR
+    assert logging.getLogger("torch.onnx").level == logging.INFO
+
+
+def test_cli_does_not_silence_warnings_for_children():
+    import subprocess
+    import sys
+
+    code = "import os, compress.cli\ntry:\n    compress.cli.main()\nexcept SystemExit:\n    pass\nprint(os.environ.get('PYTHONWARNINGS'))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, env=env, check=False)
+    assert out.stdout.strip().splitlines()[-1] == "None"
 
 
 def test_report_json_never_holds_nan(tmp_path, recipe_text, digits_mlp_path):
