@@ -349,6 +349,7 @@ def _execute(plan: _Plan, loaded: _Loaded, force: bool, reporter: Reporter, main
     checks: list[Check] = []
     artifacts: dict[str, Path] = {}
     made_by: dict[str, int] = {}  # artifact name -> index of the stage that wrote it
+    stale: dict[str, tuple[int, int]] = {}  # artifact -> (stage that wrote it, later stage that changed the model)
     outputs = StageOutputs()
     total = len(recipe.stages)
     for stage_spec, entry in zip(recipe.stages, plan.entries):
@@ -373,20 +374,27 @@ def _execute(plan: _Plan, loaded: _Loaded, force: bool, reporter: Reporter, main
             row, stage_checks, stage_artifacts, stage_outputs, state = _run_stage(
                 state, stage_spec, entry, folder, key, loaded, spec.seed, plan.device
             )
-        if before is not None and not stage_artifacts and _fingerprint(state) != before:
-            stale = sorted(artifacts)
-            earlier = min(made_by[n] for n in stale)
-            raise RecipeError(
-                f"stage {i + 1} ({stage_spec.name}) changes the model after stage {earlier + 1} "
-                f"({recipe.stages[earlier].name}) wrote {', '.join(stale)}: those files would describe the old "
-                f"model. Move {recipe.stages[earlier].name} after {stage_spec.name} (or add it again at the end)"
-            )
+        if before is not None and _fingerprint(state) != before:
+            for name in artifacts.keys() - stage_artifacts.keys():
+                stale.setdefault(name, (made_by[name], i))
         rows.append(row)
         artifacts.update(stage_artifacts)
         made_by.update({n: i for n in stage_artifacts})
+        for name in stage_artifacts:
+            stale.pop(name, None)  # written again after the change: current
         outputs = _merge_outputs(outputs, stage_outputs)
         checks += stage_checks
         reporter.stage_finished(i + 1, total, row.to_dict())
+    if stale:
+        # Publishing them would describe a model that is not the final one (e.g. an ONNX
+        # file exported before quantization, measured by the size and latency gates).
+        name, (wrote, changed) = min(stale.items(), key=lambda kv: kv[1])
+        names = ", ".join(sorted(n for n, v in stale.items() if v == (wrote, changed)))
+        w, c = recipe.stages[wrote].name, recipe.stages[changed].name
+        raise RecipeError(
+            f"stage {changed + 1} ({c}) changes the model after stage {wrote + 1} ({w}) wrote {names}, and no later "
+            f"stage writes it again: it would describe the old model. Move {w} after {c}, or add {w} again at the end"
+        )
     return _Executed(state, rows, checks, artifacts, outputs)
 
 

@@ -153,6 +153,18 @@ def test_stale_onnx_refused(cli, tmp_path, recipe_text, digits_mlp_path):
     assert not (tmp_path / "o" / "model.onnx").exists() and not (tmp_path / "o" / "report.json").exists()
 
 
+def test_export_again_after_a_change_is_fine(tmp_path, recipe_text, digits_mlp_path):
+    from compress.pipeline import run
+    from compress.recipe import parse_recipe
+
+    result = run(parse_recipe(recipe_text(stages=EXPORT + "\n" + RTN + "\n" + EXPORT)), digits_mlp_path, tmp_path / "o")
+    assert result.passed
+    # the published model.onnx is the quantized one from the last stage
+    assert (tmp_path / "o" / "model.onnx").read_bytes() == (
+        tmp_path / "o" / "stages" / "03-export" / "model.onnx").read_bytes()
+    assert result.report["stages"][-1]["weight_bits"] < 8
+
+
 def test_failed_rerun_leaves_no_old_passed_report(cli, tmp_path, recipe_text, digits_mlp_path):
     out = tmp_path / "o"
     code, _, _ = _run(cli, tmp_path, recipe_text(), digits_mlp_path, "-o", out)
@@ -370,3 +382,29 @@ def test_inspect_corrupt_stage_folder(cli, tmp_path, recipe_text, digits_mlp_pat
     code, _, err = cli("inspect", folder)
     assert code == 2, err
     assert "model.pt: corrupt" in err
+
+
+def warning_stage_apply(state, config, ctx):
+    import warnings
+
+    warnings.warn("calibration set is tiny (test warning)", UserWarning, stacklevel=1)
+    return state
+
+
+def test_warnings_go_to_the_report_not_the_terminal(cli, tmp_path, recipe_text, digits_mlp_path):
+    from pydantic import BaseModel, ConfigDict
+
+    from compress import registry
+
+    class WarnConfig(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    registry.register_stage("warner", WarnConfig, apply=f"{__name__}:warning_stage_apply", summary="test stage")
+    try:
+        code, out, err = _run(cli, tmp_path, recipe_text(stages="  - warner: {}"), digits_mlp_path,
+                              "-o", tmp_path / "o", "--json")
+    finally:
+        registry._STAGES.pop("warner", None)
+    assert code == 0, err
+    assert "calibration set is tiny (test warning)" in " ".join(json.loads(out)["warnings"])
+    assert "test warning" not in err
