@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".compress.lock"
 REPORT_FILES = ("report.json", "report.md", "report.html")
+FINAL_ARTIFACTS = ("model.onnx", "bundle.czip", "weights.czip", "model.ort")  # the usual ones
 STAGING_PREFIX = ".publish-"
 # OS errors that are the environment's fault (full disk, quota, read-only mount,
 # permissions), not the program's: the user fixes them, so they are input errors.
@@ -89,10 +90,13 @@ class OutputFolder:
 
     def remove_previous_results(self) -> None:
         """Remove the last run's reports and the final artifacts its report names."""
-        names: set[str] = set()
+        names: set[str] = set(FINAL_ARTIFACTS)
         report = self.path / "report.json"
         try:
-            names |= {Path(p).name for p in json.loads(report.read_text()).get("artifacts", {}).values()}
+            recorded = json.loads(report.read_text()).get("artifacts", {}).values()
+            # only files at the top of this folder, as a run publishes them
+            here = self.path.resolve()
+            names |= {Path(p).name for p in recorded if isinstance(p, str) and Path(p).parent.resolve() == here}
         except (OSError, ValueError, AttributeError):
             pass
         for name in (*REPORT_FILES, *sorted(names)):
