@@ -51,6 +51,9 @@ def setup_logging(verbose: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     filter_known_warnings()
+    # Re-route even when an earlier call did (a host that swapped warnings.showwarning in
+    # between, as test runners do, would otherwise keep the warnings).
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     wlog = logging.getLogger("py.warnings")
     if _capture not in wlog.handlers:
