@@ -87,7 +87,7 @@ class Check:
 
     gate: str
     measured: float | None
-    limit: float
+    limit: float | None
     passed: bool
     reason: str | None = None
     stage: str | None = None
@@ -106,7 +106,8 @@ class Check:
         if isinstance(measured, float) and not math.isfinite(measured):
             measured = None
         return cls(
-            gate=str(d["gate"]), measured=None if measured is None else float(measured), limit=float(d["limit"]),
+            gate=str(d["gate"]), measured=None if measured is None else float(measured),
+            limit=None if d.get("limit") is None else float(d["limit"]),
             passed=bool(d["passed"]) and measured is not None, reason=d.get("reason"), stage=stage or d.get("stage"),
         )
 

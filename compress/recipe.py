@@ -250,9 +250,8 @@ def _check_shape(text: str, filename: str) -> None:
     PyYAML produces without recursion and without expanding aliases)."""
     if len(text) > MAX_RECIPE_BYTES:
         raise RecipeError(f"{filename}: recipe is {len(text):,} characters; a recipe may be at most {MAX_RECIPE_BYTES:,}")
-    depth = events = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        events += 1
+    depth = 0
+    for events, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader), start=1):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:

@@ -41,7 +41,8 @@ def gate_line(g: dict[str, Any]) -> str:
     status = "PASS" if g["passed"] else "FAIL"
     reason = f" ({g['reason']})" if g.get("reason") else ""
     measured = "not measured" if g.get("measured") is None else f"{g['measured']:.6g}"
-    return f"{status} {g['gate']}: measured {measured}, limit {g['limit']:.6g}{reason}"
+    limit = "-" if g.get("limit") is None else f"{g['limit']:.6g}"
+    return f"{status} {g['gate']}: measured {measured}, limit {limit}{reason}"
 
 
 def _md(text: Any) -> str:
@@ -55,8 +56,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# compress report: {_md(report['recipe'])}",
         "",
-        f"Model `{_md(report['model'])}` ({report['model_kind']}), compress {report['compress_version']}, "
-        f"{report['wall_seconds']:.1f} s.",
+        (
+            f"Model `{_md(report['model'])}` ({report['model_kind']}), compress {report['compress_version']}, "
+            f"{report['wall_seconds']:.1f} s."
+        ),
         "",
         f"**Result: {'PASSED' if report['passed'] else 'FAILED'}**",
         "",

@@ -131,7 +131,12 @@ def validate(
         The report: ``{"passed", "checks", "parity", "accuracy", "latency", ...}``.
     """
     from compress.bundle import is_bundle, open_bundle
-    from compress.export.runtime import measure_latency, ort_predict, ort_session, row_cosine
+    from compress.export.runtime import (
+        measure_latency,
+        ort_predict,
+        ort_session,
+        row_cosine,
+    )
 
     path = Path(path)
     check_limits(min_agreement, max_latency_ms, max_abs_error, expect_sha256)
@@ -190,7 +195,7 @@ def validate(
         if isinstance(x, dict):  # several named inputs: feed rows of each by sample index
             named = _check_named_inputs(session, x)
             x = np.arange(len(next(iter(named.values()))))
-            feeds = lambda idx: {k: v[idx] for k, v in named.items()}  # noqa: E731
+            feeds = lambda idx: {k: v[idx] for k, v in named.items()}
         else:
             x = _check_input(session, x)
         out = ort_predict(session, x, feeds=feeds)
@@ -202,7 +207,7 @@ def validate(
         "model": str(path),
         "model_bytes": model_bytes,
         "file_bytes": path.stat().st_size,
-        "samples": int(len(out)),
+        "samples": len(out),
         "latency": {k: v for k, v in latency.items() if not k.endswith("samples")},
         "environment": {
             "onnxruntime": __import__("onnxruntime").__version__,
