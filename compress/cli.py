@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 import traceback
@@ -59,12 +58,9 @@ def _guard(debug: bool):
 
 
 def _setup_logging(verbose: bool, debug: bool) -> None:
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    import warnings
+    from compress.logs import setup_logging
 
-    if not debug:
-        warnings.filterwarnings("ignore")
+    setup_logging(verbose, debug)
 
 
 class _ConsoleReporter:
@@ -106,6 +102,39 @@ class _ConsoleReporter:
             print(line, file=self.stream, flush=True)
 
 
+def _check_junit_path(junit: Optional[Path]) -> None:
+    """A --junit path must be writable before any work starts (its folder is never created)."""
+    if junit is None:
+        return
+    from compress.errors import InputError
+    from compress.junit import check_writable
+
+    try:
+        check_writable(junit)
+    except OSError as err:
+        raise InputError(f"--junit {junit}: cannot write there ({err.strerror}: {err.filename})") from None
+
+
+@contextlib.contextmanager
+def _junit_on_error(junit: Optional[Path], suite: str):
+    """A run that stops with an error still leaves a JUnit file: one failed case holding
+    the message, so CI shows why instead of nothing."""
+    try:
+        yield
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if junit is not None:
+            from compress.errors import CompressError
+            from compress.junit import error_checks, write_junit
+
+            code = err.exit_code if isinstance(err, CompressError) else EXIT_INTERNAL
+            message = str(err) if isinstance(err, CompressError) else f"{type(err).__name__}: {err}"
+            with contextlib.suppress(OSError):
+                write_junit(junit, suite, error_checks(message, code))
+        raise
+
+
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
@@ -115,7 +144,8 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (no progress lines)."),
     trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a whole nn.Module (runs code from the file)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train with N processes (torchrun + DistributedDataParallel; gloo on CPU)."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write every gate and check as a JUnit XML test case."),
+    device: str = typer.Option("cpu", "--device", help="Where stages compute: cpu, cuda (cuda:N) or auto (CUDA when available)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write every gate and check as a JUnit XML test case (also on an error)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log what the stages do."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -128,22 +158,31 @@ def run(
     with _distributed_exit(), _guard(debug):
         from compress.distributed import init_from_env, is_main
 
-        init_from_env()
+        _check_junit_path(junit)
+        init_from_env(device)
         if not is_main():
             as_json = False
-        from compress.pipeline import run as run_pipeline
-        from compress.recipe import load_recipe
+            junit = None
+        suite = f"compress run {recipe.stem}"
+        with _junit_on_error(junit, suite):
+            from compress.pipeline import run as run_pipeline
+            from compress.recipe import load_recipe
+
+            parsed = load_recipe(recipe)
+            suite = f"compress run {parsed.name}"
+            out_dir = out or Path(parsed.doc.output.dir or f"runs/{parsed.name}")
+            reporter = None if as_json or not is_main() else _ConsoleReporter()
+            result = run_pipeline(
+                parsed, model, out_dir, force=force, trust_model=trust_model, reporter=reporter, device=device
+            )
         from compress.report import gate_line, stage_table
 
-        parsed = load_recipe(recipe)
-        out_dir = out or Path(parsed.doc.output.dir or f"runs/{parsed.name}")
-        reporter = None if as_json or not is_main() else _ConsoleReporter()
-        result = run_pipeline(parsed, model, out_dir, force=force, trust_model=trust_model, reporter=reporter)
-        if junit is not None and is_main():
+        if junit is not None:
             from compress.junit import write_junit
 
             checks = result.report["gates"] + result.report["checks"]
-            write_junit(junit, f"compress run {parsed.name}", checks, result.report["wall_seconds"])
+            props = {f"{k}.sha256": v for k, v in result.report.get("artifact_sha256", {}).items()}
+            write_junit(junit, suite, checks, result.report["wall_seconds"], properties=props)
         if not is_main():
             pass
         elif as_json:
@@ -156,6 +195,8 @@ def run(
             for g in result.report["gates"]:
                 typer.echo(gate_line(g))
             typer.echo(f"artifacts: {out_dir}/  report: {out_dir / 'report.md'}  {out_dir / 'report.json'}")
+            if "bundle_sha256" in result.report:
+                typer.echo(f"bundle.czip SHA-256: {result.report['bundle_sha256']}")
             for f in result.failures:
                 typer.echo(f"FAILED {gate_line(f)}")
         if not result.passed:
@@ -172,19 +213,28 @@ def validate(
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Fail if top-1 agreement with the reference is below this."),
     max_abs_error: Optional[float] = typer.Option(None, "--max-abs-error", help="Fail if an output differs from the reference by more."),
     runs: int = typer.Option(100, "--runs", min=1, help="Timed runs for the latency percentiles."),
+    expect_sha256: Optional[str] = typer.Option(
+        None, "--expect-sha256", help="Refuse the file unless its SHA-256 is this (from report.json): authenticates "
+        "a bundle against the run that made it; the bundle's own checksums only detect corruption."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write the checks as JUnit XML."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write the checks as JUnit XML (also on an error)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Validate a model on this device with onnxruntime alone (no torch): parity, accuracy, latency, memory."""
     with _guard(debug):
-        from compress.validate import validate as run_validation
+        from compress.validate import check_limits, validate as run_validation
 
-        report = run_validation(path, data, reference, threads, max_latency_ms, min_agreement, max_abs_error, runs)
+        check_limits(min_agreement=min_agreement, max_latency_ms=max_latency_ms, max_abs_error=max_abs_error,
+                     expect_sha256=expect_sha256)
+        _check_junit_path(junit)
+        with _junit_on_error(junit, f"compress validate {path.name}"):
+            report = run_validation(path, data, reference, threads, max_latency_ms, min_agreement, max_abs_error, runs,
+                                    expect_sha256=expect_sha256)
         if junit is not None:
             from compress.junit import write_junit
 
-            write_junit(junit, f"compress validate {path.name}", report["checks"], report["seconds"])
+            write_junit(junit, f"compress validate {path.name}", report["checks"], report["seconds"],
+                        properties={"sha256": report["sha256"]})
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:
@@ -268,6 +318,11 @@ def check(
             for s in parsed.stages
         ) or "no stages"
         _err(f"{recipe}: valid ({names})")
+        imports = parsed.imports()
+        # A recipe runs the code it names: show every import so a reviewer sees it.
+        _err("imports the run will make:" if imports else "imports the run will make: none")
+        for loc, ref in imports:
+            _err(f"  {'.'.join(map(str, loc))}: {ref}")
 
 
 @app.command()
@@ -339,7 +394,6 @@ _register_pack_commands()
 
 
 def main() -> None:
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # keep library warnings off the user's terminal
     app()
 
 

@@ -20,7 +20,7 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule over all steps.")
     batch_size: int = Field(128, ge=1, description="Training batch size.")
-    seed: int = Field(0, description="Seed for initialisation-independent randomness (shuffling).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for initialisation-independent randomness (shuffling).")
 
 
 class DistillationLoss(BaseModel):

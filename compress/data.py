@@ -103,9 +103,9 @@ def read_lines(path: Path) -> list[str]:
     return lines
 
 
-def _load_text(path: Path, ref: str, kwargs: dict) -> np.ndarray:
+def _load_text(path: Path, ref: str, kwargs: dict, trusted: frozenset[str] = frozenset()) -> np.ndarray:
     lines = read_lines(path)
-    fn = import_callable(ref, what="tokenizer", error=DataError)
+    fn = import_callable(ref, what="tokenizer", error=DataError, trusted=trusted)
     try:
         x = fn(lines, **kwargs)
     except Exception as err:
@@ -118,8 +118,10 @@ def _load_text(path: Path, ref: str, kwargs: dict) -> np.ndarray:
     return x
 
 
-def _load_callable(ref: str, split: str, kwargs: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    fn = import_callable(ref, what="data callable", error=DataError)
+def _load_callable(
+    ref: str, split: str, kwargs: dict | None = None, trusted: frozenset[str] = frozenset()
+) -> tuple[np.ndarray, np.ndarray | None]:
+    fn = import_callable(ref, what="data callable", error=DataError, trusted=trusted)
     try:
         out = fn(split, **(kwargs or {}))
     except Exception as err:
@@ -164,8 +166,17 @@ class Split:
             yield self.x[i : i + bs]
 
 
-def load_split(name: str, spec: "DataSplitSpec", base_dir: Path, input_shape: tuple[int, ...] | None) -> Split:
-    """Materialise one recipe split, checked against the model's input shape."""
+def load_split(
+    name: str,
+    spec: DataSplitSpec,
+    base_dir: Path,
+    input_shape: tuple[int, ...] | None,
+    trusted: frozenset[str] = frozenset(),
+) -> Split:
+    """Materialise one recipe split, checked against the model's input shape.
+
+    ``trusted`` holds the recipe's ``trusted_callables`` (see ``compress.imports``).
+    """
     if spec.source in ("mnist1d", "digits"):
         x, y = builtin(spec.source, spec.split)
     elif spec.source == "file":
@@ -173,18 +184,23 @@ def load_split(name: str, spec: "DataSplitSpec", base_dir: Path, input_shape: tu
         x, y = _load_file(path if path.is_absolute() else base_dir / path)
     elif spec.source == "text":
         path = Path(spec.path)
-        x, y = _load_text(path if path.is_absolute() else base_dir / path, spec.fn, spec.kwargs), None
+        x, y = _load_text(path if path.is_absolute() else base_dir / path, spec.fn, spec.kwargs, trusted), None
     else:  # callable
-        x, y = _load_callable(spec.fn, spec.split, spec.kwargs)
+        x, y = _load_callable(spec.fn, spec.split, spec.kwargs, trusted)
     x = np.asarray(x)
     if x.dtype.kind not in "fiu" or x.ndim < 1:
         raise DataError(f"data split {name!r}: x must be a numeric array, got dtype {x.dtype} shape {x.shape}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise DataError(f"data split {name!r}: x holds {bad:,} NaN or infinite values; clean the data first")
     if y is not None:
         y = np.asarray(y)
         if y.shape[:1] != x.shape[:1]:
             raise DataError(f"data split {name!r}: x has {len(x)} samples but y has {len(y)}")
         if y.dtype.kind not in "iu":
             raise DataError(f"data split {name!r}: labels y must be integers, got {y.dtype}")
+        if y.size and y.min() < 0:
+            raise DataError(f"data split {name!r}: labels y must be class indices >= 0, found {int(y.min())}")
     if spec.samples is not None and spec.samples < len(x):
         idx = np.random.default_rng(spec.seed).permutation(len(x))[: spec.samples]
         idx.sort()

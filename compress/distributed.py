@@ -20,15 +20,28 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env() -> None:
-    """Join the process group torchrun set up (gloo on CPU, NCCL on GPUs)."""
+def uses_cuda(device: str) -> bool:
+    """Whether ``--device`` puts the model on a GPU."""
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
+def init_from_env(device: str = "cpu") -> None:
+    """Join the process group torchrun set up: NCCL when the model is on CUDA, else gloo
+    (a CPU run on a machine that has GPUs must not pick NCCL, which needs GPU tensors)."""
     if not launched_by_torchrun():
         return
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        cuda = uses_cuda(device) and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend)
         log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
 

@@ -140,7 +140,8 @@ def _table(rows: list[list[str]]) -> str:
 def render_html(report: dict[str, Any]) -> str:
     stages = report["stages"]
     metric = "accuracy" if all("accuracy" in s for s in stages) else "cosine"
-    points = [(s["stage"], s.get("final_size_bytes", s["size_bytes"]), s[metric]) for s in stages if metric in s]
+    # a non-finite measurement is null in report.json: no point for it
+    points = [(s["stage"], s.get("final_size_bytes") or s["size_bytes"], s[metric]) for s in stages if s.get(metric) is not None]
     layers = report.get("layers", [])
     samples = next(
         (s["metrics"].get("latency_ms_samples", []) for s in reversed(stages) if "metrics" in s and "latency_ms_samples" in s.get("metrics", {})),

@@ -58,8 +58,8 @@ def _torch_rows(tensors: dict) -> list[dict]:
 
 
 def _inspect_torch(path: Path, trust_model: bool) -> dict[str, Any]:
-    from compress.model_io import _is_torchscript, load_model
     from compress.errors import ModelLoadError
+    from compress.model_io import _is_torchscript, load_model
 
     if _is_torchscript(path):
         loaded = load_model(path, None, {}, trust_model)
@@ -83,16 +83,26 @@ def _inspect_stage_folder(path: Path) -> dict[str, Any]:
 
     if not (path / MODEL_FILE).is_file():
         raise InputError(f"{path} is not a stage folder (no {MODEL_FILE})")
-    sd = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
-    extras = torch.load(path / EXTRAS_FILE, map_location="cpu", weights_only=True) if (path / EXTRAS_FILE).is_file() else {}
-    meta = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
-    quant = extras.get("quant", {})
-    extra = {
-        "lineage": " -> ".join(e["stage"] for e in meta.get("lineage", [])) or "-",
-        "quantized": ", ".join(f"{n} ({q['bits']} bit {q.get('method', '')})" for n, q in quant.items()) or "none",
-        "masked": ", ".join(extras.get("masks", {})) or "none",
-    }
-    return _summarise(path, "stage folder", _torch_rows(sd), extra)
+    from compress.errors import ModelLoadError
+
+    current = path / MODEL_FILE
+    try:
+        sd = torch.load(current, map_location="cpu", weights_only=True)
+        current = path / EXTRAS_FILE
+        extras = torch.load(current, map_location="cpu", weights_only=True) if current.is_file() else {}
+        current = path / STATE_FILE
+        meta = json.loads(current.read_text()) if current.is_file() else {}
+        quant = extras.get("quant", {})
+        extra = {
+            "lineage": " -> ".join(e["stage"] for e in meta.get("lineage", [])) or "-",
+            "quantized": ", ".join(f"{n} ({q['bits']} bit {q.get('method', '')})" for n, q in quant.items()) or "none",
+            "masked": ", ".join(extras.get("masks", {})) or "none",
+        }
+        rows = _torch_rows(sd)
+    except Exception as err:  # a truncated or edited file: say which, not torch's internals
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelLoadError(f"{current}: corrupt or not a stage file ({first}); re-run the stage to rebuild it") from None
+    return _summarise(path, "stage folder", rows, extra)
 
 
 def _inspect_container(path: Path) -> dict[str, Any]:

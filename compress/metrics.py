@@ -14,10 +14,12 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Outputs of ``model`` on ``x`` in eval mode, batched."""
+    """Outputs of ``model`` on ``x`` in eval mode, batched, computed on the model's device
+    and returned on the CPU."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    out = torch.cat([model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out
 

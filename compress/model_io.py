@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -57,7 +58,29 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
-def load_model(path: Path, factory: str | None, kwargs: dict, trust_model: bool = False) -> LoadedModel:
+def _pickled_global(err: BaseException) -> str | None:
+    """The Python global a ``weights_only`` load refused, or None if it refused nothing.
+
+    torch words this "Unsupported global: GLOBAL x.Y was not an allowed global" or, for
+    modules it blocks outright (``os``, ``subprocess``...), "unsupported GLOBAL x.Y whose
+    module x is blocked".
+    """
+    m = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(err), re.IGNORECASE)
+    return m.group(1) if m else None
+
+
+def load_model(
+    path: Path,
+    factory: str | None,
+    kwargs: dict,
+    trust_model: bool = False,
+    trusted_callables: frozenset[str] | set[str] = frozenset(),
+) -> LoadedModel:
+    """Load the user's model (see the module docstring for the accepted files).
+
+    A TorchScript archive loads into the eager architecture of ``factory`` when the recipe
+    names one (its weights are taken from the archive), so every stage gets a plain module.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
@@ -65,23 +88,31 @@ def load_model(path: Path, factory: str | None, kwargs: dict, trust_model: bool 
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as err:
-            raise ModelLoadError(f"{path}: cannot load TorchScript archive ({err})") from err
+            raise ModelLoadError(f"{path}: cannot load TorchScript archive ({_first_line(err)})") from err
+        if factory:
+            sd = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            return _from_state_dict(path, sd, factory, kwargs, trusted_callables, kind="torchscript")
+        _check_finite(path, module.state_dict())
         return LoadedModel(module.eval(), "torchscript", lambda: torch.jit.load(str(path), map_location="cpu"))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # Only a pickle that names Python classes is "a pickled object"; anything else
         # (random bytes, a truncated file) is simply not a model file.
-        if "Unsupported global" not in str(err):
+        name = _pickled_global(err)
+        if name is None:
             raise ModelLoadError(f"{path}: not a PyTorch model file ({_first_line(err)})") from err
         if not trust_model:
-            raise ModelLoadError(f"{path} holds a pickled Python object, not just weights. {TRUST_HINT}") from None
+            raise ModelLoadError(
+                f"{path} holds a pickled Python object ({name}), not just weights. {TRUST_HINT}"
+            ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err2:
             raise ModelLoadError(f"{path}: cannot unpickle model ({_first_line(err2)})") from err2
         if not isinstance(obj, nn.Module):
             raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, not an nn.Module")
+        _check_finite(path, obj.state_dict())
         return LoadedModel(obj.eval(), "pickle", lambda: torch.load(path, map_location="cpu", weights_only=False))
     except Exception as err:  # random bytes, truncated zip, ...
         raise ModelLoadError(f"{path}: not a PyTorch model file ({_first_line(err)})") from err
@@ -95,22 +126,58 @@ def load_model(path: Path, factory: str | None, kwargs: dict, trust_model: bool 
             f"{path} holds a state_dict; name the architecture that loads it with model.factory "
             "in the recipe, e.g. model: {factory: 'compress.zoo:mnist1d_cnn', input_shape: [1, 40]}"
         )
-    build = import_callable(factory, what="model factory", error=ModelLoadError)
+    return _from_state_dict(path, obj, factory, kwargs, trusted_callables, kind="state_dict")
+
+
+def _from_state_dict(
+    path: Path, sd: dict, factory: str, kwargs: dict, trusted: frozenset[str] | set[str], kind: str
+) -> LoadedModel:
+    build = import_callable(factory, what="model factory", error=ModelLoadError, trusted=trusted)
 
     def rebuild() -> nn.Module:
         try:
             return build(**kwargs)
         except Exception as err:
-            raise ModelLoadError(f"model factory {factory} failed: {err}") from err
+            raise ModelLoadError(f"model factory {factory} failed: {type(err).__name__}: {err}") from err
 
     module = rebuild()
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"model factory {factory} returned a {type(module).__name__}, not an nn.Module")
+    _check_finite(path, sd)
     try:
-        module.load_state_dict(obj, strict=True)
+        module.load_state_dict(sd, strict=True)
     except RuntimeError as err:
-        raise ModelLoadError(f"{path} does not fit the architecture from {factory}: {_first_line(err, 400)}") from None
-    return LoadedModel(module.eval(), "state_dict", rebuild)
+        raise ModelLoadError(f"{path} does not fit the architecture from {factory}: {_mismatch(module, sd, err)}") from None
+    return LoadedModel(module.eval(), kind, rebuild)
+
+
+def _mismatch(module: nn.Module, sd: dict, err: RuntimeError, limit: int = 8) -> str:
+    """Which keys are missing, unexpected or of another shape (torch's own message is long
+    and its first line names none of them)."""
+    want = module.state_dict()
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    shapes = [f"{k} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in sd if k in want and sd[k].shape != want[k].shape]
+
+    def show(keys: list[str]) -> str:
+        more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(keys[:limit]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {show(missing)}")
+    if extra:
+        parts.append(f"unexpected keys: {show(extra)}")
+    if shapes:
+        parts.append(f"shape mismatch (file vs architecture): {show(shapes)}")
+    return "; ".join(parts) or _first_line(err, 400)
+
+
+def _check_finite(path: Path, sd: dict) -> None:
+    """NaN or infinite weights make every later number meaningless: refuse them up front."""
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelLoadError(f"{path}: weights hold NaN or infinite values in {', '.join(bad[:8])}")
 
 
 def check_forward(module: nn.Module, input_shape: tuple[int, ...], example: torch.Tensor | None = None) -> None:

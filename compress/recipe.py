@@ -11,20 +11,51 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from compress.errors import RecipeError
+from compress.imports import refusal
 from compress.registry import get_stage, stages
 
-RECIPE_VERSION = 1
+# Limits applied to the YAML text before anything is built from it, so a hostile recipe
+# (an alias bomb, a deeply nested or huge document) is refused in bounded time and memory.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_EVENTS = 100_000
+MAX_NODES = 100_000  # after alias expansion
+MAX_SEED = 2**32 - 1
+MAX_INPUT_ELEMENTS = 1 << 24
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Non-finite numbers are never a sensible setting: refuse inf/nan in every core model.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        """YAML ``true`` is not the number 1 (pydantic's lax mode would accept it)."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                types = set(get_args(field.annotation)) | {field.annotation}
+                if isinstance(value, bool) and bool not in types and types & {int, float}:
+                    raise ValueError(f"{name}: expected a number, got the boolean {value!r}")
+                if name == "version" and isinstance(value, bool):
+                    raise ValueError(f"version: expected 1, got the boolean {value!r}")
+        return data
 
 
 class ModelSpec(_Strict):
@@ -43,9 +74,16 @@ class ModelSpec(_Strict):
     )
 
     @model_validator(mode="after")
-    def _positive(self) -> "ModelSpec":
+    def _positive(self) -> ModelSpec:
         if any(d <= 0 for d in self.input_shape):
             raise ValueError(f"input_shape dimensions must be positive, got {self.input_shape}")
+        # The runner builds one example input of this shape when the recipe has no data:
+        # bound it so a typo cannot ask for a 160 GB tensor.
+        if math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(
+                f"input_shape {self.input_shape} has {math.prod(self.input_shape):,} elements; "
+                f"at most {MAX_INPUT_ELEMENTS:,} (one example batch, batch dimension first)"
+            )
         return self
 
 
@@ -71,10 +109,10 @@ class DataSplitSpec(_Strict):
     )
     samples: int | None = Field(None, ge=1, description="Use a seeded random subset of this many samples.")
     batch_size: int = Field(256, ge=1, description="Batch size for evaluation and calibration.")
-    seed: int = Field(0, description="Seed for the subset and for shuffling.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for the subset and for shuffling.")
 
     @model_validator(mode="after")
-    def _source_fields(self) -> "DataSplitSpec":
+    def _source_fields(self) -> DataSplitSpec:
         if self.source == "file" and not self.path:
             raise ValueError("source 'file' needs 'path'")
         if self.source == "callable" and not self.fn:
@@ -128,7 +166,12 @@ class RecipeDoc(_Strict):
 
     version: Literal[1] = Field(..., description="Recipe format version.")
     name: str | None = Field(None, description="Name of the run (default: the recipe file's stem).")
-    seed: int = Field(0, description="Global seed for every stage.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Global seed for every stage.")
+    trusted_callables: list[str] = Field(
+        default_factory=list,
+        description="'module:function' references (model.factory, data.*.fn) that may resolve into Python's standard "
+        "library or builtins, or to a pickle loader. Empty by default: such references are refused.",
+    )
     model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
     stages: list[dict[str, Any]] = Field(
@@ -168,6 +211,16 @@ class Recipe(BaseModel):
     def name(self) -> str:
         return self.doc.name or (self.path.stem if self.path else "recipe")
 
+    def imports(self) -> list[tuple[tuple, str]]:
+        """Every ``module:function`` the run will import and call, with its recipe key path."""
+        refs: list[tuple[tuple, str]] = []
+        if self.doc.model.factory:
+            refs.append((("model", "factory"), self.doc.model.factory))
+        for name, split in self.doc.data:
+            if split is not None and split.fn and split.source in ("callable", "text"):
+                refs.append((("data", name, "fn"), split.fn))
+        return refs
+
     def to_yaml(self) -> str:
         """The recipe written back, every default filled in (round-trips through ``parse_recipe``)."""
         d = self.doc.model_dump(mode="json", exclude_none=True)
@@ -183,16 +236,63 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: recipe is {size:,} bytes; a recipe may be at most {MAX_RECIPE_BYTES:,}")
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read recipe ({err})") from err
     return parse_recipe(text, str(path), base=path)
 
 
+def _check_shape(text: str, filename: str) -> None:
+    """Refuse a document too large or too deeply nested, from its event stream (which
+    PyYAML produces without recursion and without expanding aliases)."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{filename}: recipe is {len(text):,} characters; a recipe may be at most {MAX_RECIPE_BYTES:,}")
+    depth = 0
+    for events, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader), start=1):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1 if event.start_mark else "?"
+                raise RecipeError(f"{filename}:{line}: recipe nested more than {MAX_DEPTH} levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        if events > MAX_EVENTS:
+            raise RecipeError(f"{filename}: recipe has more than {MAX_EVENTS:,} YAML elements")
+
+
+def _check_expansion(node: Any, filename: str) -> None:
+    """Count nodes as a consumer would see them, aliases expanded; stop at the limit."""
+    seen = 0
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise RecipeError(
+                f"{filename}: recipe expands to more than {MAX_NODES:,} values (YAML aliases repeat their anchor); "
+                "refusing it"
+            )
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                stack += (k, v)
+        elif isinstance(n, yaml.SequenceNode):
+            stack += n.value
+
+
 def parse_recipe(text: str, filename: str = "<recipe>", base: Path | None = None) -> Recipe:
     try:
+        _check_shape(text, filename)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        if node is not None:
+            _check_expansion(node, filename)
+        loader = yaml.SafeLoader("")
+        try:
+            raw = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
@@ -224,8 +324,30 @@ def parse_recipe(text: str, filename: str = "<recipe>", base: Path | None = None
             config = TypeAdapter(entry.config).validate_python(cfg if cfg is not None else {})
         except ValidationError as err:
             raise RecipeError(_format_errors(err, filename, node, (*loc, name), entry.config)) from None
-        specs.append(StageSpec(name=name, config=config, index=i))
-    return Recipe(doc=doc, stages=specs, path=base)
+        spec = StageSpec(name=name, config=config, index=i)
+        # Stage configs come from stage packages: refuse non-finite numbers here, once for all.
+        _reject_non_finite(spec.config_dict(), filename, node, (*loc, name))
+        specs.append(spec)
+    recipe = Recipe(doc=doc, stages=specs, path=base)
+    for loc, ref in recipe.imports():
+        try:
+            why = refusal(ref, set(doc.trusted_callables))
+        except ValueError as err:
+            raise RecipeError(f"{_where(filename, node, loc)}: {err}") from None
+        if why:
+            raise RecipeError(f"{_where(filename, node, loc)}: refused: {why}")
+    return recipe
+
+
+def _reject_non_finite(value: Any, filename: str, node: Any, loc: tuple) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{_where(filename, node, loc)}: must be a finite number (got {value})")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _reject_non_finite(v, filename, node, (*loc, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _reject_non_finite(v, filename, node, (*loc, i))
 
 
 def _line(node: Any, loc: tuple) -> int | None:
@@ -259,9 +381,13 @@ def _format_errors(err: ValidationError, filename: str, node: Any, prefix: tuple
         yaml_loc = _yaml_loc(node, (*prefix, *e["loc"]))
         key = yaml_loc[-1] if yaml_loc else ""
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(key), vocab, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            msg = f"unknown key {key!r}{hint}"
+            if str(key) in vocab:  # a real key, but not at this place: suggesting itself would not help
+                parent = ".".join(str(p) for p in yaml_loc[:-1]) or "the top level"
+                msg = f"key {key!r} is not allowed under {parent}"
+            else:
+                close = difflib.get_close_matches(str(key), vocab, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                msg = f"unknown key {key!r}{hint}"
         elif e["type"] == "missing":
             msg = f"missing required key {key!r}"
         elif e["type"] == "union_tag_not_found":

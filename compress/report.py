@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 COLUMNS = [
@@ -39,16 +40,26 @@ def stage_table(rows: list[dict[str, Any]]) -> list[list[str]]:
 def gate_line(g: dict[str, Any]) -> str:
     status = "PASS" if g["passed"] else "FAIL"
     reason = f" ({g['reason']})" if g.get("reason") else ""
-    return f"{status} {g['gate']}: measured {g['measured']:.6g}, limit {g['limit']:.6g}{reason}"
+    measured = "not measured" if g.get("measured") is None else f"{g['measured']:.6g}"
+    limit = "-" if g.get("limit") is None else f"{g['limit']:.6g}"
+    return f"{status} {g['gate']}: measured {measured}, limit {limit}{reason}"
+
+
+def _md(text: Any) -> str:
+    """Text from the recipe or the file system, safe inside Markdown: HTML is escaped (a
+    Markdown viewer would render it) and table/code delimiters are neutralised."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("`", "'")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     table = stage_table(report["stages"])
     lines = [
-        f"# compress report: {report['recipe']}",
+        f"# compress report: {_md(report['recipe'])}",
         "",
-        f"Model `{report['model']}` ({report['model_kind']}), compress {report['compress_version']}, "
-        f"{report['wall_seconds']:.1f} s.",
+        (
+            f"Model `{_md(report['model'])}` ({report['model_kind']}), compress {report['compress_version']}, "
+            f"{report['wall_seconds']:.1f} s."
+        ),
         "",
         f"**Result: {'PASSED' if report['passed'] else 'FAILED'}**",
         "",
@@ -57,7 +68,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| " + " | ".join(table[0]) + " |",
         "|" + "|".join("---" for _ in table[0]) + "|",
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    lines += ["| " + " | ".join(_md(c) for c in r) + " |" for r in table[1:]]
     if report["gates"] or report.get("checks"):
         lines += ["", "## Gates and checks", ""]
         seen = set()
@@ -65,7 +76,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             line = gate_line(g)
             if line not in seen:
                 seen.add(line)
-                lines.append(f"- {line}")
+                lines.append(f"- {_md(line)}")
     if report["artifacts"]:
-        lines += ["", "## Artifacts", ""] + [f"- `{k}`: `{v}`" for k, v in report["artifacts"].items()]
+        sha = report.get("artifact_sha256", {})
+        lines += ["", "## Artifacts", ""] + [
+            f"- `{_md(k)}`: `{_md(v)}`" + (f" (SHA-256 `{sha[k]}`)" if k in sha else "") for k, v in report["artifacts"].items()
+        ]
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {_md(w)}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"

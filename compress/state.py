@@ -57,14 +57,53 @@ class ModelState:
             for name, qt in self.quant.items():
                 if name not in params:
                     raise KeyError(f"quantized tensor {name!r} matches no parameter of the model")
-                params[name].copy_(qt.dequantize().to(params[name].dtype))
+                params[name].copy_(qt.dequantize().to(params[name].device, params[name].dtype))
 
     def apply_masks(self) -> None:
         """Zero every masked-out weight (masks are enforced after each optimizer step)."""
         params = self.parameters_by_name()
         with torch.no_grad():
             for name, mask in self.masks.items():
-                params[name].mul_(mask.to(params[name].dtype))
+                params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+
+@dataclass
+class StageOutputs:
+    """Typed results a stage publishes for the runner, which reads them without knowing
+    which stage wrote them (the latest stage that set a field wins).
+
+    Attributes:
+        latency_p50_ms: median latency of one sample on the deployment runtime; the
+            ``max_latency_ms`` gate checks the latest one.
+        latency_p90_ms: its 90th percentile.
+        bundle_limits: limits a device bundle carries for ``compress validate`` to check
+            again (e.g. ``{"min_agreement": 0.99}``).
+        runtime_session: runtime session settings the model was checked with, carried by
+            the device bundle so the device builds the same session.
+    """
+
+    latency_p50_ms: float | None = None
+    latency_p90_ms: float | None = None
+    bundle_limits: dict[str, float] = field(default_factory=dict)
+    runtime_session: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "latency_p50_ms": self.latency_p50_ms,
+            "latency_p90_ms": self.latency_p90_ms,
+            "bundle_limits": dict(self.bundle_limits),
+            "runtime_session": self.runtime_session,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> StageOutputs:
+        d = d or {}
+        return cls(
+            latency_p50_ms=d.get("latency_p50_ms"),
+            latency_p90_ms=d.get("latency_p90_ms"),
+            bundle_limits=dict(d.get("bundle_limits") or {}),
+            runtime_session=d.get("runtime_session"),
+        )
 
 
 @dataclass
@@ -76,10 +115,14 @@ class StageContext:
     reference for fidelity. A stage reports its own numbers by adding to ``metrics``,
     pass/fail checks (``{"gate", "measured", "limit", "passed"}``) to ``checks`` (a failed
     check fails the run like a gate), and files the run should surface at the top of the
-    output folder to ``artifacts`` (name -> path inside ``out_dir``).
+    output folder to ``artifacts`` (name -> path inside ``out_dir``). Typed results the
+    runner acts on (latency, device-bundle limits and session settings) go to ``outputs``.
+    ``device`` is where the stage should compute: the runner moves the model and the
+    reference there before the stage and back to the CPU after it; the shared training
+    loop and ``predict`` move batches to the model's device.
     """
 
-    data: "DataBundle"
+    data: DataBundle
     out_dir: Path
     device: torch.device
     reference: nn.Module
@@ -87,4 +130,5 @@ class StageContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
+    outputs: StageOutputs = field(default_factory=StageOutputs)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress.stage"))

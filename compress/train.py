@@ -138,8 +138,11 @@ def fit(
         else None
     )
     g = torch.Generator().manual_seed(cfg.seed)
+    # Batches go where the model is (the runner puts it on the stage context's device).
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if teacher is not None:
         teacher.eval()
+        teacher.to(device)
     step, loss_value = 0, float("nan")
     model.train()
     for epoch in range(cfg.epochs):
@@ -147,8 +150,8 @@ def fit(
         running, batches = 0.0, 0
         for i in range(0, len(perm), batch):
             idx = perm[i : i + batch]
-            xb = x[idx]
-            yb = None if y is None else y[idx]
+            xb = x[idx].to(device, non_blocking=True)
+            yb = None if y is None else y[idx].to(device, non_blocking=True)
             if before_step is not None:
                 before_step()
             with torch.no_grad():

@@ -69,6 +69,44 @@ def _check_named_inputs(session, arrays: dict[str, np.ndarray]) -> dict[str, np.
     return {k: np.ascontiguousarray(v.astype(types.get(want[k].type, v.dtype), copy=False)) for k, v in arrays.items()}
 
 
+def check_limits(
+    min_agreement: float | None = None,
+    max_latency_ms: float | None = None,
+    max_abs_error: float | None = None,
+    expect_sha256: str | None = None,
+) -> None:
+    """Refuse impossible limits before any work starts."""
+    import math
+    import re
+
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise InputError(f"--min-agreement must be a fraction between 0 and 1, got {min_agreement}")
+    if max_latency_ms is not None and not (math.isfinite(max_latency_ms) and max_latency_ms > 0):
+        raise InputError(f"--max-latency-ms must be a positive number of milliseconds, got {max_latency_ms}")
+    if max_abs_error is not None and not (math.isfinite(max_abs_error) and max_abs_error >= 0):
+        raise InputError(f"--max-abs-error must be a finite number >= 0, got {max_abs_error}")
+    if expect_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expect_sha256):
+        raise InputError(f"--expect-sha256 must be 64 hexadecimal digits, got {expect_sha256!r}")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _numeric(name: str, a: np.ndarray, where: Path | str) -> np.ndarray:
+    if a.dtype.kind not in "fiub":
+        raise DataError(f"{where}: array {name!r} must be numeric, got dtype {a.dtype}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise DataError(f"{where}: array {name!r} holds NaN or infinite values")
+    return a
+
+
 def validate(
     path: Path,
     data: Path | None = None,
@@ -79,11 +117,15 @@ def validate(
     max_abs_error: float | None = None,
     runs: int = 100,
     warmup: int = 10,
+    expect_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Validate ``path`` (an ``.onnx`` file or a device bundle from ``compress run``).
 
     A bundle brings its own inputs, reference outputs, labels, session settings and
-    limits; explicit arguments override its limits.
+    limits; explicit arguments override its limits. A bundle's checksums prove it is
+    intact, not who made it: anyone can re-pack a self-consistent bundle with relaxed
+    limits. ``expect_sha256`` (the value ``report.json`` records) ties the file to the run
+    that made it.
 
     Returns:
         The report: ``{"passed", "checks", "parity", "accuracy", "latency", ...}``.
@@ -92,8 +134,14 @@ def validate(
     from compress.runtime import measure_latency, ort_predict, ort_session, row_cosine
 
     path = Path(path)
+    check_limits(min_agreement, max_latency_ms, max_abs_error, expect_sha256)
     if not path.is_file():
         raise InputError(f"not found: {path}")
+    digest = _sha256(path)
+    if expect_sha256 is not None and digest != expect_sha256.lower():
+        raise InputError(
+            f"{path}: SHA-256 is {digest}, expected {expect_sha256.lower()}; this is not the file the run produced"
+        )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compress-validate-") as tmp:
         manifest: dict[str, Any] = {}
@@ -116,12 +164,18 @@ def validate(
                 x = {k: v for k, v in arrays.items() if k != "y"}  # one array per named ONNX input
             else:
                 raise DataError(f"{data}: no array named 'x' (found: {', '.join(sorted(arrays)) or 'nothing'})")
+            if isinstance(x, dict):
+                x = {k: _numeric(k, v, data) for k, v in x.items()}
+            else:
+                x = _numeric("x", x, data)
             labels = arrays.get("y")
+            if labels is not None and labels.dtype.kind not in "iu":
+                raise DataError(f"{data}: labels 'y' must be integers, got dtype {labels.dtype}")
             if reference is not None:
                 refs = _load_npz(Path(reference), "reference")
                 if "outputs" not in refs:
                     raise DataError(f"{reference}: no array named 'outputs'")
-                ref = refs["outputs"]
+                ref = _numeric("outputs", refs["outputs"], reference)
                 if len(ref) != len(x):
                     raise DataError(f"{reference} has {len(ref)} outputs for {len(x)} inputs")
         session_settings = manifest.get("session", {})
@@ -136,7 +190,7 @@ def validate(
         if isinstance(x, dict):  # several named inputs: feed rows of each by sample index
             named = _check_named_inputs(session, x)
             x = np.arange(len(next(iter(named.values()))))
-            feeds = lambda idx: {k: v[idx] for k, v in named.items()}  # noqa: E731
+            feeds = lambda idx: {k: v[idx] for k, v in named.items()}
         else:
             x = _check_input(session, x)
         out = ort_predict(session, x, feeds=feeds)
@@ -148,7 +202,7 @@ def validate(
         "model": str(path),
         "model_bytes": model_bytes,
         "file_bytes": path.stat().st_size,
-        "samples": int(len(out)),
+        "samples": len(out),
         "latency": {k: v for k, v in latency.items() if not k.endswith("samples")},
         "environment": {
             "onnxruntime": __import__("onnxruntime").__version__,
@@ -159,9 +213,17 @@ def validate(
             "platform": platform.platform(),
         },
     }
+    report["sha256"] = digest
     checks: list[dict[str, Any]] = []
     if labels is not None:
+        if len(labels) != len(out):
+            raise DataError(f"{len(labels)} labels for {len(out)} outputs")
         report["accuracy"] = float((out.argmax(1) == labels).mean())
+    if ref is not None and ref.shape != out.shape:
+        raise DataError(
+            f"the model's outputs have shape {list(out.shape)} but the reference outputs {list(ref.shape)}: "
+            "the model does not match the reference it is checked against"
+        )
     if ref is not None:
         diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
         cos = row_cosine(out, ref)

@@ -7,6 +7,7 @@ latency. onnx / onnxruntime are imported inside the functions that use them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -85,17 +86,17 @@ def export_onnx(
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            _quiet_dynamo_logs()
-            program = torch.onnx.export(
-                module,
-                args,
-                dynamo=True,
-                input_names=input_names,
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes=dyn,
-                optimize=True,
-                verbose=False,
-            )
+            with _quiet_dynamo_logs():
+                program = torch.onnx.export(
+                    module,
+                    args,
+                    dynamo=True,
+                    input_names=input_names,
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=dyn,
+                    optimize=True,
+                    verbose=False,
+                )
             program.save(str(tmp), external_data=external)
         else:
             torch.onnx.export(
@@ -118,11 +119,20 @@ def export_onnx(
     return onnx.load(str(path))
 
 
-def _quiet_dynamo_logs() -> None:
+@contextlib.contextmanager
+def _quiet_dynamo_logs():
     # The dynamo exporter prints progress lines and warns about torchvision ops; the
-    # pipeline reports progress itself.
-    for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.onnx._internal.exporter._registration"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # pipeline reports progress itself. The levels are restored afterwards, so a host
+    # application that imports the library keeps its own logging settings.
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.onnx._internal.exporter._registration")
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def check_model(path: Path) -> None:

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelState:
+    state.module.cpu()  # exported and checked on the CPU, as onnxruntime on the device runs it
     path = ctx.out_dir / "model.onnx"
     # A model may declare named ONNX inputs (e.g. input_ids + attention_mask with dynamic
     # batch and sequence axes); parity and latency then feed them through the signature.
@@ -82,6 +83,11 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     ctx.metrics.update(
         measure_latency(session, np.ascontiguousarray(one), config.latency_runs, config.latency_warmup, feeds=feeds)
     )
+    # What the runner acts on: the latency gate and the device bundle's limits and session.
+    ctx.outputs.latency_p50_ms = ctx.metrics.get("latency_p50_ms")
+    ctx.outputs.latency_p90_ms = ctx.metrics.get("latency_p90_ms")
+    ctx.outputs.bundle_limits = {"min_agreement": config.min_agreement}
+    ctx.outputs.runtime_session = ctx.metrics["ort_session"]
     if config.ort_format:
         from compress.runtime import save_ort_format
 

@@ -176,9 +176,10 @@ def test_edge_install_has_no_torch_and_validates(run_dir, tmp_path):
     proc = subprocess.run([str(venv / "bin" / "compress"), "validate", str(run_dir / "bundle.czip")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([str(venv / "bin" / "compress"), "validate", str(run_dir / "bundle.czip"), "--min-agreement", "1.01"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 1
+    # a limit no model meets: a gate failure (exit 1); an impossible one (--min-agreement 1.01) is exit 2
+    proc = subprocess.run([str(venv / "bin" / "compress"), "validate", str(run_dir / "bundle.czip"),
+                           "--max-latency-ms", "1e-9"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stderr
 
 
 def test_bundle_of_a_model_with_named_inputs(tmp_path):
@@ -231,3 +232,57 @@ def test_ort_format_for_minimal_builds(cli, write_recipe, digits_mlp_path, tmp_p
     assert report["passed"]  # includes the ort_format_parity check
     sess = ort.InferenceSession(str(out / "model.ort"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].name == "input"
+
+
+# ----------------------------------------------------------------------------- hostile validate input
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--min-agreement", "2", "between 0 and 1"),
+        ("--max-latency-ms", "-1", "positive"),
+        ("--max-abs-error", "nan", "finite"),
+        ("--expect-sha256", "abc", "64 hexadecimal"),
+    ],
+)
+def test_validate_impossible_limits(cli, run_dir, flag, value, message):
+    code, _, err = cli("validate", run_dir / "bundle.czip", flag, value)
+    assert code == 2 and message in err
+
+
+def test_validate_expect_sha256(cli, run_dir):
+    import hashlib
+
+    digest = hashlib.sha256((run_dir / "bundle.czip").read_bytes()).hexdigest()
+    assert json.loads((run_dir / "report.json").read_text())["bundle_sha256"] == digest
+    code, out, err = cli("validate", run_dir / "bundle.czip", "--expect-sha256", digest.upper(), "--runs", "5", "--json")
+    assert code == 0, err
+    assert json.loads(out)["sha256"] == digest
+    wrong = "0" * 64
+    code, _, err = cli("validate", run_dir / "bundle.czip", "--expect-sha256", wrong)
+    assert code == 2 and f"SHA-256 is {digest}" in err
+
+
+def test_validate_reference_of_another_width(cli, run_dir, tmp_path):
+    x = np.random.default_rng(0).random((8, 64), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    np.savez(tmp_path / "ref.npz", outputs=np.zeros((8, 7), np.float32))
+    code, _, err = cli("validate", run_dir / "model.onnx", "--data", tmp_path / "d.npz", "--reference", tmp_path / "ref.npz")
+    assert code == 2, err
+    assert "shape [8, 10]" in err and "[8, 7]" in err
+
+
+def test_validate_string_data(cli, run_dir, tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.array([["a"] * 64] * 4))
+    code, _, err = cli("validate", run_dir / "model.onnx", "--data", tmp_path / "d.npz")
+    assert code == 2, err
+    assert "'x' must be numeric" in err
+
+
+def test_validate_error_still_writes_junit(cli, run_dir, tmp_path):
+    junit = tmp_path / "v.xml"
+    code, _, _ = cli("validate", run_dir / "model.onnx", "--junit", junit)
+    assert code == 2
+    failure = ET.parse(junit).getroot().find("testsuite/testcase/failure")
+    assert failure is not None and "--data" in failure.get("message")
