@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from compress.errors import RecipeError
 from compress.registry import get_stage, stages
+from compress.tune.config import SearchSpec
 
 RECIPE_VERSION = 1
 
@@ -136,6 +137,9 @@ class RecipeDoc(_Strict):
     )
     gates: Gates = Field(default_factory=Gates)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    search: SearchSpec | None = Field(
+        None, description="Goal-driven search used by `compress tune` (ignored by `compress run`)."
+    )
 
 
 class StageSpec(BaseModel):
