@@ -60,10 +60,14 @@ def _pyplot():
     return plt
 
 
-def _figure(height_in: float = 3.2):
+def _figure(height_in: float = 3.2, left_in: float = 0.75, bottom_in: float = 0.5, width_in: float = WIDTH_IN):
+    """A figure with fixed margins (in inches): no layout pass, so the label placement below
+    measures the final geometry and nothing is drawn twice (reports are rendered on every run)."""
     plt = _pyplot()
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(WIDTH_IN, height_in), dpi=DPI)
+        fig, ax = plt.subplots(figsize=(width_in, height_in), dpi=DPI)
+    fig.subplots_adjust(left=left_in / width_in, right=1 - 0.15 / width_in, bottom=bottom_in / height_in,
+                        top=1 - 0.12 / height_in)
     return fig, ax
 
 
@@ -79,7 +83,6 @@ def _svg(fig, label: str) -> str:
     plt = _pyplot()
     buf = io.StringIO()
     with plt.rc_context(_RC):
-        fig.tight_layout()
         fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     plt.close(fig)
     text = buf.getvalue()
@@ -105,9 +108,7 @@ def _merge_labels(points: Sequence[tuple[str, float, float]], ax, min_px: float 
 
 def _place_labels(ax, labelled: Sequence[tuple[str, float, float, str]]) -> None:
     """Annotate points with offsets chosen so labels avoid each other and stay inside the axes."""
-    fig = ax.figure
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    renderer = ax.figure.canvas.get_renderer()
     axbox = ax.get_window_extent(renderer)
     placed = []
     offsets = [(6, 6), (6, -12), (-6, 6), (-6, -12), (6, 16), (-6, 16), (6, -22), (-6, -22), (10, 26), (10, -32)]
@@ -126,18 +127,32 @@ def _place_labels(ax, labelled: Sequence[tuple[str, float, float, str]]) -> None
             placed.append(ann.get_window_extent(renderer))
 
 
-def _log_size_axis(ax, values: Sequence[float]) -> None:
-    """Log-scaled byte axis with readable ticks at 1-2-5 steps, however narrow the range."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+def _log_ticks(lo: float, hi: float, max_ticks: int = 6) -> list[float]:
+    """The densest 1-2-5-style set of log ticks inside [lo, hi] with at most ``max_ticks`` ticks
+    (a log axis over less than a decade otherwise gets a single tick, or a crowd)."""
+    best: list[float] = []
+    for subs in ((1,), (1, 3), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)):
+        ticks = [m * 10**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in subs]
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) <= max_ticks and len(ticks) >= len(best):
+            best = ticks
+    if len(best) < 2:  # a very narrow range: evenly spaced round values
+        import numpy as np
 
-    lo, hi = min(values), max(values)
+        best = [float(f"{v:.2g}") for v in np.geomspace(lo, hi, 4)[1:-1]]
+    return best
+
+
+def _log_size_axis(ax, values: Sequence[float]) -> None:
+    """Log-scaled byte axis with readable ticks, however narrow the range."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lo, hi = min(values) / 1.25, max(values) * 1.25
     ax.set_xscale("log")
-    ax.set_xlim(lo / 1.25, hi * 1.25)
-    span = math.log10(hi * 1.25) - math.log10(lo / 1.25)
-    subs = (1.0, 2.0, 5.0) if span > 1.2 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(FixedLocator(_log_ticks(lo, hi)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_bytes(v)))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _metric_axis(ax, metric: str) -> None:
@@ -172,27 +187,36 @@ def scatter_svg(points: Sequence[tuple[str, float, float]], x_label: str, y_labe
 
 
 def histogram_svg(samples: Sequence[float], bins: int = 30) -> str:
-    """Latency distribution with p50 / p90 / p99 marks; runs beyond the p99 are counted, not drawn,
-    so one slow outlier cannot squeeze the body of the distribution."""
+    """Latency distribution with p50 / p90 / p99 marks. The axis ends at a robust upper bound
+    (upper quartile + 3 IQR, at least the p90), so one slow run cannot squeeze the body;
+    slower runs are counted in the axis label and a p99 beyond the axis is named in the legend."""
     if not samples:
         return "<p>no latency measured (add an export stage)</p>"
     import numpy as np
 
     s = np.sort(np.asarray(samples, dtype=float))
-    p50, p90, p99 = (float(np.percentile(s, q)) for q in (50, 90, 99))
-    lo, hi = float(s[0]), p99 + (p99 - s[0]) * 0.05
-    hi = hi if hi > lo else lo + 1e-6
+    p25, p50, p75, p90, p99 = (float(np.percentile(s, q)) for q in (25, 50, 75, 90, 99))
+    lo = float(s[0])
+    hi = min(float(s[-1]), max(p75 + 3 * (p75 - p25), p90 * 1.02))
+    hi = hi if hi > lo else lo + max(lo * 0.01, 1e-6)
     shown = s[s <= hi]
     fig, ax = _figure(2.8)
     ax.hist(shown, bins=bins, range=(lo, hi), color="#2aa7b8", edgecolor="white", linewidth=0.5)
     for v, name, color, style in ((p50, "p50", "#1f8f4e", "-"), (p90, "p90", "#e07b28", "--"), (p99, "p99", "#c62f2f", ":")):
-        ax.axvline(v, color=color, linestyle=style, linewidth=1.6, label=f"{name} {v:.3f} ms")
+        if v <= hi:
+            ax.axvline(v, color=color, linestyle=style, linewidth=1.6, label=f"{name} {v:.3f} ms")
+        else:
+            ax.plot([], [], color=color, linestyle=style, label=f"{name} {v:.3f} ms (beyond the axis)")
+    ax.set_xlim(lo - (hi - lo) * 0.02, hi + (hi - lo) * 0.02)
     ax.legend(loc="upper right", frameon=True, framealpha=0.95, fontsize=8)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.35)  # head room for the legend above the bars
-    outliers = len(s) - len(shown)
-    note = f"; {outliers} slower run{'s' if outliers != 1 else ''} (up to {s[-1]:.3f} ms) not drawn" if outliers else ""
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.45)  # head room: the legend sits above the bars
+    slower = len(s) - len(shown)
+    note = f"; {slower} slower (up to {s[-1]:.3f} ms) not drawn" if slower else ""
     ax.set_xlabel(f"latency of one sample (ms), {len(s)} runs{note}")
     ax.set_ylabel("runs")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return _svg(fig, "latency histogram")
 
 
@@ -200,8 +224,8 @@ def hbar_svg(items: Sequence[tuple[str, float]], max_value: float, fmt: str, col
     """Horizontal bars, one per layer, value written at the end of each bar."""
     if not items:
         return "<p>no layers</p>"
-    fig, ax = _figure(0.6 + 0.28 * len(items))
     names = [n[-32:] for n, _ in items][::-1]
+    fig, ax = _figure(0.75 + 0.28 * len(items), left_in=0.25 + 0.065 * max(len(n) for n in names))
     values = [v for _, v in items][::-1]
     bars = ax.barh(names, values, color=color, height=0.6)
     ax.set_xlim(0, max_value * 1.15)
@@ -213,15 +237,15 @@ def hbar_svg(items: Sequence[tuple[str, float]], max_value: float, fmt: str, col
 
 
 def tradeoff_svg(report: dict[str, Any]) -> str:
-    """Every candidate of a search: objective against fidelity, the Pareto front of the passing
-    ones, the uniform-bits baselines, the gate and the chosen point."""
+    """Every candidate of a search: objective against fidelity, the Pareto front (no candidate is
+    both smaller and more faithful), the uniform-bits baselines, the gate and the chosen point."""
     objective = report["objective"]
     cands = [c for c in report["candidates"] if c.get("error") is None and objective in c["metrics"]]
     metric = "accuracy" if all("accuracy" in c["metrics"] for c in cands) else "cosine"
     cands = [c for c in cands if metric in c["metrics"]]
     if not cands:
         return "<p>no candidate was measured</p>"
-    fig, ax = _figure(3.6)
+    fig, ax = _figure(4.2, width_in=9.0)
     xs = [c["metrics"][objective] for c in cands]
     ys = [c["metrics"][metric] for c in cands]
     search = [c for c in cands if c["kind"] != "baseline"]
@@ -235,10 +259,10 @@ def tradeoff_svg(report: dict[str, Any]) -> str:
         ax.scatter([c["metrics"][objective] for c in base], [c["metrics"][metric] for c in base], marker="s", s=34,
                    facecolors=["#e07b28" if c["passed"] else "none" for c in base], edgecolors="#e07b28",
                    label="uniform bits", zorder=4)
-    front = _pareto([c for c in cands if c["passed"]], objective, metric)
-    if front:
+    front = _pareto(cands, objective, metric)
+    if len(front) > 1:
         ax.step([c["metrics"][objective] for c in front], [c["metrics"][metric] for c in front], where="post",
-                color="#1f8f4e", linewidth=1.2, label="Pareto front (passing)", zorder=2)
+                color="#1f8f4e", linewidth=1.2, label="Pareto front", zorder=2)
     limit = _metric_limit(report, metric, cands)
     if limit is not None:
         ax.axhline(limit, color="#c62f2f", linestyle="--", linewidth=1, label=f"gate: {metric} ≥ {_fmt_metric(limit, metric)}")

@@ -235,7 +235,7 @@ def tune(
         atomic_write(recipe_path, lambda p: p.write_text(text))
         if chosen is not None:
             notify("phase", f"re-running {name} into {out_dir / 'tuned'}")
-            tuned = _verify(plan, chosen, recipe_path, model_path, out_dir / "tuned", trust_model)
+            tuned = _verify(plan, chosen, recipe_path, model_path, out_dir / "tuned", workdirs[chosen.sparsity], trust_model)
     report = _report(plan, candidates, sensitivity, tables, chosen, best, tuned, recipe_path, budget, out_dir)
     atomic_write_json(out_dir / "search.json", report)
     from compress.html_report import render_tune_html
@@ -563,8 +563,14 @@ def _choose(candidates: list[Candidate], objective: str) -> tuple[Candidate | No
     return chosen, best
 
 
-def _verify(plan: _Plan, chosen: Candidate, recipe_path: Path, model_path: Path, dest: Path, trust_model: bool) -> dict:
-    """Re-run the written recipe from its file into ``dest`` (fresh) and compare with the candidate."""
+def _verify(plan: _Plan, chosen: Candidate, recipe_path: Path, model_path: Path, dest: Path, workdir: Path,
+            trust_model: bool) -> dict:
+    """Re-run the written recipe from its file into ``dest`` and compare with the candidate.
+
+    The stages before quantize are seeded from the search's stage cache (the pipeline checks
+    their keys and file hashes before reusing them); every later stage runs again from the
+    written recipe.
+    """
     import shutil
 
     from compress.pipeline import run
@@ -572,6 +578,10 @@ def _verify(plan: _Plan, chosen: Candidate, recipe_path: Path, model_path: Path,
 
     if dest.exists():
         shutil.rmtree(dest)
+    for i, stage in enumerate(plan.recipe.stages[: plan.quant_index]):
+        folder = Path("stages") / f"{i + 1:02d}-{stage.name}"
+        if (workdir / folder).is_dir():
+            shutil.copytree(workdir / folder, dest / folder)
     try:
         result = run(load_recipe(recipe_path), model_path, dest, trust_model=trust_model)
     except CompressError as err:
