@@ -350,12 +350,12 @@ def _prefix_state(plan: _Plan, level: float | None, model_path: Path, workdir: P
         folder = workdir / "stages" / f"{len(prefix):02d}-{recipe.stages[plan.quant_index - 1].name}"
         state = load_state(folder, loaded.rebuild)
     else:
-        state = ModelState(module=loaded.rebuild() if isinstance(loaded.module, torch.jit.ScriptModule) else loaded.module,
-                           input_shape=tuple(spec.model.input_shape))
-        if not isinstance(loaded.module, torch.jit.ScriptModule):
-            import copy
+        import copy
 
-            state.module = copy.deepcopy(loaded.module)
+        # The sensitivity pass quantizes layers in place (and restores them): never on the reference.
+        scripted = isinstance(loaded.module, torch.jit.ScriptModule)
+        module = loaded.rebuild() if scripted else copy.deepcopy(loaded.module)
+        state = ModelState(module=module, input_shape=tuple(spec.model.input_shape))
     base_dir = recipe.path.parent if recipe.path else Path.cwd()
     data = DataBundle({n: load_split(n, s, base_dir, tuple(spec.model.input_shape)) for n, s in spec.data if s is not None})
     reference = loaded.module.eval()
@@ -520,14 +520,18 @@ def _bisect(variant, table: ChoiceTable, candidates, budget: _Budget, share: int
              default=0.0)
     failing = [c.proxy_divergence for c in mine if not c.passed and c.proxy_divergence > lo]
     finite = table.divergence[np.isfinite(table.divergence)]
-    hi = min(failing, default=float(finite.max()) * len(table.layers) + 1e-12 if finite.size else 1.0)
+    positive = finite[finite > 0]
+    # Below the smallest nonzero sensitivity every allocation is the exact one: bisect above it.
+    floor = float(positive.min()) if positive.size else 0.0
+    hi = min(failing, default=float(finite.sum()) + 1e-12 if finite.size else 1.0)
     spent, steps = 0, 0
     first = True
     while budget.left() and spent < share and steps < 60:
         steps += 1
         if not first and hi <= lo * 1.02 + 1e-15:
             break
-        target = lo if first else (math.sqrt(lo * hi) if lo > 0 else hi * 1e-3 if steps < 4 else hi / 2 ** steps)
+        # The first allocation uses the passing anchor's budget: never larger than the anchor.
+        target = lo if first else math.sqrt(max(lo, floor) * hi) if max(lo, floor) > 0 else hi / 2
         first = False
         picks = allocate(table, target)
         if picks is None:
