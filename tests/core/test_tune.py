@@ -225,3 +225,37 @@ def test_gate_lines_carry_units():
         "PASS max_accuracy_drop: measured 0.4 pt, limit 1 pt"
     assert "29,493 B" in gate_line({"gate": "max_size_bytes", "measured": 29493, "limit": 30000, "passed": True})
     assert "n/a" in gate_line({"gate": "min_cosine", "measured": math.nan, "limit": 0.9, "passed": False})
+
+
+def test_a_candidate_whose_stage_fails_is_recorded_and_the_search_goes_on(tmp_path, digits_mlp_path, monkeypatch):
+    import compress.pipeline
+    from compress.errors import StageError
+    from compress.recipe import load_recipe
+    from compress.tune.search import tune
+
+    real_run, calls = compress.pipeline.run, []
+
+    def flaky_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise StageError("stage 1 (quantize) failed: RuntimeError: simulated")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(compress.pipeline, "run", flaky_run)
+    path = tmp_path / "r.yaml"
+    path.write_text(TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.05", candidates=2).replace("[2, 4, 8, float]", "[4, 8, float]"))
+    result = tune(load_recipe(path), digits_mlp_path, tmp_path / "out")
+    first, second = result.candidates
+    assert first.error and "simulated" in first.error and not first.passed
+    assert second.error is None and second.passed and result.chosen is second
+
+
+def test_bad_values_in_the_search_options_exit_2(cli, tmp_path, digits_mlp_path):
+    path = tmp_path / "r.yaml"
+    text = TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=2)
+    path.write_text(text.replace("bits: [2, 4, 8, float]", "bits: [4]\n  options: {granularity: [per_channel, diagonal]}"))
+    code, _, err = cli("tune", path, digits_mlp_path, "-o", tmp_path / "out")
+    assert code == 2 and "granularity" in err and "diagonal" in err
+    path.write_text(text.replace("bits: [2, 4, 8, float]", "bits: [4]\n  options: {bits: [2]}"))
+    code, _, err = cli("tune", path, digits_mlp_path, "-o", tmp_path / "out")
+    assert code == 2 and "search.bits" in err
