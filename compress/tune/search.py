@@ -33,7 +33,7 @@ import yaml
 
 import compress
 from compress.artifacts import atomic_write, atomic_write_json, file_hash, text_hash
-from compress.errors import CompressError, RecipeError
+from compress.errors import CompressError, InputError, RecipeError, StageError
 from compress.recipe import Recipe, parse_recipe
 from compress.tune.allocate import ChoiceTable, allocate
 from compress.tune.config import FLOAT, SearchSpec
@@ -178,11 +178,19 @@ def tune(
     sensitivity: dict[str, Any] = {}
     workdirs: dict[float | None, Path] = {}
 
+    skipped: list[dict[str, Any]] = []
     for level in dict.fromkeys(v.sparsity for v in plan.variants):
         workdir = out_dir / "work" / ("recipe" if level is None else f"sparsity-{level:g}")
         workdirs[level] = workdir
         notify("phase", f"stages before quantize{'' if level is None else f' (sparsity {level:g})'}")
-        state, data, reference, searched = _prefix_state(plan, level, model_path, workdir, trust_model)
+        try:
+            state, data, reference, searched = _prefix_state(plan, level, model_path, workdir, trust_model)
+        except InputError:
+            raise
+        except CompressError as err:  # a stage failed at this sparsity level: the others may still work
+            log.warning("sparsity %s: %s; its variants are skipped", level, err)
+            skipped.append({"sparsity": level, "error": str(err)})
+            continue
         for variant in (v for v in plan.variants if v.sparsity == level):
             notify("phase", f"sensitivity: {len(searched)} layers x {len(plan.spec.bits)} widths ({variant.label})")
             table = _sensitivity(plan, variant, state, data, reference, searched, model_path, out_dir)
@@ -207,6 +215,11 @@ def tune(
         table = tables[variant]
         bits = {layer: _choice_value(table.choices[p]) for layer, p in zip(table.layers, picks)}
         return next((c for c in candidates if c.variant == variant.label and c.layer_bits == bits), None)
+
+    plan.variants = [v for v in plan.variants if v in tables]
+    if not plan.variants:
+        raise StageError("no variant of the search space got past the stages before quantize: "
+                         + "; ".join(f"sparsity {k['sparsity']}: {k['error']}" for k in skipped))
 
     if plan.spec.baselines:
         notify("phase", "uniform baselines")
@@ -237,6 +250,7 @@ def tune(
             notify("phase", f"re-running {name} into {out_dir / 'tuned'}")
             tuned = _verify(plan, chosen, recipe_path, model_path, out_dir / "tuned", workdirs[chosen.sparsity], trust_model)
     report = _report(plan, candidates, sensitivity, tables, chosen, best, tuned, recipe_path, budget, out_dir)
+    report["skipped_variants"] = skipped
     atomic_write_json(out_dir / "search.json", report)
     from compress.html_report import render_tune_html
 

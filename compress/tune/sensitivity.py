@@ -125,6 +125,9 @@ def measure(
                     qt = state.quant.get(pname)
                     div = divergence(predict(module, x), base_out, metric)
                     row[str(b)] = {"divergence": div if math.isfinite(div) else float("inf"), **choice_costs(qt, original)}
+                except Exception as err:  # this width is unavailable for this layer; the search goes on without it
+                    log.warning("sensitivity %s at %s bits failed (%s: %s): choice left out", layer, b, type(err).__name__, err)
+                    row[str(b)] = {"divergence": float("nan"), "onnx_size": float("nan"), "packed_size": float("nan")}
                 finally:
                     with torch.no_grad():
                         weight.copy_(original)
