@@ -182,6 +182,7 @@ def tune(
         from compress.recipe import load_recipe
         from compress.report import format_gate_distance, format_gate_value
         from compress.tune.config import SearchSpec
+        from compress.tune.search import resolve_objective
         from compress.tune.search import tune as run_tune
 
         parsed = load_recipe(recipe)
@@ -201,6 +202,7 @@ def tune(
 
             raise InputError(f"compress tune: bad option: {err}") from None
         out_dir = out or Path(f"runs/{parsed.name}-tune")
+        goal = resolve_objective(parsed, spec)
 
         def progress(kind: str, payload) -> None:
             if as_json:
@@ -209,14 +211,13 @@ def tune(
                 _err(f"-- {payload}")
                 return
             c = payload
-            value = c.metrics.get(c_objective[0])
-            shown = "-" if value is None else (f"{value:.3f} ms" if c_objective[0] == "latency" else f"{value:,.0f} B")
+            value = c.metrics.get(goal)
+            shown = "-" if value is None else (f"{value:.3f} ms" if goal == "latency" else f"{value:,.0f} B")
             fid = " ".join(f"{k} {c.metrics[k]:.4f}" for k in ("accuracy", "cosine") if k in c.metrics)
             verdict = "error: " + c.error if c.error else "pass" if c.passed else "fail (" + ", ".join(f["gate"] for f in c.failures) + ")"
             bits = " ".join(str(b) for b in c.layer_bits.values())
             _err(f"[{c.id}] {c.kind:8s} {c.variant}  bits {bits}  {shown}  {fid}  {verdict}  {c.seconds:.1f}s")
 
-        c_objective = [spec.objective or ("packed_size" if any(s.name == "compress" for s in parsed.stages) else "onnx_size")]
         result = run_tune(parsed, model, out_dir, spec=spec, trust_model=trust_model, progress=progress)
         if as_json:
             typer.echo(json.dumps(result.report, indent=2, default=str))

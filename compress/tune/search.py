@@ -277,7 +277,7 @@ def _plan(recipe: Recipe, spec: SearchSpec) -> _Plan:
         if not prunes or not hasattr(recipe.stages[prunes[-1]].config, "amount"):
             raise RecipeError(f"{_where(recipe)}: search.sparsity needs a prune stage with 'amount' (magnitude or variance) before quantize")
         prune_index = prunes[-1]
-    objective = spec.objective or ("packed_size" if "compress" in names else "onnx_size")
+    objective = resolve_objective(recipe, spec)
     needs = {"packed_size": "compress", "onnx_size": "export", "latency": "export"}[objective]
     if needs not in names:
         raise RecipeError(f"{_where(recipe)}: search.objective {objective!r} needs a {needs} stage in the recipe")
@@ -310,6 +310,11 @@ def _plan(recipe: Recipe, spec: SearchSpec) -> _Plan:
                     f"{_where(recipe)}: search space ({v.label}, {b} bits): {'.'.join(map(str, first['loc']))}: {first['msg']}"
                 ) from None
     return _Plan(recipe, spec, quant_index, prune_index, objective, metric, variants, int_bits)
+
+
+def resolve_objective(recipe: Recipe, spec: SearchSpec) -> str:
+    """The objective the search minimises: the spec's, else packed_size with a compress stage, else onnx_size."""
+    return spec.objective or ("packed_size" if any(s.name == "compress" for s in recipe.stages) else "onnx_size")
 
 
 def _where(recipe: Recipe) -> str:
