@@ -423,7 +423,9 @@ def tune_headline(report: dict[str, Any]) -> str:
     elif "cosine" in m:
         parts.append(f"cosine {m['cosine']:.4f}")
     base = report.get("smallest_passing_baseline")
-    if base and objective in base["metrics"]:
+    if chosen["kind"] == "baseline":
+        parts.append(f"a uniform width ({_bits_label(chosen)}) is the best found")
+    elif base and objective in base["metrics"]:
         b = base["metrics"][objective]
         parts.append(f"{b / m[objective]:.2f}× smaller than the best uniform ({_bits_label(base)}, {unit(b)})"
                      if objective != "latency" else f"{b / m[objective]:.2f}× faster than the best uniform ({unit(b)})")
