@@ -259,3 +259,28 @@ def test_bad_values_in_the_search_options_exit_2(cli, tmp_path, digits_mlp_path)
     path.write_text(text.replace("bits: [2, 4, 8, float]", "bits: [4]\n  options: {bits: [2]}"))
     code, _, err = cli("tune", path, digits_mlp_path, "-o", tmp_path / "out")
     assert code == 2 and "search.bits" in err
+
+
+def test_written_recipe_spells_out_layers_and_keeps_data_paths_valid(tmp_path):
+    import yaml
+
+    from compress.recipe import load_recipe
+    from compress.tune.config import SearchSpec
+    from compress.tune.search import Candidate, _plan, candidate_yaml
+
+    src, dst = tmp_path / "a", tmp_path / "b" / "out"
+    src.mkdir()
+    dst.mkdir(parents=True)
+    np.savez(src / "data.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+    text = TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=2).replace(
+        "eval: {source: digits, split: test}", "eval: {source: file, path: data.npz}")
+    (src / "r.yaml").write_text(text)
+    plan = _plan(load_recipe(src / "r.yaml"), SearchSpec(bits=[2, 4, "float"]))
+    cand = Candidate(id=3, kind="search", variant="gpfq", sparsity=None, method="gpfq", options={},
+                     layer_bits={"net.0": 2, "net.2": "float"}, proxy_divergence=0.1, estimated_bytes=1.0)
+    (dst / "recipe.tuned.yaml").write_text(candidate_yaml(plan, cand, dst, tuned=True))
+    written = load_recipe(dst / "recipe.tuned.yaml")
+    assert written.doc.search is None and written.name.endswith("-tuned")
+    assert (dst / written.doc.data.eval.path).resolve() == (src / "data.npz").resolve()
+    quant = yaml.safe_load((dst / "recipe.tuned.yaml").read_text())["stages"][0]["quantize"]
+    assert quant["bits"] == 2 and quant["layer_bits"] == {"net.0": 2} and quant["skip"] == ["net.2"]
