@@ -240,6 +240,9 @@ def tune(
                     typer.echo(f"FAILED {g['gate']}: measured {format_gate_value(g['gate'], g['measured'])}, "
                                f"limit {format_gate_value(g['gate'], g['limit'])}, missed by {by_text}")
                 typer.echo(f"its recipe: {result.recipe_path}")
+            else:
+                typer.echo(f"FAILED no candidate ran within the budget ({result.report['search_seconds']:.0f} s "
+                           "spent before the first one); raise search.budget.seconds or narrow search.layers")
             typer.echo(f"report: {out_dir / 'report.html'}  {out_dir / 'search.json'}")
         if not result.passed:
             raise typer.Exit(EXIT_GATE)

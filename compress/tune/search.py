@@ -174,7 +174,7 @@ def tune(
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = _Budget(plan.spec)
     candidates: list[Candidate] = []
-    tables: dict[Variant, ChoiceTable] = {}
+    tables: dict[str, ChoiceTable] = {}  # by variant label (option values need not be hashable)
     sensitivity: dict[str, Any] = {}
     workdirs: dict[float | None, Path] = {}
 
@@ -195,10 +195,10 @@ def tune(
             notify("phase", f"sensitivity: {len(searched)} layers x {len(plan.spec.bits)} widths ({variant.label})")
             table = _sensitivity(plan, variant, state, data, reference, searched, model_path, out_dir)
             sensitivity[variant.label] = table
-            tables[variant] = _choice_table(table, plan.spec.bits, plan.objective)
+            tables[variant.label] = _choice_table(table, plan.spec.bits, plan.objective)
 
     def run_candidate(variant: Variant, picks: list[int], kind: str) -> Candidate:
-        table = tables[variant]
+        table = tables[variant.label]
         bits = {layer: _choice_value(table.choices[p]) for layer, p in zip(table.layers, picks)}
         div, cost = table.total(picks)
         cand = Candidate(
@@ -212,11 +212,11 @@ def tune(
         return cand
 
     def seen(variant: Variant, picks: list[int]) -> Candidate | None:
-        table = tables[variant]
+        table = tables[variant.label]
         bits = {layer: _choice_value(table.choices[p]) for layer, p in zip(table.layers, picks)}
         return next((c for c in candidates if c.variant == variant.label and c.layer_bits == bits), None)
 
-    plan.variants = [v for v in plan.variants if v in tables]
+    plan.variants = [v for v in plan.variants if v.label in tables]
     if not plan.variants:
         raise StageError("no variant of the search space got past the stages before quantize: "
                          + "; ".join(f"sparsity {k['sparsity']}: {k['error']}" for k in skipped))
@@ -224,7 +224,7 @@ def tune(
     if plan.spec.baselines:
         notify("phase", "uniform baselines")
         for variant in plan.variants:
-            table = tables[variant]
+            table = tables[variant.label]
             for b in sorted(plan.int_bits, reverse=True):
                 if budget.left():
                     run_candidate(variant, [table.choices.index(str(b))] * len(table.layers), "baseline")
@@ -235,7 +235,7 @@ def tune(
         if not budget.left():
             break
         share = math.ceil((plan.spec.budget.candidates - budget.used) / (len(order) - n))
-        _bisect(variant, tables[variant], candidates, budget, share, run_candidate, seen)
+        _bisect(variant, tables[variant.label], candidates, budget, share, run_candidate, seen)
 
     chosen, best = _choose(candidates, plan.objective)
     result_recipe = chosen or best

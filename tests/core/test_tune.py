@@ -284,3 +284,16 @@ def test_written_recipe_spells_out_layers_and_keeps_data_paths_valid(tmp_path):
     assert (dst / written.doc.data.eval.path).resolve() == (src / "data.npz").resolve()
     quant = yaml.safe_load((dst / "recipe.tuned.yaml").read_text())["stages"][0]["quantize"]
     assert quant["bits"] == 2 and quant["layer_bits"] == {"net.0": 2} and quant["skip"] == ["net.2"]
+
+
+def test_options_become_variants_of_their_own(tmp_path, digits_mlp_path):
+    from compress.recipe import load_recipe
+    from compress.tune.search import tune
+
+    path = tmp_path / "r.yaml"
+    path.write_text(TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.05", candidates=2).replace(
+        "bits: [2, 4, 8, float]", "bits: [4, float]\n  options: {granularity: [per_channel, per_tensor]}"))
+    result = tune(load_recipe(path), digits_mlp_path, tmp_path / "out")
+    assert sorted(result.report["sensitivity"]) == ["gpfq, granularity=per_channel", "gpfq, granularity=per_tensor"]
+    assert {c.variant for c in result.candidates} == set(result.report["sensitivity"])
+    assert all(c.options["granularity"] in ("per_channel", "per_tensor") for c in result.candidates)
