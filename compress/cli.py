@@ -204,6 +204,92 @@ def run(
 
 
 @app.command()
+def tune(
+    recipe: Path = typer.Argument(..., help="Recipe YAML; its gates are the goal, its optional search: section the space."),
+    model: Path = typer.Argument(..., help="Model file, as for `compress run`."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: runs/<name>-tune)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="packed_size, onnx_size or latency (overrides search.objective)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", min=1, help="End-to-end candidate runs (overrides search.budget.candidates)."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", min=1, help="Wall-time budget (overrides search.budget.seconds)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the search result as JSON on stdout (no progress lines)."),
+    trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a whole nn.Module (runs code from the file)."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log what the stages do."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Search per-layer bits, sparsity and method for the smallest (or fastest) model that passes the
+    recipe's gates; write it as recipe.tuned.yaml. Exit 1 (with the best candidate) when nothing passes."""
+    _setup_logging(verbose, debug)
+    with _guard(debug):
+        from compress.recipe import load_recipe
+        from compress.report import format_gate_distance, format_gate_value
+        from compress.tune.config import SearchSpec
+        from compress.tune.search import resolve_objective
+        from compress.tune.search import tune as run_tune
+
+        parsed = load_recipe(recipe)
+        spec = parsed.doc.search or SearchSpec()
+        updates: dict = {}
+        if objective is not None:
+            updates["objective"] = objective
+        budget = spec.budget.model_dump()
+        if candidates is not None:
+            budget["candidates"] = candidates
+        if seconds is not None:
+            budget["seconds"] = seconds
+        try:
+            spec = SearchSpec.model_validate(spec.model_dump() | updates | {"budget": budget})
+        except Exception as err:  # pydantic's message names the bad option
+            from compress.errors import InputError
+
+            raise InputError(f"compress tune: bad option: {err}") from None
+        out_dir = out or Path(f"runs/{parsed.name}-tune")
+        goal = resolve_objective(parsed, spec)
+
+        def progress(kind: str, payload) -> None:
+            if as_json:
+                return
+            if kind == "phase":
+                _err(f"-- {payload}")
+                return
+            c = payload
+            value = c.metrics.get(goal)
+            shown = "-" if value is None else (f"{value:.3f} ms" if goal == "latency" else f"{value:,.0f} B")
+            fid = " ".join(f"{k} {c.metrics[k]:.4f}" for k in ("accuracy", "cosine") if k in c.metrics)
+            verdict = "error: " + c.error if c.error else "pass" if c.passed else "fail (" + ", ".join(f["gate"] for f in c.failures) + ")"
+            bits = " ".join(str(b) for b in c.layer_bits.values())
+            _err(f"[{c.id}] {c.kind:8s} {c.variant}  bits {bits}  {shown}  {fid}  {verdict}  {c.seconds:.1f}s")
+
+        result = run_tune(parsed, model, out_dir, spec=spec, trust_model=trust_model, progress=progress)
+        if as_json:
+            typer.echo(json.dumps(result.report, indent=2, default=str))
+        else:
+            from compress.html_report import tune_headline
+
+            typer.echo(tune_headline(result.report))
+            if result.chosen is not None:
+                tuned = result.report.get("tuned_run") or {}
+                typer.echo(f"chosen: candidate {result.chosen.id} ({result.chosen.variant}), bits {result.chosen.layer_bits}")
+                typer.echo(f"recipe: {result.recipe_path}  (re-run: compress run {result.recipe_path} {model})")
+                typer.echo(f"model: {tuned.get('out_dir')}  reproduced exactly: {tuned.get('reproduced')}")
+            elif result.best is not None:
+                b = result.best
+                typer.echo(f"FAILED no candidate passes the gates; best: candidate {b.id} ({b.variant}), bits {b.layer_bits}"
+                           + (f" [{b.error}]" if b.error else ""))
+                for g in result.report["missed_gates"]:
+                    by = g.get("missed_by")
+                    by_text = format_gate_distance(g["gate"], abs(by)) if by is not None else "n/a"
+                    typer.echo(f"FAILED {g['gate']}: measured {format_gate_value(g['gate'], g['measured'])}, "
+                               f"limit {format_gate_value(g['gate'], g['limit'])}, missed by {by_text}")
+                typer.echo(f"its recipe: {result.recipe_path}")
+            else:
+                typer.echo(f"FAILED no candidate ran within the budget ({result.report['search_seconds']:.0f} s "
+                           "spent before the first one); raise search.budget.seconds or narrow search.layers")
+            typer.echo(f"report: {out_dir / 'report.html'}  {out_dir / 'search.json'}")
+        if not result.passed:
+            raise typer.Exit(EXIT_GATE)
+
+
+@app.command()
 def validate(
     path: Path = typer.Argument(..., help="An .onnx model, or a device bundle (bundle.czip from `compress run`)."),
     data: Optional[Path] = typer.Option(None, "--data", help=".npz with inputs 'x' and optional labels 'y' (not needed for a bundle)."),

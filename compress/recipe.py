@@ -28,6 +28,7 @@ from pydantic import (
 from compress.errors import RecipeError
 from compress.imports import refusal
 from compress.registry import get_stage, stages
+from compress.tune.config import SearchSpec
 
 # Limits applied to the YAML text before anything is built from it, so a hostile recipe
 # (an alias bomb, a deeply nested or huge document) is refused in bounded time and memory.
@@ -179,6 +180,9 @@ class RecipeDoc(_Strict):
     )
     gates: Gates = Field(default_factory=Gates)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    search: SearchSpec | None = Field(
+        None, description="Goal-driven search used by `compress tune` (ignored by `compress run`)."
+    )
 
 
 class StageSpec(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 COLUMNS = [
@@ -37,12 +38,45 @@ def stage_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[c[1] for c in cols]] + [[format_cell(r, c[0], c[2]) for c in cols] for r in rows]
 
 
+# How each gate's value reads, with its unit: fractions as points or percent, bytes, ms.
+_GATE_UNITS = {
+    "max_accuracy_drop": lambda v: f"{v * 100:.3g} pt",
+    "min_accuracy": lambda v: f"{v:.2%}",
+    "min_agreement": lambda v: f"{v:.2%}",
+    "onnx_top1_agreement": lambda v: f"{v:.2%}",
+    "onnx_parity_within_tolerance": lambda v: f"{v:.2%} of outputs",
+    "min_cosine": lambda v: f"{v:.6g}",
+    "max_size_bytes": lambda v: f"{v:,.0f} B",
+    "max_latency_ms": lambda v: f"{v:.3g} ms",
+}
+
+
+def format_gate_value(gate: str, value: Any) -> str:
+    """A gate's measured value or limit with its unit (``0.4 pt``, ``29,493 B``, ``0.027 ms``)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):  # not measured
+        return "n/a"
+    fmt = _GATE_UNITS.get(gate) or (lambda x: f"{x:.3g} ms" if gate.endswith("_ms") else f"{x:.6g}")
+    return fmt(v)
+
+
+def format_gate_distance(gate: str, distance: float) -> str:
+    """How far a measured value is from its limit, with the gate's unit (fractions in points)."""
+    if gate in ("max_accuracy_drop", "min_accuracy", "min_agreement", "onnx_top1_agreement"):
+        return f"{distance * 100:.3g} pt"
+    return format_gate_value(gate, distance)
+
+
 def gate_line(g: dict[str, Any]) -> str:
     status = "PASS" if g["passed"] else "FAIL"
     reason = f" ({g['reason']})" if g.get("reason") else ""
-    measured = "not measured" if g.get("measured") is None else f"{g['measured']:.6g}"
-    limit = "-" if g.get("limit") is None else f"{g['limit']:.6g}"
-    return f"{status} {g['gate']}: measured {measured}, limit {limit}{reason}"
+    gate = g["gate"]
+    measured = "not measured" if g.get("measured") is None else format_gate_value(gate, g["measured"])
+    limit = "-" if g.get("limit") is None else format_gate_value(gate, g["limit"])
+    return f"{status} {gate}: measured {measured}, limit {limit}{reason}"
 
 
 def _md(text: Any) -> str:
