@@ -26,7 +26,11 @@ import numpy as np
 import torch
 
 from compress.lossless.config import CompressStageConfig
-from compress.lossless.container import ContainerReader, ContainerWriter, CorruptArchiveError
+from compress.lossless.container import (
+    ContainerReader,
+    ContainerWriter,
+    CorruptArchiveError,
+)
 from compress.qtensor import QuantizedTensor
 from compress.state import ModelState, StageContext
 
