@@ -619,7 +619,8 @@ class ContainerReader:
         if not isinstance(meta, dict):
             raise self._err(f"{where}: meta must be an object")
         if kind == "alias":
-            target = self.entries.get(e.get("of"))  # type: ignore[arg-type]
+            of = e.get("of")
+            target = self.entries.get(of) if isinstance(of, str) else None
             if target is None or target.kind != "tensor":
                 raise self._err(f"{where}: alias of a missing or non-tensor entry")
             return Entry(name, "alias", target.dtype, target.shape, target.layout, target.nbytes, target.chunks,
@@ -627,7 +628,7 @@ class ContainerReader:
         dtype, layout = e.get("dtype"), e.get("layout")
         if kind not in ("tensor", "blob"):
             raise self._err(f"{where}: unknown kind {kind!r}")
-        if dtype not in C.DTYPES or layout not in C.ALLOWED_LAYOUTS[dtype]:
+        if not isinstance(dtype, str) or not isinstance(layout, str) or dtype not in C.DTYPES or layout not in C.ALLOWED_LAYOUTS[dtype]:
             raise self._err(f"{where}: unsupported dtype/layout {dtype!r}/{layout!r}")
         shape = e.get("shape")
         if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and 0 <= d < 2**40 for d in shape):
