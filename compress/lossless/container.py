@@ -726,7 +726,7 @@ class ContainerReader:
         data = self._f.read(total)
         if len(data) != total:
             raise self._err(f"{where}: short read at offset {off}")
-        if zlib.crc32(data) != crc:
+        if C.crc32(data) != crc:
             raise self._err(f"{where}: checksum mismatch")
         out = []
         view = memoryview(data)
