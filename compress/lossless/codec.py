@@ -480,6 +480,11 @@ def encode_stream(stream: np.ndarray, level: int) -> EncodedStream:
     best: tuple[int, bytes] | None = None
     if worth:
         payload = _compressor(level, sparse).compress(raw)
+        if sparse:
+            # one dominant value: runs pay on masks and pruned streams, but int8 codes
+            # (zero the commonest) often code smaller as literals; keep the smaller
+            alt = _compressor(level, False).compress(raw)
+            payload = alt if len(alt) < len(payload) else payload
         if len(payload) <= len(raw) * (1.0 - MIN_SAVING):
             best = (METHOD_ZSTD, payload)
     if 0 < len(raw) <= ANS_MAX_BYTES:
