@@ -353,6 +353,65 @@ def _clean_regions(regions: list[Region], size: int, path: Path) -> list[Region]
     return out
 
 
+class _Pipeline:
+    """Runs ``consume(item)`` on a background thread, in order, behind a short queue.
+
+    Hashing (and, on unpack, writing) then overlaps reading and coding: hashlib and file
+    writes release the GIL for large buffers. An error in ``consume`` is raised by the
+    next :meth:`put` or by :meth:`close`. Items must not be modified after ``put``.
+    """
+
+    def __init__(self, consume: Any, depth: int = 4) -> None:
+        import queue
+        import threading
+
+        self._consume = consume
+        self._q: queue.Queue = queue.Queue(depth)
+        self._err: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="czip-pipeline", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._err is None:
+                try:
+                    self._consume(item)
+                except BaseException as err:  # noqa: BLE001 - handed to the producer thread
+                    self._err = err
+
+    def put(self, item: Any) -> None:
+        if self._err is not None:
+            raise self._err
+        self._q.put(item)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+
+
+class _BackgroundHash:
+    """A SHA-256 fed on a background thread (``update`` returns at once)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._pipe = _Pipeline(self._h.update)
+        self._done = False
+
+    def update(self, data: bytes) -> None:
+        self._pipe.put(data)
+
+    def hexdigest(self) -> str:
+        if not self._done:
+            self._pipe.close()
+            self._done = True
+        return self._h.hexdigest()
+
+
 def _read_range(f: BinaryIO, start: int, length: int, hasher: Any) -> Iterator[bytes]:
     f.seek(start)
     left = length
@@ -407,7 +466,7 @@ def pack_file(
     with open(src, "rb") as f:
         parse = {"safetensors": _safetensors_regions, "onnx": _onnx_regions, "torch": _torch_regions}[fmt]
         regions = _clean_regions(parse(src, f, size), size, src)
-        hasher = hashlib.sha256()
+        hasher = _BackgroundHash()  # one pass over the source, beside the coding
         segments: list[list[Any]] = []
         meta: dict[str, Any] = {"kind": "file", "source": {"format": fmt, "name": src.name, "size": size}}
         with ContainerWriter(dst, level=level, chunk_size=chunk_size, threads=threads, meta=meta) as w:
@@ -523,18 +582,27 @@ def unpack_file(
         hasher = hashlib.sha256()
         written = 0
         with atomic_open(dst, size_hint=size) as out:
-            for kind, ename, start, length in plan:
-                if kind == "t":
-                    pieces = r.iter_chunks(ename, threads)
-                else:  # a byte range of a blob: decode only the chunks it covers
-                    pieces = r.iter_range(ename, start, length)
-                for chunk in pieces:
-                    buf = memoryview(chunk).cast("B") if chunk.flags.c_contiguous else chunk.tobytes()
-                    written += len(buf)
-                    if written > size:
-                        raise CorruptArchiveError(f"{src}: restored data exceeds the declared {size} bytes")
-                    out.write(buf)
-                    hasher.update(buf)
+
+            def sink(buf: Any) -> None:
+                out.write(buf)
+                hasher.update(buf)
+
+            # writing and hashing run behind the decoding (one chunk or a few in flight)
+            pipe = _Pipeline(sink)
+            try:
+                for kind, ename, start, length in plan:
+                    if kind == "t":
+                        pieces = r.iter_chunks(ename, threads)
+                    else:  # a byte range of a blob: decode only the chunks it covers
+                        pieces = r.iter_range(ename, start, length)
+                    for chunk in pieces:
+                        buf = memoryview(chunk).cast("B") if chunk.flags.c_contiguous else chunk.tobytes()
+                        written += len(buf)
+                        if written > size:
+                            raise CorruptArchiveError(f"{src}: restored data exceeds the declared {size} bytes")
+                        pipe.put(buf)
+            finally:
+                pipe.close()
             if written != size or hasher.hexdigest() != sha:
                 raise CorruptArchiveError(f"{src}: restored file does not match the original's size/SHA-256")
     log.info("unpacked %s -> %s (%d bytes)", src, dst, written)
