@@ -73,7 +73,9 @@ MAX_MANIFEST_STORED = 8 << 20
 MAX_ENTRIES = 200_000
 MAX_NAME_BYTES = 1024
 MAX_NDIM = 64
-MAX_CHUNK_RAW_BYTES = 256 << 20  # per chunk, before coding
+# per chunk, before coding: bounds what one hostile chunk makes a reader allocate (a
+# decoded chunk plus its merge temporaries); larger chunks bring no speed
+MAX_CHUNK_RAW_BYTES = 16 << 20
 MAX_JSON_DEPTH = 64
 DECODE_WINDOW_BYTES = 64 << 20  # decoded bytes in flight at once, whatever the thread count
 
@@ -526,6 +528,7 @@ class ContainerReader:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._range_cache: tuple[str, int, np.ndarray] | None = None
         try:
             self._f: BinaryIO = open(self.path, "rb")
         except IsADirectoryError:
@@ -798,11 +801,18 @@ class ContainerReader:
         for ci, ch in enumerate(e.chunks):
             size = ch[0] * item
             if pos + size > start and pos < end:
-                streams = self._read_chunk_payload(f"entry {name!r} chunk {ci}", ch)
-                try:
-                    data = C.decode_chunk(e.layout, ch[0], item, streams)
-                except ValueError as err:
-                    raise self._err(f"entry {name!r} chunk {ci}: {err}") from None
+                # consecutive segments of a skeleton blob mostly fall in one chunk: keep the
+                # last decoded chunk (one chunk of memory) instead of decoding it again
+                cached = self._range_cache
+                if cached is not None and cached[0] == name and cached[1] == ci:
+                    data = cached[2]
+                else:
+                    streams = self._read_chunk_payload(f"entry {name!r} chunk {ci}", ch)
+                    try:
+                        data = C.decode_chunk(e.layout, ch[0], item, streams)
+                    except ValueError as err:
+                        raise self._err(f"entry {name!r} chunk {ci}: {err}") from None
+                    self._range_cache = (name, ci, data)
                 yield data[max(start - pos, 0) : min(end - pos, size)]
             pos += size
             if pos >= end:

@@ -292,3 +292,26 @@ def test_concurrent_processes_writing_one_file(tmp_path) -> None:
     assert only_files(tmp_path) == ["shared.bin"]
     atomic_write_bytes(dst, b"x")
     assert dst.read_bytes() == b"x"
+
+
+def test_small_file_cannot_expand_into_large_memory(tmp_path, model) -> None:
+    """A few-KB file whose skeleton blob decodes to 64 MiB of zeros (16 MiB chunks, the
+    limit): unpack decodes chunk by chunk and refuses, never holding the blob whole."""
+    import tracemalloc
+
+    packed = tmp_path / "m.czip"
+    with ContainerWriter(packed, chunk_size=16 << 20, threads=1, meta={}) as w:
+        w.add_blob("skeleton/0", (bytes(16 << 20) for _ in range(4)), size=64 << 20)
+    good = packed.read_bytes()
+    assert len(good) < 10_000
+    segments = [["b", "skeleton/0", i << 20, 1 << 20] for i in range(64)]
+    packed.write_bytes(hostile(good, lambda m: m.update(meta={
+        "kind": "file", "source": {"name": "x.safetensors", "size": 64 << 20, "sha256": "0" * 64}, "segments": segments})))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptArchiveError, match="does not match the original"):
+            unpack_file(packed, tmp_path / "o.safetensors", threads=1)
+        assert tracemalloc.get_traced_memory()[1] < 120 << 20
+    finally:
+        tracemalloc.stop()
+    assert not (tmp_path / "o.safetensors").exists()
