@@ -29,9 +29,15 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.errors import InputError  # noqa: E402
-from compress.lossless.container import HEADER_SIZE, TRAILER, TRAILER_SIZE, ContainerReader, write_container  # noqa: E402
-from compress.lossless.files import pack_file, unpack_file  # noqa: E402
+from compress.errors import InputError
+from compress.lossless.container import (
+    HEADER_SIZE,
+    TRAILER,
+    TRAILER_SIZE,
+    ContainerReader,
+    write_container,
+)
+from compress.lossless.files import pack_file, unpack_file
 
 HANG_SECONDS = 10
 
@@ -90,8 +96,8 @@ def mutate_json(rng: random.Random, obj):
         lambda: rng.choice(["", "x", "\x00", "n" * 5000, "../../etc/passwd"]),
         lambda: None,
         lambda: True,
-        lambda: [],
-        lambda: {},
+        list,
+        dict,
         lambda: rng.getrandbits(rng.choice([4, 16, 32])),
         lambda: [node, node] if not isinstance(node, dict) else node,
         lambda: 1.5,

@@ -106,7 +106,7 @@ def _inspect_container(path: Path) -> dict[str, Any]:
             numel = 1
             for d in e.shape:
                 numel *= d
-            row = _tensor_row(name, e.shape, e.dtype if e.kind == "tensor" else "blob", numel, numel)
+            row = _tensor_row(name, e.shape, e.dtype if e.kind != "blob" else "blob", numel, numel)
             row["sparsity"] = 0.0  # not decoded: zeros are unknown without decoding
             row["stored_bytes"] = e.stored_bytes
             rows.append(row)

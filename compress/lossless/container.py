@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 import numpy as np
 import zstandard
@@ -169,7 +169,7 @@ class ContainerWriter:
             raise OutputError(describe_os_error(self.path, err, self._pos + len(data))) from None
         self._pos += len(data)
 
-    def __enter__(self) -> ContainerWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -530,7 +530,7 @@ class ContainerReader:
         self.path = Path(path)
         self._range_cache: tuple[str, int, np.ndarray] | None = None
         try:
-            self._f: BinaryIO = open(self.path, "rb")
+            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()/__exit__
         except IsADirectoryError:
             raise InputError(f"{self.path} is a directory, not a container") from None
         except OSError as err:
@@ -703,7 +703,7 @@ class ContainerReader:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> ContainerReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,15 +28,21 @@ import re
 import struct
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from compress.errors import InputError
 from compress.lossless import codec as C
-from compress.lossless.container import ContainerReader, ContainerWriter, CorruptArchiveError, EntryStats
+from compress.lossless.container import (
+    ContainerReader,
+    ContainerWriter,
+    CorruptArchiveError,
+    EntryStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +271,7 @@ class _Stub:
     def __init__(self, name: str = "") -> None:
         self.name = name
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "_Stub":
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
         return _Stub()
 
     def __setstate__(self, state: Any) -> None:

@@ -109,7 +109,7 @@ def test_version_and_magic(tmp_path) -> None:
 
 def rewrite_manifest(good: bytes, edit) -> bytes:
     """A file whose manifest was edited, with every checksum recomputed (hostile, not damaged)."""
-    off, length, _, _, _, end = TRAILER.unpack(good[-TRAILER_SIZE:])
+    off, length = TRAILER.unpack(good[-TRAILER_SIZE:])[:2]
     manifest = json.loads(zstandard.ZstdDecompressor().decompress(good[off : off + length]))
     edit(manifest)
     return with_manifest(good, json.dumps(manifest).encode())
