@@ -180,13 +180,25 @@ def whole_process(size_mb: int, threads: int) -> list[str]:
         }
         results = {}
         for name, cmd in runs.items():
+            # peak RSS from inside the child: ru_maxrss of a child forked from this (large)
+            # process would report this process's size, since it survives exec
+            probe = (
+                "import runpy, sys, resource\n"
+                "sys.argv = ['compress'] + sys.argv[1:]\n"
+                "try:\n    runpy.run_module('compress.cli', run_name='__main__')\n"
+                "finally:\n"
+                "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+                "    sys.stderr.write(f'VMHWM {hwm}\\n')\n"
+            )
             w0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            proc = subprocess.Popen([sys.executable, "-c", probe, *cmd[3:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - w0
+            err = proc.stderr.read().decode()
             if status != 0:
-                raise SystemExit(f"{name} failed: {proc.stderr.read().decode()}")
-            results[name] = (wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+                raise SystemExit(f"{name} failed: {err}")
+            hwm = int(err.split("VMHWM")[-1].split()[0]) / 1024
+            results[name] = (wall, usage.ru_utime + usage.ru_stime, hwm)
         same = (Path(tmp) / "out.safetensors").read_bytes() == src.read_bytes()
         t0, w0 = time.process_time(), time.perf_counter()
         chunks = [C.encode_array(a, "bfloat16", threads=threads) for a in bf16]
