@@ -413,7 +413,9 @@ class ContainerWriter:
             raise InputError(
                 f"manifest of {len(body)} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit; use a larger chunk_size"
             )
-        return zstandard.ZstdCompressor(level=19).compress(body), len(body)
+        # small manifests (most models) get zstd's strongest level; big ones a fast one
+        level = 19 if len(body) <= 1 << 20 else 3
+        return zstandard.ZstdCompressor(level=level).compress(body), len(body)
 
     def close(self) -> Path:
         """Write manifest and trailer, then atomically move the file into place."""
