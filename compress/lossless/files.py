@@ -18,6 +18,7 @@ in the manifest) is checked while writing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -411,10 +412,14 @@ class _BackgroundHash:
     def update(self, data: bytes) -> None:
         self._pipe.put(data)
 
-    def hexdigest(self) -> str:
+    def close(self) -> None:
+        """Stop the thread (also after a failure; idempotent)."""
         if not self._done:
-            self._pipe.close()
             self._done = True
+            self._pipe.close()
+
+    def hexdigest(self) -> str:
+        self.close()
         return self._h.hexdigest()
 
 
@@ -475,7 +480,7 @@ def pack_file(
         hasher = _BackgroundHash()  # one pass over the source, beside the coding
         segments: list[list[Any]] = []
         meta: dict[str, Any] = {"kind": "file", "source": {"format": fmt, "name": src.name, "size": size}}
-        with ContainerWriter(dst, level=level, chunk_size=chunk_size, threads=threads, meta=meta) as w:
+        with contextlib.closing(hasher), ContainerWriter(dst, level=level, chunk_size=chunk_size, threads=threads, meta=meta) as w:
             skel = bytearray()
             skel_count = 0
 
