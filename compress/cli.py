@@ -457,23 +457,28 @@ def _register_pack_commands() -> None:
     def pack(
         src: Path = typer.Argument(..., help="File to pack: .safetensors, .onnx or a stage model .pt."),
         dst: Optional[Path] = typer.Argument(None, help="Output (default: SRC + '.czip')."),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (same as DST)."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
         level: int = typer.Option(3, help="zstd level for the coded streams."),
         threads: Optional[int] = typer.Option(None, help="Threads (default: all cores)."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Losslessly pack model weights (ZipNN-style byte grouping + entropy coding)."""
         with _guard(debug):
-            raise typer.Exit(pack_module.pack(src, dst, level, threads))
+            raise typer.Exit(pack_module.pack(src, dst, level, threads, output=output, force=force))
 
     @app.command()
     def unpack(
         src: Path = typer.Argument(..., help="A packed file."),
-        dst: Optional[Path] = typer.Argument(None, help="Output (default: the original name)."),
+        dst: Optional[Path] = typer.Argument(None, help="Output (default: SRC without '.czip', beside it)."),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (same as DST)."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+        threads: Optional[int] = typer.Option(None, help="Decoding threads (default: all cores)."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Restore the byte-identical original of a packed file."""
         with _guard(debug):
-            raise typer.Exit(pack_module.unpack(src, dst))
+            raise typer.Exit(pack_module.unpack(src, dst, output=output, force=force, threads=threads))
 
 
 _register_pack_commands()

@@ -116,17 +116,23 @@ def _inspect_container(path: Path) -> dict[str, Any]:
             numel = 1
             for d in e.shape:
                 numel *= d
-            row = _tensor_row(name, e.shape, e.dtype if e.kind == "tensor" else "blob", numel, numel)
+            row = _tensor_row(name, e.shape, e.dtype if e.kind != "blob" else "blob", numel, numel)
             row["sparsity"] = 0.0  # not decoded: zeros are unknown without decoding
             row["stored_bytes"] = e.stored_bytes
             rows.append(row)
         meta = reader.meta
     raw = sum(reader.entry(n).nbytes for n in reader.names())
     stored = sum(r["stored_bytes"] for r in rows)
-    kind = "device bundle" if meta.get("extra", {}).get("kind") == "compress-device-bundle" else "packed file"
+    # meta is free-form JSON written by whoever made the file: show it, never trust its types
+    bundle_meta = meta.get("extra")
+    is_bundle = isinstance(bundle_meta, dict) and bundle_meta.get("kind") == "compress-device-bundle"
+    kind = "device bundle" if is_bundle else "packed file"
     extra = {"coded": f"{raw:,} B -> {stored:,} B (ratio {stored / max(raw, 1):.4f})"}
-    if meta.get("source"):
-        extra["packs"] = f"{meta['source'].get('name')} ({meta['source'].get('format')}, {meta['source'].get('size'):,} B)"
+    source = meta.get("source")
+    if isinstance(source, dict):
+        size = source.get("size")
+        size_text = f"{size:,} B" if isinstance(size, int) and not isinstance(size, bool) else "size unknown"
+        extra["packs"] = f"{str(source.get('name'))[:200]} ({str(source.get('format'))[:40]}, {size_text})"
     return _summarise(path, kind, rows, extra)
 
 

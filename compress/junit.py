@@ -38,11 +38,14 @@ def write_junit(
             failure.text = text
         else:
             ET.SubElement(case, "system-out").text = text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
-    tmp.replace(path)
-    return path
+    import io
+
+    from compress.artifacts import atomic_write_bytes
+
+    buf = io.BytesIO()
+    ET.ElementTree(root).write(buf, encoding="utf-8", xml_declaration=True)
+    # a unique, exclusively created temp file: concurrent runs never share one
+    return atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def error_checks(message: str, exit_code: int) -> list[dict[str, Any]]:

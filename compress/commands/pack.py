@@ -8,17 +8,27 @@ from pathlib import Path
 from compress.errors import InputError
 
 
-def pack(src: Path, dst: Path | None, level: int, threads: int | None) -> int:
+def _one_output(positional: Path | None, option: Path | None) -> Path | None:
+    if positional is not None and option is not None and Path(positional) != Path(option):
+        raise InputError(f"two outputs given ({positional} and -o {option}); give one")
+    return option if option is not None else positional
+
+
+def pack(src: Path, dst: Path | None, level: int, threads: int | None, *, output: Path | None = None, force: bool = False) -> int:
     """Pack ``src`` (.safetensors, .onnx, .pt, .pth) into ``dst`` (default ``src.czip``).
 
-    Prints one summary line; returns the exit code (0). Raises InputError for bad input.
+    Prints one summary line; returns the exit code (0). Raises InputError for bad input,
+    including an existing output without ``force``.
     """
     from compress.lossless.files import pack_file
 
     src = Path(src)
     if not src.exists():
         raise InputError(f"{src}: no such file")
-    report = pack_file(src, dst, level=level, threads=threads)
+    dst = _one_output(dst, output)
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
+    report = pack_file(src, dst, level=level, threads=threads, force=force)
     print(
         f"packed {report.src} -> {report.dst}: {report.src_bytes / 1e6:.2f} MB -> "
         f"{report.packed_bytes / 1e6:.2f} MB (ratio {report.ratio:.4f}, {report.n_regions} tensors, "
@@ -27,15 +37,23 @@ def pack(src: Path, dst: Path | None, level: int, threads: int | None) -> int:
     return 0
 
 
-def unpack(src: Path, dst: Path | None) -> int:
-    """Restore the original file from a ``.czip`` container; prints one summary line."""
+def unpack(
+    src: Path, dst: Path | None, *, output: Path | None = None, force: bool = False, threads: int | None = None
+) -> int:
+    """Restore the original file from a ``.czip`` container; prints one summary line.
+
+    The default output is the container's own name without ``.czip``, beside it; an
+    existing file is replaced only with ``force``.
+    """
     from compress.lossless.files import unpack_file
 
     src = Path(src)
     if not src.exists():
         raise InputError(f"{src}: no such file")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
     t0 = time.perf_counter()
-    out = unpack_file(src, dst)
+    out = unpack_file(src, _one_output(dst, output), threads=threads, force=force)
     seconds = time.perf_counter() - t0
     size = out.stat().st_size
     print(

@@ -22,7 +22,7 @@ class CompressStageConfig(BaseModel):
     chunk_size: int = Field(
         1 << 20,
         ge=4096,
-        le=256 << 20,
+        le=16 << 20,
         description="Raw bytes per independently coded chunk (the unit of parallelism, "
         "checksumming and bounded memory).",
     )

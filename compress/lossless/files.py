@@ -18,6 +18,7 @@ in the manifest) is checked while writing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,15 +29,21 @@ import re
 import struct
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from compress.errors import InputError
 from compress.lossless import codec as C
-from compress.lossless.container import ContainerReader, ContainerWriter, CorruptArchiveError, EntryStats
+from compress.lossless.container import (
+    ContainerReader,
+    ContainerWriter,
+    CorruptArchiveError,
+    EntryStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +272,7 @@ class _Stub:
     def __init__(self, name: str = "") -> None:
         self.name = name
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "_Stub":
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
         return _Stub()
 
     def __setstate__(self, state: Any) -> None:
@@ -353,6 +360,69 @@ def _clean_regions(regions: list[Region], size: int, path: Path) -> list[Region]
     return out
 
 
+class _Pipeline:
+    """Runs ``consume(item)`` on a background thread, in order, behind a short queue.
+
+    Hashing (and, on unpack, writing) then overlaps reading and coding: hashlib and file
+    writes release the GIL for large buffers. An error in ``consume`` is raised by the
+    next :meth:`put` or by :meth:`close`. Items must not be modified after ``put``.
+    """
+
+    def __init__(self, consume: Any, depth: int = 4) -> None:
+        import queue
+        import threading
+
+        self._consume = consume
+        self._q: queue.Queue = queue.Queue(depth)
+        self._err: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="czip-pipeline", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._err is None:
+                try:
+                    self._consume(item)
+                except BaseException as err:  # noqa: BLE001 - handed to the producer thread
+                    self._err = err
+
+    def put(self, item: Any) -> None:
+        if self._err is not None:
+            raise self._err
+        self._q.put(item)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+
+
+class _BackgroundHash:
+    """A SHA-256 fed on a background thread (``update`` returns at once)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._pipe = _Pipeline(self._h.update)
+        self._done = False
+
+    def update(self, data: bytes) -> None:
+        self._pipe.put(data)
+
+    def close(self) -> None:
+        """Stop the thread (also after a failure; idempotent)."""
+        if not self._done:
+            self._done = True
+            self._pipe.close()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._h.hexdigest()
+
+
 def _read_range(f: BinaryIO, start: int, length: int, hasher: Any) -> Iterator[bytes]:
     f.seek(start)
     left = length
@@ -374,6 +444,7 @@ def pack_file(
     threads: int | None = None,
     extra_tensors: dict[str, np.ndarray] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    force: bool = True,
 ) -> PackReport:
     """Pack a model file into a ``.czip`` container (memory stays at a few chunks).
 
@@ -384,26 +455,32 @@ def pack_file(
         extra_tensors: more arrays to store beside the file, as entries ``extra/<name>``
             (a device bundle's reference inputs and outputs); ``unpack_file`` ignores them.
         extra_meta: JSON stored as the manifest's ``meta["extra"]``.
+        force: replace an existing ``dst`` (otherwise refused before any work).
 
     Raises:
         InputError: missing file, unsupported type or a file that does not parse.
     """
     src = Path(src)
+    if src.is_dir():
+        raise InputError(f"{src} is a directory, not a model file")
     if not src.is_file():
         raise InputError(f"{src}: no such file")
     fmt = detect_format(src)
     dst = Path(dst) if dst is not None else src.with_name(src.name + ".czip")
+    from compress.artifacts import check_output_path
+
+    check_output_path(dst, force=force, sources=(src,))
     if dst.resolve() == src.resolve():
-        raise InputError("destination would overwrite the source")
+        raise InputError(f"{dst} is the input file; choose another output")
     t0 = time.perf_counter()
     size = src.stat().st_size
     with open(src, "rb") as f:
         parse = {"safetensors": _safetensors_regions, "onnx": _onnx_regions, "torch": _torch_regions}[fmt]
         regions = _clean_regions(parse(src, f, size), size, src)
-        hasher = hashlib.sha256()
+        hasher = _BackgroundHash()  # one pass over the source, beside the coding
         segments: list[list[Any]] = []
         meta: dict[str, Any] = {"kind": "file", "source": {"format": fmt, "name": src.name, "size": size}}
-        with ContainerWriter(dst, level=level, chunk_size=chunk_size, threads=threads, meta=meta) as w:
+        with contextlib.closing(hasher), ContainerWriter(dst, level=level, chunk_size=chunk_size, threads=threads, meta=meta) as w:
             skel = bytearray()
             skel_count = 0
 
@@ -456,18 +533,48 @@ def pack_file(
 
 
 
+def default_unpack_path(container: Path, stored_name: str | None) -> Path:
+    """Where ``compress unpack`` writes by default: beside the container, named after the
+    container's own file name minus ``.czip`` (never after the name stored inside it,
+    which whoever made the file chose). The stored name only lends its suffix when the
+    container's name has none that we know (``bundle.czip`` -> ``bundle.onnx``).
+    """
+    name = container.name
+    base = name[: -len(".czip")] if name.lower().endswith(".czip") and len(name) > 5 else name + ".out"
+    stored_suffix = Path(stored_name or "").suffix.lower()
+    if Path(base).suffix.lower() not in SUPPORTED_SUFFIXES and stored_suffix in SUPPORTED_SUFFIXES:
+        base += stored_suffix
+    return container.with_name(base)
+
+
 def unpack_file(
-    src: str | os.PathLike, dst: str | os.PathLike | None = None, *, threads: int | None = None
+    src: str | os.PathLike,
+    dst: str | os.PathLike | None = None,
+    *,
+    threads: int | None = None,
+    force: bool = True,
 ) -> Path:
     """Restore the original file from a container written by :func:`pack_file`.
 
-    The output is written to ``dst.tmp``, its SHA-256 checked against the original's, and
-    only then renamed into place.
+    The segment list is checked against the declared size before anything is written;
+    the output goes to a unique temp file beside ``dst``, its SHA-256 is checked against
+    the original's while writing, and only then is it renamed into place.
+
+    Args:
+        src: the container.
+        dst: output path (default: :func:`default_unpack_path`).
+        threads: decoding threads (None: all cores).
+        force: replace an existing ``dst`` (the CLI passes ``--force``).
 
     Raises:
-        InputError: missing file. CorruptArchiveError: damaged container or hash mismatch.
+        InputError: missing file, unusable destination. CorruptArchiveError: damaged
+        container or hash mismatch. OutputError: the output cannot be written.
     """
+    from compress.artifacts import atomic_open, check_output_path
+
     src = Path(src)
+    if src.is_dir():
+        raise InputError(f"{src} is a directory, not a packed file")
     if not src.is_file():
         raise InputError(f"{src}: no such file")
     with ContainerReader(src) as r:
@@ -476,48 +583,64 @@ def unpack_file(
         segments = meta.get("segments")
         if not isinstance(source, dict) or not isinstance(segments, list):
             raise CorruptArchiveError(f"{src}: not a packed file (no file segments in the manifest)")
-        name = str(source.get("name", ""))
-        if dst is None:
-            if not name or "/" in name or name in (".", ".."):
-                raise CorruptArchiveError(f"{src}: stored file name is unusable; give a destination")
-            dst = src.with_name(name)
-        dst = Path(dst)
-        if dst.resolve() == src.resolve():
-            raise InputError("destination would overwrite the container")
-        tmp = dst.with_name(dst.name + ".tmp")
+        size, sha = source.get("size"), source.get("sha256")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0 and isinstance(sha, str)):
+            raise CorruptArchiveError(f"{src}: the manifest's source size/SHA-256 is malformed")
+        name = source.get("name")
+        dst = Path(dst) if dst is not None else default_unpack_path(src, name if isinstance(name, str) else None)
+        check_output_path(dst, force=force, sources=(src,))
+        plan = _check_segments(src, r, segments, size)
         hasher = hashlib.sha256()
-        cached: tuple[str, bytes] | None = None
         written = 0
-        try:
-            with open(tmp, "wb") as out:
-                for seg in segments:
-                    if not (isinstance(seg, list) and len(seg) == 4 and seg[0] in ("b", "t") and isinstance(seg[1], str)):
-                        raise CorruptArchiveError(f"{src}: malformed segment list")
-                    kind, ename, start, length = seg
-                    entry = r.entry(ename) if ename in r.entries else None
-                    if entry is None or not isinstance(start, int) or not isinstance(length, int):
-                        raise CorruptArchiveError(f"{src}: segment refers to missing entry {ename!r}")
-                    if start < 0 or length < 0 or start + length > entry.nbytes:
-                        raise CorruptArchiveError(f"{src}: segment of {ename!r} out of range")
-                    if kind == "b" and ename.startswith("skeleton/"):
-                        if cached is None or cached[0] != ename:
-                            cached = (ename, r.read_blob(ename))
-                        piece = cached[1][start : start + length]
-                        out.write(piece)
-                        hasher.update(piece)
-                    else:
-                        if start != 0 or length != entry.nbytes:
-                            raise CorruptArchiveError(f"{src}: partial segment of {ename!r}")
-                        for chunk in r.iter_chunks(ename, threads):
-                            buf = memoryview(chunk).cast("B") if chunk.flags.c_contiguous else chunk.tobytes()
-                            out.write(buf)
-                            hasher.update(buf)
-                    written += length
-            if written != source.get("size") or hasher.hexdigest() != source.get("sha256"):
+        with atomic_open(dst, size_hint=size) as out:
+
+            def sink(buf: Any) -> None:
+                out.write(buf)
+                hasher.update(buf)
+
+            # writing and hashing run behind the decoding (one chunk or a few in flight)
+            pipe = _Pipeline(sink)
+            try:
+                for kind, ename, start, length in plan:
+                    if kind == "t":
+                        pieces = r.iter_chunks(ename, threads)
+                    else:  # a byte range of a blob: decode only the chunks it covers
+                        pieces = r.iter_range(ename, start, length)
+                    for chunk in pieces:
+                        buf = memoryview(chunk).cast("B") if chunk.flags.c_contiguous else chunk.tobytes()
+                        written += len(buf)
+                        if written > size:
+                            raise CorruptArchiveError(f"{src}: restored data exceeds the declared {size} bytes")
+                        pipe.put(buf)
+            finally:
+                pipe.close()
+            if written != size or hasher.hexdigest() != sha:
                 raise CorruptArchiveError(f"{src}: restored file does not match the original's size/SHA-256")
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     log.info("unpacked %s -> %s (%d bytes)", src, dst, written)
     return dst
+
+
+def _check_segments(src: Path, r: ContainerReader, segments: list[Any], size: int) -> list[tuple[str, str, int, int]]:
+    """Validate the segment list against the entries and the declared size, up front."""
+    plan = []
+    total = 0
+    for seg in segments:
+        if not (isinstance(seg, list) and len(seg) == 4 and seg[0] in ("b", "t") and isinstance(seg[1], str)):
+            raise CorruptArchiveError(f"{src}: malformed segment list")
+        kind, ename, start, length = seg
+        entry = r.entries.get(ename)
+        if entry is None or entry.mask is not None or not _is_count(start) or not _is_count(length):
+            raise CorruptArchiveError(f"{src}: segment refers to a missing or unusable entry {ename!r}")
+        if start + length > entry.nbytes:
+            raise CorruptArchiveError(f"{src}: segment of {ename!r} out of range")
+        if kind == "t" and (start != 0 or length != entry.nbytes):
+            raise CorruptArchiveError(f"{src}: partial segment of {ename!r}")
+        total += length
+        plan.append((kind, ename, start, length))
+    if total != size:
+        raise CorruptArchiveError(f"{src}: segments hold {total} bytes, the manifest declares {size}")
+    return plan
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0

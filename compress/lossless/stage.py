@@ -7,7 +7,11 @@ Entry names in the container (``<p>`` is a parameter or buffer name of the modul
   ``bits <= 4``. ``quant/<p>/scale``, ``/zero_point``, ``/codebook``,
   ``/codebook_of_row`` - the side tensors that exist. The float weight of a quantized
   parameter is NOT stored: it is ``QuantizedTensor.dequantize()`` of the above.
-* ``mask/<p>`` - pruning masks, bit-packed.
+* ``mask/<p>`` - pruning masks, bit-packed. Written first: the codes of a masked
+  quantized parameter are stored only where its mask is set (the pruned positions all
+  hold one code, kept as the entry's ``fill``), so the mask is paid for once.
+* Tied tensors (two state_dict names over one storage, e.g. shared embeddings) are one
+  entry; the other name is an ``alias`` entry, and reading restores them as one tensor.
 
 The manifest's ``meta`` holds ``{"kind": "state", "quant": {<p>: {"bits", "method"}}}``.
 """
@@ -80,6 +84,13 @@ def _add(w: ContainerWriter, name: str, t: torch.Tensor, layout: str | None = No
     return w.add_tensor(name, arr, dtype=dtype, layout=layout, meta=meta)
 
 
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Equal for two names of one tensor (same storage, offset, shape, strides, dtype)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return (id(t),)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> dict[str, Any]:
     """Write the state's tensors to ``path``; returns the metrics the stage records."""
     quant_meta = {name: {"kind": qt.kind, "bits": qt.bits, "method": qt.method} for name, qt in state.quant.items()}
@@ -88,29 +99,45 @@ def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> di
         path, level=config.level, chunk_size=config.chunk_size, threads=config.threads,
         meta={"kind": "state", "quant": quant_meta},
     ) as w:
+        for name, mask in state.masks.items():
+            arr, _ = tensor_to_numpy(mask.to(torch.bool))
+            st = w.add_mask(f"mask/{name}", arr)
+            per_tensor.setdefault(name, {"raw_bytes": 0, "packed_bytes": 0})
+            per_tensor[name]["mask_packed_bytes"] = st.stored_bytes
+        stored_at: dict[tuple, str] = {}
         for name, t in state.module.state_dict().items():
             if name in state.quant:
                 continue
-            st = _add(w, f"param/{name}", t)
-            per_tensor[name] = {"raw_bytes": st.raw_bytes, "packed_bytes": st.stored_bytes}
+            key = _storage_key(t)
+            if key in stored_at:  # tied: one storage under two names
+                st = w.add_alias(f"param/{name}", stored_at[key])
+            else:
+                st = _add(w, f"param/{name}", t)
+                stored_at[key] = f"param/{name}"
+            row = per_tensor.setdefault(name, {"raw_bytes": 0, "packed_bytes": 0})
+            row["raw_bytes"] += st.raw_bytes
+            row["packed_bytes"] += st.stored_bytes
         for name, qt in state.quant.items():
             raw = packed = 0
             codes_layout = None
             if qt.bits <= 4:
                 codes_layout = "u4" if qt.codes.dtype == torch.uint8 else "i4"
             parts = {k: v for k, v in qt.to_dict().items() if isinstance(v, torch.Tensor)}
+            mask = f"mask/{name}" if name in state.masks and state.masks[name].numel() == qt.codes.numel() else None
             for part, t in parts.items():
                 if t is None:
                     continue
-                st = _add(w, f"quant/{name}/{part}", t, layout=codes_layout if part == "codes" else None)
+                if part == "codes":
+                    arr, dtype = tensor_to_numpy(t)
+                    st = w.add_tensor(f"quant/{name}/codes", arr, dtype=dtype, layout=codes_layout, mask=mask)
+                else:
+                    st = _add(w, f"quant/{name}/{part}", t)
                 raw += st.raw_bytes
                 packed += st.stored_bytes
-            per_tensor[name] = {"raw_bytes": raw, "packed_bytes": packed, "bits": qt.bits}
-        for name, mask in state.masks.items():
-            st = _add(w, f"mask/{name}", mask.to(torch.bool))
-            per_tensor.setdefault(name, {"raw_bytes": 0, "packed_bytes": 0})
-            per_tensor[name]["mask_packed_bytes"] = st.stored_bytes
-            per_tensor[name]["packed_bytes"] += st.stored_bytes
+            row = per_tensor.setdefault(name, {"raw_bytes": 0, "packed_bytes": 0})
+            row.update(raw_bytes=raw, packed_bytes=row["packed_bytes"] + packed, bits=qt.bits)
+        for name in state.masks:
+            per_tensor[name]["packed_bytes"] += per_tensor[name]["mask_packed_bytes"]
         entry_bytes = sum(s.stored_bytes for s in w.stats)
     for v in per_tensor.values():
         v["ratio"] = v["packed_bytes"] / v["raw_bytes"] if v["raw_bytes"] else None
@@ -169,9 +196,14 @@ def unpack_state_tensors(path: str | Path) -> dict[str, dict[str, Any]]:
         if r.meta.get("kind") != "state":
             raise CorruptArchiveError(f"{path}: not a model-state container")
         qmeta = r.meta.get("quant", {})
+        loaded: dict[str, torch.Tensor] = {}
         for entry_name in r.names():
             e = r.entry(entry_name)
-            t = numpy_to_tensor(r.read_tensor(entry_name), e.dtype)
+            if e.alias_of is not None and e.alias_of in loaded:
+                t = loaded[e.alias_of]  # tied tensors come back as one tensor
+            else:
+                t = numpy_to_tensor(r.read_tensor(entry_name), e.dtype)
+                loaded[entry_name] = t
             group, _, rest = entry_name.partition("/")
             if group == "param":
                 params[rest] = t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import struct
@@ -10,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+import zstandard
 
 from compress.errors import InputError
 from compress.lossless.container import (
@@ -65,7 +67,7 @@ def test_every_flipped_byte_is_detected(tmp_path) -> None:
         payload_spans = {
             (name, ci): [(s[0], s[0] + s[1]) for s in streams]
             for name, e in r.entries.items()
-            for ci, (_, streams) in enumerate(e.chunks)
+            for ci, (_, _, streams) in enumerate(e.chunks)
         }
     bad = tmp_path / "bad.czip"
     for i in range(len(good)):
@@ -92,9 +94,13 @@ def test_every_truncation_is_detected(tmp_path) -> None:
 def test_version_and_magic(tmp_path) -> None:
     path = tmp_path / "a.czip"
     good = bytearray(small_container(path))
-    good[8:10] = struct.pack("<H", 2)
+    good[8:10] = struct.pack("<H", 3)
     path.write_bytes(good)
-    with pytest.raises(CorruptArchiveError, match="version 2"):
+    with pytest.raises(CorruptArchiveError, match="version 3"):
+        ContainerReader(path)
+    good[8:10] = struct.pack("<H", 1)  # a format-1 file (before the compact manifest)
+    path.write_bytes(good)
+    with pytest.raises(CorruptArchiveError, match=r"version 1\.0 is not supported.*older compress"):
         ContainerReader(path)
     path.write_bytes(b"PK\x03\x04" + bytes(200))
     with pytest.raises(CorruptArchiveError, match="not a czip"):
@@ -102,30 +108,45 @@ def test_version_and_magic(tmp_path) -> None:
 
 
 def rewrite_manifest(good: bytes, edit) -> bytes:
-    """A file whose manifest was edited and whose manifest CRC was recomputed (hostile)."""
-    off, length, _, _, digest, end = TRAILER.unpack(good[-TRAILER_SIZE:])
-    manifest = json.loads(good[off : off + length])
+    """A file whose manifest was edited, with every checksum recomputed (hostile, not damaged)."""
+    off, length = TRAILER.unpack(good[-TRAILER_SIZE:])[:2]
+    manifest = json.loads(zstandard.ZstdDecompressor().decompress(good[off : off + length]))
     edit(manifest)
-    body = json.dumps(manifest).encode()
-    return good[:off] + body + TRAILER.pack(off, len(body), zlib.crc32(body), 0, digest, end)
+    return with_manifest(good, json.dumps(manifest).encode())
+
+
+def with_manifest(good: bytes, body: bytes) -> bytes:
+    off = TRAILER.unpack(good[-TRAILER_SIZE:])[0]
+    stored = zstandard.ZstdCompressor().compress(body)
+    digest = hashlib.sha256(good[:HEADER_SIZE] + stored).digest()
+    return good[:off] + stored + TRAILER.pack(off, len(stored), zlib.crc32(stored), len(body), digest, b"CZIPEND\x00")
+
+
+def stream0(m):
+    return m["entries"][0]["chunks"][0][2][0]
 
 
 HOSTILE_EDITS = {
     "huge shape": lambda m: m["entries"][0].update(shape=[2**40, 2**20]),
-    "nbytes lie": lambda m: m["entries"][0].update(nbytes=10**15),
-    "offset past end": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(0, 10**12),
-    "negative length": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(1, -5),
-    "raw_len lie": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(2, 2**31),
-    "overlap": lambda m: m["entries"][1]["chunks"][0][1].__setitem__(0, list(m["entries"][0]["chunks"][0][1][0][:2]) + m["entries"][1]["chunks"][0][1][0][2:]),
+    "shape lie": lambda m: m["entries"][0].update(shape=[401]),
+    "length past end": lambda m: stream0(m).__setitem__(0, 10**12),
+    "negative length": lambda m: stream0(m).__setitem__(0, -5),
+    "raw_len lie": lambda m: stream0(m).__setitem__(1, 2**31),
+    "payloads shifted": lambda m: stream0(m).__setitem__(0, stream0(m)[0] + 1),
     "element count lie": lambda m: m["entries"][0]["chunks"][0].__setitem__(0, 2**40),
+    "crc out of range": lambda m: m["entries"][0]["chunks"][0].__setitem__(1, 2**40),
     "bad dtype": lambda m: m["entries"][0].update(dtype="object"),
     "bad layout": lambda m: m["entries"][0].update(layout="i4"),
     "duplicate": lambda m: m["entries"].append(m["entries"][0]),
     "deep meta": lambda m: m.update(meta=json.loads("[" * 500 + "]" * 500)),
     "entries not list": lambda m: m.update(entries={"a": 1}),
-    "bool as int": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(3, True),
-    "method unknown": lambda m: m["entries"][0]["chunks"][0][1][0].__setitem__(3, 7),
-    "stream count": lambda m: m["entries"][0]["chunks"][0][1].pop(),
+    "bool as int": lambda m: stream0(m).__setitem__(2, True),
+    "method unknown": lambda m: stream0(m).__setitem__(2, 7),
+    "stream count": lambda m: m["entries"][0]["chunks"][0][2].pop(),
+    "name with NUL": lambda m: m["entries"][0].update(name="w\x00x"),
+    "alias of missing": lambda m: m["entries"].append({"name": "z", "kind": "alias", "of": "nope"}),
+    "mask of missing": lambda m: m["entries"][0].update(mask="nope", fill="00000000"),
+    "mask bad fill": lambda m: m["entries"][2].update(mask="mask", fill="zz"),
 }
 
 
@@ -146,9 +167,7 @@ def test_hostile_manifests_are_refused(tmp_path, edit) -> None:
 def test_deep_manifest_json_is_refused(tmp_path) -> None:
     path = tmp_path / "a.czip"
     good = small_container(path)
-    off = TRAILER.unpack(good[-TRAILER_SIZE:])[0]
-    body = b"[" * 100000 + b"]" * 100000
-    path.write_bytes(good[:off] + body + TRAILER.pack(off, len(body), zlib.crc32(body), 0, bytes(32), b"CZIPEND\x00"))
+    path.write_bytes(with_manifest(good, b"[" * 100000 + b"]" * 100000))
     with pytest.raises(CorruptArchiveError):
         ContainerReader(path)
 
@@ -187,11 +206,10 @@ def test_fuzz_random_and_mutated_files(tmp_path) -> None:
 
 def test_writer_is_atomic(tmp_path) -> None:
     path = tmp_path / "a.czip"
-    with pytest.raises(RuntimeError):
-        with ContainerWriter(path) as w:
-            w.add_tensor("x", np.zeros(10, np.float32))
-            raise RuntimeError("boom")
-    assert not path.exists() and not (tmp_path / "a.czip.tmp").exists()
+    with pytest.raises(RuntimeError), ContainerWriter(path) as w:
+        w.add_tensor("x", np.zeros(10, np.float32))
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []  # no file, no temp file
 
 
 def test_writer_rejects_bad_names_and_dtypes(tmp_path) -> None:

@@ -72,3 +72,39 @@ def test_bf16_and_fp16_params(tmp_path) -> None:
     for name, t in model.state_dict().items():
         assert back[name].dtype == t.dtype
         assert torch.equal(back[name].view(torch.int16), t.view(torch.int16))
+
+
+def test_masked_codes_are_stored_once_and_restored_exactly(tmp_path) -> None:
+    from compress.lossless.container import ContainerReader
+
+    state = make_state()
+    qt = state.quant["0.weight"]
+    mask = state.masks["0.weight"]
+    qt.codes[~mask] = 0  # pruned positions hold the zero code, as after prune + quantize
+    ctx = StageContext(data=None, out_dir=tmp_path, device=torch.device("cpu"), reference=state.module)
+    apply(state, CompressStageConfig(threads=1), ctx)
+    with ContainerReader(tmp_path / "weights.czip") as r:
+        e = r.entry("quant/0.weight/codes")
+        assert e.mask == "mask/0.weight" and e.coded_elements == int(mask.sum())
+    back = unpack_state_tensors(tmp_path / "weights.czip")
+    assert torch.equal(back["quant"]["0.weight"].codes, qt.codes)
+    # masked positions that do not share one code: the codes are stored whole, still exact
+    qt.codes[~mask] = torch.randint(-8, 8, (int((~mask).sum()),), dtype=torch.int8)
+    apply(state, CompressStageConfig(threads=1), ctx)
+    with ContainerReader(tmp_path / "weights.czip") as r:
+        assert r.entry("quant/0.weight/codes").mask is None
+    assert torch.equal(unpack_state_tensors(tmp_path / "weights.czip")["quant"]["0.weight"].codes, qt.codes)
+
+
+def test_tied_weights_are_stored_once_and_restored_shared(tmp_path) -> None:
+    emb = torch.nn.Embedding(500, 64)
+    head = torch.nn.Linear(64, 500, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    state = ModelState(module=model, input_shape=(1, 1))
+    ctx = StageContext(data=None, out_dir=tmp_path, device=torch.device("cpu"), reference=model)
+    apply(state, CompressStageConfig(threads=1), ctx)
+    assert ctx.metrics["packed_bytes"] < 500 * 64 * 4  # once, not twice
+    back = unpack_state_tensors(tmp_path / "weights.czip")["params"]
+    assert torch.equal(back["emb.weight"], emb.weight.detach())
+    assert back["head.weight"] is back["emb.weight"]
