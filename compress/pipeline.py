@@ -320,6 +320,7 @@ def _measure(state: ModelState, name: str, data: DataBundle, reference_out, seco
         "sparsity": 1 - nonzeros / params if params else 0.0,
         "size_bytes": size_bytes,
         "weight_bits": _weight_bits(state),
+        "quantized_fraction": _quantized_fraction(state),
     }
     if data.has("eval"):
         split = data["eval"]
@@ -362,6 +363,14 @@ def _weight_bits(state: ModelState) -> float:
     bits = sum(qt.codes.numel() * qt.bits for qt in state.quant.values())
     bits += 32 * sum(p.numel() for n, p in params.items() if n not in state.quant)
     return round(bits / total, 3)
+
+
+def _quantized_fraction(state: ModelState) -> float:
+    """Share of the model's parameters held as quantized integers (gate min_quantized_fraction)."""
+    params = dict(state.module.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    done = sum(params[n].numel() for n in state.quant if n in params)
+    return round(done / total, 6) if total else 0.0
 
 
 BUNDLE_MAX_SAMPLES = 1000
@@ -430,4 +439,6 @@ def _check_gates(gates, rows: list[dict]) -> list[dict]:
     if gates.max_latency_ms is not None:
         latency = next((r["latency_p50_ms"] for r in reversed(rows) if "latency_p50_ms" in r), None)
         add("max_latency_ms", latency, gates.max_latency_ms, lambda m, l: m <= l)
+    if gates.min_quantized_fraction is not None:
+        add("min_quantized_fraction", final.get("quantized_fraction"), gates.min_quantized_fraction, lambda m, l: m >= l)
     return results

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from compress.errors import InputError
 from compress.metrics import predict
 from compress.onnx_signature import onnx_signature_of
 from compress.state import ModelState, StageContext
@@ -31,7 +32,14 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
 
         from compress.export.quantized import DISABLED_OPTIMIZERS, quantize_onnx_model, session_config_for_exact_parity
 
-        model = quantize_onnx_model(model, state.quant, _wrapped_names(state.module, signature))
+        try:
+            model = quantize_onnx_model(model, state.quant, _wrapped_names(state.module, signature))
+        except ValueError as err:
+            # An architecture whose exported weights we cannot pin down: refuse (exit 2).
+            raise InputError(
+                f"export: {err}. Quantize only layers whose weights the exporter keeps as they run "
+                "(quantize.skip), or try export.exporter: legacy"
+            ) from err
         tmp = path.with_name(path.name + ".tmp")
         onnx.save(model, str(tmp))
         tmp.replace(path)
