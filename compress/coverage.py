@@ -82,3 +82,37 @@ def coverage_line(stage: str, cov: dict[str, Any]) -> str:
     if cov.get("fallbacks"):
         text += "; fallback: " + ", ".join(f"{k} ({v})" for k, v in cov["fallbacks"].items())
     return text
+
+
+def weight_matrices(module: nn.Module) -> list[tuple[str, str, str, nn.Module]]:
+    """Every weight matrix the quantizers handle, in module order:
+    ``(canonical parameter name, owner module name, attribute, owner)``.
+
+    Linear and Conv weights, GRU/LSTM/RNN ``weight_ih_l*`` / ``weight_hh_l*`` and
+    MultiheadAttention's ``in_proj_weight`` (or ``q/k/v_proj_weight``; its ``out_proj`` is a
+    Linear). A Parameter shared by several modules (tied weights) is listed once, under its
+    first name in ``named_parameters()``.
+    """
+    canonical = {id(p): n for n, p in module.named_parameters()}
+    seen: set[str] = set()
+    out = []
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            attrs = ["weight"]
+        elif isinstance(m, nn.RNNBase):
+            attrs = [a for a, p in m.named_parameters(recurse=False) if a.startswith("weight_") and p.dim() == 2]
+        elif isinstance(m, nn.MultiheadAttention):
+            attrs = [a for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                     if isinstance(getattr(m, a, None), nn.Parameter)]
+        else:
+            continue
+        for attr in attrs:
+            p = getattr(m, attr)
+            if not isinstance(p, nn.Parameter):
+                continue
+            pname = canonical.get(id(p))
+            if pname is None or pname in seen:
+                continue
+            seen.add(pname)
+            out.append((pname, name, attr, m))
+    return out

@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from compress.coverage import weight_matrices
+from compress.errors import InputError
 from compress.qtensor import QuantizedTensor, signed_range
 
 log = logging.getLogger(__name__)
@@ -157,8 +159,10 @@ def to_quantized_tensor(w: torch.Tensor, bits: int, bucket: int = 256) -> Quanti
 
 
 def quantizable_layers(module: nn.Module, keep_first_last_float: bool = False) -> list[str]:
-    """Names of the Linear/Conv layers whose weights are quantized, in definition order."""
-    names = [name for name, m in module.named_modules() if isinstance(m, QUANTIZABLE)]
+    """Canonical names of the weights trained quantized, in definition order: Linear/Conv
+    weights, GRU/LSTM/RNN input/hidden matrices and attention input projections
+    (``compress.coverage.weight_matrices``); a tied weight once."""
+    names = [pname for pname, *_ in weight_matrices(module)]
     if keep_first_last_float:
         names = names[1:-1]
     return names
@@ -211,9 +215,9 @@ class ShadowWeights:
 
 
 def weight_params(module: nn.Module, layers: list[str]) -> dict[str, nn.Parameter]:
-    """``{"<layer>.weight": parameter}`` for ``layers``."""
-    mods = dict(module.named_modules())
-    return {f"{name}.weight": mods[name].weight for name in layers}
+    """``{name: parameter}`` for ``layers`` (weight names, or layer names meaning ``<layer>.weight``)."""
+    params = dict(module.named_parameters())
+    return {(n if n in params else f"{n}.weight"): params[n if n in params else f"{n}.weight"] for n in layers}
 
 
 def quantized_distill(
@@ -243,7 +247,7 @@ def quantized_distill(
 
     layers = quantizable_layers(student, keep_first_last_float)
     if not layers:
-        raise ValueError("the student has no Linear/Conv layer to quantize")
+        raise InputError("quantized distillation: the student has no Linear/Conv/recurrent/attention weight to quantize")
     shadow = ShadowWeights(weight_params(student, layers), bits, bucket, rounding, seed=cfg.seed)
     summary = distill(
         student, teacher, x, y, cfg, temperature, alpha, mixup, before_step=shadow.before_step, after_step=shadow.after_step
@@ -271,9 +275,20 @@ def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, d
 
     train = ctx.data["train"]
     student = build_student(config.student, config.student_kwargs, state.module, ctx.seed)
+    # Fold BatchNorm first: the student then trains the weights that run (and export),
+    # instead of quantized weights an exporter would rescale by the BatchNorm afterwards.
+    from compress.batchnorm import EXTRAS_KEY, fold_batchnorm
+
+    if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in student.modules()):
+        folded, left = fold_batchnorm(student, train.x[:64])
+        state.extras.setdefault(EXTRAS_KEY, []).extend(folded)
+        summary_folds = {"batchnorm_folded": folded, "batchnorm_unfolded": left}
+    else:
+        summary_folds = {}
     quant, summary = quantized_distill(
         student, teacher, train.x, train.y, config.train, bits=config.bits, bucket=config.bucket,
         rounding=config.rounding, keep_first_last_float=config.keep_first_last_float,
         temperature=config.temperature, alpha=config.alpha, mixup=config.mixup,
     )
+    summary.update(summary_folds)
     return student, quant, summary
