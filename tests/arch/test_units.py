@@ -112,7 +112,7 @@ def test_row_permutation_is_exact():
     assert row_permutation(other, w) is None
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "legacy"])
 def test_rewrite_refuses_an_initializer_that_does_not_hold_the_quantized_values(tmp_path, exporter):
     """The exporter folds BN into the conv initializer: quantized unfolded weights must not be swapped in."""
     from compress.export.onnx_export import export_onnx
@@ -240,7 +240,7 @@ def test_reinitialize_resets_attention_and_refuses_bare_parameters():
 # --- grouped convolutions -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [3, 8])
+@pytest.mark.parametrize("bits", [3, pytest.param(8, marks=pytest.mark.slow)])
 def test_gpfq_on_depthwise_convs_is_never_worse_than_rtn(bits):
     from compress.quantize.config import GPFQConfig
 
