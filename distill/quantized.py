@@ -159,6 +159,14 @@ def to_quantized_tensor(w: torch.Tensor, bits: int, bucket: int = 256) -> Quanti
 
 
 def quantizable_layers(module: nn.Module, keep_first_last_float: bool = False) -> list[str]:
+    """Names of the Linear/Conv layers whose weights are quantized, in definition order."""
+    names = [name for name, m in module.named_modules() if isinstance(m, QUANTIZABLE)]
+    if keep_first_last_float:
+        names = names[1:-1]
+    return names
+
+
+def quantizable_weights(module: nn.Module, keep_first_last_float: bool = False) -> list[str]:
     """Canonical names of the weights trained quantized, in definition order: Linear/Conv
     weights, GRU/LSTM/RNN input/hidden matrices and attention input projections
     (``compress.coverage.weight_matrices``); a tied weight once."""
@@ -245,7 +253,7 @@ def quantized_distill(
     """
     from compress.distill.kd import distill
 
-    layers = quantizable_layers(student, keep_first_last_float)
+    layers = quantizable_weights(student, keep_first_last_float)
     if not layers:
         raise InputError("quantized distillation: the student has no Linear/Conv/recurrent/attention weight to quantize")
     shadow = ShadowWeights(weight_params(student, layers), bits, bucket, rounding, seed=cfg.seed)
@@ -259,7 +267,7 @@ def quantized_distill(
 
 def rtn_bucket_quantize(module: nn.Module, bits: int, bucket: int = 256, keep_first_last_float: bool = False) -> dict[str, QuantizedTensor]:
     """Round-to-nearest with the same quantizer (no training): the post-training baseline. In place."""
-    layers = quantizable_layers(module, keep_first_last_float)
+    layers = quantizable_weights(module, keep_first_last_float)
     quant = {}
     with torch.no_grad():
         for name, p in weight_params(module, layers).items():
