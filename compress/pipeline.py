@@ -440,5 +440,6 @@ def _check_gates(gates, rows: list[dict]) -> list[dict]:
         latency = next((r["latency_p50_ms"] for r in reversed(rows) if "latency_p50_ms" in r), None)
         add("max_latency_ms", latency, gates.max_latency_ms, lambda m, l: m <= l)
     if gates.min_quantized_fraction is not None:
-        add("min_quantized_fraction", final.get("quantized_fraction"), gates.min_quantized_fraction, lambda m, l: m >= l)
+        add("min_quantized_fraction", final.get("quantized_fraction"), gates.min_quantized_fraction,
+            lambda m, limit: m >= limit)
     return results

@@ -67,6 +67,8 @@ REFUSED = {
     ("depthwise", "variance"): "no Linear -> activation -> Linear block",
     ("gru", "variance"): "no Linear -> activation -> Linear block",
     ("lstm", "variance"): "no Linear -> activation -> Linear block",
+    # two weight matrices, both kept dense by the default skip (first and last)
+    ("tied", "magnitude"): "no prunable weight left after skip",
 }
 
 
@@ -94,3 +96,20 @@ def test_untraceable_model_with_dynamo_export_is_exit_2_with_reason(zoo_models, 
     recipe = write_recipe("untraceable", "  - export: {latency_runs: 3}", tmp_path)
     code, out, _ = run_cli(recipe, zoo_models("untraceable"))
     assert code == 2 and "exporter: legacy" in out, out
+
+
+def test_min_quantized_fraction_gate(zoo_models, tmp_path):
+    """GRU at 4 bits without export: skipping the GRU leaves >90% of the parameters float
+    and fails the gate (exit 1, the coverage line names them); quantizing everything passes."""
+    stages = "  - quantize: {method: rtn, bits: 4, skip: ['rnn']}"
+    recipe = write_recipe("gru", stages, tmp_path)
+    recipe.write_text(recipe.read_text().replace("gates: {}", "gates: {min_quantized_fraction: 0.9}"))
+    code, out, report = run_cli(recipe, zoo_models("gru"))
+    assert code == 1, out
+    gate = next(g for g in report["gates"] if g["gate"] == "min_quantized_fraction")
+    assert not gate["passed"] and gate["measured"] < 0.1
+    assert "rnn.weight_ih_l0 (GRU, skipped by the recipe)" in out
+    recipe.write_text(recipe.read_text().replace("skip: ['rnn']", "skip: []"))
+    code, out, report = run_cli(recipe, zoo_models("gru"))
+    assert code == 0, out
+    assert report["stages"][-1]["quantized_fraction"] > 0.9
