@@ -113,3 +113,18 @@ def test_min_quantized_fraction_gate(zoo_models, tmp_path):
     code, out, report = run_cli(recipe, zoo_models("gru"))
     assert code == 0, out
     assert report["stages"][-1]["quantized_fraction"] > 0.9
+
+
+@pytest.mark.parametrize("model", ["tied", pytest.param("resnet_bn", marks=pytest.mark.slow)])
+def test_cached_rerun_keeps_folds_and_ties(zoo_models, tmp_path, model):
+    """A re-run reuses the quantize stage from disk: the reloaded state must still have its
+    BatchNorm folded away / its tied weight shared, or export and parity would break."""
+    check_run(zoo_models, tmp_path, model, "rtn4", legacy=True)
+    recipe = tmp_path / "recipe.yaml"
+    # A changed export config: export runs again, on the quantize state reloaded from disk.
+    recipe.write_text(recipe.read_text().replace("latency_runs: 3", "latency_runs: 4"))
+    code, out, report = run_cli(recipe, zoo_models(model))
+    assert code == 0, out[-3000:]
+    stages = {r["stage"]: r for r in report["stages"]}
+    assert stages["quantize"]["cached"] is True and stages["export"]["cached"] is False
+    assert report["passed"], report["failures"]
