@@ -63,6 +63,17 @@ def _setup_logging(verbose: bool, debug: bool) -> None:
     setup_logging(verbose, debug)
 
 
+def stage_notes(row: dict) -> list[str]:
+    """A stage's extra console lines: its notes and its parameter coverage."""
+    from compress.coverage import coverage_line
+
+    metrics = row.get("metrics") or {}
+    lines = list(metrics.get("notes", []))
+    if metrics.get("coverage"):
+        lines.append(coverage_line(row["stage"], metrics["coverage"]))
+    return lines
+
+
 class _ConsoleReporter:
     """Progress lines: rich status on a terminal, plain lines otherwise."""
 
@@ -100,6 +111,8 @@ class _ConsoleReporter:
             self.console.print(f"[green]✓[/green] {line}")
         else:
             print(line, file=self.stream, flush=True)
+        for extra in stage_notes(row):  # coverage: what the stage handled, what it left alone
+            print(f"      {extra}", file=self.stream, flush=True)
 
 
 def _check_junit_path(junit: Optional[Path]) -> None:

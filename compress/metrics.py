@@ -105,7 +105,8 @@ def model_size(model: nn.Module, quant: Mapping[str, QuantizedTensor] | None = N
         float checkpoint holds), ``stored_bytes`` (quantized tensors as packed integers plus
         their scales/codebooks, the rest at its dtype's width, no entropy coding) and
         ``weight_bits`` (average stored bits per parameter: quantized ones at their width,
-        the rest at their dtype's width).
+        the rest at their dtype's width) and ``quantized_fraction`` (share of the parameters
+        held as quantized integers).
     """
     quant = quant or {}
     params, nonzeros = count_parameters(model)
@@ -119,10 +120,11 @@ def model_size(model: nn.Module, quant: Mapping[str, QuantizedTensor] | None = N
         dense += nbytes
         qt = quant.get(name)
         stored += -(-qt.storage_bits() // 8) if qt is not None else nbytes
-    bits = 0
+    bits = quantized = 0
     for name, p in dict(model.named_parameters()).items():
         qt = quant.get(name)
         bits += qt.codes.numel() * qt.bits if qt is not None else p.numel() * p.element_size() * 8
+        quantized += p.numel() if qt is not None else 0
     return {
         "parameters": params,
         "nonzeros": nonzeros,
@@ -130,4 +132,5 @@ def model_size(model: nn.Module, quant: Mapping[str, QuantizedTensor] | None = N
         "dense_bytes": dense,
         "stored_bytes": stored,
         "weight_bits": round(bits / params, 3) if params else 0.0,
+        "quantized_fraction": round(quantized / params, 6) if params else 0.0,
     }

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from compress.artifacts import atomic_write, atomic_write_json
+from compress.batchnorm import EXTRAS_KEY as BATCHNORM_FOLDED, replay_folds
 from compress.errors import ModelLoadError
 from compress.imports import import_callable
 from compress.qtensor import quantized_from_dict
@@ -235,6 +236,8 @@ def load_state(folder: Path, rebuild: Callable[[], nn.Module]) -> ModelState:
     extras = torch.load(folder / EXTRAS_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((folder / STATE_FILE).read_text())
     module = rebuild()
+    if meta["extras"].get(BATCHNORM_FOLDED):  # the quantize stage folded BatchNorm layers away
+        replay_folds(module, meta["extras"][BATCHNORM_FOLDED])
     resize_to_state_dict(module, sd)
     module.load_state_dict(sd, strict=True)
     module.eval()

@@ -123,6 +123,7 @@ class StageRow:
     sparsity: float
     size_bytes: int
     weight_bits: float
+    quantized_fraction: float = 0.0
     cached: bool = False
     config_hash: str | None = None
     method: str | None = None
@@ -137,6 +138,7 @@ class StageRow:
         d: dict[str, Any] = {
             "stage": self.stage, "seconds": self.seconds, "parameters": self.parameters, "nonzeros": self.nonzeros,
             "sparsity": self.sparsity, "size_bytes": self.size_bytes, "weight_bits": self.weight_bits,
+            "quantized_fraction": self.quantized_fraction,
         }
         d.update(self.quality)
         optional = {
@@ -635,6 +637,7 @@ def _measure(
     row = StageRow(
         stage=name, seconds=round(seconds, 3), parameters=size["parameters"], nonzeros=size["nonzeros"],
         sparsity=size["sparsity"], size_bytes=size_bytes, weight_bits=size["weight_bits"],
+        quantized_fraction=size["quantized_fraction"],
     )
     if data.has("eval"):
         split = data["eval"]
@@ -713,4 +716,7 @@ def _check_gates(gates, rows: list[StageRow], outputs: StageOutputs) -> list[Che
         add("max_size_bytes", size, gates.max_size_bytes, lambda m, l: m <= l)
     if gates.max_latency_ms is not None:
         add("max_latency_ms", outputs.latency_p50_ms, gates.max_latency_ms, lambda m, l: m <= l)
+    if gates.min_quantized_fraction is not None:
+        add("min_quantized_fraction", final.quantized_fraction, gates.min_quantized_fraction,
+            lambda m, limit: m >= limit)
     return results

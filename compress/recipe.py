@@ -152,6 +152,11 @@ class Gates(_Strict):
     max_latency_ms: float | None = Field(
         None, gt=0, description="Largest allowed p50 onnxruntime latency of one sample (needs an export stage)."
     )
+    min_quantized_fraction: float | None = Field(
+        None, ge=0, le=1,
+        description="Smallest allowed share of the final model's parameters held as quantized integers "
+        "(fraction; the quantize stage's coverage line lists what stayed float).",
+    )
 
 
 class OutputSpec(_Strict):

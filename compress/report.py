@@ -103,6 +103,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|" + "|".join("---" for _ in table[0]) + "|",
     ]
     lines += ["| " + " | ".join(_md(c) for c in r) + " |" for r in table[1:]]
+    from compress.coverage import coverage_line
+
+    covered = [(r["stage"], r["metrics"]) for r in report["stages"] if (r.get("metrics") or {}).get("coverage")]
+    if covered:
+        lines += ["", "## Coverage", ""]
+        for stage, metrics in covered:
+            lines += [f"- {_md(note)}" for note in metrics.get("notes", [])]
+            lines.append(f"- {_md(coverage_line(stage, metrics['coverage']))}")
     if report["gates"] or report.get("checks"):
         lines += ["", "## Gates and checks", ""]
         seen = set()

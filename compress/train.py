@@ -58,19 +58,43 @@ def cross_entropy(student: torch.Tensor, y: torch.Tensor | None, teacher: torch.
 
 
 def reinitialize(module: nn.Module, seed: int) -> nn.Module:
-    """A fresh initialisation of ``module`` in place: ``reset_parameters()`` of every layer,
-    seeded, leaving the global RNG state as it was (lottery tickets, born-again students)."""
+    """A fresh initialisation of ``module`` in place, seeded, leaving the global RNG state as
+    it was (lottery tickets' theta_0, KD ``same`` students, born-again students).
+
+    Every module's ``reset_parameters()`` runs, and ``_reset_parameters()`` where a module has
+    that instead or as well (``nn.MultiheadAttention``, ``nn.Transformer``), so no parameter
+    keeps the teacher's values.
+
+    Raises:
+        InputError: some parameter has no reset method on its module: a "fresh" student
+            would silently start from the teacher's weights there.
+    """
+    from compress.errors import InputError
+
     covered: set[int] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in module.modules():
             reset = getattr(m, "reset_parameters", None)
+            private = getattr(m, "_reset_parameters", None)
             if callable(reset):
                 reset()
-                covered.update(id(p) for p in m.parameters(recurse=False))
+            if callable(private):
+                private()
+            if callable(reset) or callable(private):
+                covered.update(id(p) for p in m.parameters(recurse=isinstance(m, nn.MultiheadAttention)))
     missed = [n for n, p in module.named_parameters() if id(p) not in covered]
     if missed:
-        log.warning("no reset_parameters() for %s: they keep their current values", missed)
+        owners = {}
+        for mname, m in module.named_modules():
+            for pname, p in m.named_parameters(recurse=False):
+                if id(p) not in covered:
+                    owners.setdefault(type(m).__name__, []).append(f"{mname}.{pname}" if mname else pname)
+        raise InputError(
+            "cannot re-initialise the student: no reset_parameters() for "
+            + "; ".join(f"{kind} ({', '.join(names)})" for kind, names in owners.items())
+            + ". Give those modules a reset_parameters() method, or start from the teacher's weights"
+        )
     return module
 
 

@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from compress.coverage import weight_matrices
+from compress.errors import InputError
 from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,16 @@ def quantizable_layers(module: nn.Module, keep_first_last_float: bool = False) -
     return names
 
 
+def quantizable_weights(module: nn.Module, keep_first_last_float: bool = False) -> list[str]:
+    """Canonical names of the weights trained quantized, in definition order: Linear/Conv
+    weights, GRU/LSTM/RNN input/hidden matrices and attention input projections
+    (``compress.coverage.weight_matrices``); a tied weight once."""
+    names = [pname for pname, *_ in weight_matrices(module)]
+    if keep_first_last_float:
+        names = names[1:-1]
+    return names
+
+
 class ShadowWeights:
     """``fit`` hooks for training with quantized weights and float shadow weights.
 
@@ -211,9 +223,9 @@ class ShadowWeights:
 
 
 def weight_params(module: nn.Module, layers: list[str]) -> dict[str, nn.Parameter]:
-    """``{"<layer>.weight": parameter}`` for ``layers``."""
-    mods = dict(module.named_modules())
-    return {f"{name}.weight": mods[name].weight for name in layers}
+    """``{name: parameter}`` for ``layers`` (weight names, or layer names meaning ``<layer>.weight``)."""
+    params = dict(module.named_parameters())
+    return {(n if n in params else f"{n}.weight"): params[n if n in params else f"{n}.weight"] for n in layers}
 
 
 def quantized_distill(
@@ -241,9 +253,9 @@ def quantized_distill(
     """
     from compress.distill.kd import distill
 
-    layers = quantizable_layers(student, keep_first_last_float)
+    layers = quantizable_weights(student, keep_first_last_float)
     if not layers:
-        raise ValueError("the student has no Linear/Conv layer to quantize")
+        raise InputError("quantized distillation: the student has no Linear/Conv/recurrent/attention weight to quantize")
     shadow = ShadowWeights(weight_params(student, layers), bits, bucket, rounding, seed=cfg.seed)
     summary = distill(
         student, teacher, x, y, cfg, temperature, alpha, mixup, before_step=shadow.before_step, after_step=shadow.after_step
@@ -255,7 +267,7 @@ def quantized_distill(
 
 def rtn_bucket_quantize(module: nn.Module, bits: int, bucket: int = 256, keep_first_last_float: bool = False) -> dict[str, QuantizedTensor]:
     """Round-to-nearest with the same quantizer (no training): the post-training baseline. In place."""
-    layers = quantizable_layers(module, keep_first_last_float)
+    layers = quantizable_weights(module, keep_first_last_float)
     quant = {}
     with torch.no_grad():
         for name, p in weight_params(module, layers).items():
@@ -271,9 +283,20 @@ def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, d
 
     train = ctx.data["train"]
     student = build_student(config.student, config.student_kwargs, state.module, ctx.seed)
+    # Fold BatchNorm first: the student then trains the weights that run (and export),
+    # instead of quantized weights an exporter would rescale by the BatchNorm afterwards.
+    from compress.batchnorm import EXTRAS_KEY, fold_batchnorm
+
+    if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in student.modules()):
+        folded, left = fold_batchnorm(student, train.x[:64])
+        state.extras.setdefault(EXTRAS_KEY, []).extend(folded)
+        summary_folds = {"batchnorm_folded": folded, "batchnorm_unfolded": left}
+    else:
+        summary_folds = {}
     quant, summary = quantized_distill(
         student, teacher, train.x, train.y, config.train, bits=config.bits, bucket=config.bucket,
         rounding=config.rounding, keep_first_last_float=config.keep_first_last_float,
         temperature=config.temperature, alpha=config.alpha, mixup=config.mixup,
     )
+    summary.update(summary_folds)
     return student, quant, summary

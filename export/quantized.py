@@ -24,6 +24,7 @@ with levels 0 and 1, ~0.5% relative error with the default 4).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import Counter
@@ -93,39 +94,10 @@ class _Rewriter:
         self._by_value: dict | None = None  # (shape, sha256) -> initializer names, built on demand
 
     def locate(self, pname: str, qt: QuantizedTensor, alias: str | None = None) -> tuple[str, bool]:
-        """The initializer holding parameter ``pname``, and whether it holds it transposed.
-
-        By name first (``alias``: the name under an export wrapper, then ``pname``); else by
-        value: exporters fold a Linear-on-sequences' ``Transpose(W)`` into a new initializer
-        (``val_130``) holding ``Wᵀ``. The module's weight is exactly ``qt.dequantize()``,
-        so its bytes (or those of its transpose) identify the initializer.
-
-        Raises:
-            ValueError: no initializer matches.
-        """
-        for name in (alias, pname):
-            if name and name in self.inits:
-                return name, False
-        from onnx import TensorProto
-
-        if self._by_value is None:
-            self._by_value = {}
-            for name, init in self.inits.items():
-                if init.data_type == TensorProto.FLOAT and len(init.dims) >= 2:
-                    self._by_value.setdefault(self._digest(init), []).append(name)
-        w = qt.dequantize().float().numpy()
-        candidates = [(w, False)] + ([(w.reshape(w.shape[0], -1).T, True)] if w.ndim == 2 else [])
-        for values, transposed in candidates:
-            key = (tuple(values.shape), hashlib.sha256(np.ascontiguousarray(values, np.float32).tobytes()).hexdigest())
-            names = [n for n in self._by_value.get(key, []) if n in self.inits]
-            if names:
-                return names[0], transposed
-        shown = ", ".join(sorted(self.inits)[:20]) + (", ..." if len(self.inits) > 20 else "")
-        raise ValueError(
-            f"quantized parameter {pname!r} has no ONNX initializer of that name"
-            + (f" or {alias!r}" if alias and alias != pname else "")
-            + f", nor one holding its values or their transpose (initializers: {shown})"
-        )
+        """The initializer holding parameter ``pname``, and whether it holds it transposed
+        (see ``locate_by_value``; a row-permuted match is not returned here)."""
+        name, layout, _ = locate_by_value(self, pname, qt, alias, allow_rows=False)
+        return name, layout == "transposed"
 
     @staticmethod
     def _digest(init) -> tuple:
@@ -277,6 +249,102 @@ class _Rewriter:
         return nodes + self._reshaped(pname, "GatherElements", [table, idx32], {"axis": 1}, shape, rows, cols)
 
 
+# --- finding a parameter's initializer by value (issue 12) ----------------------------------
+#
+# Exporters rename, transpose, reorder and fold weights: a Linear on sequences becomes MatMul
+# over Wᵀ, GRU/LSTM weights move to ONNX's gate order under a direction axis, and an
+# optimizer may fold a BatchNorm into a convolution's initializer. A name is therefore only
+# a hint: an initializer is used only when it holds exactly the dequantized values (as they
+# are, transposed, or the same rows reordered). Anything else is refused, never guessed.
+
+
+def _row_keys(m: np.ndarray) -> list[bytes]:
+    return [r.tobytes() for r in np.ascontiguousarray(m, np.float32)]
+
+
+def row_permutation(target: np.ndarray, source: np.ndarray) -> np.ndarray | None:
+    """``perm`` with ``source[perm] == target`` row for row (bit-exact), or None."""
+    if target.shape != source.shape:
+        return None
+    where: dict[bytes, list[int]] = {}
+    for i, key in enumerate(_row_keys(source)):
+        where.setdefault(key, []).append(i)
+    perm = np.empty(len(target), dtype=np.int64)
+    for i, key in enumerate(_row_keys(target)):
+        idx = where.get(key)
+        if not idx:
+            return None
+        perm[i] = idx.pop()
+    return perm
+
+
+def locate_by_value(
+    rw: "_Rewriter", pname: str, qt: QuantizedTensor, alias: str | None = None, *, allow_rows: bool = True
+) -> tuple[str, str, np.ndarray | None]:
+    """The initializer holding exactly ``qt.dequantize()``: ``(name, layout, perm)``.
+
+    ``layout`` is ``same``, ``transposed`` (``Wᵀ`` of a 2-D weight) or ``rows`` (the same rows
+    in the order ``perm``, any leading axes of size 1 flattened: ONNX GRU/LSTM ``W``/``R``).
+    Among equal candidates the name hints (``alias``, ``pname``) win.
+
+    Raises:
+        ValueError: no initializer holds these values; the message says what was found
+            under the parameter's name, if anything.
+    """
+    from onnx import TensorProto
+
+    if rw._by_value is None:
+        rw._by_value = {}
+        for name, init in rw.inits.items():
+            if init.data_type == TensorProto.FLOAT and len(init.dims) >= 2:
+                rw._by_value.setdefault(rw._digest(init), []).append(name)
+    hints = [n for n in (alias, pname) if n]
+    w = qt.dequantize().float().numpy()
+    w2d = w.reshape(w.shape[0], -1)
+    candidates = [(w, "same")] + ([(w2d.T, "transposed")] if w.ndim == 2 else [])
+    for values, layout in candidates:
+        key = (tuple(values.shape), hashlib.sha256(np.ascontiguousarray(values, np.float32).tobytes()).hexdigest())
+        names = [n for n in rw._by_value.get(key, []) if n in rw.inits]
+        if names:
+            names.sort(key=lambda n: n not in hints)
+            return names[0], layout, None
+    if allow_rows:
+        from onnx import numpy_helper
+
+        rows, cols = w2d.shape
+        for name, init in rw.inits.items():
+            dims = list(init.dims)
+            if (init.data_type != TensorProto.FLOAT or len(dims) < 2 or dims[-1] != cols
+                    or int(np.prod(dims)) != rows * cols or any(d != 1 for d in dims[:-2])):
+                continue
+            perm = row_permutation(numpy_helper.to_array(init).reshape(rows, cols), w2d)
+            if perm is not None:
+                return name, "rows", perm
+    named = next((n for n in hints if n in rw.inits), None)
+    why = (f"; initializer {named!r} has that name but other values (the exporter changed the weight, "
+           "e.g. folded a BatchNorm or another op into it)" if named else "")
+    shown = ", ".join(sorted(rw.inits)[:20]) + (", ..." if len(rw.inits) > 20 else "")
+    raise ValueError(
+        f"quantized parameter {pname!r}: no ONNX initializer holds exactly its dequantized values "
+        f"(as they are, transposed, or with rows reordered){why}; refusing to guess (initializers: {shown})"
+    )
+
+
+def permute_rows(qt: QuantizedTensor, perm: np.ndarray) -> QuantizedTensor:
+    """``qt`` with its output rows (and their scales / codebook assignment) in the order ``perm``."""
+    import torch
+
+    rows, cols = qt.rows_cols
+    idx = torch.as_tensor(perm, dtype=torch.long)
+    codes = qt.codes.reshape(rows, cols)[idx].contiguous()
+    if isinstance(qt, CodebookTensor):
+        which = qt.codebook_of_row[idx] if qt.codebook_of_row is not None else None
+        return dataclasses.replace(qt, codes=codes, codebook_of_row=which)
+    scale = qt.scale[idx] if qt.scale.shape[0] > 1 else qt.scale
+    zp = None if qt.zero_point is None else (qt.zero_point[idx] if qt.zero_point.shape[0] > 1 else qt.zero_point)
+    return dataclasses.replace(qt, codes=codes, scale=scale, zero_point=zp)
+
+
 def _is_plain_linear_gemm(node, pname: str) -> bool:
     from onnx import helper
 
@@ -320,8 +388,19 @@ def quantize_onnx_model(
     rw = _Rewriter(model)
     names = names or {}
     for pname, qt in quant.items():
-        init_name, transposed = rw.locate(pname, qt, names.get(pname))
+        init_name, layout, perm = locate_by_value(rw, pname, qt, names.get(pname))
         shape = list(rw.inits[init_name].dims)
+        if layout == "rows":
+            # A recurrent layer's W/R (ONNX gate order, a leading direction axis): the same
+            # rows in another order. Dequantize the permuted codes straight into that layout.
+            consumers = rw.consumers(init_name)
+            rw.remove_initializer(init_name)
+            moved = permute_rows(qt, perm)
+            new_nodes = (rw.codebook_nodes(init_name, moved, shape) if isinstance(moved, CodebookTensor)
+                         else rw.dequantize_generic(init_name, moved, shape))
+            rw.nodes[0:0] = new_nodes
+            continue
+        transposed = layout == "transposed"
         want = [qt.shape[1], qt.shape[0]] if transposed else list(qt.shape)
         if shape != want:
             raise ValueError(

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from compress.errors import InputError
 from compress.metrics import predict
 from compress.onnx_signature import onnx_signature_of
 from compress.state import ModelState, StageContext
@@ -23,7 +24,18 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     # batch and sequence axes); parity and latency then feed them through the signature.
     signature = onnx_signature_of(state.module)
     example = state.example_input(batch=2 if config.dynamic_batch or signature is not None else 1)
-    model = export_onnx(state.module, example, path, config.opset, config.exporter, config.dynamic_batch, signature)
+    try:
+        model = export_onnx(state.module, example, path, config.opset, config.exporter, config.dynamic_batch, signature)
+    except Exception as err:
+        if config.exporter != "dynamo":
+            raise
+        # torch.export refuses data-dependent control flow and the like: a model property.
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise InputError(
+            f"export: the dynamo exporter cannot export {type(state.module).__name__} ({type(err).__name__}: {first}). "
+            "Models with data-dependent control flow need export.exporter: legacy (which records the path "
+            "taken on the example input; the parity check then tells whether that is enough)"
+        ) from err
     feeds = signature.feeds if signature is not None else None
     session_config: dict[str, str] = {}
     disabled: tuple[str, ...] = ()
@@ -32,7 +44,14 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
 
         from compress.export.quantized import DISABLED_OPTIMIZERS, quantize_onnx_model, session_config_for_exact_parity
 
-        model = quantize_onnx_model(model, state.quant, _wrapped_names(state.module, signature))
+        try:
+            model = quantize_onnx_model(model, state.quant, _wrapped_names(state.module, signature))
+        except ValueError as err:
+            # An architecture whose exported weights we cannot pin down: refuse (exit 2).
+            raise InputError(
+                f"export: {err}. Quantize only layers whose weights the exporter keeps as they run "
+                "(quantize.skip), or try export.exporter: legacy"
+            ) from err
         tmp = path.with_name(path.name + ".tmp")
         onnx.save(model, str(tmp))
         tmp.replace(path)

@@ -29,7 +29,10 @@ import torch
 from torch import nn
 
 from compress.train import reinitialize
-from compress.prune.magnitude import MaskEnforcer, default_skip, magnitude_masks, prunable_layers, select_weights
+from compress.errors import InputError
+from compress.prune.magnitude import (
+    MaskEnforcer, default_skip, magnitude_masks, prunable_weights, pruning_coverage, select_weights,
+)
 
 if TYPE_CHECKING:
     from compress.state import ModelState, StageContext
@@ -56,10 +59,9 @@ def _density(masks: dict[str, torch.Tensor]) -> float:
 def _weight_density(module: nn.Module, masks: dict[str, torch.Tensor]) -> float:
     """Density over every conv/linear weight, the dense (skipped) ones included."""
     total = kept = 0
-    for name, m in prunable_layers(module):
-        pname = f"{name}.weight" if name else "weight"
-        total += m.weight.numel()
-        kept += int(masks[pname].sum()) if pname in masks else m.weight.numel()
+    for pname, _, weight in prunable_weights(module):
+        total += weight.numel()
+        kept += int(masks[pname].sum()) if pname in masks else weight.numel()
     return kept / total if total else 1.0
 
 
@@ -130,7 +132,10 @@ def lottery_prune(state: "ModelState", config: "LotteryConfig", ctx: "StageConte
     skip = config.skip if config.skip is not None else default_skip(state.module, "last")
     names, skipped = select_weights(state.module, skip)
     if not names:
-        raise ValueError(f"no prunable layer left after skip {skip!r}")
+        raise InputError(
+            f"lottery: no prunable weight left after skip {skip!r}; prunable: "
+            f"{[d for _, d, _ in prunable_weights(state.module)]}. Set prune.skip explicitly (e.g. skip: [])"
+        )
     seed = ctx.seed if config.init_seed is None else config.init_seed
     path = Path(ctx.out_dir) / CHECKPOINT
     key = _run_key(config, state.module, ctx)
@@ -205,5 +210,6 @@ def lottery_prune(state: "ModelState", config: "LotteryConfig", ctx: "StageConte
     if ckpt.get("control") is not None:
         summary["control"] = ckpt["control"]
     ctx.metrics.update(summary)
+    ctx.metrics["coverage"] = pruning_coverage(net, names, skipped)
     state.extras["lottery"] = summary
     return state

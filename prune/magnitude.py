@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
+from compress.errors import InputError
+
 if TYPE_CHECKING:
     from compress.state import ModelState, StageContext
     from compress.prune.config import MagnitudeConfig
@@ -39,9 +41,40 @@ def prunable_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def prunable_weights(module: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """Every prunable weight matrix, in module order: ``(parameter name, display name, tensor)``.
+
+    Conv/Linear weights and the input/hidden matrices of GRU/LSTM/RNN layers
+    (``weight_ih_l*``, ``weight_hh_l*``). A Parameter shared by several modules (tied
+    embedding/output weights) is listed once, under its first name in ``named_parameters()``
+    (the name its mask is kept under). The display name is the layer's name for a plain
+    ``<layer>.weight`` and the parameter name otherwise.
+    """
+    canonical = {id(p): n for n, p in module.named_parameters()}
+    seen: set[str] = set()
+    out = []
+    for name, m in module.named_modules():
+        if isinstance(m, PRUNABLE_TYPES) and isinstance(getattr(m, "weight", None), nn.Parameter):
+            attrs = ["weight"]
+        elif isinstance(m, nn.RNNBase):
+            attrs = [a for a, p in m.named_parameters(recurse=False) if a.startswith("weight_") and p.dim() == 2]
+        else:
+            continue
+        for attr in attrs:
+            p = getattr(m, attr)
+            pname = canonical.get(id(p))
+            if pname is None or pname in seen:
+                continue
+            seen.add(pname)
+            own = f"{name}.{attr}" if name else attr
+            out.append((pname, name if attr == "weight" and pname == own else pname, p))
+    return out
+
+
 def default_skip(module: nn.Module, which: str) -> list[str]:
-    """Module names kept dense by default: ``"first_last"`` or ``"last"`` prunable layer."""
-    layers = [name for name, _ in prunable_layers(module)]
+    """Names kept dense by default: the ``"first_last"`` or ``"last"`` prunable weight
+    (a layer name for a Conv/Linear weight, else the parameter name)."""
+    layers = [display for _, display, _ in prunable_weights(module)]
     if not layers:
         return []
     if which == "first_last":
@@ -57,16 +90,15 @@ def select_weights(module: nn.Module, skip: Iterable[str]) -> tuple[list[str], l
     Args:
         module: the model.
         skip: glob patterns matched against module names (``"net.0"``) and parameter
-            names (``"net.0.weight"``).
+            names (``"net.0.weight"``, ``"rnn.weight_hh_l0"``).
 
     Returns:
         ``(pruned, skipped)`` parameter names, each in module order.
     """
     patterns = list(skip)
     pruned, skipped = [], []
-    for name, _ in prunable_layers(module):
-        pname = f"{name}.weight" if name else "weight"
-        if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(pname, p) for p in patterns):
+    for pname, display, _ in prunable_weights(module):
+        if any(fnmatch.fnmatchcase(display, p) or fnmatch.fnmatchcase(pname, p) for p in patterns):
             skipped.append(pname)
         else:
             pruned.append(pname)
@@ -253,14 +285,13 @@ def sparsity_table(
     """Per-layer rows for every conv/linear weight: parameters, pruned count, sparsity."""
     skipped = set(skipped)
     rows = []
-    for name, m in prunable_layers(module):
-        pname = f"{name}.weight" if name else "weight"
-        numel = m.weight.numel()
+    for pname, _, weight in prunable_weights(module):
+        numel = weight.numel()
         pruned = int((~masks[pname]).sum()) if pname in masks else 0
         rows.append(
             {
                 "name": pname,
-                "shape": list(m.weight.shape),
+                "shape": list(weight.shape),
                 "params": numel,
                 "pruned": pruned,
                 "sparsity": pruned / numel if numel else 0.0,
@@ -290,7 +321,10 @@ def magnitude_prune(state: "ModelState", config: "MagnitudeConfig", ctx: "StageC
     skip = config.skip if config.skip is not None else default_skip(module, "first_last")
     names, skipped = select_weights(module, skip)
     if not names:
-        raise ValueError(f"no prunable layer left after skip {skip!r}; layers: {[n for n, _ in prunable_layers(module)]}")
+        raise InputError(
+            f"magnitude pruning: no prunable weight left after skip {skip!r}; prunable: "
+            f"{[d for _, d, _ in prunable_weights(module)]}. Set prune.skip explicitly (e.g. skip: [])"
+        )
     log.info("magnitude pruning %d layers (%s scope, %s) to %.1f%%; dense: %s",
              len(names), config.scope, config.schedule, 100 * config.amount, ", ".join(skipped) or "none")
     params = state.parameters_by_name()
@@ -326,6 +360,16 @@ def magnitude_prune(state: "ModelState", config: "MagnitudeConfig", ctx: "StageC
 
     rows = sparsity_table(module, state.masks, skipped)
     metrics["layers"] = rows
+    metrics["coverage"] = pruning_coverage(module, names, skipped)
     metrics["weight_sparsity"] = table_sparsity(rows)
     metrics["pruned_layers_sparsity"] = table_sparsity(rows, only_pruned_layers=True)
     return state
+
+
+def pruning_coverage(module: nn.Module, pruned: Iterable[str], skipped: Iterable[str]) -> dict[str, Any]:
+    """The coverage record (``compress.coverage``) of a pruning stage."""
+    from compress.coverage import parameter_coverage
+
+    reasons = {n: "kept dense by prune.skip" for n in skipped}
+    return parameter_coverage(module, set(pruned), reasons, what="prune",
+                              unsupported_kinds=lambda m: f"{type(m).__name__}, not pruned")

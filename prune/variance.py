@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.errors import InputError
+
 if TYPE_CHECKING:
     from compress.state import ModelState, StageContext
     from compress.prune.config import VarianceConfig
@@ -223,19 +225,102 @@ def _blocks_by_hooks(module: nn.Module, example_input: torch.Tensor) -> list[MLP
     return blocks
 
 
-def find_mlp_blocks(module: nn.Module, example_input: torch.Tensor | None = None) -> list[MLPBlock]:
-    """Every ``Linear -> activation [-> Dropout] -> Linear`` block of ``module``.
+TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _transformer_ffn_blocks(module: nn.Module) -> list[MLPBlock]:
+    """The feed-forward block (``linear1 -> activation -> dropout -> linear2``) of every
+    PyTorch Transformer encoder/decoder layer: torch.fx treats those layers as leaves."""
+    blocks = []
+    for name, m in module.named_modules():
+        if isinstance(m, TRANSFORMER_LAYERS):
+            act = m.activation
+            label = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", "activation")
+            prefix = f"{name}." if name else ""
+            blocks.append(MLPBlock(f"{prefix}linear1", f"{prefix}linear2", label))
+    return blocks
+
+
+class no_mha_fastpath:
+    """PyTorch's fused Transformer fast path skips the submodule calls (and their hooks)."""
+
+    def __enter__(self):
+        self.before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc):
+        torch.backends.mha.set_fastpath_enabled(self.before)
+
+
+@torch.no_grad()
+def sole_consumer(module: nn.Module, block: MLPBlock, example_input: torch.Tensor) -> bool:
+    """Whether the block's second Linear is the only consumer of its hidden activation.
+
+    Checked by perturbing the activation after it leaves ``first`` -> activation and
+    undoing the perturbation where ``second`` receives it: the model's output changes
+    only when something else (a residual add, a functional use) also reads the activation.
+    """
+    mods = dict(module.named_modules())
+    first_out: list[torch.Tensor] = []
+    delta: list[torch.Tensor] = []
+    perturbed: list[torch.Tensor] = []
+    g = torch.Generator().manual_seed(0)
+
+    def after_first(_m, _i, out):
+        first_out.append(out)
+
+    def perturb(_m, inputs, out):
+        if first_out and inputs and inputs[0] is first_out[-1] and not delta:
+            d = torch.randn(out.shape, generator=g, dtype=out.dtype)
+            delta.append(d)
+            perturbed.append(out + d)
+            return perturbed[-1]
+        return None
+
+    def undo(_m, args):
+        if delta and perturbed and args[0].shape == perturbed[-1].shape and torch.equal(args[0], perturbed[-1]):
+            return (args[0] - delta[-1],)
+        return None
+
+    acts = [m for m in mods.values() if _is_activation_module(m)]
+    was_training = module.training
+    module.eval()
+    handles = []
+    try:
+        reference = module(example_input)
+        handles = [mods[block.first].register_forward_hook(after_first),
+                   mods[block.second].register_forward_pre_hook(undo)]
+        handles += [a.register_forward_hook(perturb) for a in acts]
+        out = module(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+    if not delta:
+        return False  # the activation was not seen as a module call: cannot vouch for it
+    scale = reference.abs().max().clamp_min(1e-12)
+    return bool(((out - reference).abs().max() / scale) < 1e-4)
+
+
+def find_mlp_blocks(
+    module: nn.Module, example_input: torch.Tensor | None = None, skipped: list[dict] | None = None
+) -> list[MLPBlock]:
+    """Every ``Linear -> activation [-> Dropout] -> Linear`` block of ``module``, the
+    feed-forward blocks of Transformer encoder/decoder layers included.
 
     Uses ``torch.fx`` (exact dataflow); when the model cannot be symbolically traced,
-    forward hooks on one pass over ``example_input``.
+    forward hooks on one pass over ``example_input``, and each block found so is kept only
+    when its second Linear is the sole consumer of the hidden activation (``sole_consumer``:
+    a residual add would otherwise see removed neurons). Blocks left out that way are
+    appended to ``skipped`` (``{"first", "second", "reason"}``) and logged.
 
     Raises:
         ValueError: the model cannot be traced and no example input was given.
     """
+    ffn = _transformer_ffn_blocks(module)
     try:
         blocks = _blocks_by_fx(module)
         log.debug("fx found %d MLP blocks", len(blocks))
-        return blocks
     except Exception as err:  # fx raises many types on untraceable control flow
         if example_input is None:
             raise ValueError(
@@ -243,7 +328,21 @@ def find_mlp_blocks(module: nn.Module, example_input: torch.Tensor | None = None
                 "name the blocks in the recipe ('blocks: [[first_linear, second_linear], ...]')"
             ) from err
         log.info("torch.fx cannot trace %s (%s); finding MLP blocks with forward hooks", type(module).__name__, err)
-        return _blocks_by_hooks(module, example_input)
+        with no_mha_fastpath():
+            found = _blocks_by_hooks(module, example_input)
+            blocks = []
+            in_ffn = {b.first for b in ffn}
+            for b in found:
+                if b.first in in_ffn or sole_consumer(module, b, example_input):
+                    blocks.append(b)
+                    continue
+                reason = (f"the activation after {b.first} also feeds something other than {b.second} "
+                          "(a residual connection?): removing its neurons would change that path")
+                log.warning("variance pruning: skipping block %s -> %s: %s", b.first, b.second, reason)
+                if skipped is not None:
+                    skipped.append({"first": b.first, "second": b.second, "reason": reason})
+    known = {b.first for b in blocks}
+    return blocks + [b for b in ffn if b.first not in known]
 
 
 def check_blocks(module: nn.Module, blocks: Iterable[MLPBlock]) -> list[MLPBlock]:
@@ -299,9 +398,10 @@ def collect_statistics(
     was_training = module.training
     module.eval()
     try:
-        for xb in batches:
-            current[0] = token_mask(module, xb)
-            module(xb)
+        with no_mha_fastpath():
+            for xb in batches:
+                current[0] = token_mask(module, xb)
+                module(xb)
     finally:
         for h in handles:
             h.remove()
@@ -482,9 +582,10 @@ def variance_prune(
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; allowed: {', '.join(STATISTICS)}")
-    blocks = check_blocks(module, blocks if blocks is not None else find_mlp_blocks(module, example_input))
+    skipped: list[dict] = []
+    blocks = check_blocks(module, blocks if blocks is not None else find_mlp_blocks(module, example_input, skipped))
     if not blocks:
-        raise ValueError(
+        raise InputError(
             f"no Linear -> activation -> Linear block found in {type(module).__name__}; "
             "name them in the recipe as 'blocks: [[first_linear, second_linear], ...]'"
         )
@@ -507,6 +608,7 @@ def variance_prune(
         "neurons_removed": int(sum(int(r.sum()) for r in removed.values())),
         "neurons_total": int(sum(r.numel() for r in removed.values())),
         "calibration_samples": int(next(iter(stats.values())).post.n),
+        "skipped_blocks": skipped,
     }
     log.info(
         "variance pruning (%s, fold=%s): removed %d of %d hidden neurons in %d blocks",
@@ -520,7 +622,7 @@ def apply_variance(state: "ModelState", config: "VarianceConfig", ctx: "StageCon
     from compress.prune.training import evaluate_split, finetune
 
     if state.quant:
-        raise ValueError(
+        raise InputError(
             f"variance pruning must run before quantization; quantized parameters present: {sorted(state.quant)}"
         )
     calib = ctx.data.calibration()
@@ -539,6 +641,14 @@ def apply_variance(state: "ModelState", config: "VarianceConfig", ctx: "StageCon
     )
     state.apply_masks()
     ctx.metrics.update(report)
+    from compress.coverage import parameter_coverage
+
+    names = {f"{b[k]}.weight" for b in report["blocks"] for k in ("first", "second")}
+    ctx.metrics["coverage"] = parameter_coverage(
+        state.module, names, {}, what="prune",
+        unsupported_kinds=lambda m: f"{type(m).__name__}, not in a Linear -> activation -> Linear block")
+    if skipped_note := [f"skipped {b['first']} -> {b['second']}: {b['reason']}" for b in report["skipped_blocks"]]:
+        ctx.metrics["notes"] = skipped_note
     ctx.metrics["accuracy_pruned"] = evaluate_split(state.module, ctx)
     if config.finetune is not None and config.finetune.epochs > 0:
         from compress.prune.magnitude import MaskEnforcer

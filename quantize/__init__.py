@@ -13,8 +13,8 @@ register_stage(
     needs=("calibration",),
     order=40,
 )
-# A method: fn(state, config, ctx, chosen: {layer: bits}, masks: {layer: mask | None})
-#   -> ({"layer.weight": QuantizedTensor}, {layer: report row}); see compress.quantize.stage.
+# A method: fn(state, config, ctx, chosen: {param: (WeightTarget, bits)}, masks: {param: mask | None})
+#   -> ({param: UniformTensor | CodebookTensor}, {target.key: report row}); see compress.quantize.stage.
 register_method("quantize", RTNConfig, apply="compress.quantize.rtn:quantize_method")
 register_method("quantize", GPFQConfig, apply="compress.quantize.gpfq:quantize_method")
 register_method("quantize", CodebookConfig, apply="compress.quantize.codebook:quantize_method")

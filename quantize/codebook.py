@@ -208,28 +208,31 @@ def finetune_codebooks(
     return out
 
 
-def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
-    """The ``codebook`` method of the quantize stage (see ``compress.quantize.stage``)."""
+def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
+    """The ``codebook`` method of the quantize stage (see ``compress.quantize.stage``).
+
+    ``chosen`` maps canonical parameter names to ``(WeightTarget, bits)``.
+    """
     from compress.quantize.rtn import weight_rel_error
 
     from compress.config import TrainingLoss
     from compress.train import fit, loss_from_config
 
     params = state.parameters_by_name()
-    floats = {name: params[f"{name}.weight"].detach().clone() for name in chosen}
+    floats = {pname: params[pname].detach().clone() for pname in chosen}
     new: dict[str, QuantizedTensor] = {}
-    for name, bits in chosen.items():
-        new[f"{name}.weight"] = codebook_quantize(
-            params[f"{name}.weight"], bits, mask=masks[name], n_codebooks=config.codebooks_per_layer,
+    for pname, (_, bits) in chosen.items():
+        new[pname] = codebook_quantize(
+            params[pname], bits, mask=masks[pname], n_codebooks=config.codebooks_per_layer,
             iterations=config.iterations, init=config.init,
         )
     report = {
-        name: {
+        target.key: {
             "bits": bits,
-            "codebooks": int(new[f"{name}.weight"].codebook.shape[0]),
-            "weight_rel_error": weight_rel_error(new[f"{name}.weight"], floats[name]),
+            "codebooks": int(new[pname].codebook.shape[0]),
+            "weight_rel_error": weight_rel_error(new[pname], floats[pname]),
         }
-        for name, bits in chosen.items()
+        for pname, (target, bits) in chosen.items()
     }
     if config.finetune is not None and config.finetune.epochs > 0 and new:
         train = ctx.data["train"]
@@ -237,6 +240,14 @@ def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> 
         with torch.no_grad():
             for pname, qt in new.items():
                 params[pname].copy_(qt.dequantize())
+        # A parametrization replaces the attribute of one module: a Parameter shared by
+        # several modules, or a recurrent layer's weights (read through its flat weight
+        # list), would bypass it, so those keep their k-means centroids.
+        shared = _shared_parameters(state.module)
+        tunable = {p: qt for p, qt in new.items()
+                   if p not in shared and not isinstance(state.module.get_submodule(chosen[p][0].layer), nn.RNNBase)}
+        for pname in set(new) - set(tunable):
+            report[chosen[pname][0].key]["finetuned"] = False
         loss_config = config.finetune_loss or TrainingLoss(loss="ce" if train.y is not None else "kd")
         loss_fn = loss_from_config(loss_config)
         teacher = ctx.reference if loss_config.loss == "kd" else None
@@ -245,7 +256,18 @@ def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> 
             return fit(model, train.x, train.y, config.finetune, loss_fn=loss_fn, teacher=teacher,
                        params=cb_params, after_step=after_step)
 
-        new = finetune_codebooks(state.module, new, run)
-        for name in chosen:
-            report[name]["finetuned_weight_rel_error"] = weight_rel_error(new[f"{name}.weight"], floats[name])
+        if tunable:
+            owners = {p: f"{chosen[p][0].layer}.{chosen[p][0].attr}" for p in tunable}
+            tuned = finetune_codebooks(state.module, {owners[p]: qt for p, qt in tunable.items()}, run)
+            new.update({p: tuned[owners[p]] for p in tunable})
+        for pname in tunable:
+            report[chosen[pname][0].key]["finetuned_weight_rel_error"] = weight_rel_error(new[pname], floats[pname])
     return new, report
+
+
+def _shared_parameters(module: nn.Module) -> set[str]:
+    """Canonical names of Parameters reachable under more than one name (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {v[0] for v in names.values() if len(v) > 1}

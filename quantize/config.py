@@ -49,20 +49,22 @@ class LayerSelection(BaseModel):
                 raise ValueError(f"layer_bits[{glob!r}] must be between 2 and 8, got {bits!r}")
         return v
 
-    def bits_for(self, layer: str) -> int:
-        """The bit width of ``layer`` (its module name)."""
+    def bits_for(self, layer: str, param: str | None = None) -> int:
+        """The bit width of ``layer`` (its module name) or of its weight ``param``."""
         for glob, bits in self.layer_bits.items():
-            if _matches(layer, glob):
+            if _matches(layer, glob, param):
                 return bits
         return self.bits
 
-    def selects(self, layer: str) -> bool:
-        """Whether ``layer`` (its module name) is quantized rather than kept in float."""
-        return any(_matches(layer, g) for g in self.layers) and not any(_matches(layer, g) for g in self.skip)
+    def selects(self, layer: str, param: str | None = None) -> bool:
+        """Whether ``layer`` (its module name), or its weight ``param`` (a full parameter
+        name such as ``rnn.weight_hh_l0``), is quantized rather than kept in float."""
+        return (any(_matches(layer, g, param) for g in self.layers)
+                and not any(_matches(layer, g, param) for g in self.skip))
 
 
-def _matches(layer: str, glob: str) -> bool:
-    return fnmatch.fnmatchcase(layer, glob) or fnmatch.fnmatchcase(f"{layer}.weight", glob)
+def _matches(layer: str, glob: str, param: str | None = None) -> bool:
+    return (fnmatch.fnmatchcase(layer, glob) or fnmatch.fnmatchcase(param or f"{layer}.weight", glob))
 
 
 class _UniformOptions(LayerSelection):

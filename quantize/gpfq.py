@@ -208,28 +208,89 @@ def gpfq_quantize_matrix(
 
 
 # --- capturing layer inputs --------------------------------------------------------------
+#
+# A weight's GPFQ statistics need the inputs it multiplies. Each weight is a "unit" with a
+# capture kind:
+#   module   Linear / Conv: the layer's own input (a grouped conv: one block per group)
+#   mha_in   MultiheadAttention's in_proj (q, k, v rows: one block each, fed query/key/value)
+#   mha_out  MultiheadAttention's out_proj: MHA reads out_proj.weight directly (the Linear is
+#            never called), so its input is captured as the MHA's output with out_proj set
+#            to the identity for that one pass
+#   rnn_in   GRU/LSTM/RNN weight_ih_l0 (and _reverse): the layer's input sequence
+# A weight without captured inputs (a recurrent layer's hidden-state matrices, the inputs
+# of its upper layers) is rounded to nearest instead, and the report says so.
 
 
 class _StopForward(Exception):
     """Raised by a capture hook once the layer's input is in hand: the rest of the pass is waste."""
 
 
-def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, args):
-        captured.append(args[0].detach())
-        raise _StopForward
-
-    handle = layer.register_forward_pre_hook(hook)
+def _run_until(model: nn.Module, x: torch.Tensor) -> None:
     try:
-        model(x)
+        with _no_mha_fastpath():
+            model(x)
     except _StopForward:
         pass
+
+
+class _no_mha_fastpath:
+    """PyTorch's fused Transformer fast path bypasses submodule calls (and hooks): off while capturing."""
+
+    def __enter__(self):
+        self.before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc):
+        torch.backends.mha.set_fastpath_enabled(self.before)
+
+
+def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _capture_args(model, layer, x)[0]
+
+
+def _capture_args(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> list:
+    captured: list = []
+
+    def hook(_module, args, kwargs):
+        captured.extend(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        for k in ("query", "key", "value"):
+            if k in kwargs:
+                captured.append(kwargs[k].detach())
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        _run_until(model, x)
     finally:
         handle.remove()
     if not captured:
         raise RuntimeError("the layer was not called in the model's forward pass")
+    return captured
+
+
+@torch.no_grad()
+def _capture_mha_output(model: nn.Module, mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """The attention output that enters ``mha.out_proj`` (set to the identity for this pass)."""
+    captured: list[torch.Tensor] = []
+    w, b = mha.out_proj.weight.detach().clone(), None if mha.out_proj.bias is None else mha.out_proj.bias.detach().clone()
+
+    def hook(_module, _args, output):
+        captured.append((output[0] if isinstance(output, tuple) else output).detach())
+        raise _StopForward
+
+    handle = mha.register_forward_hook(hook)
+    try:
+        mha.out_proj.weight.copy_(torch.eye(w.shape[0], w.shape[1], dtype=w.dtype))
+        if b is not None:
+            mha.out_proj.bias.zero_()
+        _run_until(model, x)
+    finally:
+        handle.remove()
+        mha.out_proj.weight.copy_(w)
+        if b is not None:
+            mha.out_proj.bias.copy_(b)
+    if not captured:
+        raise RuntimeError("the attention layer was not called in the model's forward pass")
     return captured[0]
 
 
@@ -238,12 +299,16 @@ def supports_gpfq(layer: nn.Module) -> bool:
     if isinstance(layer, nn.Linear):
         return True
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        return layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+        return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
     return False
 
 
 def layer_rows(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows matching its flattened weight: ``(samples·positions, in_flat)``."""
+    """The layer's input as rows matching its flattened weight: ``(samples·positions, in_flat)``.
+
+    For a grouped convolution pass one group's input channels: the rows then match that
+    group's weight rows (``(out/groups, in/groups · kernel)``).
+    """
     if isinstance(layer, nn.Linear):
         return inp.reshape(-1, inp.shape[-1])
     if isinstance(layer, nn.Conv1d):
@@ -257,6 +322,104 @@ def layer_rows(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
     else:
         patches = F.unfold(inp, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+@dataclass
+class _Unit:
+    """One planned weight: where it lives and how its inputs are captured."""
+
+    key: str  # the plan key (a layer name for "<layer>.weight", else the parameter name)
+    param: str  # "<owner>.<attr>"
+    owner: str  # module holding the parameter
+    attr: str
+    kind: str  # module | mha_in | mha_out | rnn_in | rtn
+    reason: str = ""  # why a "rtn" unit has no GPFQ
+
+    def blocks(self, layer: nn.Module, rows: int) -> list[slice]:
+        """Row slices of the weight with their own inputs (groups, q/k/v)."""
+        if self.kind == "module" and isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1:
+            per = rows // layer.groups
+            return [slice(g * per, (g + 1) * per) for g in range(layer.groups)]
+        if self.kind == "mha_in" and self.attr == "in_proj_weight":
+            per = rows // 3
+            return [slice(0, per), slice(per, 2 * per), slice(2 * per, rows)]
+        return [slice(0, rows)]
+
+
+def _resolve_unit(model: nn.Module, key: str, modules: dict[str, nn.Module]) -> _Unit:
+    if key in modules and isinstance(getattr(modules[key], "weight", None), nn.Parameter):
+        owner, attr = key, "weight"
+    else:
+        owner, _, attr = key.rpartition(".")
+        if owner not in modules or not isinstance(getattr(modules[owner], attr, None), nn.Parameter):
+            raise ValueError(f"GPFQ plan {key!r} names neither a layer with a weight nor a parameter of the model")
+    layer = modules[owner]
+    param = f"{owner}.{attr}" if owner else attr
+    parent_name, _, child = owner.rpartition(".")
+    parent = modules.get(parent_name)
+    if isinstance(layer, nn.Linear) and child == "out_proj" and isinstance(parent, nn.MultiheadAttention):
+        return _Unit(key, param, owner, attr, "mha_out")
+    if isinstance(layer, nn.MultiheadAttention):
+        return _Unit(key, param, owner, attr, "mha_in")
+    if isinstance(layer, nn.RNNBase):
+        if attr in ("weight_ih_l0", "weight_ih_l0_reverse"):
+            return _Unit(key, param, owner, attr, "rnn_in")
+        what = "hidden state" if attr.startswith("weight_hh") or attr.startswith("weight_hr") else "inputs of an upper layer"
+        return _Unit(key, param, owner, attr, "rtn",
+                     f"{type(layer).__name__} {attr}: its {what} is not captured, rounded to nearest")
+    if supports_gpfq(layer):
+        return _Unit(key, param, owner, attr, "module")
+    return _Unit(key, param, owner, attr, "rtn", f"{type(layer).__name__} with padding {layer.padding!r}/"
+                 f"{getattr(layer, 'padding_mode', '')} cannot be unfolded into patches, rounded to nearest")
+
+
+def _capture_rows(model: nn.Module, unit: _Unit, xb: torch.Tensor, blocks: int) -> list[torch.Tensor]:
+    """The unit's inputs on batch ``xb`` as rows, one matrix per weight block."""
+    layer = model.get_submodule(unit.owner)
+    if unit.kind == "module":
+        inp = _capture_input(model, layer, xb)
+        if blocks > 1:  # grouped conv: each group sees its own input channels
+            c = inp.shape[1] // blocks
+            return [layer_rows(layer, inp[:, g * c:(g + 1) * c]) for g in range(blocks)]
+        return [layer_rows(layer, inp)]
+    if unit.kind == "mha_in":
+        q, k, v = _capture_args(model, layer, xb)[:3]
+        by_attr = {"q_proj_weight": [q], "k_proj_weight": [k], "v_proj_weight": [v], "in_proj_weight": [q, k, v]}
+        return [t.reshape(-1, t.shape[-1]) for t in by_attr[unit.attr]]
+    if unit.kind == "mha_out":
+        parent = model.get_submodule(unit.owner.rpartition(".")[0])
+        out = _capture_mha_output(model, parent, xb)
+        return [out.reshape(-1, out.shape[-1])]
+    if unit.kind == "rnn_in":
+        inp = _capture_input(model, layer, xb)
+        if not isinstance(inp, torch.Tensor):
+            raise _NoStatistics(f"{unit.owner} gets a {type(inp).__name__}, not a tensor")
+        return [inp.reshape(-1, inp.shape[-1])]
+    raise ValueError(f"no inputs to capture for {unit.param}")
+
+
+class _NoStatistics(Exception):
+    """The unit's inputs cannot be captured: round to nearest instead."""
+
+
+def unit_order(model: nn.Module, example: torch.Tensor, owners: set[str]) -> list[str]:
+    """Module names among ``owners`` in the order the forward pass calls them."""
+    order: list[str] = []
+
+    def record(name):
+        def hook(_module, _args):
+            if name not in order:
+                order.append(name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if n in owners]
+    try:
+        with torch.no_grad(), _no_mha_fastpath():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
 
 
 def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -290,7 +453,7 @@ def shared_input_groups(model: nn.Module, example: torch.Tensor) -> list[list[st
         if isinstance(mod, QUANTIZABLE)
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _no_mha_fastpath():
             model(example)
     finally:
         for h in handles:
@@ -322,45 +485,76 @@ class LayerPlan:
 def collect_stats(
     float_model: nn.Module,
     quant_model: nn.Module,
-    float_layer: nn.Module,
-    quant_layer: nn.Module,
+    unit: "_Unit | nn.Module",
+    quant_layer: "nn.Module | None",
     batches: Iterable[torch.Tensor],
     total: int,
     max_patches: int,
     generator: torch.Generator,
-) -> LayerStats:
-    """Accumulate a layer's ``LayerStats`` batch by batch (memory: one batch's activations).
+    n_blocks: int = 1,
+) -> "list[LayerStats] | LayerStats":
+    """Accumulate a unit's ``LayerStats`` (one per weight block) batch by batch (memory: one
+    batch's activations).
 
-    Convolution patches are subsampled (the same positions for both networks) so that at most
-    about ``max_patches`` rows enter the statistics. A Linear layer of a model that defines
-    ``token_mask(x)`` (``compress.padding``) sees only the data positions, not the padding.
+    Convolution patches (and tokens) are subsampled (the same positions for both networks)
+    so that at most about ``max_patches`` rows enter the statistics. A Linear layer of a
+    model that defines ``token_mask(x)`` (``compress.padding``) sees only the data
+    positions, not the padding. ``unit`` may be a layer of ``float_model`` (with
+    ``quant_layer`` its twin): the statistics of that layer's input, as one ``LayerStats``.
     """
     from compress.padding import token_mask, valid_rows
 
-    stats: LayerStats | None = None
+    single = isinstance(unit, nn.Module)
+    if single:
+        owner = next(n for n, m in float_model.named_modules() if m is unit)
+        unit = _Unit(owner, f"{owner}.weight", owner, "weight", "module")
+    stats: list[LayerStats] | None = None
     for xb in batches:
-        x_in = _capture_input(float_model, float_layer, xb)
-        xt_in = _capture_input(quant_model, quant_layer, xb)
-        mask = token_mask(quant_model, xb) if isinstance(float_layer, nn.Linear) else None
+        xs = _capture_rows(float_model, unit, xb, n_blocks)
+        xts = _capture_rows(quant_model, unit, xb, n_blocks)
+        layer = quant_model.get_submodule(unit.owner)
+        mask = token_mask(quant_model, xb) if unit.kind == "module" and isinstance(layer, nn.Linear) else None
         if mask is not None:
-            x, xt = valid_rows(x_in, mask), valid_rows(xt_in, mask)
-        else:
-            x, xt = layer_rows(float_layer, x_in), layer_rows(quant_layer, xt_in)
-        if x.shape[0] > xb.shape[0]:  # several rows per sample: patches (or tokens)
-            budget = max(1, math.ceil(max_patches * xb.shape[0] / max(total, 1)))
-            if budget < x.shape[0]:
-                idx = torch.randperm(x.shape[0], generator=generator)[:budget]
-                x, xt = x[idx], xt[idx]
+            x_in = _capture_input(float_model, float_model.get_submodule(unit.owner), xb)
+            xt_in = _capture_input(quant_model, layer, xb)
+            xs, xts = [valid_rows(x_in, mask)], [valid_rows(xt_in, mask)]
         if stats is None:
-            stats = LayerStats(x.shape[1])
-        stats.add(x, xt)
+            stats = [LayerStats(x.shape[1]) for x in xs]
+        for st, x, xt in zip(stats, xs, xts):
+            if x.shape[0] > xb.shape[0]:  # several rows per sample: patches (or tokens)
+                budget = max(1, math.ceil(max_patches * xb.shape[0] / max(total, 1)))
+                if budget < x.shape[0]:
+                    idx = torch.randperm(x.shape[0], generator=generator)[:budget]
+                    x, xt = x[idx], xt[idx]
+            st.add(x, xt)
     if stats is None:
         raise ValueError("GPFQ needs calibration data, got no batches")
-    return stats
+    return stats[0] if single else stats
 
 
-# The step-size constants C that scale_factor="auto" tries per layer (1.16: the paper's default).
+# The step-size constants C that scale_factor="auto" tries per layer (1.16: the paper's
+# default). "auto" also tries round-to-nearest's own grid (step max|w| / (2**(bits-1) - 1))
+# and plain rounding on it, so GPFQ's calibration output error is never above RTN's.
 AUTO_SCALE_FACTORS = (0.8, 0.9, 1.0, 1.16, 1.3)
+RTN_GRID = "rtn"
+
+
+def _abs_error(w2d: torch.Tensor, q2d: torch.Tensor, blocks: list[slice], stats: list[LayerStats]) -> tuple[float, float]:
+    """Squared output error and squared output norm summed over the weight's blocks."""
+    err = ref = 0.0
+    for sl, st in zip(blocks, stats):
+        w, q = w2d[sl].double(), q2d[sl].double()
+        r = (w @ st.F * w).sum()
+        e = r - 2 * (q @ st.G * w).sum() + (q @ st.H * q).sum()
+        err += max(e.item(), 0.0)
+        ref += r.item()
+    return err, ref
+
+
+def _rows_of(side: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    if side is None or side.shape[0] == 1:
+        return side
+    return side[sl]
 
 
 @torch.no_grad()
@@ -369,7 +563,7 @@ def gpfq_quantize_model(
     calibration: torch.Tensor,
     plans: dict[str, LayerPlan],
     *,
-    scale_factor: float | tuple[float, ...] = 1.16,
+    scale_factor: float | tuple = 1.16,
     range_quantile: float = 1.0,
     sparsity: str = "none",
     sparsity_lambda: float = 0.1,
@@ -379,131 +573,199 @@ def gpfq_quantize_model(
     block_size: int = 128,
     seed: int = 0,
 ) -> tuple[dict[str, QuantizedTensor], dict[str, dict]]:
-    """Quantize ``model``'s planned layers with GPFQ, in network order, in place.
+    """Quantize ``model``'s planned weights with GPFQ, in network order, in place.
 
-    Each layer's weight is replaced by its dequantized value as soon as it is quantized, so
-    later layers see the quantized network's inputs ``X̃``; a deep copy taken first provides
-    the float network's inputs ``X``.
+    Each weight is replaced by its dequantized value as soon as it is quantized, so later
+    weights see the quantized network's inputs ``X̃``; a deep copy taken first provides the
+    float network's inputs ``X``.
 
     Args:
-        model: evaluated in eval mode; its planned layers' weights are overwritten (and their
+        model: evaluated in eval mode; its planned weights are overwritten (and their
             biases, with ``bias_correction``).
         calibration: calibration inputs (batch first).
-        plans: layer name → ``LayerPlan``; layers not named stay as they are.
-        scale_factor: C, or a tuple of candidates: each layer keeps the one with the lowest
-            output error on the calibration data.
+        plans: layer name (for ``<layer>.weight``) or parameter name (``attn.in_proj_weight``,
+            ``rnn.weight_ih_l0``) → ``LayerPlan``; weights not named stay as they are.
+        scale_factor: C, or a tuple of candidates: each weight keeps the one with the lowest
+            output error on the calibration data (``RTN_GRID`` in the tuple: RTN's own grid,
+            with GPFQ and with plain rounding on it).
         range_quantile, sparsity, sparsity_lambda, bias_correction, batch_size,
             max_patches, block_size: as in ``GPFQConfig``.
         seed: seeds the patch subsampling.
 
     Returns:
-        ``{"<layer>.weight": QuantizedTensor}`` and per-layer facts
-        (``bits``, ``granularity``, ``output_rel_error``, ``rtn_output_rel_error``, ``weight_rel_error``).
+        ``{"<param>": QuantizedTensor}`` and per-weight facts keyed like ``plans``
+        (``bits``, ``granularity``, ``algorithm``, ``output_rel_error``,
+        ``rtn_output_rel_error``, ``weight_rel_error``, ``scale_factor``).
     """
     was_training = model.training
     model.eval()
     float_model = copy.deepcopy(model).eval()
     modules = dict(model.named_modules())
-    float_modules = dict(float_model.named_modules())
-    groups = [[n for n in g if n in plans] for g in shared_input_groups(model, calibration[:2])]
-    groups = [g for g in groups if g]
-    order = [n for g in groups for n in g]
-    first_of_group = {n: g[0] for g in groups for n in g}
-    last_of_group = {g[-1]: g[0] for g in groups}
-    shared: dict[str, LayerStats] = {}  # a group's statistics, captured by its first member
-    missing = set(plans) - set(order)
+    units = {key: _resolve_unit(model, key, modules) for key in plans}
+    owners = {u.owner for u in units.values()} | {u.owner.rpartition(".")[0] for u in units.values() if u.kind == "mha_out"}
+    called = unit_order(model, calibration[:2], owners)
+    rank = {n: i for i, n in enumerate(called)}
+
+    def position(u: _Unit) -> tuple:
+        if u.kind == "mha_out":  # right after its attention's input projection
+            return (rank.get(u.owner.rpartition(".")[0], -1), 1)
+        return (rank.get(u.owner, -1), 0)
+
+    missing = [u.key for u in units.values() if position(u)[0] < 0]
     if missing:
         raise ValueError(f"layers {sorted(missing)} are not called in the model's forward pass")
+    order = sorted(units.values(), key=position)
     gen = torch.Generator().manual_seed(seed)
     total = len(calibration)
     quant: dict[str, QuantizedTensor] = {}
     report: dict[str, dict] = {}
-    for name in order:
-        plan, layer = plans[name], modules[name]
-        w2d = as_matrix(layer.weight.detach()).float()
+    # Consecutive Linear layers fed the very same tensor (q/k/v projections) share statistics:
+    # quantizing one cannot change the others' input.
+    group_of = {n: i for i, g in enumerate(shared_input_groups(model, calibration[:2])) for n in g if len(g) > 1}
+    last: tuple = (None, None)
+    factors = scale_factor if isinstance(scale_factor, tuple) else (scale_factor,)
+    for unit in order:
+        plan = plans[unit.key]
+        layer = modules[unit.owner]
+        param = getattr(layer, unit.attr)
+        w2d = as_matrix(param.detach()).float()
         rows, cols = w2d.shape
-        factors = scale_factor if isinstance(scale_factor, tuple) else (scale_factor,)
+        blocks = unit.blocks(layer, rows)
 
-        def grid(factor: float):
+        def grid(factor):
+            if factor == RTN_GRID:
+                return uniform_scale(w2d, plan.bits, granularity=plan.granularity, group_size=plan.group_size,
+                                     symmetric=plan.symmetric)
             return uniform_scale(
                 w2d, plan.bits, granularity=plan.granularity, group_size=plan.group_size, symmetric=plan.symmetric,
                 factor=factor, quantile=range_quantile, full_range=True,
             )
 
-        if not supports_gpfq(layer):
-            log.warning("layer %s (%s) is not supported by GPFQ; using round-to-nearest", name, type(layer).__name__)
-            scale, zp = grid(factors[0])
+        stats = None
+        algorithm = "gpfq"
+        if unit.kind != "rtn":
+            try:
+                shared = unit.kind == "module" and len(blocks) == 1 and group_of.get(unit.owner) is not None
+                stats = last[1] if shared and last[0] == group_of[unit.owner] else None
+                if stats is None:
+                    batches = (calibration[i : i + batch_size] for i in range(0, total, batch_size))
+                    stats = collect_stats(float_model, model, unit, None, batches, total, max_patches, gen,
+                                          n_blocks=len(blocks))
+            except _NoStatistics as err:
+                unit = _Unit(unit.key, unit.param, unit.owner, unit.attr, "rtn", str(err) + ", rounded to nearest")
+        if stats is None:
+            # No inputs to follow: round to nearest on RTN's grid (the report says why).
+            scale, zp = grid(RTN_GRID)
             codes = round_to_grid(w2d, scale, zp, plan.bits)
-            stats = None
+            if plan.mask is not None:
+                from compress.quantize.rtn import zero_codes
+
+                codes = torch.where(as_matrix(plan.mask).bool(), codes, zero_codes(zp, rows, cols))
+            algorithm = f"rtn ({unit.reason})"
+            log.info("gpfq: %s", algorithm)
+            chosen_factor = RTN_GRID
         else:
-            head = first_of_group[name]
-            if head not in shared:
-                batches = (calibration[i : i + batch_size] for i in range(0, total, batch_size))
-                shared[head] = collect_stats(
-                    float_model, model, float_modules[head], modules[head], batches, total, max_patches, gen
-                )
-            stats = shared[head]
             mask = None if plan.mask is None else as_matrix(plan.mask)
             best = None
             # Several C: keep the alphabet whose GPFQ output error ‖Xw − X̃q‖ on the
             # calibration data is lowest (the statistics are shared, so each try is cheap).
-            for factor in factors:
+            candidates = [(f, "gpfq") for f in factors]
+            if RTN_GRID in factors:
+                candidates.append((RTN_GRID, "round"))
+            for factor, how in candidates:
                 scale, zp = grid(factor)
-                codes = gpfq_codes(
-                    w2d, stats, plan.bits, scale, zp, mask=mask, sparsity=sparsity,
-                    sparsity_lambda=sparsity_lambda, block_size=block_size,
-                )
-                if len(factors) > 1:
+                if how == "round":
+                    codes = round_to_grid(w2d, scale, zp, plan.bits)
+                    if mask is not None:
+                        from compress.quantize.rtn import zero_codes
+
+                        codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols))
+                else:
+                    codes = torch.cat([
+                        gpfq_codes(
+                            w2d[sl], st, plan.bits, _rows_of(scale, sl), _rows_of(zp, sl),
+                            mask=None if mask is None else mask[sl], sparsity=sparsity,
+                            sparsity_lambda=sparsity_lambda, block_size=block_size,
+                        ) for sl, st in zip(blocks, stats)
+                    ])
+                if len(candidates) > 1:
                     deq = codes.float() - (0 if zp is None else expand_to_columns(zp, rows, cols).float())
-                    err = output_error(w2d, deq * expand_to_columns(scale, rows, cols), stats)
+                    err, _ = _abs_error(w2d, deq * expand_to_columns(scale, rows, cols), blocks, stats)
                     if best is None or err < best[0]:
-                        best = (err, factor, scale, zp, codes)
+                        best = (err, factor, how, scale, zp, codes)
             if best is not None:
-                _, chosen, scale, zp, codes = best
-                log.debug("gpfq %s: scale factor C = %g", name, chosen)
+                _, chosen_factor, how, scale, zp, codes = best
+                if how == "round":
+                    algorithm = "gpfq (plain rounding on RTN's grid had the lowest calibration error)"
+            else:
+                chosen_factor = factors[0]
         qt = UniformTensor(
-            codes=codes.reshape(layer.weight.shape).contiguous(), bits=plan.bits, scale=scale, zero_point=zp, method="gpfq"
+            codes=codes.reshape(param.shape).contiguous(), bits=plan.bits, scale=scale, zero_point=zp, method="gpfq"
         )
         q2d = as_matrix(qt.dequantize())
-        info: dict = {"bits": plan.bits, "granularity": qt.granularity,
+        info: dict = {"bits": plan.bits, "granularity": qt.granularity, "algorithm": algorithm,
+                      "scale_factor": chosen_factor,
                       "weight_rel_error": ((q2d - w2d).norm() / w2d.norm().clamp_min(1e-30)).item()}
+        if len(blocks) > 1:
+            info["blocks"] = len(blocks)
         if stats is not None:
-            info["output_rel_error"] = output_error(w2d, q2d, stats)
-            rtn_scale, rtn_zp = uniform_scale(w2d, plan.bits, granularity=plan.granularity,
-                                              group_size=plan.group_size, symmetric=plan.symmetric)
+            err, ref = _abs_error(w2d, q2d, blocks, stats)
+            info["output_rel_error"] = err / max(ref, 1e-300)
+            rtn_scale, rtn_zp = grid(RTN_GRID)
             rtn = (round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits).float()
                    - (0 if rtn_zp is None else expand_to_columns(rtn_zp, rows, cols).float()))
-            info["rtn_output_rel_error"] = output_error(w2d, rtn * expand_to_columns(rtn_scale, rows, cols), stats)
-            if bias_correction and layer.bias is not None:
+            rerr, _ = _abs_error(w2d, rtn * expand_to_columns(rtn_scale, rows, cols), blocks, stats)
+            info["rtn_output_rel_error"] = rerr / max(ref, 1e-300)
+            bias = _bias_of(layer, unit.attr)
+            if bias_correction and bias is not None:
                 # E[x]·w − E[x̃]·q per output: the mean shift the quantization introduced.
-                mean_x = (stats.sum_x / stats.count).float()
-                mean_xt = (stats.sum_xt / stats.count).float()
-                layer.bias.add_(w2d @ mean_x - q2d @ mean_xt)
-        layer.weight.copy_(q2d.reshape(layer.weight.shape).to(layer.weight.dtype))
-        quant[f"{name}.weight"] = qt
-        report[name] = info
-        if name in last_of_group:
-            shared.pop(last_of_group[name], None)  # N×N float64 matrices: free them early
-        log.debug("gpfq %s: %s", name, info)
+                for sl, st in zip(blocks, stats):
+                    mean_x = (st.sum_x / st.count).float()
+                    mean_xt = (st.sum_xt / st.count).float()
+                    bias[sl].add_(w2d[sl] @ mean_x - q2d[sl] @ mean_xt)
+        param.copy_(q2d.reshape(param.shape).to(param.dtype))
+        quant[unit.param] = qt
+        report[unit.key] = info
+        last = (group_of.get(unit.owner), stats) if unit.kind == "module" and len(blocks) == 1 else (None, None)
+        log.debug("gpfq %s: %s", unit.key, info)
     model.train(was_training)
     return quant, report
 
 
-def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
-    """The ``gpfq`` method of the quantize stage (see ``compress.quantize.stage``)."""
+def _bias_of(layer: nn.Module, attr: str) -> torch.Tensor | None:
+    if attr == "weight":
+        return layer.bias if isinstance(getattr(layer, "bias", None), torch.Tensor) else None
+    if attr == "in_proj_weight":
+        return layer.in_proj_bias
+    return None
+
+
+def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
+    """The ``gpfq`` method of the quantize stage (see ``compress.quantize.stage``).
+
+    ``chosen`` maps canonical parameter names to ``(WeightTarget, bits)``.
+    """
     calib = ctx.data.calibration().x
     if config.calibration_samples is not None and config.calibration_samples < len(calib):
         g = torch.Generator().manual_seed(ctx.seed)
         calib = calib[torch.randperm(len(calib), generator=g)[: config.calibration_samples]]
-    plans = {
-        name: LayerPlan(bits, config.granularity, config.group_size, config.symmetric, masks[name])
-        for name, bits in chosen.items()
-    }
-    return gpfq_quantize_model(
+    plans = {}
+    keys = {}
+    for pname, (target, bits) in chosen.items():
+        # The plan names the parameter where the model holds it (a tied weight: its owner here).
+        key = target.layer if target.attr == "weight" else f"{target.layer}.{target.attr}"
+        keys[key] = pname
+        plans[key] = LayerPlan(bits, config.granularity, config.group_size, config.symmetric, masks[pname])
+    factors = (*AUTO_SCALE_FACTORS, RTN_GRID) if config.scale_factor == "auto" else config.scale_factor
+    quant, report = gpfq_quantize_model(
         state.module, calib, plans,
-        scale_factor=AUTO_SCALE_FACTORS if config.scale_factor == "auto" else config.scale_factor,
+        scale_factor=factors,
         range_quantile=config.range_quantile,
         sparsity=config.sparsity, sparsity_lambda=config.sparsity_lambda,
         bias_correction=config.bias_correction, batch_size=config.batch_size,
         max_patches=config.max_patches, block_size=config.block_size, seed=ctx.seed,
     )
+    owner_param = {f"{t.layer}.{t.attr}" if t.layer else t.attr: p for p, (t, _) in chosen.items()}
+    quant = {owner_param.get(k, k): qt for k, qt in quant.items()}
+    report = {chosen[keys[k]][0].key: v for k, v in report.items()}
+    return quant, report

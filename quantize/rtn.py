@@ -159,17 +159,20 @@ def weight_rel_error(qt: QuantizedTensor, weight: torch.Tensor) -> float:
     return ((qt.dequantize() - w).norm() / w.norm().clamp_min(1e-30)).item()
 
 
-def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
-    """The ``rtn`` method of the quantize stage (see ``compress.quantize.stage``)."""
+def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
+    """The ``rtn`` method of the quantize stage (see ``compress.quantize.stage``).
+
+    ``chosen`` maps canonical parameter names to ``(WeightTarget, bits)``.
+    """
     params = state.parameters_by_name()
     new: dict[str, QuantizedTensor] = {}
     report: dict[str, dict] = {}
-    for name, bits in chosen.items():
-        w = params[f"{name}.weight"]
+    for pname, (target, bits) in chosen.items():
+        w = params[pname]
         qt = rtn_quantize(
             w, bits, granularity=config.granularity, group_size=config.group_size,
-            symmetric=config.symmetric, mask=masks[name],
+            symmetric=config.symmetric, mask=masks[pname],
         )
-        new[f"{name}.weight"] = qt
-        report[name] = {"bits": bits, "granularity": qt.granularity, "weight_rel_error": weight_rel_error(qt, w)}
+        new[pname] = qt
+        report[target.key] = {"bits": bits, "granularity": qt.granularity, "weight_rel_error": weight_rel_error(qt, w)}
     return new, report

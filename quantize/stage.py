@@ -1,17 +1,29 @@
-"""The ``quantize`` stage: quantize the weights of Linear/Conv layers (biases stay float).
+"""The ``quantize`` stage: quantize the weight matrices of the model (biases stay float).
+
+Which weights: every Linear and Conv1d/Conv2d weight, the input/hidden matrices of
+GRU/LSTM/RNN layers (``weight_ih_l*``, ``weight_hh_l*``) and MultiheadAttention's input
+projection (``in_proj_weight``, or ``q/k/v_proj_weight``; its ``out_proj`` is a Linear).
+A Parameter shared by several modules (tied embedding / output weights) is quantized once,
+under its first name in ``named_parameters()``.
+
+Before quantizing, eval-mode BatchNorm is folded into the Conv/Linear that feeds it
+(``compress.batchnorm``): the folded weight is the one that runs, in PyTorch and in ONNX.
 
 Fills ``state.quant`` with one ``QuantizedTensor`` per quantized weight, writes the
-dequantized values into the module (``state.sync_quantized``) and reports per-layer bits and
-errors under ``ctx.metrics["quantize"]``.
+dequantized values into the module (``state.sync_quantized``) and reports per-weight bits,
+errors and the stage's coverage under ``ctx.metrics["quantize"]``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from compress.coverage import coverage_line, parameter_coverage
 from compress.state import ModelState, StageContext
 from compress.quantize.config import CodebookConfig, GPFQConfig, RTNConfig
 from compress.quantize.gpfq import QUANTIZABLE
@@ -21,16 +33,90 @@ from compress.registry import method_for
 log = logging.getLogger(__name__)
 
 
-def select_layers(module: nn.Module, config: RTNConfig | GPFQConfig | CodebookConfig) -> dict[str, int]:
-    """The Linear/Conv layers the config quantizes, by name, with their bit widths."""
+@dataclass(frozen=True)
+class WeightTarget:
+    """One weight matrix the quantize stage can handle."""
+
+    param: str  # canonical parameter name (first name under named_parameters)
+    layer: str  # the owning module's name
+    attr: str  # the attribute on that module ("weight", "weight_ih_l0", "in_proj_weight")
+    kind: str  # the owning module's type name
+
+    @property
+    def key(self) -> str:
+        """Report key: the layer name for a plain ``<layer>.weight``, else the parameter name."""
+        return self.layer if self.attr == "weight" and self.param == f"{self.layer}.weight" else self.param
+
+
+def weight_attrs(module: nn.Module) -> list[str]:
+    """The weight matrices of ``module`` (not of its children) that the quantizers handle."""
+    if isinstance(module, QUANTIZABLE):
+        return ["weight"]
+    if isinstance(module, nn.RNNBase):
+        return [n for n, p in module.named_parameters(recurse=False) if n.startswith("weight_") and p.dim() == 2]
+    if isinstance(module, nn.MultiheadAttention):
+        return [a for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                if isinstance(getattr(module, a, None), nn.Parameter)]
+    return []
+
+
+def weight_targets(module: nn.Module) -> dict[str, WeightTarget]:
+    """Every quantizable weight of ``module`` by canonical parameter name; a shared
+    Parameter appears once (the first module that uses it)."""
+    canonical = {id(p): n for n, p in module.named_parameters()}
+    targets: dict[str, WeightTarget] = {}
+    for name, m in module.named_modules():
+        for attr in weight_attrs(m):
+            p = getattr(m, attr)
+            pname = canonical.get(id(p))
+            if pname is None or pname in targets:
+                continue
+            targets[pname] = WeightTarget(pname, name, attr, type(m).__name__)
+    return targets
+
+
+def select_weights(module: nn.Module, config: RTNConfig | GPFQConfig | CodebookConfig) -> dict[str, WeightTarget]:
+    """The weights the config quantizes, by canonical parameter name."""
     chosen = {
-        name: config.bits_for(name)
-        for name, mod in module.named_modules()
-        if isinstance(mod, QUANTIZABLE) and config.selects(name)
+        p: t for p, t in weight_targets(module).items()
+        if config.selects(t.layer, t.param)
     }
     if not chosen:
-        log.warning("quantize: no Linear/Conv layer matches layers=%s skip=%s", config.layers, config.skip)
+        log.warning("quantize: no weight matches layers=%s skip=%s", config.layers, config.skip)
     return chosen
+
+
+def select_layers(module: nn.Module, config: RTNConfig | GPFQConfig | CodebookConfig) -> dict[str, int]:
+    """The Linear/Conv layers the config quantizes, by name, with their bit widths."""
+    return {
+        t.layer: config.bits_for(t.layer, t.param) for t in select_weights(module, config).values()
+        if t.attr == "weight" and isinstance(module.get_submodule(t.layer), QUANTIZABLE)
+    }
+
+
+def fold_batchnorms(state: ModelState, ctx: StageContext) -> dict:
+    """Fold eval-mode BatchNorm into the preceding Conv/Linear (``compress.batchnorm``) and
+    record it in ``state.extras`` so that a cached reload rebuilds the folded model."""
+    from compress.batchnorm import EXTRAS_KEY, fold_batchnorm
+
+    if not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in state.module.modules()):
+        return {"folded": [], "left": []}
+    example = _example(state, ctx)
+    quantized_layers = {name.rpartition(".")[0] for name in state.quant}
+    folded, left = fold_batchnorm(state.module, example, skip=quantized_layers)
+    state.extras.setdefault(EXTRAS_KEY, []).extend(folded)
+    if left:
+        log.warning("quantize: BatchNorm left unfolded: %s",
+                    "; ".join(f"{x['bn']} ({x['reason']})" for x in left))
+    return {"folded": folded, "left": left}
+
+
+def _example(state: ModelState, ctx: StageContext) -> torch.Tensor:
+    """A few real inputs (calibration, else train or eval data) to find and check the folds on."""
+    for split in ("calibration", "train", "eval"):
+        if ctx.data.has(split):
+            return ctx.data[split].x[:64]
+    return state.example_input(batch=2)
 
 
 def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ctx: StageContext) -> ModelState:
@@ -39,17 +125,20 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     Args:
         state: the model; pruning masks in ``state.masks`` are honoured (pruned weights stay 0).
         config: the config of a registered quantize method (``rtn``, ``gpfq``, ``codebook``, ...);
-            the method's function gets ``(state, config, ctx, chosen, masks)`` and returns the
-            new quantized tensors by parameter name plus a report row per layer.
+            the method's function gets ``(state, config, ctx, chosen, masks)`` with ``chosen``
+            mapping canonical parameter names to ``WeightTarget`` and bits, and returns the new
+            quantized tensors by parameter name plus a report row per weight.
         ctx: calibration data (GPFQ), the train split (codebook fine-tuning), metrics sink.
 
     Returns:
         ``state`` with ``quant`` filled and the module holding the dequantized weights.
     """
     start = time.perf_counter()
+    batchnorm = fold_batchnorms(state, ctx)
     module = state.module
-    chosen = select_layers(module, config)
-    masks = {name: state.masks.get(f"{name}.weight") for name in chosen}
+    targets = select_weights(module, config)
+    chosen = {p: (t, config.bits_for(t.layer, t.param)) for p, t in targets.items()}
+    masks = {p: state.masks.get(p) for p in chosen}
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
 
     replaced = sorted(set(new) & set(state.quant))
@@ -60,6 +149,15 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     if state.masks:
         state.apply_masks()
 
+    all_targets = weight_targets(module)
+    reasons = {}
+    for p, t in all_targets.items():
+        if p not in state.quant:
+            reasons[p] = f"{t.kind}, skipped by the recipe" if p not in chosen else f"{t.kind}, not supported by {config.method}"
+    coverage = parameter_coverage(module, set(state.quant), reasons, what="quantize", unsupported_kinds=_unsupported)
+    fallbacks = {k: v["algorithm"] for k, v in report.items() if v.get("algorithm", config.method) != config.method}
+    if fallbacks:
+        coverage["fallbacks"] = fallbacks
     quantized = sum(qt.codes.numel() for qt in new.values())
     stored = sum(qt.storage_bits() for qt in new.values())
     ctx.metrics["quantize"] = {
@@ -68,12 +166,23 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
         "layers": report,
         "quantized_weights": quantized,
         "bits_per_weight": stored / quantized if quantized else float("nan"),
-        "float_layers": sorted(
-            n for n, m in module.named_modules() if isinstance(m, QUANTIZABLE) and n not in chosen
-        ),
+        "float_layers": sorted(t.key for p, t in all_targets.items() if p not in state.quant),
+        "batchnorm_folded": batchnorm["folded"],
+        "batchnorm_unfolded": batchnorm["left"],
     }
-    log.info("quantize (%s): %d layers, %.2f bits/weight", config.method, len(new), ctx.metrics["quantize"]["bits_per_weight"])
+    ctx.metrics["coverage"] = coverage
+    if batchnorm["folded"]:
+        ctx.metrics["notes"] = [f"batchnorm: folded {len(batchnorm['folded'])} BatchNorm into the preceding layer ("
+                                + ", ".join(f"{f['bn']} -> {f['into']}" for f in batchnorm["folded"]) + ")"]
+    log.info("%s", coverage_line("quantize", coverage))
     return state
+
+
+def _unsupported(m: nn.Module) -> str | None:
+    """Why a weight matrix of ``m`` no quantize method handles stays float."""
+    if isinstance(m, nn.Embedding):
+        return "Embedding, not quantized by the quantize stage"
+    return None
 
 
 def masks_respected(state: ModelState) -> bool:

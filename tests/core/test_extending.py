@@ -38,15 +38,14 @@ def sign_method(state, config, ctx, chosen, masks):
 
     params = state.parameters_by_name()
     new, report = {}, {}
-    for name, bits in chosen.items():
-        w = params[f"{name}.weight"].detach().reshape(len(params[f"{name}.weight"]), -1)
+    for pname, (target, bits) in chosen.items():
+        weight = params[pname].detach()
+        w = weight.reshape(len(weight), -1)
         scale = w.abs().mean(dim=1, keepdim=True)
         codes = torch.where(w >= 0, 1, -1).to(torch.int8)
-        new[f"{name}.weight"] = UniformTensor(
-            codes=codes.reshape(params[f"{name}.weight"].shape), bits=bits, scale=scale, method="sign"
-        )
-        report[name] = {"bits": bits}
-        CALLS.append(name)
+        new[pname] = UniformTensor(codes=codes.reshape(weight.shape), bits=bits, scale=scale, method="sign")
+        report[target.key] = {"bits": bits}
+        CALLS.append(pname)
     return new, report
 
 

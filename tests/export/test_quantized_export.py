@@ -154,14 +154,19 @@ def test_old_opset_and_missing_names_are_rejected(trained, tmp_path):
     model, _, _ = trained["digits_mlp"]
     state = ModelState(copy.deepcopy(model), (1, 64))
     state.quant = {n: rtn_quantize(p, 4) for n, p in model.named_parameters() if n.endswith("weight")}
+    state.sync_quantized()  # the module runs the dequantized weights, as after the quantize stage
     float_model, _, _ = _export(state, tmp_path)
     old = onnx.ModelProto()
     old.CopyFrom(float_model)
     old.opset_import[0].version = 18
     with pytest.raises(ValueError, match="opset"):
         quantize_onnx_model(old, state.quant)
-    with pytest.raises(ValueError, match="no ONNX initializer"):
-        quantize_onnx_model(float_model, {"nope.weight": state.quant["net.0.weight"]})
+    other = rtn_quantize(torch.randn_like(model.net[0].weight), 4)  # values no initializer holds
+    with pytest.raises(ValueError, match="no ONNX initializer holds exactly"):
+        quantize_onnx_model(float_model, {"nope.weight": other})
+    # A name alone is not enough: the initializer called net.0.weight holds other values.
+    with pytest.raises(ValueError, match="has that name but other values"):
+        quantize_onnx_model(float_model, {"net.0.weight": other})
 
 
 def test_fast_quantized_kernels_option_is_carried_to_the_bundle(tmp_path, digits_mlp_path):

@@ -182,8 +182,10 @@ def test_named_blocks_and_their_errors(trained_cnn, mnist1d):
 
 
 def test_model_without_blocks_is_an_error():
+    from compress.errors import InputError
+
     model = nn.Sequential(nn.Linear(40, 10))
-    with pytest.raises(ValueError, match="no Linear -> activation -> Linear block"):
+    with pytest.raises(InputError, match="no Linear -> activation -> Linear block"):  # exit 2: bad input
         variance_prune(model, [torch.randn(4, 40)], 0.5)
 
 

@@ -30,7 +30,7 @@ def test_at_most_2_pow_bits_values_per_codebook(bits, n_codebooks):
     assert qt.codebook.shape == (n_codebooks, 2**bits)
     deq = qt.dequantize().reshape(30, -1)
     for g in range(n_codebooks):
-        assert deq[qt.codebook_of_row.long() == g].unique().numel() <= 2**bits
+        assert deq[qt.row_codebooks() == g].unique().numel() <= 2**bits
     if bits >= 3:
         assert ((deq - w.reshape(30, -1)).norm() / w.norm()) < 0.25
 
@@ -53,7 +53,7 @@ def test_centroid_gradient_is_sum_over_assignments():
     part = _CodebookWeight(qt, reserve_zero=False)
     upstream = torch.randn(6, 10)
     (part(w) * upstream).sum().backward()
-    which, idx = qt.codebook_of_row.long(), qt.codes.long()
+    which, idx = qt.row_codebooks(), qt.codes.long()
     expected = torch.zeros_like(qt.codebook)
     for i in range(6):
         for j in range(10):
