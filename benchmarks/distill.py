@@ -22,21 +22,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compress.data import builtin  # noqa: E402
-from compress.metrics import evaluate  # noqa: E402
-from compress.train import TrainConfig, fit  # noqa: E402
-from compress.zoo import mnist1d_cnn  # noqa: E402
 from compress.distill.born_again import born_again, ensemble_accuracy  # noqa: E402
 from compress.distill.diffquant import allocate_bits, differentiable_quantize, layer_gradient_norms  # noqa: E402
 from compress.distill.kd import distill, distillation_loss, reinitialize  # noqa: E402
 from compress.distill.quantized import quantizable_layers, quantized_distill, rtn_bucket_quantize  # noqa: E402
 from compress.distill.stage import storage_bytes  # noqa: E402
+from compress.metrics import evaluate  # noqa: E402
+from compress.train import TrainConfig, fit  # noqa: E402
+from compress.zoo import mnist1d_cnn  # noqa: E402
 
 HALF = {"channels": 16, "hidden": 64}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every epoch count (e.g. 0.5 for a quick run)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every epoch count (e.g. 0.5 for a quick run)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     ep = lambda n: max(1, round(n * args.scale))  # noqa: E731
@@ -134,15 +136,31 @@ def main() -> None:
     # --- born-again networks ----------------------------------------------------------------
     for variant in ("ban", "ban_l"):
         members, records = born_again(
-            teacher, lambda k: reinitialize(teacher, k), x, y, TrainConfig(epochs=ep(30), **train),
-            generations=2, variant=variant, eval_x=xe, eval_y=ye,
+            teacher,
+            lambda k: reinitialize(teacher, k),
+            x,
+            y,
+            TrainConfig(epochs=ep(30), **train),
+            generations=2,
+            variant=variant,
+            eval_x=xe,
+            eval_y=ye,
         )
         for m, rec in zip(members, records):
             add(f"born-again {variant} gen {rec['generation']}", "cnn 32/128", "32", m, {}, rec["seconds"])
         ens = ensemble_accuracy(members, xe, ye)
         size = 2 * storage_bytes(members[0], {})
-        rows.append((f"born-again {variant} ensemble (1+2)", "2 x cnn", "32", ens, size,
-                     sum(r["seconds"] for r in records), "not one ONNX model"))
+        rows.append(
+            (
+                f"born-again {variant} ensemble (1+2)",
+                "2 x cnn",
+                "32",
+                ens,
+                size,
+                sum(r["seconds"] for r in records),
+                "not one ONNX model",
+            )
+        )
 
     print(f"\nMNIST-1D test accuracy (1000 samples), epochs x{args.scale}, 1 thread\n")
     head = f"| {'method':<38} | {'student':<10} | {'bits':<6} | {'accuracy':>8} | {'size (B)':>9} | {'train (s)':>9} | note"

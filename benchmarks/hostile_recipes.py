@@ -21,7 +21,8 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
 )
 CASES = {
     "alias bomb (10^9 values)": BOMB,
-    "alias bomb in model.kwargs": "anchors:\n" + "".join(f"  {line}\n" for line in BOMB.splitlines())
+    "alias bomb in model.kwargs": "anchors:\n"
+    + "".join(f"  {line}\n" for line in BOMB.splitlines())
     + BASE.replace("input_shape: [1, 64]}", "input_shape: [1, 64], kwargs: {junk: *i}}"),
     "600 nested flow mappings": "version: 1\nmodel: " + "{a: " * 600 + "1" + "}" * 600 + "\n",
     "600 nested block mappings": "version: 1\nx:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(600)),
@@ -39,7 +40,9 @@ def main() -> None:
             path.write_text(text)
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "compress", "check", str(path)], capture_output=True, check=False)
+            proc = subprocess.run(
+                [sys.executable, "-m", "compress", "check", str(path)], capture_output=True, check=False
+            )
             seconds = time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             rows.append((name, str(proc.returncode), f"{seconds:.2f}", f"{max(peak, before) / 1024:.0f}"))

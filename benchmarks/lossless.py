@@ -176,7 +176,16 @@ def whole_process(size_mb: int, threads: int) -> list[str]:
         exe = [sys.executable, "-m", "compress.cli"]
         runs = {
             "pack": exe + ["pack", str(src), "-o", str(src) + ".czip", "--threads", str(threads), "--force"],
-            "unpack": exe + ["unpack", str(src) + ".czip", "-o", str(Path(tmp) / "out.safetensors"), "--threads", str(threads), "--force"],
+            "unpack": exe
+            + [
+                "unpack",
+                str(src) + ".czip",
+                "-o",
+                str(Path(tmp) / "out.safetensors"),
+                "--threads",
+                str(threads),
+                "--force",
+            ],
         }
         results = {}
         for name, cmd in runs.items():
@@ -191,7 +200,9 @@ def whole_process(size_mb: int, threads: int) -> list[str]:
                 "    sys.stderr.write(f'VMHWM {hwm}\\n')\n"
             )
             w0 = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-c", probe, *cmd[3:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", probe, *cmd[3:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - w0
             err = proc.stderr.read().decode()
@@ -208,7 +219,9 @@ def whole_process(size_mb: int, threads: int) -> list[str]:
             C.decode_array(c, "bfloat16", threads=threads)
         dec_cpu, dec_wall = time.process_time() - t0, time.perf_counter() - w0
     lines.append(f"whole process, {mb:.0f} MB bf16 safetensors, {threads} thread(s); byte-identical: {same}")
-    lines.append(f"{'':10s} {'wall MB/s':>10s} {'MB/CPU-s':>9s} {'peak RSS MiB':>13s}   in-memory codec: wall MB/s, MB/CPU-s")
+    lines.append(
+        f"{'':10s} {'wall MB/s':>10s} {'MB/CPU-s':>9s} {'peak RSS MiB':>13s}   in-memory codec: wall MB/s, MB/CPU-s"
+    )
     for name, (wall, cpu, rss) in results.items():
         ref_wall, ref_cpu = (enc_wall, enc_cpu) if name == "pack" else (dec_wall, dec_cpu)
         lines.append(
@@ -227,7 +240,9 @@ def quickstart_report(path: Path) -> list[str]:
     with ContainerReader(path) as r:
         manifest = r.data_end - r.manifest_offset
         lines.append(f"{path}: {r.size:,} B, manifest {manifest:,} B ({manifest / r.size:.1%})")
-        lines.append(f"{'code entry':36s} {'codes':>7s} {'coded':>7s} {'order-0 B':>10s} {'stored B':>9s} {'stored/bound':>12s}")
+        lines.append(
+            f"{'code entry':36s} {'codes':>7s} {'coded':>7s} {'order-0 B':>10s} {'stored B':>9s} {'stored/bound':>12s}"
+        )
         for name in r.names():
             e = r.entry(name)
             if not name.endswith("/codes"):
@@ -247,7 +262,12 @@ def main() -> None:
     ap.add_argument("--synthetic-mb", type=int, default=512)
     ap.add_argument("--file-mb", type=int, default=545, help="size of the file for the whole-process run (0: skip)")
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for the wall-time columns and the whole-process run")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="threads for the wall-time columns and the whole-process run",
+    )
     ap.add_argument("--only", nargs="*", help="data set labels (substrings) to run")
     ap.add_argument("--quickstart", type=Path, help="a quickstart weights.czip to report on")
     args = ap.parse_args()
@@ -283,7 +303,11 @@ def main() -> None:
             mb = c.orig / 1e6
             extra = ""
             if c.name == "czip":
-                extra = f"  {bound:.4f}" if bound is not None else f"  {C.entropy_bits(arr.view(np.uint8)) / 8:.4f} (order-0)"
+                extra = (
+                    f"  {bound:.4f}"
+                    if bound is not None
+                    else f"  {C.entropy_bits(arr.view(np.uint8)) / 8:.4f} (order-0)"
+                )
             print(
                 f"{label:28s} {c.name:7s} {c.ratio:7.4f} {mb / b1['enc_cpu']:14.0f} {mb / b1['dec_cpu']:16.0f}"
                 f" {mb / bn['enc_wall']:10.0f} {mb / bn['dec_wall']:12.0f}{extra}",

@@ -22,13 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.data import DataBundle, Split, builtin  # noqa: E402
-from compress.metrics import evaluate  # noqa: E402
-from compress.state import ModelState, StageContext  # noqa: E402
-from compress.train import TrainConfig, fit  # noqa: E402
-from compress.zoo import ZOO  # noqa: E402
-from compress.prune.config import LotteryConfig, MagnitudeConfig, VarianceConfig  # noqa: E402
-from compress.prune.stage import apply  # noqa: E402
+from compress.data import DataBundle, Split, builtin
+from compress.metrics import evaluate
+from compress.prune.config import LotteryConfig, MagnitudeConfig, VarianceConfig
+from compress.prune.stage import apply
+from compress.state import ModelState, StageContext
+from compress.train import TrainConfig, fit
+from compress.zoo import ZOO
 
 FT = TrainConfig(epochs=3, lr=5e-4)
 
@@ -56,8 +56,11 @@ def onnx_numbers(module: torch.nn.Module, example: torch.Tensor, folder: Path, n
     raw = path.read_bytes()
     sess = ort_session(path, threads=1)
     lat = measure_latency(sess, example.numpy(), runs=200, warmup=20)
-    return {"onnx_kb": len(raw) / 1024, "zst_kb": len(zstandard.ZstdCompressor(level=19).compress(raw)) / 1024,
-            "p50_us": lat["latency_p50_ms"] * 1e3}
+    return {
+        "onnx_kb": len(raw) / 1024,
+        "zst_kb": len(zstandard.ZstdCompressor(level=19).compress(raw)) / 1024,
+        "p50_us": lat["latency_p50_ms"] * 1e3,
+    }
 
 
 def cases(lottery: bool) -> list[tuple[str, object]]:
@@ -65,22 +68,45 @@ def cases(lottery: bool) -> list[tuple[str, object]]:
     for s in (0.5, 0.8, 0.9):
         out.append((f"magnitude one-shot {s:.0%}", MagnitudeConfig(method="magnitude", amount=s, finetune=FT)))
     for s in (0.8, 0.9):
-        out.append((f"magnitude gradual {s:.0%}",
-                    MagnitudeConfig(method="magnitude", amount=s, schedule="gradual", finetune=FT)))
-    out.append(("magnitude one-shot 80% all layers",
-                MagnitudeConfig(method="magnitude", amount=0.8, skip=[], finetune=FT)))
+        out.append(
+            (
+                f"magnitude gradual {s:.0%}",
+                MagnitudeConfig(method="magnitude", amount=s, schedule="gradual", finetune=FT),
+            )
+        )
+    out.append(
+        ("magnitude one-shot 80% all layers", MagnitudeConfig(method="magnitude", amount=0.8, skip=[], finetune=FT))
+    )
     for s in (0.25, 0.5):
         out.append((f"variance {s:.0%} neurons", VarianceConfig(method="variance", amount=s, finetune=FT)))
     out.append(("variance 50% no fold", VarianceConfig(method="variance", amount=0.5, mean_fold=False, finetune=FT)))
-    out.append(("variance 50% pre-act var",
-                VarianceConfig(method="variance", amount=0.5, statistic="pre_activation_variance", finetune=FT)))
-    out.append(("variance 50% row norm", VarianceConfig(method="variance", amount=0.5, statistic="magnitude", finetune=FT)))
-    out.append(("variance 50% per-block ranking",
-                VarianceConfig(method="variance", amount=0.5, scope="block", finetune=FT)))
+    out.append(
+        (
+            "variance 50% pre-act var",
+            VarianceConfig(method="variance", amount=0.5, statistic="pre_activation_variance", finetune=FT),
+        )
+    )
+    out.append(
+        ("variance 50% row norm", VarianceConfig(method="variance", amount=0.5, statistic="magnitude", finetune=FT))
+    )
+    out.append(
+        ("variance 50% per-block ranking", VarianceConfig(method="variance", amount=0.5, scope="block", finetune=FT))
+    )
     if lottery:
-        out.append(("lottery 5x20% rewind 20", LotteryConfig(
-            method="lottery", rounds=5, rate=0.2, rewind_to=20, control="random_reinit", loss="ce",
-            train=TrainConfig(epochs=10, lr=3e-3))))
+        out.append(
+            (
+                "lottery 5x20% rewind 20",
+                LotteryConfig(
+                    method="lottery",
+                    rounds=5,
+                    rate=0.2,
+                    rewind_to=20,
+                    control="random_reinit",
+                    loss="ce",
+                    train=TrainConfig(epochs=10, lr=3e-3),
+                ),
+            )
+        )
     return out
 
 
@@ -105,8 +131,13 @@ def compare_with_torch_prune(model: torch.nn.Module, amount: float, repeat: int 
         t_theirs += time.perf_counter() - t0
     theirs = {n: mm.weight_mask.bool() for n, (mm, _) in zip(names, pairs)}
     same = all(torch.equal(ours[n], theirs[n]) for n in names)
-    return {"amount": amount, "identical": same, "ours_ms": 1e3 * t_ours, "torch_ms": 1e3 * t_theirs / repeat,
-            "weights": sum(params[n].numel() for n in names)}
+    return {
+        "amount": amount,
+        "identical": same,
+        "ours_ms": 1e3 * t_ours,
+        "torch_ms": 1e3 * t_theirs / repeat,
+        "weights": sum(params[n].numel() for n in names),
+    }
 
 
 def main() -> None:
@@ -133,8 +164,13 @@ def main() -> None:
         folder = Path(tmp)
         for label, cfg in cases(not args.no_lottery and args.model == "mnist1d_mlp"):
             state = ModelState(copy.deepcopy(dense), (1, 40))
-            ctx = StageContext(data=data, out_dir=folder / label.replace(" ", "_"), device=torch.device("cpu"),
-                               reference=reference, seed=0)
+            ctx = StageContext(
+                data=data,
+                out_dir=folder / label.replace(" ", "_"),
+                device=torch.device("cpu"),
+                reference=reference,
+                seed=0,
+            )
             t0 = time.perf_counter()
             if cfg is not None:
                 state = apply(state, cfg, ctx)
@@ -157,25 +193,34 @@ def main() -> None:
             }
             if "blocks" in m:
                 row["note"] = "hidden widths " + ", ".join(
-                    f"{b['first']}->{b['second']}: {b['hidden_before']}->{b['hidden_after']}" for b in m["blocks"])
+                    f"{b['first']}->{b['second']}: {b['hidden_before']}->{b['hidden_after']}" for b in m["blocks"]
+                )
             if "control" in m:
-                row["note"] = f"dense retrained {m['dense_accuracy']:.3f}; random re-init {m['control']['accuracy']:.3f}"
+                row["note"] = (
+                    f"dense retrained {m['dense_accuracy']:.3f}; random re-init {m['control']['accuracy']:.3f}"
+                )
             elif label.startswith("lottery"):
                 row["note"] = ""
             rows.append(row)
             print(f"  done: {label} ({seconds:.1f}s)", file=sys.stderr, flush=True)
 
-    print(f"\nPruning on MNIST-1D, {args.model} trained {args.epochs} epochs; fine-tuning {FT.epochs} epochs "
-          f"(distillation from the dense model); 'pruned' = right after pruning (before fine-tuning)\n")
-    head = f"| {'method':36} | {'acc in':>6} | {'pruned':>6} | {'final':>6} | {'params':>7} | {'nonzero':>7} " \
-           f"| {'ONNX KB':>7} | {'zstd KB':>7} | {'ORT p50 us':>10} | {'s':>5} |"
+    print(
+        f"\nPruning on MNIST-1D, {args.model} trained {args.epochs} epochs; fine-tuning {FT.epochs} epochs "
+        f"(distillation from the dense model); 'pruned' = right after pruning (before fine-tuning)\n"
+    )
+    head = (
+        f"| {'method':36} | {'acc in':>6} | {'pruned':>6} | {'final':>6} | {'params':>7} | {'nonzero':>7} "
+        f"| {'ONNX KB':>7} | {'zstd KB':>7} | {'ORT p50 us':>10} | {'s':>5} |"
+    )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     fmt = lambda v: "   n/a" if v is None else f"{v:6.3f}"  # noqa: E731
     for r in rows:
-        print(f"| {r['method']:36} | {fmt(r['acc_in'])} | {fmt(r['acc_pruned'])} | {fmt(r['acc_final'])} "
-              f"| {r['params']:7d} | {r['nonzeros']:7d} | {r['onnx_kb']:7.1f} | {r['zst_kb']:7.1f} "
-              f"| {r['p50_us']:10.1f} | {r['seconds']:5.1f} |")
+        print(
+            f"| {r['method']:36} | {fmt(r['acc_in'])} | {fmt(r['acc_pruned'])} | {fmt(r['acc_final'])} "
+            f"| {r['params']:7d} | {r['nonzeros']:7d} | {r['onnx_kb']:7.1f} | {r['zst_kb']:7.1f} "
+            f"| {r['p50_us']:10.1f} | {r['seconds']:5.1f} |"
+        )
     print()
     for r in rows:
         if r.get("note"):
@@ -187,7 +232,9 @@ def main() -> None:
     print("|--------|---------|-----------------|---------|----------|")
     for amount in (0.5, 0.8, 0.95):
         c = compare_with_torch_prune(dense, amount)
-        print(f"| {amount:6.2f} | {c['weights']:7d} | {str(c['identical']):15} | {c['ours_ms']:7.2f} | {c['torch_ms']:8.2f} |")
+        print(
+            f"| {amount:6.2f} | {c['weights']:7d} | {c['identical']!s:15} | {c['ours_ms']:7.2f} | {c['torch_ms']:8.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,17 @@ def main() -> None:
     print(f"{label:<40} {torch_s:>9.3f}   ({torch_s / help_s:.1f}x the help)")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "qs"
-        cmd = [py, "-m", "compress", "run", str(ROOT / "recipes/quickstart.yaml"),
-               str(ROOT / "recipes/models/mnist1d_cnn.pt"), "-o", str(out), "--json"]
+        cmd = [
+            py,
+            "-m",
+            "compress",
+            "run",
+            str(ROOT / "recipes/quickstart.yaml"),
+            str(ROOT / "recipes/models/mnist1d_cnn.pt"),
+            "-o",
+            str(out),
+            "--json",
+        ]
         for label in ("fresh", "re-run (cached)"):
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -25,8 +25,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
-    "quickstart": (ROOT / "recipes" / "quickstart.yaml", ROOT / "recipes" / "quickstart-tune.yaml", ROOT / "recipes" / "models" / "mnist1d_cnn.pt"),
-    "minilm": (ROOT / "recipes" / "minilm.yaml", ROOT / "recipes" / "minilm-tune.yaml", ROOT / "recipes" / "models" / "minilm_state.pt"),
+    "quickstart": (
+        ROOT / "recipes" / "quickstart.yaml",
+        ROOT / "recipes" / "quickstart-tune.yaml",
+        ROOT / "recipes" / "models" / "mnist1d_cnn.pt",
+    ),
+    "minilm": (
+        ROOT / "recipes" / "minilm.yaml",
+        ROOT / "recipes" / "minilm-tune.yaml",
+        ROOT / "recipes" / "models" / "minilm_state.pt",
+    ),
 }
 EXACT = ("accuracy", "agreement", "cosine", "packed_size", "onnx_size")
 
@@ -57,10 +65,14 @@ def main() -> None:
     exe = [sys.executable, "-m", "compress"]
 
     _, run_wall, run_cpu, _ = timed([*exe, "run", str(plain), str(model), "-o", str(work / "run"), "--force", "--json"])
-    code, tune_wall, tune_cpu, _ = timed([*exe, "tune", str(tune_recipe), str(model), "-o", str(work / "tune"), "--json"])
+    code, tune_wall, tune_cpu, _ = timed(
+        [*exe, "tune", str(tune_recipe), str(model), "-o", str(work / "tune"), "--json"]
+    )
     report = json.loads((work / "tune" / "search.json").read_text())
     objective = report["objective"]
-    fidelity = "accuracy" if "accuracy" in (report["candidates"][0]["metrics"] if report["candidates"] else {}) else "cosine"
+    fidelity = (
+        "accuracy" if "accuracy" in (report["candidates"][0]["metrics"] if report["candidates"] else {}) else "cosine"
+    )
 
     rows = [["candidate", "bits per layer", "packed (B)", "ONNX (B)", fidelity, "passes"]]
     for c in report["candidates"]:
@@ -68,8 +80,16 @@ def main() -> None:
             continue
         m = c["metrics"]
         name = f"uniform {next(iter(c['layer_bits'].values()))}-bit" if c["kind"] == "baseline" else "tuned"
-        rows.append([name, " ".join(map(str, c["layer_bits"].values())), f"{m.get('packed_size', 0):,.0f}",
-                     f"{m.get('onnx_size', 0):,.0f}", f"{m.get(fidelity, float('nan')):.4f}", "yes" if c["passed"] else "no"])
+        rows.append(
+            [
+                name,
+                " ".join(map(str, c["layer_bits"].values())),
+                f"{m.get('packed_size', 0):,.0f}",
+                f"{m.get('onnx_size', 0):,.0f}",
+                f"{m.get(fidelity, float('nan')):.4f}",
+                "yes" if c["passed"] else "no",
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"\n{case}: objective {objective}, gates {report['gates']}, {report['candidates_run']} candidates")
     for r in rows:
@@ -77,17 +97,25 @@ def main() -> None:
 
     chosen, base = report["chosen"], report["smallest_passing_baseline"]
     if chosen and base:
-        print(f"tuned {chosen['metrics'][objective]:,.0f} B vs smallest passing uniform ({base['variant']}, "
-              f"{next(iter(base['layer_bits'].values()))}-bit) {base['metrics'][objective]:,.0f} B: "
-              f"{chosen['metrics'][objective] / base['metrics'][objective]:.3f}x")
+        print(
+            f"tuned {chosen['metrics'][objective]:,.0f} B vs smallest passing uniform ({base['variant']}, "
+            f"{next(iter(base['layer_bits'].values()))}-bit) {base['metrics'][objective]:,.0f} B: "
+            f"{chosen['metrics'][objective] / base['metrics'][objective]:.3f}x"
+        )
     elif not chosen:
-        print(f"nothing passes (exit {code}); best candidate {report['best']['id'] if report['best'] else None}, "
-              f"missed: {report['missed_gates']}")
-    print(f"one `compress run`: {run_wall:.1f} s wall, {run_cpu:.1f} s CPU; `compress tune`: {tune_wall:.1f} s wall, "
-          f"{tune_cpu:.1f} s CPU; ratio {tune_wall / run_wall:.1f}x wall, {tune_cpu / run_cpu:.1f}x CPU")
+        print(
+            f"nothing passes (exit {code}); best candidate {report['best']['id'] if report['best'] else None}, "
+            f"missed: {report['missed_gates']}"
+        )
+    print(
+        f"one `compress run`: {run_wall:.1f} s wall, {run_cpu:.1f} s CPU; `compress tune`: {tune_wall:.1f} s wall, "
+        f"{tune_cpu:.1f} s CPU; ratio {tune_wall / run_wall:.1f}x wall, {tune_cpu / run_cpu:.1f}x CPU"
+    )
 
     if chosen:
-        _, _, _, out = timed([*exe, "run", str(work / "tune" / "recipe.tuned.yaml"), str(model), "-o", str(work / "rerun"), "--json"])
+        _, _, _, out = timed(
+            [*exe, "run", str(work / "tune" / "recipe.tuned.yaml"), str(model), "-o", str(work / "rerun"), "--json"]
+        )
         final = json.loads(out)
         rows = final["stages"]
         again = {k: rows[-1][k] for k in ("accuracy", "agreement", "cosine") if k in rows[-1]}
@@ -96,8 +124,12 @@ def main() -> None:
             again["packed_size"] = packed[-1]
         if "final_size_bytes" in rows[-1]:
             again["onnx_size"] = rows[-1]["final_size_bytes"]
-        diff = {k: (chosen["metrics"][k], again[k]) for k in EXACT if k in again and again[k] != chosen["metrics"].get(k)}
-        print(f"fresh `compress run recipe.tuned.yaml`: {'reproduces every metric exactly' if not diff else f'DIFFERS: {diff}'}")
+        diff = {
+            k: (chosen["metrics"][k], again[k]) for k in EXACT if k in again and again[k] != chosen["metrics"].get(k)
+        }
+        print(
+            f"fresh `compress run recipe.tuned.yaml`: {'reproduces every metric exactly' if not diff else f'DIFFERS: {diff}'}"
+        )
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -192,7 +192,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, mkdir: bool = True)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any, *, mkdir: bool = True) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n", mkdir=mkdir)
+    return atomic_write_text(
+        path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n", mkdir=mkdir
+    )
 
 
 def _json_default(obj: Any) -> Any:

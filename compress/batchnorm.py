@@ -47,6 +47,7 @@ def find_pairs(module: nn.Module, example: torch.Tensor) -> list[tuple[str, str]
             if isinstance(output, torch.Tensor):
                 outputs[id(output)] = name
                 alive.append(output)
+
         return fn
 
     def bn_hook(name):
@@ -55,6 +56,7 @@ def find_pairs(module: nn.Module, example: torch.Tensor) -> list[tuple[str, str]
             if inputs and isinstance(inputs[0], torch.Tensor):
                 bn_inputs[name] = id(inputs[0])
                 alive.append(inputs[0])
+
         return fn
 
     handles = []
@@ -135,8 +137,10 @@ def fold_batchnorm(
     """
     pairs = find_pairs(module, example)
     folded: list[dict[str, str]] = []
-    left = [{"bn": n, "reason": "its input is not the output of a Conv/Linear layer called once"}
-            for n in unfoldable_batchnorms(module, pairs)]
+    left = [
+        {"bn": n, "reason": "its input is not the output of a Conv/Linear layer called once"}
+        for n in unfoldable_batchnorms(module, pairs)
+    ]
     if not pairs:
         return folded, left
     was_training = module.training
@@ -167,7 +171,12 @@ def fold_batchnorm(
                 else:
                     layer.bias.copy_(bias)
             _set_submodule(module, bn, norm)
-            left.append({"bn": bn, "reason": f"{producer}'s output is also used elsewhere (fold changed the output by {err:.2g})"})
+            left.append(
+                {
+                    "bn": bn,
+                    "reason": f"{producer}'s output is also used elsewhere (fold changed the output by {err:.2g})",
+                }
+            )
             continue
         folded.append({"bn": bn, "into": producer})
     module.train(was_training)

@@ -51,7 +51,11 @@ def write_bundle(
 
     named = inputs if isinstance(inputs, dict) else None
     n = len(next(iter(named.values()))) if named else len(inputs)
-    if n != len(outputs) or (labels is not None and len(labels) != n) or (named and any(len(v) != n for v in named.values())):
+    if (
+        n != len(outputs)
+        or (labels is not None and len(labels) != n)
+        or (named and any(len(v) != n for v in named.values()))
+    ):
         raise ValueError("inputs, outputs and labels must have the same number of samples")
     tensors = {f"input/{k}": v for k, v in named.items()} if named else {"inputs": inputs}
     tensors["outputs"] = outputs
@@ -85,7 +89,9 @@ def open_bundle(path: Path, workdir: Path) -> Bundle:
         if not isinstance(meta, dict) or meta.get("kind") != BUNDLE_KIND:
             raise InputError(f"{path} is a packed file but not a device bundle (made by `compress run`)")
         if meta.get("version") != BUNDLE_VERSION:
-            raise InputError(f"{path}: bundle version {meta.get('version')} is not supported (this reader: {BUNDLE_VERSION})")
+            raise InputError(
+                f"{path}: bundle version {meta.get('version')} is not supported (this reader: {BUNDLE_VERSION})"
+            )
         names = set(reader.names())
         input_names = meta.get("input_names")
         wanted = {f"extra/input/{n}" for n in input_names} if isinstance(input_names, list) else {"extra/inputs"}

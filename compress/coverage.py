@@ -6,7 +6,8 @@ one line (``coverage_line``) and the reports show it per stage.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -60,7 +61,9 @@ def parameter_coverage(
         if reason is None:
             m = own.get(name)
             kind = type(m).__name__ if m is not None else "parameter"
-            reason = (unsupported_kinds(m) if unsupported_kinds and m is not None else None) or f"{kind}, not handled by {what}"
+            reason = (
+                unsupported_kinds(m) if unsupported_kinds and m is not None else None
+            ) or f"{kind}, not handled by {what}"
         left.append({"name": name, "parameters": p.numel(), "reason": reason})
     return {
         "handled": done,
@@ -102,8 +105,11 @@ def weight_matrices(module: nn.Module) -> list[tuple[str, str, str, nn.Module]]:
         elif isinstance(m, nn.RNNBase):
             attrs = [a for a, p in m.named_parameters(recurse=False) if a.startswith("weight_") and p.dim() == 2]
         elif isinstance(m, nn.MultiheadAttention):
-            attrs = [a for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-                     if isinstance(getattr(m, a, None), nn.Parameter)]
+            attrs = [
+                a
+                for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                if isinstance(getattr(m, a, None), nn.Parameter)
+            ]
         else:
             continue
         for attr in attrs:

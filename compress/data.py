@@ -114,7 +114,9 @@ def _load_text(path: Path, ref: str, kwargs: dict, trusted: frozenset[str] = fro
         x = x.numpy()
     x = np.asarray(x)
     if x.ndim < 1 or len(x) != len(lines):
-        raise DataError(f"tokenizer {ref} returned {len(x) if x.ndim else 'no'} rows for the {len(lines)} lines of {path}")
+        raise DataError(
+            f"tokenizer {ref} returned {len(x) if x.ndim else 'no'} rows for the {len(lines)} lines of {path}"
+        )
     return x
 
 

@@ -43,7 +43,5 @@ class GateFailure(CompressError):
 
     def __init__(self, failures: list[dict]):
         self.failures = failures
-        parts = [
-            f"{f['gate']}: measured {f['measured']:.6g}, limit {f['limit']:.6g}" for f in failures
-        ]
+        parts = [f"{f['gate']}: measured {f['measured']:.6g}, limit {f['limit']:.6g}" for f in failures]
         super().__init__("gate failed: " + "; ".join(parts))

@@ -66,15 +66,24 @@ def _figure(height_in: float = 3.2, left_in: float = 0.75, bottom_in: float = 0.
     plt = _pyplot()
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(width_in, height_in), dpi=DPI)
-    fig.subplots_adjust(left=left_in / width_in, right=1 - 0.15 / width_in, bottom=bottom_in / height_in,
-                        top=1 - 0.12 / height_in)
+    fig.subplots_adjust(
+        left=left_in / width_in, right=1 - 0.15 / width_in, bottom=bottom_in / height_in, top=1 - 0.12 / height_in
+    )
     return fig, ax
 
 
 _RC = {
-    "font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "axes.spines.top": False, "axes.spines.right": False,
-    "axes.grid": True, "grid.color": "#e6e9ef", "grid.linewidth": 0.8, "axes.edgecolor": "#9aa6b8",
-    "svg.fonttype": "none", "svg.hashsalt": "compress",  # text stays text; ids are stable across runs
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e6e9ef",
+    "grid.linewidth": 0.8,
+    "axes.edgecolor": "#9aa6b8",
+    "svg.fonttype": "none",
+    "svg.hashsalt": "compress",  # text stays text; ids are stable across runs
 }
 
 
@@ -86,13 +95,15 @@ def _svg(fig, label: str) -> str:
         fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     plt.close(fig)
     text = buf.getvalue()
-    text = text[text.index("<svg"):]
+    text = text[text.index("<svg") :]
     text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.DOTALL)
     text = text.replace(' xmlns:xlink="http://www.w3.org/1999/xlink"', "").replace("xlink:href", "href")
     return text.replace("<svg ", f'<svg role="img" aria-label="{_esc(label)}" ', 1)
 
 
-def _merge_labels(points: Sequence[tuple[str, float, float]], ax, min_px: float = 14.0) -> list[tuple[str, float, float]]:
+def _merge_labels(
+    points: Sequence[tuple[str, float, float]], ax, min_px: float = 14.0
+) -> list[tuple[str, float, float]]:
     """Points that land (nearly) on the same spot share one label ("compress, export")."""
     merged: list[tuple[list[str], float, float, tuple[float, float]]] = []
     for name, x, y in points:
@@ -114,8 +125,16 @@ def _place_labels(ax, labelled: Sequence[tuple[str, float, float, str]]) -> None
     offsets = [(6, 6), (6, -12), (-6, 6), (-6, -12), (6, 16), (-6, 16), (6, -22), (-6, -22), (10, 26), (10, -32)]
     for text, x, y, color in labelled:
         for dx, dy in offsets:
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", color=color, fontsize=8,
-                              ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")
+            ann = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                color=color,
+                fontsize=8,
+                ha="left" if dx > 0 else "right",
+                va="bottom" if dy > 0 else "top",
+            )
             box = ann.get_window_extent(renderer)
             inside = axbox.x0 <= box.x0 and box.x1 <= axbox.x1 and axbox.y0 <= box.y0 and box.y1 <= axbox.y1
             if inside and not any(box.overlaps(b) for b in placed):
@@ -202,7 +221,11 @@ def histogram_svg(samples: Sequence[float], bins: int = 30) -> str:
     shown = s[s <= hi]
     fig, ax = _figure(2.8)
     ax.hist(shown, bins=bins, range=(lo, hi), color="#2aa7b8", edgecolor="white", linewidth=0.5)
-    for v, name, color, style in ((p50, "p50", "#1f8f4e", "-"), (p90, "p90", "#e07b28", "--"), (p99, "p99", "#c62f2f", ":")):
+    for v, name, color, style in (
+        (p50, "p50", "#1f8f4e", "-"),
+        (p90, "p90", "#e07b28", "--"),
+        (p99, "p99", "#c62f2f", ":"),
+    ):
         if v <= hi:
             ax.axvline(v, color=color, linestyle=style, linewidth=1.6, label=f"{name} {v:.3f} ms")
         else:
@@ -220,7 +243,9 @@ def histogram_svg(samples: Sequence[float], bins: int = 30) -> str:
     return _svg(fig, "latency histogram")
 
 
-def hbar_svg(items: Sequence[tuple[str, float]], max_value: float, fmt: str, color: str = "#3b6fd8", x_label: str = "") -> str:
+def hbar_svg(
+    items: Sequence[tuple[str, float]], max_value: float, fmt: str, color: str = "#3b6fd8", x_label: str = ""
+) -> str:
     """Horizontal bars, one per layer, value written at the end of each bar."""
     if not items:
         return "<p>no layers</p>"
@@ -230,7 +255,13 @@ def hbar_svg(items: Sequence[tuple[str, float]], max_value: float, fmt: str, col
     bars = ax.barh(names, values, color=color, height=0.6)
     ax.set_xlim(0, max_value * 1.15)
     for bar, v in zip(bars, values):
-        ax.text(bar.get_width() + max_value * 0.01, bar.get_y() + bar.get_height() / 2, fmt.format(v), va="center", fontsize=8)
+        ax.text(
+            bar.get_width() + max_value * 0.01,
+            bar.get_y() + bar.get_height() / 2,
+            fmt.format(v),
+            va="center",
+            fontsize=8,
+        )
     ax.grid(axis="y", visible=False)
     ax.set_xlabel(x_label)
     return _svg(fig, x_label or "per layer")
@@ -252,24 +283,56 @@ def tradeoff_svg(report: dict[str, Any]) -> str:
     for passed, marker_face, label in ((True, "#3b6fd8", "candidate (passes)"), (False, "none", "candidate (fails)")):
         group = [c for c in search if c["passed"] == passed]
         if group:
-            ax.scatter([c["metrics"][objective] for c in group], [c["metrics"][metric] for c in group], s=28,
-                       facecolors=marker_face, edgecolors="#3b6fd8", label=label, zorder=3)
+            ax.scatter(
+                [c["metrics"][objective] for c in group],
+                [c["metrics"][metric] for c in group],
+                s=28,
+                facecolors=marker_face,
+                edgecolors="#3b6fd8",
+                label=label,
+                zorder=3,
+            )
     base = [c for c in cands if c["kind"] == "baseline"]
     if base:
-        ax.scatter([c["metrics"][objective] for c in base], [c["metrics"][metric] for c in base], marker="s", s=34,
-                   facecolors=["#e07b28" if c["passed"] else "none" for c in base], edgecolors="#e07b28",
-                   label="uniform bits", zorder=4)
+        ax.scatter(
+            [c["metrics"][objective] for c in base],
+            [c["metrics"][metric] for c in base],
+            marker="s",
+            s=34,
+            facecolors=["#e07b28" if c["passed"] else "none" for c in base],
+            edgecolors="#e07b28",
+            label="uniform bits",
+            zorder=4,
+        )
     front = _pareto(cands, objective, metric)
     if len(front) > 1:
-        ax.step([c["metrics"][objective] for c in front], [c["metrics"][metric] for c in front], where="post",
-                color="#1f8f4e", linewidth=1.2, label="Pareto front", zorder=2)
+        ax.step(
+            [c["metrics"][objective] for c in front],
+            [c["metrics"][metric] for c in front],
+            where="post",
+            color="#1f8f4e",
+            linewidth=1.2,
+            label="Pareto front",
+            zorder=2,
+        )
     limit = _metric_limit(report, metric, cands)
     if limit is not None:
-        ax.axhline(limit, color="#c62f2f", linestyle="--", linewidth=1, label=f"gate: {metric} ≥ {_fmt_metric(limit, metric)}")
+        ax.axhline(
+            limit, color="#c62f2f", linestyle="--", linewidth=1, label=f"gate: {metric} ≥ {_fmt_metric(limit, metric)}"
+        )
     chosen = report.get("chosen")
     if chosen and objective in chosen["metrics"]:
-        ax.scatter([chosen["metrics"][objective]], [chosen["metrics"][metric]], marker="*", s=220, color="#c62f2f",
-                   edgecolors="white", linewidths=0.8, label="chosen", zorder=5)
+        ax.scatter(
+            [chosen["metrics"][objective]],
+            [chosen["metrics"][metric]],
+            marker="*",
+            s=220,
+            color="#c62f2f",
+            edgecolors="white",
+            linewidths=0.8,
+            label="chosen",
+            zorder=5,
+        )
     if objective == "latency":
         ax.set_xlabel("onnxruntime p50 latency (ms)")
     else:
@@ -351,8 +414,9 @@ def _gate_html(g: dict[str, Any]) -> str:
 def _table(rows: list[list[str]], classes: Sequence[str] | None = None) -> str:
     head = "".join(f"<th>{_esc(c)}</th>" for c in rows[0])
     body = "".join(
-        f'<tr{f" class={chr(34)}{classes[i]}{chr(34)}" if classes and classes[i] else ""}>'
-        + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>"
+        f"<tr{f' class={chr(34)}{classes[i]}{chr(34)}' if classes and classes[i] else ''}>"
+        + "".join(f"<td>{_esc(c)}</td>" for c in r)
+        + "</tr>"
         for i, r in enumerate(rows[1:])
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -362,10 +426,18 @@ def render_html(report: dict[str, Any]) -> str:
     stages = report["stages"]
     metric = "accuracy" if all("accuracy" in s for s in stages) else "cosine"
     # a non-finite measurement is null in report.json: no point for it
-    points = [(s["stage"], s.get("final_size_bytes") or s["size_bytes"], s[metric]) for s in stages if s.get(metric) is not None]
+    points = [
+        (s["stage"], s.get("final_size_bytes") or s["size_bytes"], s[metric])
+        for s in stages
+        if s.get(metric) is not None
+    ]
     layers = report.get("layers", [])
     samples = next(
-        (s["metrics"].get("latency_ms_samples", []) for s in reversed(stages) if "metrics" in s and "latency_ms_samples" in s.get("metrics", {})),
+        (
+            s["metrics"].get("latency_ms_samples", [])
+            for s in reversed(stages)
+            if "metrics" in s and "latency_ms_samples" in s.get("metrics", {})
+        ),
         [],
     )
     checks, seen = [], set()
@@ -375,28 +447,37 @@ def render_html(report: dict[str, Any]) -> str:
             seen.add(line)
             checks.append(_gate_html(g))
     passed = report["passed"]
-    artifacts = "".join(f"<li><code>{_esc(k)}</code>: <code>{_esc(v)}</code></li>" for k, v in report["artifacts"].items())
+    artifacts = "".join(
+        f"<li><code>{_esc(k)}</code>: <code>{_esc(v)}</code></li>" for k, v in report["artifacts"].items()
+    )
     layer_rows = [["layer", "shape", "params", "nonzeros", "sparsity", "bits"]] + [
-        [l["name"], "x".join(map(str, l["shape"])), f"{l['parameters']:,}", f"{l['nonzeros']:,}", f"{l['sparsity']:.1%}", str(l["bits"])]
-        for l in layers
+        [
+            row["name"],
+            "x".join(map(str, row["shape"])),
+            f"{row['parameters']:,}",
+            f"{row['nonzeros']:,}",
+            f"{row['sparsity']:.1%}",
+            str(row["bits"]),
+        ]
+        for row in layers
     ]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>compress report: {_esc(report['recipe'])}</title><style>{CSS}</style></head>
+<title>compress report: {_esc(report["recipe"])}</title><style>{CSS}</style></head>
 <body>
-<h1>compress report: {_esc(report['recipe'])} <span class="badge {'pass' if passed else 'fail'}">{'PASSED' if passed else 'FAILED'}</span></h1>
+<h1>compress report: {_esc(report["recipe"])} <span class="badge {"pass" if passed else "fail"}">{"PASSED" if passed else "FAILED"}</span></h1>
 <p class="headline">{_esc(headline(stages))}</p>
-<p class="meta">Model <code>{_esc(report['model'])}</code> ({_esc(report['model_kind'])}) · compress {_esc(report['compress_version'])} ·
-{report['wall_seconds']:.1f} s · torch {_esc(report['environment']['torch'])} · {_esc(report['environment']['platform'])}</p>
+<p class="meta">Model <code>{_esc(report["model"])}</code> ({_esc(report["model_kind"])}) · compress {_esc(report["compress_version"])} ·
+{report["wall_seconds"]:.1f} s · torch {_esc(report["environment"]["torch"])} · {_esc(report["environment"]["platform"])}</p>
 <h2>Gates and checks</h2>
-<ul class="gates">{''.join(checks) or '<li>no gates configured</li>'}</ul>
+<ul class="gates">{"".join(checks) or "<li>no gates configured</li>"}</ul>
 <h2>Stages</h2>
 {_table(stage_table(stages))}
 <div class="charts">
-<div class="chart"><h2>{metric.capitalize()} against size</h2>{scatter_svg(points, 'size', metric)}</div>
+<div class="chart"><h2>{metric.capitalize()} against size</h2>{scatter_svg(points, "size", metric)}</div>
 <div class="chart"><h2>Latency distribution (onnxruntime)</h2>{histogram_svg(samples)}</div>
-<div class="chart"><h2>Sparsity per layer</h2>{hbar_svg([(l['name'], l['sparsity']) for l in layers], 1.0, '{:.1%}', color='#e07b28', x_label='share of weights that are zero')}</div>
-<div class="chart"><h2>Bits per weight, per layer</h2>{hbar_svg([(l['name'], float(l['bits'])) for l in layers], 32.0, '{:g}', color='#9b4fd1', x_label='stored bits per weight')}</div>
+<div class="chart"><h2>Sparsity per layer</h2>{hbar_svg([(row["name"], row["sparsity"]) for row in layers], 1.0, "{:.1%}", color="#e07b28", x_label="share of weights that are zero")}</div>
+<div class="chart"><h2>Bits per weight, per layer</h2>{hbar_svg([(row["name"], float(row["bits"])) for row in layers], 32.0, "{:g}", color="#9b4fd1", x_label="stored bits per weight")}</div>
 </div>
 <h2>Layers of the final model</h2>
 {_table(layer_rows)}
@@ -411,7 +492,9 @@ def tune_headline(report: dict[str, Any]) -> str:
     chosen, objective = report.get("chosen"), report["objective"]
     if not chosen:
         best = report.get("best")
-        return f"no candidate passes; best: candidate {best['id']} ({best['variant']})" if best else "no candidate was run"
+        return (
+            f"no candidate passes; best: candidate {best['id']} ({best['variant']})" if best else "no candidate was run"
+        )
     m = chosen["metrics"]
     unit = (lambda v: f"{v:.3f} ms") if objective == "latency" else _fmt_bytes
     parts = []
@@ -428,8 +511,11 @@ def tune_headline(report: dict[str, Any]) -> str:
         parts.append(f"a uniform width ({_bits_label(chosen)}) is the best found")
     elif base and objective in base["metrics"]:
         b = base["metrics"][objective]
-        parts.append(f"{b / m[objective]:.2f}× smaller than the best uniform ({_bits_label(base)}, {unit(b)})"
-                     if objective != "latency" else f"{b / m[objective]:.2f}× faster than the best uniform ({unit(b)})")
+        parts.append(
+            f"{b / m[objective]:.2f}× smaller than the best uniform ({_bits_label(base)}, {unit(b)})"
+            if objective != "latency"
+            else f"{b / m[objective]:.2f}× faster than the best uniform ({unit(b)})"
+        )
     return ", ".join(parts)
 
 
@@ -442,50 +528,81 @@ def render_tune_html(report: dict[str, Any]) -> str:
     gates = "".join(_gate_html(g) for g in (best or {}).get("gates", []))
     missed = ""
     if not passed and report.get("missed_gates"):
-        missed = "<h2>Gates the best candidate misses</h2><ul class='gates'>" + "".join(
-            f"<li class='bad'>{_esc(g['gate'])}: measured {_esc(format_gate_value(g['gate'], g['measured']))}, limit "
-            f"{_esc(format_gate_value(g['gate'], g['limit']))}, missed by {_esc(format_gate_distance(g['gate'], abs(g['missed_by'])) if g.get('missed_by') is not None else 'n/a')}</li>"
-            for g in report["missed_gates"]
-        ) + "</ul>"
-    metric_keys = [k for k in ("accuracy", "cosine", "agreement") if any(k in c["metrics"] for c in report["candidates"])]
+        missed = (
+            "<h2>Gates the best candidate misses</h2><ul class='gates'>"
+            + "".join(
+                f"<li class='bad'>{_esc(g['gate'])}: measured {_esc(format_gate_value(g['gate'], g['measured']))}, limit "
+                f"{_esc(format_gate_value(g['gate'], g['limit']))}, missed by {_esc(format_gate_distance(g['gate'], abs(g['missed_by'])) if g.get('missed_by') is not None else 'n/a')}</li>"
+                for g in report["missed_gates"]
+            )
+            + "</ul>"
+        )
+    metric_keys = [
+        k for k in ("accuracy", "cosine", "agreement") if any(k in c["metrics"] for c in report["candidates"])
+    ]
     rows = [["#", "kind", "variant", "bits per layer", objective, *metric_keys, "result", "time (s)"]]
     classes = []
     for c in report["candidates"]:
         val = c["metrics"].get(objective)
         shown = "-" if val is None else (f"{val:.3f} ms" if objective == "latency" else _fmt_bytes(val))
-        result = "error" if c.get("error") else "pass" if c["passed"] else "fail: " + ", ".join(f["gate"] for f in c["failures"])
-        rows.append([str(c["id"]), c["kind"], c["variant"], " ".join(str(b) for b in c["layer_bits"].values()), shown,
-                     *[_fmt_metric(c["metrics"][k], k) if k in c["metrics"] else "-" for k in metric_keys], result,
-                     f"{c['seconds']:.1f}"])
+        result = (
+            "error"
+            if c.get("error")
+            else "pass"
+            if c["passed"]
+            else "fail: " + ", ".join(f["gate"] for f in c["failures"])
+        )
+        rows.append(
+            [
+                str(c["id"]),
+                c["kind"],
+                c["variant"],
+                " ".join(str(b) for b in c["layer_bits"].values()),
+                shown,
+                *[_fmt_metric(c["metrics"][k], k) if k in c["metrics"] else "-" for k in metric_keys],
+                result,
+                f"{c['seconds']:.1f}",
+            ]
+        )
         classes.append("chosen" if chosen and c["id"] == chosen["id"] else "")
-    widths = sorted({w for layer in report.get("layers", []) for w in layer["sensitivity"]},
-                    key=lambda w: (w == "float", int(w) if w != "float" else 0))
+    widths = sorted(
+        {w for layer in report.get("layers", []) for w in layer["sensitivity"]},
+        key=lambda w: (w == "float", int(w) if w != "float" else 0),
+    )
     layer_rows = [["layer", "chosen", *[f"{w}-bit" if w != "float" else "float" for w in widths], "bytes (chosen)"]]
     for layer in report.get("layers", []):
-        layer_rows.append([layer["layer"], str(layer["bits"]),
-                           *[f"{layer['sensitivity'][w]:.2e}" if w in layer["sensitivity"] else "-" for w in widths],
-                           _fmt_bytes(layer["bytes"].get(str(layer["bits"]), float("nan")))])
+        layer_rows.append(
+            [
+                layer["layer"],
+                str(layer["bits"]),
+                *[f"{layer['sensitivity'][w]:.2e}" if w in layer["sensitivity"] else "-" for w in widths],
+                _fmt_bytes(layer["bytes"].get(str(layer["bits"]), float("nan"))),
+            ]
+        )
     tuned = report.get("tuned_run") or {}
     repro = ""
     if tuned:
-        repro = ("<p>Re-running the written recipe reproduced the candidate's metrics exactly.</p>" if tuned.get("reproduced")
-                 else f"<p>Re-running the written recipe did <b>not</b> reproduce the candidate: {_esc(tuned.get('differences') or tuned.get('error'))}</p>")
+        repro = (
+            "<p>Re-running the written recipe reproduced the candidate's metrics exactly.</p>"
+            if tuned.get("reproduced")
+            else f"<p>Re-running the written recipe did <b>not</b> reproduce the candidate: {_esc(tuned.get('differences') or tuned.get('error'))}</p>"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>compress tune: {_esc(report['recipe'])}</title><style>{CSS}</style></head>
+<title>compress tune: {_esc(report["recipe"])}</title><style>{CSS}</style></head>
 <body>
-<h1>compress tune: {_esc(report['recipe'])} <span class="badge {'pass' if passed else 'fail'}">{'PASSED' if passed else 'NOTHING PASSES'}</span></h1>
+<h1>compress tune: {_esc(report["recipe"])} <span class="badge {"pass" if passed else "fail"}">{"PASSED" if passed else "NOTHING PASSES"}</span></h1>
 <p class="headline">{_esc(tune_headline(report))}</p>
-<p class="meta">objective: minimise {_esc(objective)} · sensitivity: {_esc(report['sensitivity_metric'])} ·
-{report['candidates_run']} candidates in {report['search_seconds']:.1f} s · recipe: <code>{_esc(report.get('tuned_recipe') or '-')}</code></p>
+<p class="meta">objective: minimise {_esc(objective)} · sensitivity: {_esc(report["sensitivity_metric"])} ·
+{report["candidates_run"]} candidates in {report["search_seconds"]:.1f} s · recipe: <code>{_esc(report.get("tuned_recipe") or "-")}</code></p>
 {repro}
-<h2>Gates ({'chosen' if passed else 'best'} candidate)</h2>
-<ul class="gates">{gates or '<li>no candidate measured</li>'}</ul>
+<h2>Gates ({"chosen" if passed else "best"} candidate)</h2>
+<ul class="gates">{gates or "<li>no candidate measured</li>"}</ul>
 {missed}
 <div class="charts">
 <div class="chart"><h2>Trade-off: every candidate</h2>{tradeoff_svg(report)}</div>
 </div>
-<h2>Per layer: {'chosen' if passed else 'best candidate'}'s bits and sensitivity ({_esc(report['sensitivity_metric'])} of the output, that layer alone)</h2>
+<h2>Per layer: {"chosen" if passed else "best candidate"}'s bits and sensitivity ({_esc(report["sensitivity_metric"])} of the output, that layer alone)</h2>
 {_table(layer_rows)}
 <h2>Candidates</h2>
 {_table(rows, classes)}

@@ -19,8 +19,17 @@ from typing import Any
 
 # Third-party callables that unpickle data or fetch and run remote code.
 DENIED_THIRD_PARTY = {
-    "torch.hub", "torch.load", "torch.jit.load", "torch.serialization", "torch.package",
-    "numpy.load", "numpy.lib.npyio", "pandas.read_pickle", "joblib", "dill", "cloudpickle",
+    "torch.hub",
+    "torch.load",
+    "torch.jit.load",
+    "torch.serialization",
+    "torch.package",
+    "numpy.load",
+    "numpy.lib.npyio",
+    "pandas.read_pickle",
+    "joblib",
+    "dill",
+    "cloudpickle",
 }
 
 
@@ -47,10 +56,14 @@ def refusal(ref: str, trusted: frozenset[str] | set[str] = frozenset()) -> str |
         return None
     module_name, attr = split_ref(ref)
     if _is_stdlib(module_name):
-        return (f"{ref!r} is in Python's standard library or builtins; a recipe may call those only when it "
-                f"lists them under trusted_callables")
+        return (
+            f"{ref!r} is in Python's standard library or builtins; a recipe may call those only when it "
+            f"lists them under trusted_callables"
+        )
     if _denied_third_party(module_name) or _denied_third_party(f"{module_name}.{attr}"):
-        return f"{ref!r} loads pickles or remote code; a recipe may call it only when it lists it under trusted_callables"
+        return (
+            f"{ref!r} loads pickles or remote code; a recipe may call it only when it lists it under trusted_callables"
+        )
     return None
 
 

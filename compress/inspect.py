@@ -101,7 +101,9 @@ def _inspect_stage_folder(path: Path) -> dict[str, Any]:
         rows = _torch_rows(sd)
     except Exception as err:  # a truncated or edited file: say which, not torch's internals
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ModelLoadError(f"{current}: corrupt or not a stage file ({first}); re-run the stage to rebuild it") from None
+        raise ModelLoadError(
+            f"{current}: corrupt or not a stage file ({first}); re-run the stage to rebuild it"
+        ) from None
     return _summarise(path, "stage folder", rows, extra)
 
 
@@ -147,8 +149,15 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
     rows = []
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init)
-        rows.append(_tensor_row(init.name, arr.shape, onnx.TensorProto.DataType.Name(init.data_type).lower(),
-                                arr.size, int((arr != 0).sum())))
+        rows.append(
+            _tensor_row(
+                init.name,
+                arr.shape,
+                onnx.TensorProto.DataType.Name(init.data_type).lower(),
+                arr.size,
+                int((arr != 0).sum()),
+            )
+        )
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1

@@ -22,8 +22,14 @@ def write_junit(
     failures = [c for c in checks if not c["passed"]]
     root = ET.Element("testsuites", name="compress", tests=str(len(checks)), failures=str(len(failures)))
     ts = ET.SubElement(
-        root, "testsuite", name=suite, tests=str(len(checks)), failures=str(len(failures)),
-        errors="0", skipped="0", time=f"{seconds:.3f}",
+        root,
+        "testsuite",
+        name=suite,
+        tests=str(len(checks)),
+        failures=str(len(failures)),
+        errors="0",
+        skipped="0",
+        time=f"{seconds:.3f}",
     )
     if properties:
         props = ET.SubElement(ts, "properties")

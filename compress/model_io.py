@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from compress.artifacts import atomic_write, atomic_write_json
-from compress.batchnorm import EXTRAS_KEY as BATCHNORM_FOLDED, replay_folds
+from compress.batchnorm import EXTRAS_KEY as BATCHNORM_FOLDED
+from compress.batchnorm import replay_folds
 from compress.errors import ModelLoadError
 from compress.imports import import_callable
 from compress.qtensor import quantized_from_dict
@@ -112,7 +113,7 @@ def load_model(
         except Exception as err2:
             raise ModelLoadError(f"{path}: cannot unpickle model ({_first_line(err2)})") from err2
         if not isinstance(obj, nn.Module):
-            raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, not an nn.Module")
+            raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, not an nn.Module") from None
         _check_finite(path, obj.state_dict())
         return LoadedModel(obj.eval(), "pickle", lambda: torch.load(path, map_location="cpu", weights_only=False))
     except Exception as err:  # random bytes, truncated zip, ...
@@ -148,7 +149,9 @@ def _from_state_dict(
     try:
         module.load_state_dict(sd, strict=True)
     except RuntimeError as err:
-        raise ModelLoadError(f"{path} does not fit the architecture from {factory}: {_mismatch(module, sd, err)}") from None
+        raise ModelLoadError(
+            f"{path} does not fit the architecture from {factory}: {_mismatch(module, sd, err)}"
+        ) from None
     return LoadedModel(module.eval(), kind, rebuild)
 
 
@@ -158,7 +161,9 @@ def _mismatch(module: nn.Module, sd: dict, err: RuntimeError, limit: int = 8) ->
     want = module.state_dict()
     missing = [k for k in want if k not in sd]
     extra = [k for k in sd if k not in want]
-    shapes = [f"{k} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in sd if k in want and sd[k].shape != want[k].shape]
+    shapes = [
+        f"{k} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in sd if k in want and sd[k].shape != want[k].shape
+    ]
 
     def show(keys: list[str]) -> str:
         more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
@@ -176,7 +181,11 @@ def _mismatch(module: nn.Module, sd: dict, err: RuntimeError, limit: int = 8) ->
 
 def _check_finite(path: Path, sd: dict) -> None:
     """NaN or infinite weights make every later number meaningless: refuse them up front."""
-    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [
+        k
+        for k, v in sd.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
     if bad:
         raise ModelLoadError(f"{path}: weights hold NaN or infinite values in {', '.join(bad[:8])}")
 

@@ -11,8 +11,9 @@ named ``input`` with a dynamic batch axis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,7 +36,7 @@ class OnnxSignature:
             first) into one array per input name, in order. Must work on both types.
     """
 
-    module: "nn.Module"
+    module: nn.Module
     input_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     split: Callable[[Any], tuple]
@@ -43,11 +44,13 @@ class OnnxSignature:
     def __post_init__(self) -> None:
         unknown = set(self.dynamic_axes) - set(self.input_names)
         if unknown:
-            raise ValueError(f"dynamic_axes names inputs {sorted(unknown)} that are not in input_names {self.input_names}")
+            raise ValueError(
+                f"dynamic_axes names inputs {sorted(unknown)} that are not in input_names {self.input_names}"
+            )
         if len(set(self.input_names)) != len(self.input_names):
             raise ValueError(f"input_names must be unique, got {self.input_names}")
 
-    def feeds(self, x: "np.ndarray") -> dict[str, "np.ndarray"]:
+    def feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """onnxruntime feeds for a batch of pipeline samples ``x`` (numpy)."""
         import numpy as np
 
@@ -68,5 +71,7 @@ def onnx_signature_of(module: Any) -> OnnxSignature | None:
         return None
     sig = fn()
     if not isinstance(sig, OnnxSignature):
-        raise TypeError(f"{type(module).__name__}.onnx_signature() must return an OnnxSignature, got {type(sig).__name__}")
+        raise TypeError(
+            f"{type(module).__name__}.onnx_signature() must return an OnnxSignature, got {type(sig).__name__}"
+        )
     return sig

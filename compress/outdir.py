@@ -55,7 +55,7 @@ class OutputFolder:
         self.path = Path(path)
         self._lock = None
 
-    def __enter__(self) -> OutputFolder:  # noqa: PYI034 (a final-enough class)
+    def __enter__(self) -> OutputFolder:
         self.lock()
         return self
 

@@ -116,8 +116,12 @@ class UniformTensor(_Codes):
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
         out: dict[str, Any] = {
-            "kind": self.kind, "version": FORMAT_VERSION, "codes": self.codes, "bits": self.bits,
-            "method": self.method, "scale": self.scale,
+            "kind": self.kind,
+            "version": FORMAT_VERSION,
+            "codes": self.codes,
+            "bits": self.bits,
+            "method": self.method,
+            "scale": self.scale,
         }
         if self.zero_point is not None:
             out["zero_point"] = self.zero_point
@@ -144,7 +148,9 @@ class CodebookTensor(_Codes):
             raise ValueError(f"codebook must be (n_codebooks, <= 2**bits), got {tuple(self.codebook.shape)}")
         rows = self.rows_cols[0]
         if self.codebook_of_row is not None and self.codebook_of_row.shape != (rows,):
-            raise ValueError(f"codebook_of_row must have one entry per row ({rows}), got {tuple(self.codebook_of_row.shape)}")
+            raise ValueError(
+                f"codebook_of_row must have one entry per row ({rows}), got {tuple(self.codebook_of_row.shape)}"
+            )
 
     def row_codebooks(self) -> torch.Tensor:
         """The codebook index of every output row (int64)."""
@@ -167,15 +173,19 @@ class CodebookTensor(_Codes):
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
         out: dict[str, Any] = {
-            "kind": self.kind, "version": FORMAT_VERSION, "codes": self.codes, "bits": self.bits,
-            "method": self.method, "codebook": self.codebook,
+            "kind": self.kind,
+            "version": FORMAT_VERSION,
+            "codes": self.codes,
+            "bits": self.bits,
+            "method": self.method,
+            "codebook": self.codebook,
         }
         if self.codebook_of_row is not None:
             out["codebook_of_row"] = self.codebook_of_row
         return out
 
 
-QuantizedTensor = Union[UniformTensor, CodebookTensor]
+QuantizedTensor = Union[UniformTensor, CodebookTensor]  # noqa: UP007 (a runtime alias: isinstance, pydantic)
 """A quantized weight of either kind; consumers that must tell them apart use isinstance."""
 
 _KINDS: dict[str, type] = {"uniform": UniformTensor, "codebook": CodebookTensor}
@@ -198,7 +208,9 @@ def quantized_from_dict(d: dict[str, Any]) -> QuantizedTensor:
     if kind not in _KINDS:
         raise ValueError(f"unknown quantized tensor kind {kind!r}; known: {', '.join(_KINDS)}")
     if version != FORMAT_VERSION:
-        raise ValueError(f"quantized tensor format version {version!r} is not supported (this build reads {FORMAT_VERSION})")
+        raise ValueError(
+            f"quantized tensor format version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+        )
     d = {k: v for k, v in d.items() if v is not None}
     unknown = set(d) - _FIELDS[kind]
     if unknown:

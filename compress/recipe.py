@@ -137,7 +137,10 @@ class Gates(_Strict):
     """Limits the final model must meet; a failed gate makes the run exit with code 1."""
 
     max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="Largest allowed drop in eval accuracy from the input model (fraction, 0.01 = 1 point)."
+        None,
+        ge=0,
+        le=1,
+        description="Largest allowed drop in eval accuracy from the input model (fraction, 0.01 = 1 point).",
     )
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Smallest allowed eval accuracy (fraction).")
     min_agreement: float | None = Field(
@@ -147,13 +150,17 @@ class Gates(_Strict):
         None, ge=-1, le=1, description="Smallest allowed mean cosine similarity to the input model's outputs on eval."
     )
     max_size_bytes: int | None = Field(
-        None, ge=1, description="Largest allowed size of the final artifact (ONNX file, else packed weights, else state)."
+        None,
+        ge=1,
+        description="Largest allowed size of the final artifact (ONNX file, else packed weights, else state).",
     )
     max_latency_ms: float | None = Field(
         None, gt=0, description="Largest allowed p50 onnxruntime latency of one sample (needs an export stage)."
     )
     min_quantized_fraction: float | None = Field(
-        None, ge=0, le=1,
+        None,
+        ge=0,
+        le=1,
         description="Smallest allowed share of the final model's parameters held as quantized integers "
         "(fraction; the quantize stage's coverage line lists what stayed float).",
     )
@@ -163,7 +170,8 @@ class OutputSpec(_Strict):
     """Where the run's artifacts go."""
 
     dir: str | None = Field(
-        None, description="Output folder (relative to the working directory); default runs/<recipe name>. '-o' overrides."
+        None,
+        description="Output folder (relative to the working directory); default runs/<recipe name>. '-o' overrides.",
     )
 
 
@@ -258,7 +266,9 @@ def _check_shape(text: str, filename: str) -> None:
     """Refuse a document too large or too deeply nested, from its event stream (which
     PyYAML produces without recursion and without expanding aliases)."""
     if len(text) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{filename}: recipe is {len(text):,} characters; a recipe may be at most {MAX_RECIPE_BYTES:,}")
+        raise RecipeError(
+            f"{filename}: recipe is {len(text):,} characters; a recipe may be at most {MAX_RECIPE_BYTES:,}"
+        )
     depth = 0
     for events, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader), start=1):
         if isinstance(event, yaml.CollectionStartEvent):
@@ -322,7 +332,7 @@ def parse_recipe(text: str, filename: str = "<recipe>", base: Path | None = None
             raise RecipeError(
                 f"{_where(filename, node, loc)}: each stage must be a one-key mapping like '- prune: {{method: magnitude}}', got {item!r}"
             )
-        (name, cfg), = item.items()
+        ((name, cfg),) = item.items()
         try:
             entry = get_stage(name)
         except RecipeError as err:

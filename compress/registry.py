@@ -21,8 +21,9 @@ from __future__ import annotations
 import importlib
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Union, get_args
+from typing import Annotated, Any, Union, get_args
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class StageEntry:
             return configs[0]
         from pydantic import Field
 
-        return Annotated[Union[configs], Field(discriminator="method")]
+        return Annotated[Union[configs], Field(discriminator="method")]  # noqa: UP007 (a union built at run time)
 
     def resolve(self) -> Callable[..., Any]:
         return _resolve(self.apply_path)

@@ -7,8 +7,9 @@ This module imports only numpy and onnxruntime (never torch or onnx), so the edg
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -86,8 +87,9 @@ def measure_latency(
     }
 
 
-def save_ort_format(onnx_path: Path, ort_path: Path, config: dict | None = None,
-                    disabled_optimizers: tuple[str, ...] = ()) -> Path:
+def save_ort_format(
+    onnx_path: Path, ort_path: Path, config: dict | None = None, disabled_optimizers: tuple[str, ...] = ()
+) -> Path:
     """Convert to onnxruntime's ORT format (for minimal/mobile onnxruntime builds).
 
     The graph is saved after *extended* optimizations: that fuses int4/int8 weights into
@@ -98,8 +100,9 @@ def save_ort_format(onnx_path: Path, ort_path: Path, config: dict | None = None,
     tmp = ort_path.with_name(ort_path.name + ".tmp")
     entries = dict(config or {})
     entries["session.save_model_format"] = "ORT"
-    ort_session(onnx_path, optimized_path=tmp, config=entries, disabled_optimizers=disabled_optimizers,
-                optimization="extended")
+    ort_session(
+        onnx_path, optimized_path=tmp, config=entries, disabled_optimizers=disabled_optimizers, optimization="extended"
+    )
     tmp.replace(ort_path)
     return ort_path
 

@@ -51,7 +51,7 @@ class Dataset:
         return DataBundle(splits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def builtin_dataset(source: str) -> Dataset:
     """``mnist1d`` (generated locally) or ``digits`` (scikit-learn) as tensors, cached."""
     from compress.data import builtin

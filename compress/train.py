@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.config import TrainConfig  # noqa: F401  (re-exported: stages import it from here)
+from compress.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ def kd_loss(temperature: float = 2.0, alpha: float = 0.7) -> LossFn:
         if teacher is None:
             raise ValueError("kd_loss needs teacher outputs")
         t = temperature
-        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean")
+        kl = F.kl_div(
+            F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean"
+        )
         if y is None or alpha >= 1:
             return kl * t * t
         return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student, y)

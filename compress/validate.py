@@ -14,6 +14,7 @@ import platform
 import resource
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,7 @@ def _check_input(session, x: np.ndarray) -> np.ndarray:
     want = {"tensor(float)": np.float32, "tensor(int64)": np.int64}.get(spec.type)
     if want is not None:
         x = x.astype(want, copy=False)
-    if len(spec.shape) != x.ndim or any(
-        isinstance(d, int) and d != n for d, n in zip(spec.shape[1:], x.shape[1:])
-    ):
+    if len(spec.shape) != x.ndim or any(isinstance(d, int) and d != n for d, n in zip(spec.shape[1:], x.shape[1:])):
         raise DataError(f"data samples have shape {list(x.shape[1:])}; the model's input {spec.name!r} is {spec.shape}")
     return np.ascontiguousarray(x)
 
@@ -148,7 +147,13 @@ def validate(
         labels = ref = None
         if is_bundle(path):
             bundle = open_bundle(path, Path(tmp))
-            model, x, ref, labels, manifest = bundle.model, bundle.inputs, bundle.outputs, bundle.labels, bundle.manifest
+            model, x, ref, labels, manifest = (
+                bundle.model,
+                bundle.inputs,
+                bundle.outputs,
+                bundle.labels,
+                bundle.manifest,
+            )
             limits = manifest.get("limits", {})
             min_agreement = limits.get("min_agreement") if min_agreement is None else min_agreement
             max_latency_ms = limits.get("max_latency_ms") if max_latency_ms is None else max_latency_ms
@@ -156,7 +161,9 @@ def validate(
         else:
             model = path
             if data is None:
-                raise InputError(f"{path} is not a bundle: give the inputs with --data DATA.npz (array 'x', optional labels 'y')")
+                raise InputError(
+                    f"{path} is not a bundle: give the inputs with --data DATA.npz (array 'x', optional labels 'y')"
+                )
             arrays = _load_npz(Path(data), "data")
             if "x" in arrays:
                 x = arrays["x"]
@@ -181,16 +188,24 @@ def validate(
         session_settings = manifest.get("session", {})
         try:
             session = ort_session(
-                model, threads=threads, config=session_settings.get("config"),
+                model,
+                threads=threads,
+                config=session_settings.get("config"),
                 disabled_optimizers=tuple(session_settings.get("disabled_optimizers", ())),
             )
         except Exception as err:
-            raise ModelLoadError(f"{path}: onnxruntime cannot load the model ({str(err).splitlines()[0][:300]})") from None
-        feeds = None
+            raise ModelLoadError(
+                f"{path}: onnxruntime cannot load the model ({str(err).splitlines()[0][:300]})"
+            ) from None
+        feeds: Callable[[np.ndarray], dict] | None = None
         if isinstance(x, dict):  # several named inputs: feed rows of each by sample index
             named = _check_named_inputs(session, x)
             x = np.arange(len(next(iter(named.values()))))
-            feeds = lambda idx: {k: v[idx] for k, v in named.items()}
+
+            def named_feeds(idx: np.ndarray, named: dict = named) -> dict:
+                return {k: v[idx] for k, v in named.items()}
+
+            feeds = named_feeds
         else:
             x = _check_input(session, x)
         out = ort_predict(session, x, feeds=feeds)
@@ -232,9 +247,15 @@ def validate(
             parity["agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
         report["parity"] = parity
         if min_agreement is not None and "agreement" in parity:
-            checks.append(_check("min_agreement", parity["agreement"], min_agreement, parity["agreement"] >= min_agreement))
+            checks.append(
+                _check("min_agreement", parity["agreement"], min_agreement, parity["agreement"] >= min_agreement)
+            )
         if max_abs_error is not None:
-            checks.append(_check("max_abs_error", parity["max_abs_error"], max_abs_error, parity["max_abs_error"] <= max_abs_error))
+            checks.append(
+                _check(
+                    "max_abs_error", parity["max_abs_error"], max_abs_error, parity["max_abs_error"] <= max_abs_error
+                )
+            )
     elif min_agreement is not None:
         raise InputError("--min-agreement needs reference outputs (--reference REF.npz, or a bundle)")
     if max_latency_ms is not None:

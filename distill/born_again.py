@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,9 @@ def _soft_ce(student: torch.Tensor, target_probs: torch.Tensor, temperature: flo
 
 def _need_labels(y: torch.Tensor | None, variant: str) -> torch.Tensor:
     if y is None:
-        raise ValueError(f"born-again variant {variant!r} uses labels, but the train split has none; use 'ban' or 'dkpp'")
+        raise ValueError(
+            f"born-again variant {variant!r} uses labels, but the train split has none; use 'ban' or 'dkpp'"
+        )
     return y
 
 
@@ -165,10 +167,15 @@ def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, d
     members, records = born_again(
         teacher,
         lambda k: reinitialize(state.module, ctx.seed + k),
-        train.x, train.y, config.train,
-        generations=config.generations, variant=config.variant, temperature=config.temperature,
+        train.x,
+        train.y,
+        config.train,
+        generations=config.generations,
+        variant=config.variant,
+        temperature=config.temperature,
         eval_x=ev.x if ev is not None and labelled_eval else None,
-        eval_y=ev.y if ev is not None and labelled_eval else None, seed=ctx.seed,
+        eval_y=ev.y if ev is not None and labelled_eval else None,
+        seed=ctx.seed,
     )
     ctx.metrics["generations"] = records
     if config.ensemble and ev is not None and labelled_eval:

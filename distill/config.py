@@ -88,7 +88,9 @@ class _KDLoss(DistillationLoss):
     @model_validator(mode="after")
     def _mixup_needs_teacher(self):
         if self.mixup and self.alpha == 0:
-            raise ValueError(f"mixup {self.mixup} makes unlabelled inputs: they need the teacher (alpha > 0), got alpha 0")
+            raise ValueError(
+                f"mixup {self.mixup} makes unlabelled inputs: they need the teacher (alpha > 0), got alpha 0"
+            )
         return self
 
 
@@ -147,9 +149,7 @@ class DiffQuantConfig(_Student, _KDLoss):
     learn_points: bool = Field(
         True, description="Train the points (false = keep the initial points: the uniform/quantile baseline)."
     )
-    keep_first_last_float: bool = Field(
-        False, description="Keep the first and the last Linear/Conv layer in float."
-    )
+    keep_first_last_float: bool = Field(False, description="Keep the first and the last Linear/Conv layer in float.")
     bit_budget: float | None = Field(
         None,
         description=(
@@ -179,7 +179,7 @@ class DiffQuantConfig(_Student, _KDLoss):
         return _check_bits(v)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DiffQuantConfig":
+    def _consistent(self) -> DiffQuantConfig:
         if self.student != "input" and (self.pretrain is None or self.pretrain.epochs == 0):
             raise ValueError(
                 f"student {self.student!r} starts untrained: set 'pretrain' (float distillation) or use student 'input'"
@@ -200,7 +200,9 @@ class BornAgainConfig(BaseModel):
 
     method: Literal["born_again"] = Field(description="Distillation method.")
     generations: int = Field(
-        2, ge=1, description="Born-again generations trained after the teacher (generation 0 = the model entering the stage)."
+        2,
+        ge=1,
+        description="Born-again generations trained after the teacher (generation 0 = the model entering the stage).",
     )
     variant: Literal["ban", "ban_l", "cwtm", "dkpp"] = Field(
         "ban",
@@ -230,13 +232,12 @@ class BornAgainConfig(BaseModel):
     )
 
 
-
 __all__ = [
     "BAN_VARIANTS",
+    "POINT_INITS",
+    "ROUNDINGS",
     "BornAgainConfig",
     "DiffQuantConfig",
     "KDConfig",
-    "POINT_INITS",
     "QuantizedDistillConfig",
-    "ROUNDINGS",
 ]

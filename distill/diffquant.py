@@ -151,7 +151,7 @@ def allocate_bits(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if spent(mid) <= allowed else (lo, mid)
     target = {n: min(max(lo * norms[n], min_bits), max_bits) for n in names}
-    bits = {n: int(math.floor(target[n] + 1e-9)) for n in names}
+    bits = {n: math.floor(target[n] + 1e-9) for n in names}
     used = sum(sizes[n] * bits[n] for n in names)
     for n in sorted(names, key=lambda n: target[n] - bits[n], reverse=True):
         if bits[n] < max_bits and used + sizes[n] <= allowed + 1e-6:
@@ -209,7 +209,9 @@ def differentiable_quantize(
                     lp.sort_()
 
             params = [lp.points for lp in pts.values()]
-            summary = distill(student, teacher, x, y, cfg, temperature, alpha, mixup, params=params, after_step=sort_points)
+            summary = distill(
+                student, teacher, x, y, cfg, temperature, alpha, mixup, params=params, after_step=sort_points
+            )
         quant: dict[str, QuantizedTensor] = {}
         with torch.no_grad():
             for name, lp in pts.items():
@@ -240,7 +242,6 @@ def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, d
     """The ``differentiable_quantization`` method of the distill stage (see ``compress.distill.stage``)."""
     from compress.distill.kd import build_student, distill, distillation_loss
     from compress.distill.quantized import quantizable_layers
-
     from compress.metrics import evaluate
 
     train = ctx.data["train"]
@@ -265,8 +266,16 @@ def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, d
         layer_bits = {n: config.bits for n in layers}
     metrics["layer_bits"] = layer_bits
     quant, summary = differentiable_quantize(
-        student, teacher, x, y, config.train, layer_bits, points_init=config.points_init,
-        learn_points=config.learn_points, temperature=config.temperature, alpha=config.alpha,
+        student,
+        teacher,
+        x,
+        y,
+        config.train,
+        layer_bits,
+        points_init=config.points_init,
+        learn_points=config.learn_points,
+        temperature=config.temperature,
+        alpha=config.alpha,
         mixup=config.mixup,
     )
     return student, quant, summary

@@ -137,7 +137,9 @@ def bucket_quantize(
     w2 = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
     group = bucket_columns(w2.shape[1], bucket)
     grid = bucket_grid(w2, bits, group)
-    return dequantize_levels(quantize_levels(w2, grid, rounding, generator), grid, w2.shape).reshape(w.shape).to(w.dtype)
+    return (
+        dequantize_levels(quantize_levels(w2, grid, rounding, generator), grid, w2.shape).reshape(w.shape).to(w.dtype)
+    )
 
 
 def to_quantized_tensor(w: torch.Tensor, bits: int, bucket: int = 256) -> QuantizedTensor:
@@ -146,7 +148,9 @@ def to_quantized_tensor(w: torch.Tensor, bits: int, bucket: int = 256) -> Quanti
     ``result.dequantize()`` equals ``bucket_quantize(w, bits, bucket)`` exactly.
     """
     if w.dim() < 2:
-        raise ValueError(f"only weights of Linear/Conv layers (>= 2-D) are stored quantized, got shape {tuple(w.shape)}")
+        raise ValueError(
+            f"only weights of Linear/Conv layers (>= 2-D) are stored quantized, got shape {tuple(w.shape)}"
+        )
     group = bucket_columns(w[0].numel(), bucket)
     grid = bucket_grid(w, bits, group)
     levels = quantize_levels(w, grid)
@@ -255,17 +259,30 @@ def quantized_distill(
 
     layers = quantizable_weights(student, keep_first_last_float)
     if not layers:
-        raise InputError("quantized distillation: the student has no Linear/Conv/recurrent/attention weight to quantize")
+        raise InputError(
+            "quantized distillation: the student has no Linear/Conv/recurrent/attention weight to quantize"
+        )
     shadow = ShadowWeights(weight_params(student, layers), bits, bucket, rounding, seed=cfg.seed)
     summary = distill(
-        student, teacher, x, y, cfg, temperature, alpha, mixup, before_step=shadow.before_step, after_step=shadow.after_step
+        student,
+        teacher,
+        x,
+        y,
+        cfg,
+        temperature,
+        alpha,
+        mixup,
+        before_step=shadow.before_step,
+        after_step=shadow.after_step,
     )
     quant = shadow.finalize()
     log.info("quantized distillation: %d layers at %d bits, bucket %d", len(quant), bits, bucket)
     return quant, summary
 
 
-def rtn_bucket_quantize(module: nn.Module, bits: int, bucket: int = 256, keep_first_last_float: bool = False) -> dict[str, QuantizedTensor]:
+def rtn_bucket_quantize(
+    module: nn.Module, bits: int, bucket: int = 256, keep_first_last_float: bool = False
+) -> dict[str, QuantizedTensor]:
     """Round-to-nearest with the same quantizer (no training): the post-training baseline. In place."""
     layers = quantizable_weights(module, keep_first_last_float)
     quant = {}
@@ -294,9 +311,18 @@ def distill_method(state, teacher: nn.Module, config, ctx) -> tuple[nn.Module, d
     else:
         summary_folds = {}
     quant, summary = quantized_distill(
-        student, teacher, train.x, train.y, config.train, bits=config.bits, bucket=config.bucket,
-        rounding=config.rounding, keep_first_last_float=config.keep_first_last_float,
-        temperature=config.temperature, alpha=config.alpha, mixup=config.mixup,
+        student,
+        teacher,
+        train.x,
+        train.y,
+        config.train,
+        bits=config.bits,
+        bucket=config.bucket,
+        rounding=config.rounding,
+        keep_first_last_float=config.keep_first_last_float,
+        temperature=config.temperature,
+        alpha=config.alpha,
+        mixup=config.mixup,
     )
     summary.update(summary_folds)
     return student, quant, summary

@@ -20,12 +20,12 @@ import time
 
 from torch import nn
 
-from compress.metrics import count_parameters, evaluate, model_size
-from compress.qtensor import QuantizedTensor
-from compress.state import ModelState, StageContext
 from compress.distill.config import BornAgainConfig, DiffQuantConfig, KDConfig, QuantizedDistillConfig
 from compress.distill.kd import frozen_copy
+from compress.metrics import count_parameters, evaluate, model_size
+from compress.qtensor import QuantizedTensor
 from compress.registry import method_for
+from compress.state import ModelState, StageContext
 
 log = logging.getLogger(__name__)
 

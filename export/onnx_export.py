@@ -19,7 +19,6 @@ from torch import nn
 
 from compress.metrics import model_size
 
-
 if TYPE_CHECKING:
     from compress.onnx_signature import OnnxSignature
 
@@ -38,7 +37,7 @@ def export_onnx(
     opset: int = 21,
     exporter: str = "dynamo",
     dynamic_batch: bool = True,
-    signature: "OnnxSignature | None" = None,
+    signature: OnnxSignature | None = None,
 ):
     """Export ``module`` to ``path`` and return the loaded ``onnx.ModelProto``.
 

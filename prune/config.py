@@ -65,7 +65,7 @@ class MagnitudeConfig(TrainingLoss):
     )
 
     @model_validator(mode="after")
-    def _schedule_needs_training(self) -> "MagnitudeConfig":
+    def _schedule_needs_training(self) -> MagnitudeConfig:
         if self.schedule == "gradual" and (self.finetune is None or self.finetune.epochs == 0):
             raise ValueError("schedule 'gradual' prunes during fine-tuning: set 'finetune' with epochs > 0")
         if self.schedule == "gradual" and self.initial_sparsity > self.amount:
@@ -115,7 +115,8 @@ class VarianceConfig(TrainingLoss):
         None, ge=1, description="Batch size for gathering statistics; null = the calibration split's own."
     )
     finetune: TrainConfig | None = Field(
-        None, description="Optional fine-tuning after pruning (distillation from the reference by default); null = none."
+        None,
+        description="Optional fine-tuning after pruning (distillation from the reference by default); null = none.",
     )
 
 
@@ -123,10 +124,14 @@ class LotteryConfig(TrainingLoss):
     """Iterative magnitude pruning with weight rewinding (Frankle et al. 2019/2020)."""
 
     method: Literal["lottery"] = Field(description="Pruning method.")
-    rounds: int = Field(5, ge=1, le=50, description="Prune-rewind-retrain rounds; density after n rounds is (1 - rate)^n.")
+    rounds: int = Field(
+        5, ge=1, le=50, description="Prune-rewind-retrain rounds; density after n rounds is (1 - rate)^n."
+    )
     rate: float = Field(0.2, gt=0, lt=1, description="Fraction of the remaining prunable weights removed each round.")
     rewind_to: int = Field(
-        0, ge=0, description="Rewinding step k: survivors are reset to their values after k training steps (0 = original ticket)."
+        0,
+        ge=0,
+        description="Rewinding step k: survivors are reset to their values after k training steps (0 = original ticket).",
     )
     train: TrainConfig = Field(
         default_factory=TrainConfig,
@@ -143,9 +148,9 @@ class LotteryConfig(TrainingLoss):
         "none",
         description="'random_reinit' also trains the final mask from a fresh random initialisation and reports its accuracy.",
     )
-    init_seed: int | None = Field(None, description="Seed of the fresh initialisation theta_0; null = the pipeline seed.")
+    init_seed: int | None = Field(
+        None, description="Seed of the fresh initialisation theta_0; null = the pipeline seed."
+    )
     loss: Literal["ce", "kd"] = Field(
         "ce", description="Training loss: 'ce' on the train split's labels, or 'kd' from the stage's reference model."
     )
-
-

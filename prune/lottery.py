@@ -28,23 +28,26 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compress.train import reinitialize
 from compress.errors import InputError
 from compress.prune.magnitude import (
-    MaskEnforcer, default_skip, magnitude_masks, prunable_weights, pruning_coverage, select_weights,
+    MaskEnforcer,
+    default_skip,
+    magnitude_masks,
+    prunable_weights,
+    pruning_coverage,
+    select_weights,
 )
+from compress.train import reinitialize
 
 if TYPE_CHECKING:
-    from compress.state import ModelState, StageContext
     from compress.prune.config import LotteryConfig
+    from compress.state import ModelState, StageContext
 
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "lottery.pt"
 CONTROLS = ("none", "random_reinit")
-
-
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -65,7 +68,7 @@ def _weight_density(module: nn.Module, masks: dict[str, torch.Tensor]) -> float:
     return kept / total if total else 1.0
 
 
-def _run_key(config: "LotteryConfig", module: nn.Module, ctx: "StageContext") -> str:
+def _run_key(config: LotteryConfig, module: nn.Module, ctx: StageContext) -> str:
     train = ctx.data["train"]
     blob = json.dumps(
         {
@@ -116,7 +119,7 @@ class _RewindSnapshot:
             self.weights = _snapshot(self.module)
 
 
-def lottery_prune(state: "ModelState", config: "LotteryConfig", ctx: "StageContext") -> "ModelState":
+def lottery_prune(state: ModelState, config: LotteryConfig, ctx: StageContext) -> ModelState:
     """Find a lottery ticket for ``state.module``'s architecture; the trained ticket replaces it.
 
     Sets ``state.module`` (the last round's trained, masked network), ``state.masks``,

@@ -15,7 +15,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,8 +24,8 @@ from torch import nn
 from compress.errors import InputError
 
 if TYPE_CHECKING:
-    from compress.state import ModelState, StageContext
     from compress.prune.config import MagnitudeConfig
+    from compress.state import ModelState, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -168,17 +169,13 @@ def magnitude_masks(
     return {n: flat[n].view(weights[n].shape) for n in weights}
 
 
-def _global_masks(
-    scores: dict[str, torch.Tensor], amount: float, cap: float | None
-) -> dict[str, torch.Tensor]:
+def _global_masks(scores: dict[str, torch.Tensor], amount: float, cap: float | None) -> dict[str, torch.Tensor]:
     total = sum(s.numel() for s in scores.values())
     k_total = _n_to_prune(amount, total)
     limits = {n: (s.numel() if cap is None else math.floor(cap * s.numel())) for n, s in scores.items()}
     if k_total > sum(limits.values()):
         reachable = sum(limits.values()) / max(total, 1)
-        raise ValueError(
-            f"sparsity {amount} is unreachable with max_layer_sparsity {cap}: at most {reachable:.4f}"
-        )
+        raise ValueError(f"sparsity {amount} is unreachable with max_layer_sparsity {cap}: at most {reachable:.4f}")
     capped: dict[str, int] = {}  # layers held at their cap, with their pruned count
     while True:
         pool = [n for n in scores if n not in capped]
@@ -308,7 +305,7 @@ def table_sparsity(rows: list[dict[str, Any]], only_pruned_layers: bool = False)
     return sum(r["pruned"] for r in sel) / total if total else 0.0
 
 
-def magnitude_prune(state: "ModelState", config: "MagnitudeConfig", ctx: "StageContext") -> "ModelState":
+def magnitude_prune(state: ModelState, config: MagnitudeConfig, ctx: StageContext) -> ModelState:
     """Prune ``state.module`` by magnitude as ``config`` says, fine-tuning with masks enforced.
 
     Sets ``state.masks`` for the pruned weights (merged with any earlier masks, whose
@@ -325,15 +322,22 @@ def magnitude_prune(state: "ModelState", config: "MagnitudeConfig", ctx: "StageC
             f"magnitude pruning: no prunable weight left after skip {skip!r}; prunable: "
             f"{[d for _, d, _ in prunable_weights(module)]}. Set prune.skip explicitly (e.g. skip: [])"
         )
-    log.info("magnitude pruning %d layers (%s scope, %s) to %.1f%%; dense: %s",
-             len(names), config.scope, config.schedule, 100 * config.amount, ", ".join(skipped) or "none")
+    log.info(
+        "magnitude pruning %d layers (%s scope, %s) to %.1f%%; dense: %s",
+        len(names),
+        config.scope,
+        config.schedule,
+        100 * config.amount,
+        ", ".join(skipped) or "none",
+    )
     params = state.parameters_by_name()
     prior = {n: state.masks[n] for n in names if n in state.masks}
     metrics = ctx.metrics
 
     if config.schedule == "one_shot":
-        masks = magnitude_masks({n: params[n] for n in names}, config.amount, config.scope,
-                                config.max_layer_sparsity, prior=prior)
+        masks = magnitude_masks(
+            {n: params[n] for n in names}, config.amount, config.scope, config.max_layer_sparsity, prior=prior
+        )
         state.masks.update(masks)
         state.apply_masks()
         metrics["accuracy_pruned"] = evaluate_split(module, ctx)
@@ -350,8 +354,18 @@ def magnitude_prune(state: "ModelState", config: "MagnitudeConfig", ctx: "StageC
                 f"gradual schedule: begin_step {config.begin_step} and ramp_fraction {config.ramp_fraction} "
                 f"leave no room for a ramp in {total} fine-tuning steps; lower begin_step or train longer"
             )
-        pruner = GradualPruner(module, names, config.amount, config.initial_sparsity, config.begin_step,
-                               config.frequency, ramp, config.scope, config.max_layer_sparsity, prior=prior)
+        pruner = GradualPruner(
+            module,
+            names,
+            config.amount,
+            config.initial_sparsity,
+            config.begin_step,
+            config.frequency,
+            ramp,
+            config.scope,
+            config.max_layer_sparsity,
+            prior=prior,
+        )
         metrics["finetune"] = finetune(module, config.finetune, config, ctx, after_step=pruner)
         state.masks.update(pruner.masks)
         state.apply_masks()
@@ -371,5 +385,6 @@ def pruning_coverage(module: nn.Module, pruned: Iterable[str], skipped: Iterable
     from compress.coverage import parameter_coverage
 
     reasons = {n: "kept dense by prune.skip" for n in skipped}
-    return parameter_coverage(module, set(pruned), reasons, what="prune",
-                              unsupported_kinds=lambda m: f"{type(m).__name__}, not pruned")
+    return parameter_coverage(
+        module, set(pruned), reasons, what="prune", unsupported_kinds=lambda m: f"{type(m).__name__}, not pruned"
+    )

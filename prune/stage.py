@@ -15,8 +15,8 @@ from torch import nn
 from compress.registry import method_for
 
 if TYPE_CHECKING:
-    from compress.state import ModelState, StageContext
     from compress.prune.config import LotteryConfig, MagnitudeConfig, VarianceConfig
+    from compress.state import ModelState, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,7 @@ def size_metrics(module: nn.Module) -> dict[str, Any]:
     return {k: size[k] for k in ("parameters", "nonzeros", "sparsity", "dense_bytes")}
 
 
-def apply(
-    state: "ModelState", config: "MagnitudeConfig | VarianceConfig | LotteryConfig", ctx: "StageContext"
-) -> "ModelState":
+def apply(state: ModelState, config: MagnitudeConfig | VarianceConfig | LotteryConfig, ctx: StageContext) -> ModelState:
     """Prune ``state`` as ``config`` says; fills ``ctx.metrics``.
 
     Raises:
@@ -58,7 +56,12 @@ def apply(
     }
     log.info(
         "prune (%s): %d -> %d parameters, %d nonzero (sparsity %.1f%%), accuracy %s -> %s",
-        method, before["parameters"], after["parameters"], after["nonzeros"], 100 * after["sparsity"],
-        ctx.metrics["accuracy_before"], ctx.metrics["accuracy_after"],
+        method,
+        before["parameters"],
+        after["parameters"],
+        after["nonzeros"],
+        100 * after["sparsity"],
+        ctx.metrics["accuracy_before"],
+        ctx.metrics["accuracy_after"],
     )
     return state

@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 if TYPE_CHECKING:
+    from compress.config import TrainingLoss
     from compress.state import StageContext
     from compress.train import TrainConfig
-    from compress.config import TrainingLoss
 
 log = logging.getLogger(__name__)
 
 
-def steps_per_run(cfg: "TrainConfig", n_samples: int) -> int:
+def steps_per_run(cfg: TrainConfig, n_samples: int) -> int:
     """Optimizer steps ``fit`` takes for ``cfg`` on ``n_samples`` samples."""
     return cfg.epochs * math.ceil(n_samples / cfg.batch_size)
 
 
 def finetune(
     module: nn.Module,
-    cfg: "TrainConfig",
-    config: "TrainingLoss",
-    ctx: "StageContext",
+    cfg: TrainConfig,
+    config: TrainingLoss,
+    ctx: StageContext,
     *,
     after_step: Callable[[], None] | None = None,
 ) -> dict:
@@ -34,12 +35,14 @@ def finetune(
 
     train = ctx.data["train"]
     teacher = ctx.reference if config.loss == "kd" else None
-    result = fit(module, train.x, train.y, cfg, loss_fn=loss_from_config(config), teacher=teacher, after_step=after_step)
+    result = fit(
+        module, train.x, train.y, cfg, loss_fn=loss_from_config(config), teacher=teacher, after_step=after_step
+    )
     log.info("fine-tuned %d steps in %.1fs, final loss %.4f", result["steps"], result["seconds"], result["final_loss"])
     return result
 
 
-def evaluate_split(module: nn.Module, ctx: "StageContext") -> float | None:
+def evaluate_split(module: nn.Module, ctx: StageContext) -> float | None:
     """Accuracy on the eval split, or None when there is no labelled eval split."""
     from compress.metrics import evaluate
 

@@ -18,8 +18,9 @@ not symbolically traceable) or named in the recipe as pairs of module names.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,8 @@ from torch import nn
 from compress.errors import InputError
 
 if TYPE_CHECKING:
-    from compress.state import ModelState, StageContext
     from compress.prune.config import VarianceConfig
+    from compress.state import ModelState, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,41 @@ STATISTICS = ("variance", "output_variance", "pre_activation_variance", "magnitu
 RANKING_SCOPES = ("global", "block")
 
 ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU,
-    nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Hardtanh,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
 )
 ACTIVATION_FUNCTIONS = {
-    F.relu, F.relu6, F.gelu, F.silu, F.tanh, F.sigmoid, F.leaky_relu, F.elu, F.selu, F.celu,
-    F.hardswish, F.hardsigmoid, F.mish, F.softplus, F.hardtanh, torch.relu, torch.tanh, torch.sigmoid,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.tanh,
+    F.sigmoid,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.mish,
+    F.softplus,
+    F.hardtanh,
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
 }
 ACTIVATION_METHODS = {"relu", "tanh", "sigmoid"}
 # Between the activation and the second Linear (identity in eval mode).
@@ -183,9 +213,7 @@ def _blocks_by_hooks(module: nn.Module, example_input: torch.Tensor) -> list[MLP
 
         return fn
 
-    handles = [
-        m.register_forward_hook(hook(n)) for n, m in module.named_modules() if n and not list(m.children())
-    ]
+    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules() if n and not list(m.children())]
     was_training = module.training
     try:
         module.eval()
@@ -288,8 +316,10 @@ def sole_consumer(module: nn.Module, block: MLPBlock, example_input: torch.Tenso
     handles = []
     try:
         reference = module(example_input)
-        handles = [mods[block.first].register_forward_hook(after_first),
-                   mods[block.second].register_forward_pre_hook(undo)]
+        handles = [
+            mods[block.first].register_forward_hook(after_first),
+            mods[block.second].register_forward_pre_hook(undo),
+        ]
         handles += [a.register_forward_hook(perturb) for a in acts]
         out = module(example_input)
     finally:
@@ -336,8 +366,10 @@ def find_mlp_blocks(
                 if b.first in in_ffn or sole_consumer(module, b, example_input):
                     blocks.append(b)
                     continue
-                reason = (f"the activation after {b.first} also feeds something other than {b.second} "
-                          "(a residual connection?): removing its neurons would change that path")
+                reason = (
+                    f"the activation after {b.first} also feeds something other than {b.second} "
+                    "(a residual connection?): removing its neurons would change that path"
+                )
                 log.warning("variance pruning: skipping block %s -> %s: %s", b.first, b.second, reason)
                 if skipped is not None:
                     skipped.append({"first": b.first, "second": b.second, "reason": reason})
@@ -391,10 +423,12 @@ def collect_statistics(
     current: list[torch.Tensor | None] = [None]
     for b in blocks:
         s = stats[b]
-        handles.append(mods[b.first].register_forward_hook(
-            lambda m, i, o, s=s: s.pre.update(valid_rows(o, current[0]))))
-        handles.append(mods[b.second].register_forward_pre_hook(
-            lambda m, i, s=s: s.post.update(valid_rows(i[0], current[0]))))
+        handles.append(
+            mods[b.first].register_forward_hook(lambda m, i, o, s=s: s.pre.update(valid_rows(o, current[0])))
+        )
+        handles.append(
+            mods[b.second].register_forward_pre_hook(lambda m, i, s=s: s.post.update(valid_rows(i[0], current[0])))
+        )
     was_training = module.training
     module.eval()
     try:
@@ -528,8 +562,9 @@ def remove_neurons(
         delta = bias_delta.get(name)
         bias = old.bias
         if delta is not None:
-            bias = (torch.zeros(old.out_features, dtype=torch.float64, device=w.device) if bias is None
-                    else bias.double()) + delta
+            bias = (
+                torch.zeros(old.out_features, dtype=torch.float64, device=w.device) if bias is None else bias.double()
+            ) + delta
         new = nn.Linear(len(cols), len(rows), bias=bias is not None, device=w.device, dtype=w.dtype)
         new.weight.copy_(w[rows][:, cols])
         if bias is not None:
@@ -612,12 +647,16 @@ def variance_prune(
     }
     log.info(
         "variance pruning (%s, fold=%s): removed %d of %d hidden neurons in %d blocks",
-        statistic, mean_fold, report["neurons_removed"], report["neurons_total"], len(blocks),
+        statistic,
+        mean_fold,
+        report["neurons_removed"],
+        report["neurons_total"],
+        len(blocks),
     )
     return report
 
 
-def apply_variance(state: "ModelState", config: "VarianceConfig", ctx: "StageContext") -> "ModelState":
+def apply_variance(state: ModelState, config: VarianceConfig, ctx: StageContext) -> ModelState:
     """The stage's variance method: prune, then optionally fine-tune with distillation."""
     from compress.prune.training import evaluate_split, finetune
 
@@ -645,8 +684,12 @@ def apply_variance(state: "ModelState", config: "VarianceConfig", ctx: "StageCon
 
     names = {f"{b[k]}.weight" for b in report["blocks"] for k in ("first", "second")}
     ctx.metrics["coverage"] = parameter_coverage(
-        state.module, names, {}, what="prune",
-        unsupported_kinds=lambda m: f"{type(m).__name__}, not in a Linear -> activation -> Linear block")
+        state.module,
+        names,
+        {},
+        what="prune",
+        unsupported_kinds=lambda m: f"{type(m).__name__}, not in a Linear -> activation -> Linear block",
+    )
     if skipped_note := [f"skipped {b['first']} -> {b['second']}: {b['reason']}" for b in report["skipped_blocks"]]:
         ctx.metrics["notes"] = skipped_note
     ctx.metrics["accuracy_pruned"] = evaluate_split(state.module, ctx)

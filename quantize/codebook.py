@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from compress.quantize.rtn import as_matrix
 from torch import nn
 
 from compress.qtensor import CodebookTensor, QuantizedTensor
+from compress.quantize.rtn import as_matrix
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,8 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
 
     ``chosen`` maps canonical parameter names to ``(WeightTarget, bits)``.
     """
-    from compress.quantize.rtn import weight_rel_error
-
     from compress.config import TrainingLoss
+    from compress.quantize.rtn import weight_rel_error
     from compress.train import fit, loss_from_config
 
     params = state.parameters_by_name()
@@ -223,8 +222,12 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
     new: dict[str, QuantizedTensor] = {}
     for pname, (_, bits) in chosen.items():
         new[pname] = codebook_quantize(
-            params[pname], bits, mask=masks[pname], n_codebooks=config.codebooks_per_layer,
-            iterations=config.iterations, init=config.init,
+            params[pname],
+            bits,
+            mask=masks[pname],
+            n_codebooks=config.codebooks_per_layer,
+            iterations=config.iterations,
+            init=config.init,
         )
     report = {
         target.key: {
@@ -244,8 +247,11 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
         # several modules, or a recurrent layer's weights (read through its flat weight
         # list), would bypass it, so those keep their k-means centroids.
         shared = _shared_parameters(state.module)
-        tunable = {p: qt for p, qt in new.items()
-                   if p not in shared and not isinstance(state.module.get_submodule(chosen[p][0].layer), nn.RNNBase)}
+        tunable = {
+            p: qt
+            for p, qt in new.items()
+            if p not in shared and not isinstance(state.module.get_submodule(chosen[p][0].layer), nn.RNNBase)
+        }
         for pname in set(new) - set(tunable):
             report[chosen[pname][0].key]["finetuned"] = False
         loss_config = config.finetune_loss or TrainingLoss(loss="ce" if train.y is not None else "kd")
@@ -253,8 +259,16 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
         teacher = ctx.reference if loss_config.loss == "kd" else None
 
         def run(model, cb_params, after_step):
-            return fit(model, train.x, train.y, config.finetune, loss_fn=loss_fn, teacher=teacher,
-                       params=cb_params, after_step=after_step)
+            return fit(
+                model,
+                train.x,
+                train.y,
+                config.finetune,
+                loss_fn=loss_fn,
+                teacher=teacher,
+                params=cb_params,
+                after_step=after_step,
+            )
 
         if tunable:
             owners = {p: f"{chosen[p][0].layer}.{chosen[p][0].attr}" for p in tunable}

@@ -98,9 +98,7 @@ def expand_to_columns(side: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return side.repeat_interleave(cols // groups, dim=1).expand(rows, cols)
 
 
-def round_to_grid(
-    w2d: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int
-) -> torch.Tensor:
+def round_to_grid(w2d: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Nearest codes (int8, ``(rows, cols)``) of ``w2d`` on the grid, clipped to the code range."""
     rows, cols = w2d.shape
     qmin, qmax = signed_range(bits)
@@ -170,8 +168,12 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
     for pname, (target, bits) in chosen.items():
         w = params[pname]
         qt = rtn_quantize(
-            w, bits, granularity=config.granularity, group_size=config.group_size,
-            symmetric=config.symmetric, mask=masks[pname],
+            w,
+            bits,
+            granularity=config.granularity,
+            group_size=config.group_size,
+            symmetric=config.symmetric,
+            mask=masks[pname],
         )
         new[pname] = qt
         report[target.key] = {"bits": bits, "granularity": qt.granularity, "weight_rel_error": weight_rel_error(qt, w)}

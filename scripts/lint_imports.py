@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("distill", "prune", "quantize", "export")
@@ -22,7 +23,9 @@ STAGES = ("distill", "prune", "quantize", "export")
 
 def main() -> int:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
-    core = {m for contract in config["contracts"] if contract["type"] == "forbidden" for m in contract["source_modules"]}
+    core = {
+        m for contract in config["contracts"] if contract["type"] == "forbidden" for m in contract["source_modules"]
+    }
     on_disk = {
         f"compress.{p.stem if p.is_file() else p.name}"
         for p in (ROOT / "compress").iterdir()

@@ -75,7 +75,9 @@ gates:
 def write_recipe(tmp_path):
     """Write a digits recipe with the given stages/gates YAML; return its path."""
 
-    def write(stages: str = "  - export: {latency_runs: 5, exporter: legacy}", gates: str = "  {}", text: str | None = None) -> Path:
+    def write(
+        stages: str = "  - export: {latency_runs: 5, exporter: legacy}", gates: str = "  {}", text: str | None = None
+    ) -> Path:
         path = tmp_path / "recipe.yaml"
         path.write_text(text if text is not None else DIGITS_RECIPE.format(stages=stages, gates=gates))
         return path

@@ -14,7 +14,9 @@ def _one_output(positional: Path | None, option: Path | None) -> Path | None:
     return option if option is not None else positional
 
 
-def pack(src: Path, dst: Path | None, level: int, threads: int | None, *, output: Path | None = None, force: bool = False) -> int:
+def pack(
+    src: Path, dst: Path | None, level: int, threads: int | None, *, output: Path | None = None, force: bool = False
+) -> int:
     """Pack ``src`` (.safetensors, .onnx, .pt, .pth) into ``dst`` (default ``src.czip``).
 
     Prints one summary line; returns the exit code (0). Raises InputError for bad input,

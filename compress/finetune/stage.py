@@ -24,7 +24,12 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StageContext) -> Model
         for p in teacher.parameters():
             p.requires_grad_(False)
     history = fit(
-        state.module, split.x, split.y, config.train, loss_fn=loss_from_config(config), teacher=teacher,
+        state.module,
+        split.x,
+        split.y,
+        config.train,
+        loss_fn=loss_from_config(config),
+        teacher=teacher,
         after_step=state.apply_masks if state.masks else None,
     )
     ctx.metrics.update({"steps": history["steps"], "final_loss": history["final_loss"]})

@@ -170,9 +170,7 @@ def split(layout: str, data: np.ndarray) -> list[np.ndarray]:
     raise CodecError(f"unknown layout {layout!r}")
 
 
-def merge(
-    layout: str, streams: Sequence[np.ndarray], n: int, item: int, out: np.ndarray | None = None
-) -> np.ndarray:
+def merge(layout: str, streams: Sequence[np.ndarray], n: int, item: int, out: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`split`: the chunk's raw bytes as a uint8 array of ``n*item``.
 
     With ``out`` (a writable uint8 array of that size) the bytes are written there, which
@@ -286,9 +284,7 @@ def _compressor(level: int, sparse: bool = False) -> zstandard.ZstdCompressor:
                 write_checksum=0,
             )
         else:
-            params = zstandard.ZstdCompressionParameters.from_level(
-                level, write_content_size=1, write_checksum=0
-            )
+            params = zstandard.ZstdCompressionParameters.from_level(level, write_content_size=1, write_checksum=0)
         cctx = cache[(level, sparse)] = zstandard.ZstdCompressor(compression_params=params)
     return cctx
 
@@ -477,7 +473,7 @@ def decode_ans(payload: bytes, raw_len: int) -> np.ndarray:
         sym = coder.decode(_ans_model(np.asarray(counts, np.int64)), n_sym)
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as err:  # noqa: BLE001 - constriction (Rust) raises its own types, panics included
+    except BaseException as err:
         raise ValueError(f"ANS stream: {type(err).__name__}") from None
     return _unsymbols(np.asarray(sym), w, raw_len)
 
@@ -619,7 +615,9 @@ def encode_array(
         return list(pool.map(lambda p: encode_chunk(layout, p, level), pieces))
 
 
-def decode_array(chunks: Sequence[EncodedChunk], dtype: str, layout: str | None = None, *, threads: int = 1) -> np.ndarray:
+def decode_array(
+    chunks: Sequence[EncodedChunk], dtype: str, layout: str | None = None, *, threads: int = 1
+) -> np.ndarray:
     """Inverse of :func:`encode_array` (CRCs checked); returns the raw bytes as uint8."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -684,5 +682,3 @@ __all__ = [
     "split",
     "stream_sizes",
 ]
-
-

@@ -26,9 +26,7 @@ class CompressStageConfig(BaseModel):
         description="Raw bytes per independently coded chunk (the unit of parallelism, "
         "checksumming and bounded memory).",
     )
-    threads: int | None = Field(
-        None, ge=1, description="Worker threads for coding; null uses every core."
-    )
+    threads: int | None = Field(None, ge=1, description="Worker threads for coding; null uses every core.")
     filename: str = Field(
         "weights.czip",
         pattern=r"^[A-Za-z0-9._-]+$",

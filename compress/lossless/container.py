@@ -292,7 +292,9 @@ class ContainerWriter:
                     flat = flat[keep]
         step = C.chunk_elements(dtype, layout, self.chunk_size)
         pieces = (flat[i : i + step] for i in range(0, flat.size, step))
-        return self._add(name, "tensor", dtype, shape, layout, pieces, meta, coded=flat.size if extra else None, extra=extra)
+        return self._add(
+            name, "tensor", dtype, shape, layout, pieces, meta, coded=flat.size if extra else None, extra=extra
+        )
 
     def _mask_bits(self, name: str, mask: str, numel: int) -> np.ndarray | None:
         m = self._names.get(mask)
@@ -356,7 +358,11 @@ class ContainerWriter:
             buf = np.empty(step_bytes, np.uint8)
             fill = 0
             for piece in chunks:
-                src = np.frombuffer(piece, np.uint8) if not isinstance(piece, np.ndarray) else piece.reshape(-1).view(np.uint8)
+                src = (
+                    np.frombuffer(piece, np.uint8)
+                    if not isinstance(piece, np.ndarray)
+                    else piece.reshape(-1).view(np.uint8)
+                )
                 pos = 0
                 while pos < src.size:
                     take = min(step_bytes - fill, src.size - pos)
@@ -559,7 +565,11 @@ class ContainerReader:
         if major != VERSION_MAJOR:
             raise self._err(
                 f"container format version {major}.{minor} is not supported (this reader: {VERSION_MAJOR}.x)"
-                + ("; it was written by an older compress: unpack it with that version and re-pack" if major < VERSION_MAJOR else "")
+                + (
+                    "; it was written by an older compress: unpack it with that version and re-pack"
+                    if major < VERSION_MAJOR
+                    else ""
+                )
             )
         if flags != 0:
             raise self._err(f"unknown header flags {flags:#x}")
@@ -628,15 +638,35 @@ class ContainerReader:
             target = self.entries.get(of) if isinstance(of, str) else None
             if target is None or target.kind != "tensor":
                 raise self._err(f"{where}: alias of a missing or non-tensor entry")
-            return Entry(name, "alias", target.dtype, target.shape, target.layout, target.nbytes, target.chunks,
-                         meta, alias_of=target.name, mask=target.mask, fill=target.fill), pos
+            return Entry(
+                name,
+                "alias",
+                target.dtype,
+                target.shape,
+                target.layout,
+                target.nbytes,
+                target.chunks,
+                meta,
+                alias_of=target.name,
+                mask=target.mask,
+                fill=target.fill,
+            ), pos
         dtype, layout = e.get("dtype"), e.get("layout")
         if kind not in ("tensor", "blob"):
             raise self._err(f"{where}: unknown kind {kind!r}")
-        if not isinstance(dtype, str) or not isinstance(layout, str) or dtype not in C.DTYPES or layout not in C.ALLOWED_LAYOUTS[dtype]:
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(layout, str)
+            or dtype not in C.DTYPES
+            or layout not in C.ALLOWED_LAYOUTS[dtype]
+        ):
             raise self._err(f"{where}: unsupported dtype/layout {dtype!r}/{layout!r}")
         shape = e.get("shape")
-        if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and 0 <= d < 2**40 for d in shape):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(_is_int(d) and 0 <= d < 2**40 for d in shape)
+        ):
             raise self._err(f"{where}: invalid shape")
         numel = _numel(shape)
         item = C.itemsize(dtype)
@@ -661,11 +691,18 @@ class ContainerReader:
         total = 0
         for ci, ch in enumerate(raw_chunks):
             cw = f"{where} chunk {ci}"
-            if not (isinstance(ch, list) and len(ch) == 3 and _is_int(ch[0]) and _is_int(ch[1]) and isinstance(ch[2], list)):
+            if not (
+                isinstance(ch, list) and len(ch) == 3 and _is_int(ch[0]) and _is_int(ch[1]) and isinstance(ch[2], list)
+            ):
                 raise self._err(f"{cw}: malformed")
             n, crc, streams = ch
             sparse = layout in C.FLOAT_LAYOUTS and len(streams) == n_streams + 1
-            if n <= 0 or n * item > MAX_CHUNK_RAW_BYTES or not (len(streams) == n_streams or sparse) or not 0 <= crc < 2**32:
+            if (
+                n <= 0
+                or n * item > MAX_CHUNK_RAW_BYTES
+                or not (len(streams) == n_streams or sparse)
+                or not 0 <= crc < 2**32
+            ):
                 raise self._err(f"{cw}: invalid element count, stream count or checksum")
             expect = C.stream_sizes(layout, n, item)
             if sparse:

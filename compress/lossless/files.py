@@ -186,9 +186,20 @@ def _fields(buf: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, in
 
 
 _ONNX_DTYPES = {
-    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-    10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
-    17: "float8_e4m3fn", 19: "float8_e5m2",
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+    16: "bfloat16",
+    17: "float8_e4m3fn",
+    19: "float8_e5m2",
 }
 
 
@@ -260,9 +271,15 @@ def _onnx_regions(path: Path, f: BinaryIO, size: int) -> list[Region]:
 
 
 _STORAGE_DTYPES = {
-    "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-    "DoubleStorage": "float64", "CharStorage": "int8", "ByteStorage": "uint8",
-    "ShortStorage": "int16", "IntStorage": "int32", "LongStorage": "int64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "ShortStorage": "int16",
+    "IntStorage": "int32",
+    "LongStorage": "int64",
 }
 
 
@@ -317,7 +334,7 @@ def _torch_regions(path: Path, f: BinaryIO, size: int) -> list[Region]:
         lister = _StorageLister(zf.read(pkl))
         try:
             lister.load()
-        except Exception as err:  # noqa: BLE001 - only the dtype guess is lost
+        except Exception as err:
             log.debug("%s: pickle not fully read (%s); untyped storages stay bytes", path, err)
     except (zipfile.BadZipFile, ValueError, OSError) as err:
         raise InputError(f"{path}: not a torch.save zip archive ({err}); legacy pickles are not supported") from None
@@ -386,7 +403,7 @@ class _Pipeline:
             if self._err is None:
                 try:
                     self._consume(item)
-                except BaseException as err:  # noqa: BLE001 - handed to the producer thread
+                except BaseException as err:
                     self._err = err
 
     def put(self, item: Any) -> None:
@@ -480,7 +497,10 @@ def pack_file(
         hasher = _BackgroundHash()  # one pass over the source, beside the coding
         segments: list[list[Any]] = []
         meta: dict[str, Any] = {"kind": "file", "source": {"format": fmt, "name": src.name, "size": size}}
-        with contextlib.closing(hasher), ContainerWriter(dst, level=level, chunk_size=chunk_size, threads=threads, meta=meta) as w:
+        with (
+            contextlib.closing(hasher),
+            ContainerWriter(dst, level=level, chunk_size=chunk_size, threads=threads, meta=meta) as w,
+        ):
             skel = bytearray()
             skel_count = 0
 
@@ -530,7 +550,6 @@ def pack_file(
     report = PackReport(src, dst, fmt, size, dst.stat().st_size, seconds, len(regions), stats)
     log.info("packed %s -> %s: %d -> %d bytes (ratio %.4f)", src, dst, size, report.packed_bytes, report.ratio)
     return report
-
 
 
 def default_unpack_path(container: Path, stored_name: str | None) -> Path:

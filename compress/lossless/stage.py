@@ -96,7 +96,10 @@ def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> di
     quant_meta = {name: {"kind": qt.kind, "bits": qt.bits, "method": qt.method} for name, qt in state.quant.items()}
     per_tensor: dict[str, dict[str, Any]] = {}
     with ContainerWriter(
-        path, level=config.level, chunk_size=config.chunk_size, threads=config.threads,
+        path,
+        level=config.level,
+        chunk_size=config.chunk_size,
+        threads=config.threads,
         meta={"kind": "state", "quant": quant_meta},
     ) as w:
         for name, mask in state.masks.items():
@@ -177,7 +180,11 @@ def apply(state: ModelState, config: CompressStageConfig, ctx: StageContext) -> 
     ctx.artifacts[config.filename] = path
     ctx.log.info(
         "packed %d parameters: %d dense bytes -> %d bytes (ratio %.4f) in %s",
-        metrics["n_params"], metrics["dense_bytes"], metrics["packed_bytes"], metrics["ratio"] or 0.0, path,
+        metrics["n_params"],
+        metrics["dense_bytes"],
+        metrics["packed_bytes"],
+        metrics["ratio"] or 0.0,
+        path,
     )
     return state
 

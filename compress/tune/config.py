@@ -21,10 +21,14 @@ class SearchBudget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     candidates: int = Field(
-        16, ge=1, description="End-to-end candidate runs (each one through every stage, ONNX export included), baselines included."
+        16,
+        ge=1,
+        description="End-to-end candidate runs (each one through every stage, ONNX export included), baselines included.",
     )
     seconds: float | None = Field(
-        None, gt=0, description="Wall-time limit of the search in seconds; no new candidate starts after it (null: none)."
+        None,
+        gt=0,
+        description="Wall-time limit of the search in seconds; no new candidate starts after it (null: none).",
     )
 
 
@@ -75,7 +79,9 @@ class SearchSpec(BaseModel):
         description="Also run every uniform bit width (all searched layers at the same bits) as a candidate: the "
         "reference points of the trade-off, and anchors of the bisection.",
     )
-    budget: SearchBudget = Field(default_factory=SearchBudget, description="Candidates and wall time the search may spend.")
+    budget: SearchBudget = Field(
+        default_factory=SearchBudget, description="Candidates and wall time the search may spend."
+    )
 
     @field_validator("bits")
     @classmethod

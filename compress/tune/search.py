@@ -202,8 +202,15 @@ def tune(
         bits = {layer: _choice_value(table.choices[p]) for layer, p in zip(table.layers, picks)}
         div, cost = table.total(picks)
         cand = Candidate(
-            id=len(candidates), kind=kind, variant=variant.label, sparsity=variant.sparsity, method=variant.method,
-            options=dict(variant.options), layer_bits=bits, proxy_divergence=div, estimated_bytes=cost,
+            id=len(candidates),
+            kind=kind,
+            variant=variant.label,
+            sparsity=variant.sparsity,
+            method=variant.method,
+            options=dict(variant.options),
+            layer_bits=bits,
+            proxy_divergence=div,
+            estimated_bytes=cost,
         )
         _evaluate(plan, cand, model_path, workdirs[variant.sparsity], trust_model)
         candidates.append(cand)
@@ -218,8 +225,10 @@ def tune(
 
     plan.variants = [v for v in plan.variants if v.label in tables]
     if not plan.variants:
-        raise StageError("no variant of the search space got past the stages before quantize: "
-                         + "; ".join(f"sparsity {k['sparsity']}: {k['error']}" for k in skipped))
+        raise StageError(
+            "no variant of the search space got past the stages before quantize: "
+            + "; ".join(f"sparsity {k['sparsity']}: {k['error']}" for k in skipped)
+        )
 
     if plan.spec.baselines:
         notify("phase", "uniform baselines")
@@ -248,7 +257,9 @@ def tune(
         atomic_write(recipe_path, lambda p: p.write_text(text))
         if chosen is not None:
             notify("phase", f"re-running {name} into {out_dir / 'tuned'}")
-            tuned = _verify(plan, chosen, recipe_path, model_path, out_dir / "tuned", workdirs[chosen.sparsity], trust_model)
+            tuned = _verify(
+                plan, chosen, recipe_path, model_path, out_dir / "tuned", workdirs[chosen.sparsity], trust_model
+            )
     report = _report(plan, candidates, sensitivity, tables, chosen, best, tuned, recipe_path, budget, out_dir)
     report["skipped_variants"] = skipped
     atomic_write_json(out_dir / "search.json", report)
@@ -268,14 +279,18 @@ def _plan(recipe: Recipe, spec: SearchSpec) -> _Plan:
 
     names = [s.name for s in recipe.stages]
     if "quantize" not in names:
-        raise RecipeError(f"{_where(recipe)}: compress tune searches the quantize stage's bits; the recipe has none (stages: {', '.join(names) or 'none'})")
+        raise RecipeError(
+            f"{_where(recipe)}: compress tune searches the quantize stage's bits; the recipe has none (stages: {', '.join(names) or 'none'})"
+        )
     quant_index = names.index("quantize")
     base = recipe.stages[quant_index].config
     prune_index = None
     if spec.sparsity is not None:
         prunes = [i for i, n in enumerate(names[:quant_index]) if n == "prune"]
         if not prunes or not hasattr(recipe.stages[prunes[-1]].config, "amount"):
-            raise RecipeError(f"{_where(recipe)}: search.sparsity needs a prune stage with 'amount' (magnitude or variance) before quantize")
+            raise RecipeError(
+                f"{_where(recipe)}: search.sparsity needs a prune stage with 'amount' (magnitude or variance) before quantize"
+            )
         prune_index = prunes[-1]
     objective = resolve_objective(recipe, spec)
     needs = {"packed_size": "compress", "onnx_size": "export", "latency": "export"}[objective]
@@ -283,14 +298,18 @@ def _plan(recipe: Recipe, spec: SearchSpec) -> _Plan:
         raise RecipeError(f"{_where(recipe)}: search.objective {objective!r} needs a {needs} stage in the recipe")
     gates = recipe.doc.gates
     if all(v is None for v in gates.model_dump().values()):
-        raise RecipeError(f"{_where(recipe)}: compress tune needs gates to search against (e.g. gates: {{max_accuracy_drop: 0.01}})")
+        raise RecipeError(
+            f"{_where(recipe)}: compress tune needs gates to search against (e.g. gates: {{max_accuracy_drop: 0.01}})"
+        )
     metric = spec.sensitivity
     if metric == "auto":
         metric = "kl" if any(getattr(gates, g) is not None for g in ACCURACY_GATES) else "cosine"
     known = methods("quantize")
     for m in spec.methods or []:
         if m not in known:
-            raise RecipeError(f"{_where(recipe)}: search.methods: unknown quantize method {m!r}; one of: {', '.join(sorted(known))}")
+            raise RecipeError(
+                f"{_where(recipe)}: search.methods: unknown quantize method {m!r}; one of: {', '.join(sorted(known))}"
+            )
     int_bits = [int(b) for b in spec.bits if b != FLOAT]
     option_items = [[(k, v) for v in values] for k, values in spec.options.items()]
     variants = [
@@ -364,8 +383,14 @@ def _prefix_state(plan: _Plan, level: float | None, model_path: Path, workdir: P
     if prefix:
         doc = _doc(plan, level, prefix)
         doc["gates"] = {}
-        run(parse_recipe(yaml.safe_dump(doc, sort_keys=False), f"{_where(recipe)} (stages before quantize)", base=recipe.path),
-            model_path, workdir, trust_model=trust_model)
+        run(
+            parse_recipe(
+                yaml.safe_dump(doc, sort_keys=False), f"{_where(recipe)} (stages before quantize)", base=recipe.path
+            ),
+            model_path,
+            workdir,
+            trust_model=trust_model,
+        )
         folder = workdir / "stages" / f"{len(prefix):02d}-{recipe.stages[plan.quant_index - 1].name}"
         state = load_state(folder, loaded.rebuild)
     else:
@@ -376,7 +401,9 @@ def _prefix_state(plan: _Plan, level: float | None, model_path: Path, workdir: P
         module = loaded.rebuild() if scripted else copy.deepcopy(loaded.module)
         state = ModelState(module=module, input_shape=tuple(spec.model.input_shape))
     base_dir = recipe.path.parent if recipe.path else Path.cwd()
-    data = DataBundle({n: load_split(n, s, base_dir, tuple(spec.model.input_shape)) for n, s in spec.data if s is not None})
+    data = DataBundle(
+        {n: load_split(n, s, base_dir, tuple(spec.model.input_shape)) for n, s in spec.data if s is not None}
+    )
     reference = loaded.module.eval()
     for p in reference.parameters():
         p.requires_grad_(False)
@@ -402,9 +429,17 @@ def _sensitivity(plan: _Plan, variant: Variant, state, data, reference, layers, 
     )
     bits = [str(b) for b in plan.spec.bits]
     key = text_hash(
-        compress.__version__, file_hash(model_path), json.dumps(_doc(plan, variant.sparsity)["stages"][: plan.quant_index], sort_keys=True),
-        recipe.doc.model.model_dump_json(), recipe.doc.data.model_dump_json(), str(recipe.doc.seed),
-        cfg.model_dump_json(), json.dumps(bits), plan.metric, str(plan.spec.sensitivity_samples), json.dumps(layers),
+        compress.__version__,
+        file_hash(model_path),
+        json.dumps(_doc(plan, variant.sparsity)["stages"][: plan.quant_index], sort_keys=True),
+        recipe.doc.model.model_dump_json(),
+        recipe.doc.data.model_dump_json(),
+        str(recipe.doc.seed),
+        cfg.model_dump_json(),
+        json.dumps(bits),
+        plan.metric,
+        str(plan.spec.sensitivity_samples),
+        json.dumps(layers),
     )
     cache = out_dir / "sensitivity" / f"{key}.json"
     if cache.is_file():
@@ -416,8 +451,15 @@ def _sensitivity(plan: _Plan, variant: Variant, state, data, reference, layers, 
         except (OSError, ValueError):
             pass
     table = measure(
-        state, cfg, layers, list(plan.spec.bits), data, reference, recipe.doc.seed + plan.quant_index,
-        plan.spec.sensitivity_samples, plan.metric,
+        state,
+        cfg,
+        layers,
+        list(plan.spec.bits),
+        data,
+        reference,
+        recipe.doc.seed + plan.quant_index,
+        plan.spec.sensitivity_samples,
+        plan.metric,
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cache, {"key": key, "variant": variant.label, "metric": plan.metric, "table": table})
@@ -535,8 +577,10 @@ def _bisect(variant, table: ChoiceTable, candidates, budget: _Budget, share: int
 
     mine = [c for c in candidates if c.variant == variant.label and c.error is None]
     passing = [c for c in mine if c.passed]
-    lo = min((c.proxy_divergence for c in passing if c.estimated_bytes == min(p.estimated_bytes for p in passing)),
-             default=0.0)
+    lo = min(
+        (c.proxy_divergence for c in passing if c.estimated_bytes == min(p.estimated_bytes for p in passing)),
+        default=0.0,
+    )
     failing = [c.proxy_divergence for c in mine if not c.passed and c.proxy_divergence > lo]
     finite = table.divergence[np.isfinite(table.divergence)]
     positive = finite[finite > 0]
@@ -586,8 +630,9 @@ def _choose(candidates: list[Candidate], objective: str) -> tuple[Candidate | No
     return chosen, best
 
 
-def _verify(plan: _Plan, chosen: Candidate, recipe_path: Path, model_path: Path, dest: Path, workdir: Path,
-            trust_model: bool) -> dict:
+def _verify(
+    plan: _Plan, chosen: Candidate, recipe_path: Path, model_path: Path, dest: Path, workdir: Path, trust_model: bool
+) -> dict:
     """Re-run the written recipe from its file into ``dest`` and compare with the candidate.
 
     The stages before quantize are seeded from the search's stage cache (the pipeline checks
@@ -616,8 +661,13 @@ def _verify(plan: _Plan, chosen: Candidate, recipe_path: Path, model_path: Path,
     }
     if differences:
         log.warning("re-running %s did not reproduce the candidate: %s", recipe_path, differences)
-    return {"out_dir": str(dest), "passed": result.passed, "metrics": metrics, "differences": differences,
-            "reproduced": not differences}
+    return {
+        "out_dir": str(dest),
+        "passed": result.passed,
+        "metrics": metrics,
+        "differences": differences,
+        "reproduced": not differences,
+    }
 
 
 # ----------------------------------------------------------------------------- the report
@@ -633,16 +683,23 @@ def _report(plan, candidates, sensitivity, tables, chosen, best, tuned, recipe_p
         variant = next(v for v in plan.variants if v.label == best.variant)
         table = sensitivity[variant.label]
         for layer, b in best.layer_bits.items():
-            layers.append({
-                "layer": layer, "bits": b,
-                "sensitivity": {k: v["divergence"] for k, v in table[layer].items()},
-                "bytes": {k: v[objective if objective != "latency" else "onnx_size"] for k, v in table[layer].items()},
-            })
+            layers.append(
+                {
+                    "layer": layer,
+                    "bits": b,
+                    "sensitivity": {k: v["divergence"] for k, v in table[layer].items()},
+                    "bytes": {
+                        k: v[objective if objective != "latency" else "onnx_size"] for k, v in table[layer].items()
+                    },
+                }
+            )
     distance = []
     if chosen is None and best is not None:
         for f in best.failures:
             m, limit = f.get("measured"), f.get("limit")
-            distance.append({**f, "missed_by": (float(m) - float(limit)) if m is not None and limit is not None else None})
+            distance.append(
+                {**f, "missed_by": (float(m) - float(limit)) if m is not None and limit is not None else None}
+            )
     return {
         "search_version": SEARCH_VERSION,
         "compress_version": compress.__version__,

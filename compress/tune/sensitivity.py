@@ -116,7 +116,11 @@ def measure(
                     update={"layers": [glob_escape(layer)], "skip": [], "bits": int(b), "layer_bits": {}}
                 )
                 ctx = StageContext(
-                    data=ctx_data, out_dir=Path(tmp), device=torch.device("cpu"), reference=reference, seed=seed,
+                    data=ctx_data,
+                    out_dir=Path(tmp),
+                    device=torch.device("cpu"),
+                    reference=reference,
+                    seed=seed,
                     log=logging.getLogger("compress.stage.quantize"),
                 )
                 torch.manual_seed(seed)
@@ -124,9 +128,14 @@ def measure(
                     quantize_apply(state, cfg, ctx)
                     qt = state.quant.get(pname)
                     div = divergence(predict(module, x), base_out, metric)
-                    row[str(b)] = {"divergence": div if math.isfinite(div) else float("inf"), **choice_costs(qt, original)}
+                    row[str(b)] = {
+                        "divergence": div if math.isfinite(div) else float("inf"),
+                        **choice_costs(qt, original),
+                    }
                 except Exception as err:  # this width is unavailable for this layer; the search goes on without it
-                    log.warning("sensitivity %s at %s bits failed (%s: %s): choice left out", layer, b, type(err).__name__, err)
+                    log.warning(
+                        "sensitivity %s at %s bits failed (%s: %s): choice left out", layer, b, type(err).__name__, err
+                    )
                     row[str(b)] = {"divergence": float("nan"), "onnx_size": float("nan"), "packed_size": float("nan")}
                 finally:
                     with torch.no_grad():

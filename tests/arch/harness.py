@@ -60,10 +60,14 @@ def write_recipe(name: str, stages: str, folder: Path, calib_samples: int = 256)
     src = source(name)
     shape, dtype = INPUT[src]
     text = RECIPE.format(
-        name=name, shape=shape, dtype=dtype,
-        train=DATA[src] % "train", test=DATA[src] % "test",
+        name=name,
+        shape=shape,
+        dtype=dtype,
+        train=DATA[src] % "train",
+        test=DATA[src] % "test",
         calib=DATA[src][:-1] % "train" + f", samples: {calib_samples}}}",
-        stages=stages, out=folder / "out",
+        stages=stages,
+        out=folder / "out",
     )
     path = folder / "recipe.yaml"
     path.write_text(text)

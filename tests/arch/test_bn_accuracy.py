@@ -26,7 +26,9 @@ def accuracies(model_path, name: str) -> dict[str, float]:
     src = source(name)
     x, y = (torch.as_tensor(a) for a in builtin(src, "train"))
     xe, ye = (torch.as_tensor(a) for a in builtin(src, "test"))
-    bundle = DataBundle({"train": Split("train", x, y, 128, 0), "calibration": Split("calibration", x[:512], None, 256, 0)})
+    bundle = DataBundle(
+        {"train": Split("train", x, y, 128, 0), "calibration": Split("calibration", x[:512], None, 256, 0)}
+    )
     out = {"float": evaluate(model, xe, ye)["accuracy"]}
     for bits in (4, 8):
         for cfg in (RTNConfig(bits=bits), GPFQConfig(bits=bits)):

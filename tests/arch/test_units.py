@@ -140,7 +140,7 @@ def test_tied_weight_is_quantized_once_and_stays_shared(tmp_path, method):
     cfg = {"rtn": RTNConfig, "gpfq": GPFQConfig, "codebook": CodebookConfig}[method](bits=4)
     torch.manual_seed(0)
     x, _ = zoo.token_data("train", n=64)
-    state, ctx = _quantize(zoo.TiedEmbedding(), torch.as_tensor(x), cfg)
+    state, _ctx = _quantize(zoo.TiedEmbedding(), torch.as_tensor(x), cfg)
     assert set(state.quant) == {"emb.weight", "mix.weight"}
     assert state.module.out.weight is state.module.emb.weight
     assert torch.equal(state.module.emb.weight, state.quant["emb.weight"].dequantize())
@@ -246,7 +246,7 @@ def test_gpfq_on_depthwise_convs_is_never_worse_than_rtn(bits):
 
     torch.manual_seed(0)
     model = _randomise_bn(zoo.DepthwiseSeparable())
-    state, ctx = _quantize(model, torch.rand(64, 64), GPFQConfig(bits=bits))
+    _state, ctx = _quantize(model, torch.rand(64, 64), GPFQConfig(bits=bits))
     layers = ctx.metrics["quantize"]["layers"]
     assert layers["features.3"]["blocks"] == 16  # depthwise: one GPFQ per group
     for key, info in layers.items():

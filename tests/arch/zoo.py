@@ -19,8 +19,12 @@ class ConvBN1d(nn.Module):
     def __init__(self, channels: int = 16, classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(1, channels, 5, padding=2, bias=False), nn.BatchNorm1d(channels), nn.ReLU(),
-            nn.Conv1d(channels, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm1d(channels), nn.ReLU(),
+            nn.Conv1d(1, channels, 5, padding=2, bias=False),
+            nn.BatchNorm1d(channels),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm1d(channels),
+            nn.ReLU(),
         )
         self.head = nn.Linear(channels * 20, classes)
 
@@ -71,8 +75,12 @@ class DepthwiseSeparable(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
         for _ in range(2):
             layers += [
-                nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
             ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, classes)

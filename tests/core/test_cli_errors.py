@@ -96,14 +96,22 @@ def test_forward_fails_on_declared_shape(cli, write_recipe, digits_mlp_path):
 
 
 def test_missing_data_file(cli, write_recipe, digits_mlp_path, tmp_path):
-    text = write_recipe().read_text().replace("eval: {source: digits, split: test}", "eval: {source: file, path: nothere.npz}")
+    text = (
+        write_recipe()
+        .read_text()
+        .replace("eval: {source: digits, split: test}", "eval: {source: file, path: nothere.npz}")
+    )
     code, _, err = cli("run", write_recipe(text=text), digits_mlp_path)
     assert code == 2 and "data file not found" in err and "nothere.npz" in err
 
 
 def test_data_of_wrong_shape(cli, write_recipe, digits_mlp_path, tmp_path):
     np.savez(tmp_path / "eval.npz", x=np.zeros((10, 40), np.float32), y=np.zeros(10, np.int64))
-    text = write_recipe().read_text().replace("eval: {source: digits, split: test}", "eval: {source: file, path: eval.npz}")
+    text = (
+        write_recipe()
+        .read_text()
+        .replace("eval: {source: digits, split: test}", "eval: {source: file, path: eval.npz}")
+    )
     code, _, err = cli("run", write_recipe(text=text), digits_mlp_path)
     assert code == 2
     assert "shape [40]" in err and "[1, 64]" in err
@@ -111,7 +119,11 @@ def test_data_of_wrong_shape(cli, write_recipe, digits_mlp_path, tmp_path):
 
 def test_integer_data_for_a_float_model(cli, write_recipe, digits_mlp_path, tmp_path):
     np.savez(tmp_path / "eval.npz", x=np.zeros((10, 64), np.int64), y=np.zeros(10, np.int64))
-    text = write_recipe().read_text().replace("eval: {source: digits, split: test}", "eval: {source: file, path: eval.npz}")
+    text = (
+        write_recipe()
+        .read_text()
+        .replace("eval: {source: digits, split: test}", "eval: {source: file, path: eval.npz}")
+    )
     code, _, err = cli("run", write_recipe(text=text), digits_mlp_path)
     assert code == 2 and "torch.int64 inputs but model.input_dtype is float32" in err
 

@@ -37,7 +37,7 @@ def test_builtin_sources_are_deterministic_and_sized():
     x, y = builtin("mnist1d", "train")
     assert x.shape == (4000, 40) and y.shape == (4000,) and set(np.unique(y)) == set(range(10))
     assert builtin("mnist1d", "test")[0].shape == (1000, 40)
-    dx, dy = builtin("digits", "train")
+    dx, _dy = builtin("digits", "train")
     assert dx.shape == (1437, 64) and dx.max() <= 1.0
     assert np.array_equal(builtin("digits", "test")[1], builtin("digits", "test")[1])
 
@@ -141,8 +141,9 @@ def test_quantized_tensor_uniform_and_codebook():
     assert (qt.dequantize() - w).abs().max() <= scale.max() / 2 + 1e-6
     grouped = UniformTensor(codes=codes, bits=4, scale=scale.repeat(1, 2))
     assert grouped.group_size == 4 and torch.equal(grouped.dequantize(), qt.dequantize())
-    cb = CodebookTensor(codes=torch.randint(0, 4, (6, 8), dtype=torch.uint8), bits=2,
-                        codebook=torch.tensor([[-1.0, 0.0, 0.5, 2.0]]))
+    cb = CodebookTensor(
+        codes=torch.randint(0, 4, (6, 8), dtype=torch.uint8), bits=2, codebook=torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
+    )
     assert set(cb.dequantize().unique().tolist()) <= {-1.0, 0.0, 0.5, 2.0}
     for t in (qt, grouped, cb):
         again = quantized_from_dict(t.to_dict())

@@ -19,7 +19,10 @@ def _run(recipe: Path, model: Path, out: Path, *extra: str) -> subprocess.Comple
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run(
         [sys.executable, "-m", "compress", "run", str(recipe), str(model), "-o", str(out), "--json", *extra],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
 
 
@@ -47,9 +50,7 @@ def test_two_processes_match_one(tmp_path, digits_mlp_path):
 @pytest.mark.slow
 def test_gate_failure_exit_code_survives_torchrun(tmp_path, digits_mlp_path):
     recipe = tmp_path / "ft.yaml"
-    recipe.write_text(
-        DIGITS_RECIPE.format(stages="  - finetune: {train: {epochs: 1}}", gates="  min_accuracy: 1.0")
-    )
+    recipe.write_text(DIGITS_RECIPE.format(stages="  - finetune: {train: {epochs: 1}}", gates="  min_accuracy: 1.0"))
     two = _run(recipe, digits_mlp_path, tmp_path / "two", "--nproc", "2")
     assert two.returncode == 1, two.stderr
 
@@ -80,7 +81,9 @@ def test_concurrent_runs_on_one_folder(tmp_path, digits_mlp_path):
     recipe.write_text(DIGITS_RECIPE.format(stages="  - finetune: {train: {epochs: 2}}", gates="  {}"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "compress", "run", str(recipe), str(digits_mlp_path), "-o", str(tmp_path / "o")]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)
+    ]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(c for c, _ in results)
     assert set(codes) <= {0, 2} and 0 in codes, results

@@ -61,7 +61,9 @@ def test_a_new_method_reaches_schema_check_and_run(sign_registered, cli, write_r
     code, out, _ = cli("schema")
     assert code == 0 and "Sign quantization." in out and '"sign"' in out
 
-    recipe = write_recipe("  - quantize: {method: sign}\n  - export: {latency_runs: 5, exporter: legacy, min_agreement: 0}")
+    recipe = write_recipe(
+        "  - quantize: {method: sign}\n  - export: {latency_runs: 5, exporter: legacy, min_agreement: 0}"
+    )
     code, _, err = cli("check", recipe)
     assert code == 0 and "quantize (sign)" in err
 
@@ -105,7 +107,8 @@ def test_wheel_installs_one_top_level_package(tmp_path):
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
-        check=True, cwd=tmp_path,
+        check=True,
+        cwd=tmp_path,
     )
     (wheel,) = wheels.glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:

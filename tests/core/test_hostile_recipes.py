@@ -47,7 +47,8 @@ def test_dangerous_callables_refused_and_nothing_runs(cli, tmp_path, digits_mlp_
     marker = tmp_path / "ran"
     if where == "model":
         text = BASE.replace(
-            "  factory: compress.zoo:digits_mlp\n  kwargs: {hidden: [32]}\n", model_yaml.replace("{marker}", str(marker))
+            "  factory: compress.zoo:digits_mlp\n  kwargs: {hidden: [32]}\n",
+            model_yaml.replace("{marker}", str(marker)),
         )
     else:
         (tmp_path / "lines.txt").write_text(f"touch {marker}\n")
@@ -173,7 +174,9 @@ def test_bad_global_seed(seed):
 
 def test_negative_split_seed():
     with pytest.raises(RecipeError, match="data.eval.seed"):
-        parse_recipe(BASE.replace("eval: {source: digits, split: test}", "eval: {source: digits, split: test, seed: -3}"))
+        parse_recipe(
+            BASE.replace("eval: {source: digits, split: test}", "eval: {source: digits, split: test, seed: -3}")
+        )
 
 
 def test_version_true_refused():

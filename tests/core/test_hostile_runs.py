@@ -60,8 +60,9 @@ def test_nan_in_data_x(cli, tmp_path, recipe_text, digits_mlp_path):
     x[3, 5] = np.nan
     x[7, 1] = np.inf
     _npz(tmp_path, x=x, y=y)
-    code, _, err = _run(cli, tmp_path, recipe_text(data="  eval: {source: file, path: d.npz}\n"), digits_mlp_path,
-                        "-o", tmp_path / "o")
+    code, _, err = _run(
+        cli, tmp_path, recipe_text(data="  eval: {source: file, path: d.npz}\n"), digits_mlp_path, "-o", tmp_path / "o"
+    )
     assert code == 2, err
     assert "data split 'eval'" in err and "2 NaN or infinite" in err
 
@@ -72,8 +73,9 @@ def test_labels_out_of_range(cli, tmp_path, recipe_text, digits_mlp_path, label,
     y = y.copy()
     y[0] = label
     _npz(tmp_path, x=x, y=y)
-    code, _, err = _run(cli, tmp_path, recipe_text(data="  eval: {source: file, path: d.npz}\n"), digits_mlp_path,
-                        "-o", tmp_path / "o")
+    code, _, err = _run(
+        cli, tmp_path, recipe_text(data="  eval: {source: file, path: d.npz}\n"), digits_mlp_path, "-o", tmp_path / "o"
+    )
     assert code == 2, err
     assert message in err
 
@@ -161,7 +163,8 @@ def test_export_again_after_a_change_is_fine(tmp_path, recipe_text, digits_mlp_p
     assert result.passed
     # the published model.onnx is the quantized one from the last stage
     assert (tmp_path / "o" / "model.onnx").read_bytes() == (
-        tmp_path / "o" / "stages" / "03-export" / "model.onnx").read_bytes()
+        tmp_path / "o" / "stages" / "03-export" / "model.onnx"
+    ).read_bytes()
     assert result.report["stages"][-1]["weight_bits"] < 8
 
 
@@ -244,7 +247,11 @@ def test_file_size_limit_end_to_end(tmp_path, recipe_text, digits_mlp_path):
 
     proc = subprocess.run(
         [sys.executable, "-m", "compress", "run", str(recipe), str(digits_mlp_path), "-o", str(out)],
-        capture_output=True, text=True, preexec_fn=limit, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+        check=False,
         env=dict(os.environ, PYTHONPATH=str(root)),
     )
     assert proc.returncode == 2, proc.stderr
@@ -296,8 +303,9 @@ def test_report_records_bundle_sha256(cli, tmp_path, recipe_text, digits_mlp_pat
     import hashlib
 
     junit = tmp_path / "j.xml"
-    code, out, err = _run(cli, tmp_path, recipe_text(), digits_mlp_path, "-o", tmp_path / "o", "--json",
-                          "--junit", junit)
+    code, out, err = _run(
+        cli, tmp_path, recipe_text(), digits_mlp_path, "-o", tmp_path / "o", "--json", "--junit", junit
+    )
     assert code == 0, err
     report = json.loads(out)
     digest = hashlib.sha256((tmp_path / "o" / "bundle.czip").read_bytes()).hexdigest()
@@ -339,8 +347,9 @@ def test_junit_path_checked_before_work(cli, tmp_path, recipe_text, digits_mlp_p
 
 def test_failed_run_still_writes_junit(cli, tmp_path, recipe_text, digits_mlp_path):
     junit = tmp_path / "j.xml"
-    code, _, err = _run(cli, tmp_path, recipe_text(stages="  - export: {latency_runs: 0}"), digits_mlp_path,
-                        "--junit", junit)
+    code, _, err = _run(
+        cli, tmp_path, recipe_text(stages="  - export: {latency_runs: 0}"), digits_mlp_path, "--junit", junit
+    )
     assert code == 2, err
     cases = list(ET.parse(junit).iter("testcase"))
     assert len(cases) == 1
@@ -354,19 +363,34 @@ def test_unknown_device_refused(cli, tmp_path, recipe_text, digits_mlp_path):
 
 
 def test_device_cpu_recorded(cli, tmp_path, recipe_text, digits_mlp_path):
-    code, out, err = _run(cli, tmp_path, recipe_text(stages="  - finetune: {train: {epochs: 1}}"), digits_mlp_path,
-                          "-o", tmp_path / "o", "--json", "--device", "cpu")
+    code, out, err = _run(
+        cli,
+        tmp_path,
+        recipe_text(stages="  - finetune: {train: {epochs: 1}}"),
+        digits_mlp_path,
+        "-o",
+        tmp_path / "o",
+        "--json",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert json.loads(out)["device"] == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_device_cuda_matches_cpu(cli, tmp_path, recipe_text, digits_mlp_path):
-    stages = "  - finetune: {train: {epochs: 2}}\n  - prune: {method: magnitude, amount: 0.5, skip: []}\n" + RTN + "\n" + EXPORT
+    stages = (
+        "  - finetune: {train: {epochs: 2}}\n  - prune: {method: magnitude, amount: 0.5, skip: []}\n"
+        + RTN
+        + "\n"
+        + EXPORT
+    )
     results = {}
     for dev in ("cpu", "cuda"):
-        code, out, err = _run(cli, tmp_path, recipe_text(stages=stages), digits_mlp_path, "-o", tmp_path / dev,
-                              "--json", "--device", dev)
+        code, out, err = _run(
+            cli, tmp_path, recipe_text(stages=stages), digits_mlp_path, "-o", tmp_path / dev, "--json", "--device", dev
+        )
         assert code == 0, err
         results[dev] = json.loads(out)
     assert abs(results["cpu"]["stages"][-1]["accuracy"] - results["cuda"]["stages"][-1]["accuracy"]) < 0.03
@@ -401,8 +425,9 @@ def test_warnings_go_to_the_report_not_the_terminal(cli, tmp_path, recipe_text, 
 
     registry.register_stage("warner", WarnConfig, apply=f"{__name__}:warning_stage_apply", summary="test stage")
     try:
-        code, out, err = _run(cli, tmp_path, recipe_text(stages="  - warner: {}"), digits_mlp_path,
-                              "-o", tmp_path / "o", "--json")
+        code, out, err = _run(
+            cli, tmp_path, recipe_text(stages="  - warner: {}"), digits_mlp_path, "-o", tmp_path / "o", "--json"
+        )
     finally:
         registry._STAGES.pop("warner", None)
     assert code == 0, err

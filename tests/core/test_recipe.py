@@ -43,10 +43,16 @@ def test_round_trips_through_yaml():
     "text, expected",
     [
         (GOOD.replace("input_shape: [1, 64]", "input_shape: [1, 64"), ["r.yaml:", "YAML syntax error"]),
-        (GOOD.replace("max_accuracy_drop", "max_acuracy_drop"), ["r.yaml:9", "unknown key 'max_acuracy_drop'", "did you mean 'max_accuracy_drop'"]),
+        (
+            GOOD.replace("max_accuracy_drop", "max_acuracy_drop"),
+            ["r.yaml:9", "unknown key 'max_acuracy_drop'", "did you mean 'max_accuracy_drop'"],
+        ),
         (GOOD.replace("opset: 21", "opset: twenty"), ["r.yaml:8", "stages.0.export.opset", "'twenty'"]),
         (GOOD.replace("opset: 21", "opsett: 21"), ["unknown key 'opsett'", "did you mean 'opset'"]),
-        (GOOD.replace("- export:", "- exprot:"), ["r.yaml:8", "unknown stage 'exprot'", "available stages:", "export", "did you mean 'export'"]),
+        (
+            GOOD.replace("- export:", "- exprot:"),
+            ["r.yaml:8", "unknown stage 'exprot'", "available stages:", "export", "did you mean 'export'"],
+        ),
         (GOOD.replace("source: digits", "source: cifar"), ["r.yaml:6", "data.eval.source", "'mnist1d'", "'cifar'"]),
         (GOOD.replace("version: 1", "version: 7"), ["r.yaml:1", "version", "7"]),
         (GOOD.replace("  input_shape: [1, 64]\n", ""), ["missing required key 'input_shape'"]),
@@ -54,8 +60,19 @@ def test_round_trips_through_yaml():
         ("- just a list", ["must be a mapping"]),
         (GOOD.replace("  - export: {opset: 21}", "  - export: {opset: 21}\n    prune: {}"), ["one-key mapping"]),
     ],
-    ids=["syntax", "unknown-key", "wrong-type", "unknown-stage-key", "unknown-stage", "bad-enum",
-         "version", "missing", "negative-shape", "not-mapping", "two-key-stage"],
+    ids=[
+        "syntax",
+        "unknown-key",
+        "wrong-type",
+        "unknown-stage-key",
+        "unknown-stage",
+        "bad-enum",
+        "version",
+        "missing",
+        "negative-shape",
+        "not-mapping",
+        "two-key-stage",
+    ],
 )
 def test_bad_recipes_name_the_problem(text, expected):
     with pytest.raises(RecipeError) as err:
@@ -66,7 +83,9 @@ def test_bad_recipes_name_the_problem(text, expected):
 
 def test_stage_method_errors_list_the_methods():
     text = GOOD.replace("  - export: {opset: 21}", "  - quantize: {bits: 4}")
-    with pytest.raises(RecipeError, match=r"r\.yaml:8: stages\.0\.quantize: missing key 'method'; one of: codebook, gpfq, rtn"):
+    with pytest.raises(
+        RecipeError, match=r"r\.yaml:8: stages\.0\.quantize: missing key 'method'; one of: codebook, gpfq, rtn"
+    ):
         parse_recipe(text, "r.yaml")
     text = GOOD.replace("  - export: {opset: 21}", "  - quantize: {method: gpfg}")
     with pytest.raises(RecipeError, match=r"unknown method 'gpfg'; one of: codebook, gpfq, rtn; did you mean 'gpfq'\?"):

@@ -48,8 +48,11 @@ def test_allocation_is_the_exact_knapsack_optimum(seed):
     rows = np.arange(len(table.layers))
     for budget in (0.0, 0.3, 0.8, 1.5, 4.0):
         best = min(
-            (table.cost[rows, list(p)].sum() for p in itertools.product(range(4), repeat=4)
-             if table.divergence[rows, list(p)].sum() <= budget + 1e-12),
+            (
+                table.cost[rows, list(p)].sum()
+                for p in itertools.product(range(4), repeat=4)
+                if table.divergence[rows, list(p)].sum() <= budget + 1e-12
+            ),
         )
         picks = allocate(table, budget)
         div, cost = table.total(picks)
@@ -72,7 +75,11 @@ def test_search_section_is_validated_with_file_and_line(tmp_path):
     from compress.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
-    path.write_text(TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=4).replace("bits: [2, 4, 8, float]", "bits: [2, 16]"))
+    path.write_text(
+        TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=4).replace(
+            "bits: [2, 4, 8, float]", "bits: [2, 16]"
+        )
+    )
     with pytest.raises(RecipeError, match=r"r\.yaml:\d+: search\.bits.*1\.\.8"):
         load_recipe(path)
     path.write_text(TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=4).replace("budget:", "budgt:"))
@@ -190,11 +197,13 @@ def test_tune_report_is_self_contained_with_the_tradeoff(tuned):
 
 def test_a_goal_nobody_meets_exits_1_with_the_best_candidate_and_the_distance(cli, tmp_path, digits_mlp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(TUNE_RECIPE.format(gates="  min_accuracy: 0.999", candidates=2).replace("[2, 4, 8, float]", "[4, float]"))
+    path.write_text(
+        TUNE_RECIPE.format(gates="  min_accuracy: 0.999", candidates=2).replace("[2, 4, 8, float]", "[4, float]")
+    )
     code, out, err = cli("tune", path, digits_mlp_path, "-o", tmp_path / "out")
     assert code == 1, err
     assert "no candidate passes" in out and "best: candidate" in out
-    line = next(l for l in out.splitlines() if l.startswith("FAILED min_accuracy"))
+    line = next(t for t in out.splitlines() if t.startswith("FAILED min_accuracy"))
     measured = float(line.split("measured ")[1].split("%")[0]) / 100
     missed = float(line.split("missed by ")[1].split(" pt")[0]) / 100
     assert missed == pytest.approx(0.999 - measured, abs=1e-4)
@@ -205,13 +214,21 @@ def test_a_goal_nobody_meets_exits_1_with_the_best_candidate_and_the_distance(cl
 
 def test_tune_refuses_a_recipe_without_quantize_or_gates(cli, tmp_path, digits_mlp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=3).replace("  - quantize: {method: gpfq, bits: 4}\n", ""))
+    path.write_text(
+        TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=3).replace(
+            "  - quantize: {method: gpfq, bits: 4}\n", ""
+        )
+    )
     code, _, err = cli("tune", path, digits_mlp_path, "-o", tmp_path / "out")
     assert code == 2 and "quantize stage" in err
     path.write_text(TUNE_RECIPE.format(gates="  {}", candidates=3))
     code, _, err = cli("tune", path, digits_mlp_path, "-o", tmp_path / "out")
     assert code == 2 and "needs gates" in err
-    path.write_text(TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=3).replace("bits: [2, 4, 8, float]", "bits: [2]\n  methods: [gpfqq]"))
+    path.write_text(
+        TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=3).replace(
+            "bits: [2, 4, 8, float]", "bits: [2]\n  methods: [gpfqq]"
+        )
+    )
     code, _, err = cli("tune", path, digits_mlp_path, "-o", tmp_path / "out")
     assert code == 2 and "unknown quantize method 'gpfqq'" in err
 
@@ -219,10 +236,14 @@ def test_tune_refuses_a_recipe_without_quantize_or_gates(cli, tmp_path, digits_m
 def test_gate_lines_carry_units():
     from compress.report import gate_line
 
-    assert gate_line({"gate": "max_latency_ms", "measured": 0.026905, "limit": 5, "passed": True}) == \
-        "PASS max_latency_ms: measured 0.0269 ms, limit 5 ms"
-    assert gate_line({"gate": "max_accuracy_drop", "measured": 0.004, "limit": 0.01, "passed": True}) == \
-        "PASS max_accuracy_drop: measured 0.4 pt, limit 1 pt"
+    assert (
+        gate_line({"gate": "max_latency_ms", "measured": 0.026905, "limit": 5, "passed": True})
+        == "PASS max_latency_ms: measured 0.0269 ms, limit 5 ms"
+    )
+    assert (
+        gate_line({"gate": "max_accuracy_drop", "measured": 0.004, "limit": 0.01, "passed": True})
+        == "PASS max_accuracy_drop: measured 0.4 pt, limit 1 pt"
+    )
     assert "29,493 B" in gate_line({"gate": "max_size_bytes", "measured": 29493, "limit": 30000, "passed": True})
     assert "n/a" in gate_line({"gate": "min_cosine", "measured": math.nan, "limit": 0.9, "passed": False})
 
@@ -243,7 +264,9 @@ def test_a_candidate_whose_stage_fails_is_recorded_and_the_search_goes_on(tmp_pa
 
     monkeypatch.setattr(compress.pipeline, "run", flaky_run)
     path = tmp_path / "r.yaml"
-    path.write_text(TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.05", candidates=2).replace("[2, 4, 8, float]", "[4, 8, float]"))
+    path.write_text(
+        TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.05", candidates=2).replace("[2, 4, 8, float]", "[4, 8, float]")
+    )
     result = tune(load_recipe(path), digits_mlp_path, tmp_path / "out")
     first, second = result.candidates
     assert first.error and "simulated" in first.error and not first.passed
@@ -253,7 +276,9 @@ def test_a_candidate_whose_stage_fails_is_recorded_and_the_search_goes_on(tmp_pa
 def test_bad_values_in_the_search_options_exit_2(cli, tmp_path, digits_mlp_path):
     path = tmp_path / "r.yaml"
     text = TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=2)
-    path.write_text(text.replace("bits: [2, 4, 8, float]", "bits: [4]\n  options: {granularity: [per_channel, diagonal]}"))
+    path.write_text(
+        text.replace("bits: [2, 4, 8, float]", "bits: [4]\n  options: {granularity: [per_channel, diagonal]}")
+    )
     code, _, err = cli("tune", path, digits_mlp_path, "-o", tmp_path / "out")
     assert code == 2 and "granularity" in err and "diagonal" in err
     path.write_text(text.replace("bits: [2, 4, 8, float]", "bits: [4]\n  options: {bits: [2]}"))
@@ -273,11 +298,21 @@ def test_written_recipe_spells_out_layers_and_keeps_data_paths_valid(tmp_path):
     dst.mkdir(parents=True)
     np.savez(src / "data.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
     text = TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=2).replace(
-        "eval: {source: digits, split: test}", "eval: {source: file, path: data.npz}")
+        "eval: {source: digits, split: test}", "eval: {source: file, path: data.npz}"
+    )
     (src / "r.yaml").write_text(text)
     plan = _plan(load_recipe(src / "r.yaml"), SearchSpec(bits=[2, 4, "float"]))
-    cand = Candidate(id=3, kind="search", variant="gpfq", sparsity=None, method="gpfq", options={},
-                     layer_bits={"net.0": 2, "net.2": "float"}, proxy_divergence=0.1, estimated_bytes=1.0)
+    cand = Candidate(
+        id=3,
+        kind="search",
+        variant="gpfq",
+        sparsity=None,
+        method="gpfq",
+        options={},
+        layer_bits={"net.0": 2, "net.2": "float"},
+        proxy_divergence=0.1,
+        estimated_bytes=1.0,
+    )
     (dst / "recipe.tuned.yaml").write_text(candidate_yaml(plan, cand, dst, tuned=True))
     written = load_recipe(dst / "recipe.tuned.yaml")
     assert written.doc.search is None and written.name.endswith("-tuned")
@@ -291,8 +326,11 @@ def test_options_become_variants_of_their_own(tmp_path, digits_mlp_path):
     from compress.tune.search import tune
 
     path = tmp_path / "r.yaml"
-    path.write_text(TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.05", candidates=2).replace(
-        "bits: [2, 4, 8, float]", "bits: [4, float]\n  options: {granularity: [per_channel, per_tensor]}"))
+    path.write_text(
+        TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.05", candidates=2).replace(
+            "bits: [2, 4, 8, float]", "bits: [4, float]\n  options: {granularity: [per_channel, per_tensor]}"
+        )
+    )
     result = tune(load_recipe(path), digits_mlp_path, tmp_path / "out")
     assert sorted(result.report["sensitivity"]) == ["gpfq, granularity=per_channel", "gpfq, granularity=per_tensor"]
     assert {c.variant for c in result.candidates} == set(result.report["sensitivity"])

@@ -10,7 +10,7 @@ from compress.onnx_signature import OnnxSignature
 
 
 class _Named(nn.Module):
-    def __init__(self, model: "TwoInput"):
+    def __init__(self, model: TwoInput):
         super().__init__()
         self.model = model
 

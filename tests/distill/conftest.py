@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+
 @pytest.fixture
 def run_distill(mnist1d, teacher, one_thread):
     """``run_distill(config_dict, model=teacher, train_samples=None) -> (state, ctx, model_entering)``."""
     from pydantic import TypeAdapter
 
-    from compress.state import ModelState, StageContext
     from compress.registry import stage_config
+    from compress.state import ModelState, StageContext
 
     DistillConfig = stage_config("distill")
     from compress.distill.stage import apply
@@ -22,7 +23,9 @@ def run_distill(mnist1d, teacher, one_thread):
     def run(config: dict, model: nn.Module | None = None, train_samples: int | None = None):
         entering = copy.deepcopy(model if model is not None else teacher)
         cfg = TypeAdapter(DistillConfig).validate_python(config)
-        ctx = StageContext(mnist1d.bundle(train_samples), out_dir=None, device=torch.device("cpu"), reference=teacher, seed=0)
+        ctx = StageContext(
+            mnist1d.bundle(train_samples), out_dir=None, device=torch.device("cpu"), reference=teacher, seed=0
+        )
         state = apply(ModelState(entering, (1, 40)), cfg, ctx)
         return state, ctx, entering
 

@@ -5,7 +5,6 @@ Budgets are the smallest at which the claims were measured to hold on this data 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -23,7 +22,7 @@ def _acc(model, data) -> float:
 
 
 def test_born_again_generation_matches_teacher_and_ensemble_beats_generations(run_distill, teacher, mnist1d):
-    state, ctx, _ = run_distill(
+    _state, ctx, _ = run_distill(
         {"method": "born_again", "generations": 2, "variant": "ban", "select": "best", "train": {"epochs": 30, **TRAIN}}
     )
     m = ctx.metrics
@@ -55,7 +54,12 @@ def test_quantized_distillation_4bit_half_width(mnist1d, teacher, one_thread):
     rtn_bucket_quantize(labels_rtn, 4)
     labels_q = _half_width()
     quantized_distill(labels_q, None, x, y, TrainConfig(epochs=80, **TRAIN), bits=4, alpha=0.0)
-    results = {"teacher": teacher_acc, "kd": kd_acc, "labels+rtn": _acc(labels_rtn, mnist1d), "labels+qtrain": _acc(labels_q, mnist1d)}
+    results = {
+        "teacher": teacher_acc,
+        "kd": kd_acc,
+        "labels+rtn": _acc(labels_rtn, mnist1d),
+        "labels+qtrain": _acc(labels_q, mnist1d),
+    }
     assert kd_acc > results["labels+rtn"] and kd_acc > results["labels+qtrain"], results
     assert kd_acc >= teacher_acc - 0.02, results
 
@@ -63,8 +67,8 @@ def test_quantized_distillation_4bit_half_width(mnist1d, teacher, one_thread):
 @pytest.mark.parametrize("bits", [2, 3])
 def test_differentiable_quantization_beats_uniform_points(run_distill, bits):
     common = {"method": "differentiable_quantization", "student": "input", "bits": bits}
-    learned, ctx_l, _ = run_distill({**common, "points_init": "quantiles", "train": {"epochs": 3, "lr": 1e-3}})
-    uniform, ctx_u, _ = run_distill({**common, "points_init": "uniform", "learn_points": False})
+    _learned, ctx_l, _ = run_distill({**common, "points_init": "quantiles", "train": {"epochs": 3, "lr": 1e-3}})
+    _uniform, ctx_u, _ = run_distill({**common, "points_init": "uniform", "learn_points": False})
     acc_l, acc_u = ctx_l.metrics["student_accuracy"], ctx_u.metrics["student_accuracy"]
     assert acc_l > acc_u, (acc_l, acc_u)
     assert ctx_l.metrics["student_size_bytes"] == ctx_u.metrics["student_size_bytes"]

@@ -21,7 +21,11 @@ def test_dkpp_permutes_only_the_non_argmax_probabilities():
 
 def test_ban_losses():
     g = torch.Generator().manual_seed(1)
-    s, t, y = torch.randn(32, 10, generator=g), torch.randn(32, 10, generator=g), torch.randint(0, 10, (32,), generator=g)
+    s, t, y = (
+        torch.randn(32, 10, generator=g),
+        torch.randn(32, 10, generator=g),
+        torch.randint(0, 10, (32,), generator=g),
+    )
     p = F.softmax(t, -1)
     ce_soft = -(p * F.log_softmax(s, -1)).sum(-1).mean()
     torch.testing.assert_close(ban_loss("ban")(s, y, t), ce_soft)
@@ -41,9 +45,9 @@ def test_ban_losses():
 
 
 def test_generations_and_ensemble(mnist1d, one_thread):
+    from compress.distill.kd import reinitialize
     from compress.train import TrainConfig, fit
     from compress.zoo import mnist1d_mlp
-    from compress.distill.kd import reinitialize
 
     torch.manual_seed(0)
     teacher = mnist1d_mlp(hidden=(32,))
@@ -51,8 +55,15 @@ def test_generations_and_ensemble(mnist1d, one_thread):
     fit(teacher, x, y, TrainConfig(epochs=2, lr=1e-2))
     before = [p.clone() for p in teacher.parameters()]
     members, records = born_again(
-        teacher, lambda k: reinitialize(teacher, k), x, y, TrainConfig(epochs=1, lr=1e-2),
-        generations=2, variant="ban_l", eval_x=mnist1d.x_eval, eval_y=mnist1d.y_eval,
+        teacher,
+        lambda k: reinitialize(teacher, k),
+        x,
+        y,
+        TrainConfig(epochs=1, lr=1e-2),
+        generations=2,
+        variant="ban_l",
+        eval_x=mnist1d.x_eval,
+        eval_y=mnist1d.y_eval,
     )
     assert [r["generation"] for r in records] == [1, 2] and len(members) == 2
     assert all(0 <= r["accuracy"] <= 1 for r in records)

@@ -8,8 +8,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.qtensor import CodebookTensor
-
 from compress.distill.diffquant import (
     LearnedPoints,
     allocate_bits,
@@ -17,12 +15,13 @@ from compress.distill.diffquant import (
     initial_points,
     nearest_point,
 )
+from compress.qtensor import CodebookTensor
 
 
 def test_initial_points():
     s = torch.rand(10_000, generator=torch.Generator().manual_seed(0)) ** 2
     q = initial_points(s, 3, "quantiles")
-    assert q.shape == (8,) and torch.equal(q, q.sort().values) and 0 <= q[0] and q[-1] <= 1
+    assert q.shape == (8,) and torch.equal(q, q.sort().values) and q[0] >= 0 and q[-1] <= 1
     torch.testing.assert_close(q, torch.quantile(s, (torch.arange(8) + 0.5) / 8))
     torch.testing.assert_close(initial_points(s, 2, "uniform"), torch.tensor([0, 1 / 3, 2 / 3, 1]))
     with pytest.raises(ValueError, match="points_init"):
@@ -68,8 +67,13 @@ def test_learned_points_stay_sorted_and_weights_take_the_nearest(mnist1d, teache
     student = _small_student(mnist1d)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     quant, summary = differentiable_quantize(
-        student, teacher, mnist1d.x[:1024], mnist1d.y[:1024], TrainConfig(epochs=2, lr=1e-2),
-        {"net.0": 2, "net.2": 3}, learn_points=learn,
+        student,
+        teacher,
+        mnist1d.x[:1024],
+        mnist1d.y[:1024],
+        TrainConfig(epochs=2, lr=1e-2),
+        {"net.0": 2, "net.2": 3},
+        learn_points=learn,
     )
     assert summary["steps"] == (16 if learn else 0)
     params = dict(student.named_parameters())
@@ -108,6 +112,8 @@ def test_gradient_norms_of_a_frozen_model(mnist1d, teacher):
     from compress.distill.quantized import quantizable_layers
 
     layers = quantizable_layers(teacher)
-    norms = layer_gradient_norms(teacher, teacher, mnist1d.x[:256], mnist1d.y[:256], layers, distillation_loss(2.0, 0.7)[0])
+    norms = layer_gradient_norms(
+        teacher, teacher, mnist1d.x[:256], mnist1d.y[:256], layers, distillation_loss(2.0, 0.7)[0]
+    )
     assert set(norms) == set(layers) and all(v > 0 for v in norms.values())
     assert not any(p.requires_grad for p in teacher.parameters())

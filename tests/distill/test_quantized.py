@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from compress.qtensor import signed_range
 from compress.distill.quantized import (
     ShadowWeights,
     bucket_columns,
@@ -17,6 +16,7 @@ from compress.distill.quantized import (
     rtn_bucket_quantize,
     to_quantized_tensor,
 )
+from compress.qtensor import signed_range
 
 
 def _weight(rows: int = 8, cols: int = 512, seed: int = 0) -> torch.Tensor:

@@ -68,7 +68,9 @@ def test_same_student_is_a_seeded_fresh_init(teacher):
         build_student("compress.zoo:nope", {}, teacher, 0)
 
 
-@pytest.mark.parametrize("extra", [{"bits": 4}, {"bits": 3, "rounding": "stochastic", "keep_first_last_float": True, "mixup": 1}])
+@pytest.mark.parametrize(
+    "extra", [{"bits": 4}, {"bits": 3, "rounding": "stochastic", "keep_first_last_float": True, "mixup": 1}]
+)
 def test_quantized_stage_stores_exact_integers(run_distill, extra):
     state, ctx, _ = run_distill({"method": "quantized", **HALF, "train": {"epochs": 1}, **extra}, train_samples=512)
     params = state.parameters_by_name()

@@ -27,7 +27,7 @@ def trained():
         for name, (kwargs, epochs) in MODELS.items():
             factory, _shape, source = zoo.ZOO[name]
             x, y = (torch.as_tensor(a) for a in builtin(source, "train"))
-            xe, ye = (torch.as_tensor(a) for a in builtin(source, "test"))
+            xe, _ye = (torch.as_tensor(a) for a in builtin(source, "test"))
             torch.manual_seed(0)
             model = factory(**kwargs)
             fit(model, x, y, TrainConfig(epochs=epochs, lr=3e-3, seed=0))
@@ -39,12 +39,16 @@ def trained():
 
 def _quantized_state(model, calib, config) -> ModelState:
     from compress.data import DataBundle, Split
-    from compress.state import StageContext
     from compress.quantize.stage import apply
+    from compress.state import StageContext
 
     state = ModelState(copy.deepcopy(model), (1, calib.shape[1]))
-    ctx = StageContext(DataBundle({"calibration": Split("calibration", calib, None, 256, 0)}), out_dir=None,
-                       device=torch.device("cpu"), reference=model)
+    ctx = StageContext(
+        DataBundle({"calibration": Split("calibration", calib, None, 256, 0)}),
+        out_dir=None,
+        device=torch.device("cpu"),
+        reference=model,
+    )
     return apply(state, config, ctx)
 
 
@@ -75,10 +79,10 @@ CONFIGS = {
 def test_parity_and_fusion(trained, tmp_path, model_name, cfg_name):
     from pydantic import TypeAdapter
 
-    from compress.metrics import predict
-    from compress.runtime import ort_predict
     from compress.export.quantized import optimized_op_types, ort_session
+    from compress.metrics import predict
     from compress.registry import stage_config
+    from compress.runtime import ort_predict
 
     QuantizeConfig = stage_config("quantize")
 
@@ -131,10 +135,10 @@ def test_exact_parity_needs_the_session_option(trained, tmp_path):
     """ORT's default accuracy level quantizes activations; level 1 reproduces PyTorch exactly."""
     from pydantic import TypeAdapter
 
-    from compress.metrics import predict
-    from compress.runtime import ort_predict
     from compress.export.quantized import ort_session
+    from compress.metrics import predict
     from compress.registry import stage_config
+    from compress.runtime import ort_predict
 
     QuantizeConfig = stage_config("quantize")
 

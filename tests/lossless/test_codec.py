@@ -21,7 +21,17 @@ def roundtrip_chunk(layout: str, dtype: str, arr: np.ndarray) -> np.ndarray:
     return out
 
 
-special_f32 = [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x00000001, 0x807FFFFF]
+special_f32 = [
+    0x00000000,
+    0x80000000,
+    0x7F800000,
+    0xFF800000,
+    0x7FC00000,
+    0x7F800001,
+    0xFFFFFFFF,
+    0x00000001,
+    0x807FFFFF,
+]
 special_16 = [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF, 0x0001, 0x7F80, 0xFF80, 0x7FC1]
 
 
@@ -107,8 +117,12 @@ def test_weight_like_data_compresses() -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(dtype=st.sampled_from(["float32", "bfloat16", "float16"]), n=st.integers(64, 3000),
-       zeros=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1))
+@given(
+    dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+    n=st.integers(64, 3000),
+    zeros=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_sparse_chunks_roundtrip(dtype: str, n: int, zeros: float, seed: int) -> None:
     """Pruned weights (exact +0.0, with -0.0 and NaN kept apart) round-trip bit-exactly."""
     rng = np.random.default_rng(seed)

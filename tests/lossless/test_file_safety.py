@@ -128,7 +128,9 @@ def test_cli_exit_codes_for_bad_paths(tmp_path, model) -> None:
         ["unpack", str(packed), "-o", str(model)],  # exists, no --force
     ]
     for args in cases:
-        proc = subprocess.run([sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True, timeout=60, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True, timeout=60, check=False
+        )
         assert proc.returncode == 2, (args, proc.stderr)
         assert "error:" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -181,6 +183,7 @@ def test_zstd_frame_with_garbage_header(tmp_path) -> None:
         assert method == 1
     data = bytearray(path.read_bytes())
     data[off : off + 8] = b"\xde\xad\xbe\xef" * 2
+
     # a hostile writer also fixes the chunk CRC: the frame header itself must be refused
     def fix_crc(m):
         chunk = m["entries"][0]["chunks"][0]
@@ -305,8 +308,18 @@ def test_small_file_cannot_expand_into_large_memory(tmp_path, model) -> None:
     good = packed.read_bytes()
     assert len(good) < 10_000
     segments = [["b", "skeleton/0", i << 20, 1 << 20] for i in range(64)]
-    packed.write_bytes(hostile(good, lambda m: m.update(meta={
-        "kind": "file", "source": {"name": "x.safetensors", "size": 64 << 20, "sha256": "0" * 64}, "segments": segments})))
+    packed.write_bytes(
+        hostile(
+            good,
+            lambda m: m.update(
+                meta={
+                    "kind": "file",
+                    "source": {"name": "x.safetensors", "size": 64 << 20, "sha256": "0" * 64},
+                    "segments": segments,
+                }
+            ),
+        )
+    )
     tracemalloc.start()
     try:
         with pytest.raises(CorruptArchiveError, match="does not match the original"):

@@ -70,7 +70,8 @@ def test_onnx_helper_model_with_constant_and_fp16(tmp_path) -> None:
     mm = helper.make_node("MatMul", ["x", "wf"], ["y0"])
     add = helper.make_node("Add", ["y0", "c"], ["y"])
     graph = helper.make_graph(
-        [c, cast, mm, add], "g",
+        [c, cast, mm, add],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
         initializer=[w],

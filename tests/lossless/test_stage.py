@@ -21,7 +21,11 @@ def make_state() -> ModelState:
     state.quant["0.weight"] = UniformTensor(codes=codes, bits=4, scale=scale, method="rtn")
     idx = torch.randint(0, 16, model[2].weight.shape, dtype=torch.uint8)
     state.quant["2.weight"] = CodebookTensor(
-        codes=idx, bits=4, codebook=torch.randn(1, 16), codebook_of_row=torch.zeros(10, dtype=torch.int64), method="kmeans"
+        codes=idx,
+        bits=4,
+        codebook=torch.randn(1, 16),
+        codebook_of_row=torch.zeros(10, dtype=torch.int64),
+        method="kmeans",
     )
     state.masks["0.weight"] = torch.rand(w0.shape) > 0.8
     state.sync_quantized()
@@ -51,7 +55,10 @@ def test_apply_and_roundtrip(tmp_path) -> None:
     assert set(back["params"]) == set(sd) - set(state.quant)
     for name, t in back["params"].items():
         assert t.dtype == sd[name].dtype and t.shape == sd[name].shape
-        assert torch.equal(t.view(-1).view(torch.uint8) if t.is_floating_point() else t, sd[name].view(-1).view(torch.uint8) if t.is_floating_point() else sd[name])
+        assert torch.equal(
+            t.view(-1).view(torch.uint8) if t.is_floating_point() else t,
+            sd[name].view(-1).view(torch.uint8) if t.is_floating_point() else sd[name],
+        )
     for name, qt in state.quant.items():
         got = back["quant"][name]
         assert type(got) is type(qt)

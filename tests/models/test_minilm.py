@@ -115,11 +115,13 @@ def minilm_setup():
 def _bundle(calib, held):
     from compress.data import DataBundle, Split
 
-    return DataBundle({
-        "train": Split("train", calib, None, 32, 0),
-        "calibration": Split("calibration", calib, None, 32, 0),
-        "eval": Split("eval", held, None, 64, 0),
-    })
+    return DataBundle(
+        {
+            "train": Split("train", calib, None, 32, 0),
+            "calibration": Split("calibration", calib, None, 32, 0),
+            "eval": Split("eval", held, None, 64, 0),
+        }
+    )
 
 
 def _run(model, calib, held, stages):
@@ -141,7 +143,7 @@ def test_matches_sentence_transformers(minilm_setup):
     from compress.data import read_lines
     from compress.models.minilm import sentence_transformer, tokenize
 
-    model, _, held = minilm_setup
+    model, _, _held = minilm_setup
     texts = read_lines(DATA / "sentences_heldout.txt")[:24]
     ref = torch.as_tensor(sentence_transformer().encode(texts, normalize_embeddings=True))
     with torch.no_grad():
@@ -177,10 +179,13 @@ def test_variance_pruning_finds_six_ffn_blocks_and_keeps_fidelity(minilm_setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("cfg", "min_cosine"), [
-    ({"method": "gpfq", "bits": 8, "calibration_samples": 64}, 0.995),
-    ({"method": "gpfq", "bits": 4, "granularity": "per_group", "group_size": 32, "calibration_samples": 128}, 0.97),
-])
+@pytest.mark.parametrize(
+    ("cfg", "min_cosine"),
+    [
+        ({"method": "gpfq", "bits": 8, "calibration_samples": 64}, 0.995),
+        ({"method": "gpfq", "bits": 4, "granularity": "per_group", "group_size": 32, "calibration_samples": 128}, 0.97),
+    ],
+)
 def test_gpfq_fidelity(minilm_setup, cfg, min_cosine):
     from compress.metrics import compare_outputs, predict
 
@@ -191,8 +196,12 @@ def test_gpfq_fidelity(minilm_setup, cfg, min_cosine):
     m = compare_outputs(predict(state.module, held), ref, retrieval=True)
     assert m["cosine"] >= min_cosine, m
     if cfg["bits"] == 4:
-        rtn = _run(model, calib, held, [("quantize", {"method": "rtn", "bits": 4, "granularity": "per_group",
-                                                       "group_size": 32})])
+        rtn = _run(
+            model,
+            calib,
+            held,
+            [("quantize", {"method": "rtn", "bits": 4, "granularity": "per_group", "group_size": 32})],
+        )
         assert m["cosine"] > compare_outputs(predict(rtn.module, held), ref)["cosine"]
 
 
@@ -202,18 +211,25 @@ def test_onnx_named_inputs_dynamic_sequence_and_quantized_parity(minilm_setup, t
     axes, every Linear an integer MatMulNBits in ORT, embeddings equal to PyTorch's at any length."""
     import onnx
 
-    from compress.onnx_signature import onnx_signature_of
     from compress.export.onnx_export import export_onnx
-    from compress.runtime import ort_predict
     from compress.export.quantized import optimized_op_types, ort_session, quantize_onnx_model
     from compress.export.stage import _wrapped_names
+    from compress.onnx_signature import onnx_signature_of
+    from compress.runtime import ort_predict
 
     model, calib, held = minilm_setup
-    state = _run(model, calib, held, [
-        ("prune", {"method": "variance", "amount": 0.25}),
-        ("quantize", {"method": "gpfq", "bits": 4, "granularity": "per_group", "group_size": 32,
-                      "calibration_samples": 32}),
-    ])
+    state = _run(
+        model,
+        calib,
+        held,
+        [
+            ("prune", {"method": "variance", "amount": 0.25}),
+            (
+                "quantize",
+                {"method": "gpfq", "bits": 4, "granularity": "per_group", "group_size": 32, "calibration_samples": 32},
+            ),
+        ],
+    )
     sig = onnx_signature_of(state.module)
     path = tmp_path / "minilm.onnx"
     float_model = export_onnx(state.module, held[:2], path, signature=sig)

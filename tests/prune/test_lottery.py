@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 import compress.prune.training as prune_training
-from compress.train import TrainConfig, fit
-from compress.zoo import mnist1d_mlp
 from compress.prune.config import LotteryConfig
 from compress.prune.lottery import CHECKPOINT, _RewindSnapshot, lottery_prune, reinitialize
+from compress.train import TrainConfig, fit
+from compress.zoo import mnist1d_mlp
 
 
 def _config(**kw) -> LotteryConfig:
@@ -27,7 +29,7 @@ def test_five_rounds_match_dense_and_beat_random_reinit(make_ctx, fresh_state):
     assert [r["round"] for r in rounds] == list(range(6))
     # (1 - 0.2)^5 = 0.328 of the pruned layers' weights survive (round to whole weights)
     assert rounds[-1]["density"] == pytest.approx(0.8**5, abs=1e-3)
-    assert all(a["density"] > b["density"] for a, b in zip(rounds, rounds[1:]))
+    assert all(a["density"] > b["density"] for a, b in itertools.pairwise(rounds))
     dense, ticket = rounds[0]["accuracy"], rounds[-1]["accuracy"]
     assert ticket >= dense - 0.01, rounds
     assert ctx.metrics["control"]["accuracy"] < ticket - 0.02, (ctx.metrics["control"], ticket)

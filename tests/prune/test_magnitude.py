@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ import torch.nn.utils.prune as tprune
 from pydantic import ValidationError
 
 from compress.metrics import evaluate
-from compress.train import TrainConfig
 from compress.prune.config import MagnitudeConfig
 from compress.prune.magnitude import (
     cubic_sparsity,
@@ -22,6 +22,7 @@ from compress.prune.magnitude import (
     sparsity_table,
     table_sparsity,
 )
+from compress.train import TrainConfig
 
 
 def _torch_masks(model, names, amount, scope):
@@ -87,7 +88,7 @@ def test_global_scope_all_layers_table_matches_global_amount(trained_cnn):
     # global scope prunes layers unevenly; layer scope evenly
     assert len({round(r["sparsity"], 2) for r in rows}) > 1
     layer = magnitude_masks({n: params[n] for n in names}, 0.7, "layer")
-    for n, m in layer.items():
+    for _n, m in layer.items():
         assert int((~m).sum()) == round(0.7 * m.numel())
 
 
@@ -136,7 +137,7 @@ def test_cubic_schedule():
     assert cubic_sparsity(10, 0.2, 0.8, 20, 100) == pytest.approx(0.2)  # before t0
     values = [cubic_sparsity(t, 0.0, 0.9, 0, 100) for t in range(0, 101, 10)]
     assert values == sorted(values)
-    steps = [b - a for a, b in zip(values, values[1:])]
+    steps = [b - a for a, b in itertools.pairwise(values)]
     assert steps == sorted(steps, reverse=True)  # prunes fast first, then slows down
 
 

@@ -133,9 +133,7 @@ def test_parameter_count_drops_by_the_removed_rows_and_columns(trained_mlp, mnis
     r2 = 256 - report["blocks"][1]["hidden_after"]
     assert r1 + r2 == 256
     # block 1 deletes rows (+bias) of net.0 and columns of net.2; block 2 rows of net.2 and columns of net.4
-    expected = before - (
-        (40 + 1) * (256 - r1) + (256 - r1) * (256 - r2) + (256 - r2) + (256 - r2) * 10 + 10
-    )
+    expected = before - ((40 + 1) * (256 - r1) + (256 - r1) * (256 - r2) + (256 - r2) + (256 - r2) * 10 + 10)
     after, _ = count_parameters(model)
     assert before - after == expected
     assert model.net[0].out_features == 256 - r1
@@ -193,7 +191,11 @@ def test_model_without_blocks_is_an_error():
 def test_hf_bert_ffn_found_by_hooks():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
         max_position_embeddings=16,
     )
     torch.manual_seed(0)

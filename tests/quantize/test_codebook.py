@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from compress.metrics import evaluate
-from compress.train import TrainConfig
 from compress.quantize.codebook import _CodebookWeight, codebook_quantize, kmeans_1d
 from compress.quantize.config import CodebookConfig
+from compress.train import TrainConfig
 
 
 def test_kmeans_recovers_clusters():

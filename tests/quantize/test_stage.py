@@ -32,8 +32,11 @@ def test_every_schema_field_has_a_description():
 
 @pytest.mark.parametrize(
     "data,cls",
-    [({"method": "rtn"}, RTNConfig), ({"method": "gpfq", "bits": 3}, GPFQConfig),
-     ({"method": "codebook", "bits": 4, "finetune": {"epochs": 1}}, CodebookConfig)],
+    [
+        ({"method": "rtn"}, RTNConfig),
+        ({"method": "gpfq", "bits": 3}, GPFQConfig),
+        ({"method": "codebook", "bits": 4, "finetune": {"epochs": 1}}, CodebookConfig),
+    ],
 )
 def test_union_dispatches_on_method(data, cls):
     cfg = TypeAdapter(QuantizeConfig).validate_python(data)
@@ -43,8 +46,12 @@ def test_union_dispatches_on_method(data, cls):
 
 @pytest.mark.parametrize(
     "config",
-    [RTNConfig(bits=4), GPFQConfig(bits=4), GPFQConfig(bits=3, granularity="per_group", group_size=32, symmetric=False),
-     CodebookConfig(bits=3)],
+    [
+        RTNConfig(bits=4),
+        GPFQConfig(bits=4),
+        GPFQConfig(bits=3, granularity="per_group", group_size=32, symmetric=False),
+        CodebookConfig(bits=3),
+    ],
     ids=["rtn", "gpfq", "gpfq-group-asym", "codebook"],
 )
 def test_apply_fills_state(trained_models, run_stage, config):
@@ -75,11 +82,15 @@ def test_skip_and_layer_bits(trained_models, run_stage):
     assert ctx.metrics["quantize"]["float_layers"] == ["features.0"]
 
 
-@pytest.mark.parametrize("config", [RTNConfig(bits=3), GPFQConfig(bits=3), CodebookConfig(bits=3)], ids=["rtn", "gpfq", "codebook"])
+@pytest.mark.parametrize(
+    "config", [RTNConfig(bits=3), GPFQConfig(bits=3), CodebookConfig(bits=3)], ids=["rtn", "gpfq", "codebook"]
+)
 def test_masks_are_respected(trained_models, run_stage, config):
     trained = trained_models["digits_mlp"]
     g = torch.Generator().manual_seed(0)
-    masks = {n: torch.rand(p.shape, generator=g) > 0.5 for n, p in trained.model.named_parameters() if n.endswith("weight")}
+    masks = {
+        n: torch.rand(p.shape, generator=g) > 0.5 for n, p in trained.model.named_parameters() if n.endswith("weight")
+    }
     state, _ = run_stage(trained, config, masks)
     assert masks_respected(state)
     for name, mask in masks.items():
