@@ -63,6 +63,14 @@ class LayerStats:
         self.sum_xt += xt.sum(0)
         self.count += x.shape[0]
 
+    def merged(self, other: "LayerStats") -> "LayerStats":
+        """The statistics of both sets of rows (sums are additive)."""
+        out = LayerStats(self.n)
+        for key in ("G", "H", "F", "sum_x", "sum_xt"):
+            setattr(out, key, getattr(self, key) + getattr(other, key))
+        out.count = self.count + other.count
+        return out
+
     @classmethod
     def from_data(cls, x: torch.Tensor, x_tilde: torch.Tensor) -> "LayerStats":
         stats = cls(x.shape[1])
@@ -373,6 +381,8 @@ def gpfq_quantize_model(
     max_patches: int = 16384,
     block_size: int = 128,
     seed: int = 0,
+    auto_holdout: float = 0.0,
+    activation_spec: dict | None = None,
 ) -> tuple[dict[str, QuantizedTensor], dict[str, dict]]:
     """Quantize ``model``'s planned layers with GPFQ, in network order, in place.
 
@@ -389,7 +399,13 @@ def gpfq_quantize_model(
             output error on the calibration data.
         range_quantile, sparsity, sparsity_lambda, bias_correction, batch_size,
             max_patches, block_size: as in ``GPFQConfig``.
-        seed: seeds the patch subsampling.
+        seed: seeds the patch subsampling and the hold-out split.
+        auto_holdout: with several ``scale_factor`` candidates, the fraction of calibration
+            samples held out: codes are fit on the rest and C is chosen by the output error
+            on the held-out samples (so C is not chosen on the rows it was fit to), then the
+            codes are refit on all samples with that C.
+        activation_spec: ``state.extras["activation_quantization"]``: while quantizing, the
+            quantized network's layers see 8-bit inputs, so X̃ carries the activation error.
 
     Returns:
         ``{"<layer>.weight": QuantizedTensor}`` and per-layer facts
@@ -411,8 +427,37 @@ def gpfq_quantize_model(
         raise ValueError(f"layers {sorted(missing)} are not called in the model's forward pass")
     gen = torch.Generator().manual_seed(seed)
     total = len(calibration)
+    multi = isinstance(scale_factor, tuple) and len(scale_factor) > 1
+    n_hold = round(total * auto_holdout) if multi else 0
+    if n_hold and total - n_hold < 1:
+        n_hold = 0
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1)) if n_hold else None
+    parts = ([calibration[perm[n_hold:]], calibration[perm[:n_hold]]] if n_hold else [calibration])
     quant: dict[str, QuantizedTensor] = {}
     report: dict[str, dict] = {}
+    from compress.quantize.activations import quantized_inputs
+
+    act_ctx = quantized_inputs(model, activation_spec)  # after the deep copy: the float network stays float
+    act_ctx.__enter__()
+    try:
+        _gpfq_layers(
+            model, float_model, modules, float_modules, order, plans, first_of_group, last_of_group, shared, parts,
+            gen, quant, report, scale_factor=scale_factor, range_quantile=range_quantile, sparsity=sparsity,
+            sparsity_lambda=sparsity_lambda, bias_correction=bias_correction, batch_size=batch_size,
+            max_patches=max_patches, block_size=block_size,
+        )
+    finally:
+        act_ctx.__exit__(None, None, None)
+    model.train(was_training)
+    return quant, report
+
+
+def _gpfq_layers(
+    model, float_model, modules, float_modules, order, plans, first_of_group, last_of_group, shared, parts, gen,
+    quant, report, *, scale_factor, range_quantile, sparsity, sparsity_lambda, bias_correction, batch_size,
+    max_patches, block_size,
+) -> None:
+    """The layer loop of ``gpfq_quantize_model`` (fills ``quant`` and ``report``)."""
     for name in order:
         plan, layer = plans[name], modules[name]
         w2d = as_matrix(layer.weight.detach()).float()
@@ -433,28 +478,39 @@ def gpfq_quantize_model(
         else:
             head = first_of_group[name]
             if head not in shared:
-                batches = (calibration[i : i + batch_size] for i in range(0, total, batch_size))
-                shared[head] = collect_stats(
-                    float_model, model, float_modules[head], modules[head], batches, total, max_patches, gen
-                )
-            stats = shared[head]
+                shared[head] = [
+                    collect_stats(
+                        float_model, model, float_modules[head], modules[head],
+                        (part[i : i + batch_size] for i in range(0, len(part), batch_size)),
+                        len(part), max_patches, gen,
+                    )
+                    for part in parts
+                ]
+            fit_stats = shared[head][0]
+            val_stats = shared[head][1] if len(shared[head]) > 1 else fit_stats
+            stats = fit_stats if len(shared[head]) == 1 else fit_stats.merged(val_stats)
             mask = None if plan.mask is None else as_matrix(plan.mask)
             best = None
-            # Several C: keep the alphabet whose GPFQ output error ‖Xw − X̃q‖ on the
-            # calibration data is lowest (the statistics are shared, so each try is cheap).
+            # Several C: keep the alphabet whose GPFQ output error ‖Xw − X̃q‖ is lowest on the
+            # held-out samples (the statistics are shared, so each try is cheap).
             for factor in factors:
                 scale, zp = grid(factor)
                 codes = gpfq_codes(
-                    w2d, stats, plan.bits, scale, zp, mask=mask, sparsity=sparsity,
+                    w2d, fit_stats, plan.bits, scale, zp, mask=mask, sparsity=sparsity,
                     sparsity_lambda=sparsity_lambda, block_size=block_size,
                 )
                 if len(factors) > 1:
                     deq = codes.float() - (0 if zp is None else expand_to_columns(zp, rows, cols).float())
-                    err = output_error(w2d, deq * expand_to_columns(scale, rows, cols), stats)
+                    err = output_error(w2d, deq * expand_to_columns(scale, rows, cols), val_stats)
                     if best is None or err < best[0]:
                         best = (err, factor, scale, zp, codes)
             if best is not None:
                 _, chosen, scale, zp, codes = best
+                if stats is not fit_stats:  # refit on every sample with the chosen alphabet
+                    codes = gpfq_codes(
+                        w2d, stats, plan.bits, scale, zp, mask=mask, sparsity=sparsity,
+                        sparsity_lambda=sparsity_lambda, block_size=block_size,
+                    )
                 log.debug("gpfq %s: scale factor C = %g", name, chosen)
         qt = QuantizedTensor(
             codes=codes.reshape(layer.weight.shape).contiguous(), bits=plan.bits, scale=scale, zero_point=zp, method="gpfq"
@@ -480,8 +536,6 @@ def gpfq_quantize_model(
         if name in last_of_group:
             shared.pop(last_of_group[name], None)  # N×N float64 matrices: free them early
         log.debug("gpfq %s: %s", name, info)
-    model.train(was_training)
-    return quant, report
 
 
 def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
@@ -501,4 +555,6 @@ def quantize_method(state, config, ctx, chosen: dict[str, int], masks: dict) -> 
         sparsity=config.sparsity, sparsity_lambda=config.sparsity_lambda,
         bias_correction=config.bias_correction, batch_size=config.batch_size,
         max_patches=config.max_patches, block_size=config.block_size, seed=ctx.seed,
+        auto_holdout=config.auto_holdout,
+        activation_spec=state.extras.get("activation_quantization"),
     )

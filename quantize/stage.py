@@ -50,7 +50,24 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     module = state.module
     chosen = select_layers(module, config)
     masks = {name: state.masks.get(f"{name}.weight") for name in chosen}
+    activations = getattr(config, "activations", "none")
+    if activations != "none":
+        # Ranges come from the float model, before any weight moves; GPFQ then sees the
+        # quantized activations in its X̃ (compress.quantize.activations.quantized_inputs).
+        from compress.quantize.activations import EXTRAS_KEY, activation_spec
+
+        calib = ctx.data.calibration().x if activations == "static" else None
+        state.extras[EXTRAS_KEY] = activation_spec(module, sorted(chosen), calib, config, seed=ctx.seed)
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
+    embedding_bits = getattr(config, "embedding_bits", None)
+    if embedding_bits is not None:
+        from compress.quantize.activations import quantize_embeddings
+
+        tables = quantize_embeddings(module, embedding_bits, state.masks)
+        if not tables:
+            log.warning("quantize: embedding_bits=%d but the model has no nn.Embedding", embedding_bits)
+        new.update({k: v for k, v in tables.items() if k not in new})
+        report.update({k.rsplit(".", 1)[0]: {"bits": embedding_bits, "granularity": "per_row"} for k in tables})
 
     replaced = sorted(set(new) & set(state.quant))
     if replaced:
