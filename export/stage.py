@@ -31,7 +31,8 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
 
         from compress.export.quantized import DISABLED_OPTIMIZERS, quantize_onnx_model, session_config_for_exact_parity
 
-        model = quantize_onnx_model(model, state.quant, _wrapped_names(state.module, signature))
+        model = quantize_onnx_model(model, state.quant, _wrapped_names(state.module, signature),
+                                    activations=state.extras.get("activation_quantization"))
         tmp = path.with_name(path.name + ".tmp")
         onnx.save(model, str(tmp))
         tmp.replace(path)
