@@ -293,7 +293,7 @@ def _run_stage(state, stage_spec, entry, folder, key, data, reference, reference
     method = getattr(stage_spec.config, "method", None)
     if method:
         row["method"] = method
-    for k in ("latency_p50_ms", "latency_p90_ms"):
+    for k in ("latency_p50_ms", "latency_p90_ms", "latency_vs_float", "latency_vs_float_b32"):
         if k in ctx.metrics:
             row[k] = ctx.metrics[k]
     files = {p.relative_to(folder).as_posix(): file_hash(p) for p in [*written, *stage_artifacts.values()]}
