@@ -314,7 +314,7 @@ class StaticQDQ:
                 if layer.input[0] == dq:
                     in_scale[id(layer)] = scale
             new_nodes.append((src, pair))
-        for node, pname, w_scale in self.layers:
+        for node, _pname, w_scale in self.layers:
             self._int32_bias(node, in_scale.get(id(node)), w_scale)
         # Place each pair right after its producer (graph inputs: first) to stay topologically sorted.
         for src, pair in new_nodes:
