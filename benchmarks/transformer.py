@@ -63,6 +63,11 @@ VARIANTS: dict[str, list[tuple[str, dict]]] = {
     "GPFQ int8, dynamic act, int8 emb": [
         ("quantize", {"method": "gpfq", "bits": 8, "activations": "dynamic", "embedding_bits": 8}),
     ],
+    # 4-bit feed-forward blocks (2/3 of the encoder weights), 8-bit attention: about 13 MB.
+    "GPFQ int4 FFN + int8 attention, dynamic act, int4 emb": [
+        ("quantize", {"method": "gpfq", "bits": 4, "layer_bits": {"*attention*": 8}, "activations": "dynamic",
+                      "embedding_bits": 4}),
+    ],
     "GPFQ int4 per-channel, dynamic act, int4 emb": [
         ("quantize", {"method": "gpfq", "bits": 4, "activations": "dynamic", "embedding_bits": 4}),
     ],
