@@ -366,6 +366,7 @@ def cnn_speed_rows(tmp: Path, threads_list=(1, 2)) -> list[dict]:
         for label, cfg in (("ours GPFQ int8, static act", GPFQConfig(bits=8, activations="static")),
                            ("ours GPFQ int4, static act", GPFQConfig(bits=4, activations="static")),
                            ("ours GPFQ int4, weight-only", GPFQConfig(bits=4))):
+            print(f"# {mname}: {label}", flush=True)
             state, _ = run_ours(model, x, y, cfg)
             fm = export_onnx(state.module, xe[:2], tmp / "o.float.onnx")
             path = tmp / f"{mname[:5]}-{len(paths)}.onnx"
@@ -383,14 +384,17 @@ def cnn_speed_rows(tmp: Path, threads_list=(1, 2)) -> list[dict]:
                 row[f"t{t}b{b}"] = d[k] / d["float"]
                 row[f"t{t}b{b}_peer"] = d[k] / min(peers)
             rows.append(row)
+            print_cnn_rows([row], threads_list, header=len(rows) == 1)
     return rows
 
 
-def print_cnn_rows(rows: list[dict], threads_list=(1, 2)) -> None:
+def print_cnn_rows(rows: list[dict], threads_list=(1, 2), header: bool = True) -> None:
+    """Markdown rows (printed as each model finishes, so a cut-short run still reports)."""
     keys = [f"t{t}b{b}" for t in threads_list for b in (1, 32)]
-    print("| model | variant | accuracy | ONNX KiB | " + " | ".join(f"{k} / float" for k in keys)
-          + " | " + " | ".join(f"{k} / ORT" for k in keys) + " |")
-    print("|" + "---|" * (4 + 2 * len(keys)))
+    if header:
+        print("| model | variant | accuracy | ONNX KiB | " + " | ".join(f"{k} / float" for k in keys)
+              + " | " + " | ".join(f"{k} / ORT" for k in keys) + " |")
+        print("|" + "---|" * (4 + 2 * len(keys)))
     for r in rows:
         print(f"| {r['model']} | {r['variant']} | {100 * r['acc']:.1f} | {r['kib']:.1f} | "
               + " | ".join(f"{r[k]:.2f}" for k in keys) + " | " + " | ".join(f"{r[k + '_peer']:.2f}" for k in keys) + " |")
@@ -422,7 +426,7 @@ def main() -> None:
         torch.set_num_threads(2)
         logging.basicConfig(level=logging.WARNING)
         with tempfile.TemporaryDirectory() as tmp:
-            print_cnn_rows(cnn_speed_rows(Path(tmp)))
+            cnn_speed_rows(Path(tmp))
         return
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)

@@ -2,6 +2,7 @@
 
     pip install -e '.[transformers]'
     python benchmarks/transformer.py [--threads 1] [--calibration 128]
+    python benchmarks/transformer.py --speed [--threads 1]   # issue 11: integer kernels vs onnxruntime's quantizers
 
 Per variant (the stages of recipes/minilm.yaml, alone and combined): fidelity of the
 sentence embeddings of the held-out sentences (recipes/data/sentences_heldout.txt) to the
@@ -158,8 +159,78 @@ def varying_length_parity(sess, module, x: np.ndarray, n: int = 24) -> float:
     return worst
 
 
+SPEED_VARIANTS = {
+    "ours RTN int8, dynamic act, int8 emb": {"method": "rtn", "bits": 8, "activations": "dynamic", "embedding_bits": 8},
+    "ours GPFQ int8, dynamic act, int8 emb": {"method": "gpfq", "bits": 8, "activations": "dynamic",
+                                              "embedding_bits": 8},
+}
+
+
+def speed_table(args) -> int:
+    """Issue 11's side-by-side: float ONNX, onnxruntime quantize_dynamic (per tensor / per
+    channel) and ours, latency as ratios measured in interleaved rounds, fidelity (ORT
+    outputs, one sentence at a time) on the held-out and the informal held-out sets."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from compress.export.quantized import ort_session
+    from compress.models.minilm import minilm, tokenize
+
+    model = minilm(pretrained=True)
+    calib = torch.as_tensor(tokenize(read_lines(DATA / "sentences_calibration.txt"), LENGTH))
+    sets = {k: torch.as_tensor(tokenize(read_lines(DATA / f), LENGTH))
+            for k, f in (("held-out", "sentences_heldout.txt"), ("informal", "sentences_heldout_informal.txt"))}
+    refs = {k: predict(model, v) for k, v in sets.items()}
+    data = DataBundle({"calibration": Split("calibration", calib, None, 32, 0), "eval": Split("eval", sets["held-out"], None, 64, 0)})
+    xh = sets["held-out"].numpy()
+    lengths = xh[:, 1].sum(1)
+    one, batch32 = xh[np.argsort(lengths)[len(lengths) // 2]][None], xh[:32]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = {}
+        state, _ = apply_stages(model, [], data, args.calibration)
+        paths["float"], _ = export(state, tmp / "float.onnx")
+        for pc in (False, True):
+            q = tmp / f"ort{pc}.onnx"
+            quantize_dynamic(str(paths["float"]), str(q), weight_type=QuantType.QInt8, per_channel=pc)
+            paths[f"ORT quantize_dynamic int8 {'per-channel' if pc else 'per-tensor'}"] = q
+        for name in args.variants:
+            state, secs = apply_stages(model, [("quantize", SPEED_VARIANTS[name])], data, args.calibration)
+            paths[name], _ = export(state, tmp / f"v{len(paths)}.onnx")
+            print(f"# {name}: quantized in {secs:.0f}s", flush=True)
+        sessions = {k: ort_session(p, threads=args.threads, exact=False, disabled_optimizers=()) for k, p in paths.items()}
+        fid = {}
+        for k, sess in sessions.items():
+            fid[k] = {s: compare_outputs(torch.as_tensor(ort_embed(sess, v.numpy(), batch=1)), refs[s]) for s, v in sets.items()}
+        times = {(k, b): [] for k in sessions for b in (1, 32)}
+        for _ in range(3):  # interleaved rounds
+            for k, sess in sessions.items():
+                times[(k, 1)].append(latency(sess, one, 30))
+                times[(k, 32)].append(latency(sess, batch32, 3))
+        med = {kb: float(np.median(v)) for kb, v in times.items()}
+        peers = [k for k in sessions if k.startswith("ORT")]
+        print(f"\nall-MiniLM-L6-v2, ORT {args.threads} thread(s), calibration {args.calibration}; "
+              "fidelity: ORT outputs vs the float PyTorch model")
+        print("| variant | ONNX MB | b1 / float | b32 / float | b1 / best ORT | b32 / best ORT | mean cos held-out "
+              "| p05 held-out | mean cos informal | p05 informal |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for k, p in paths.items():
+            b1p = min(med[(q, 1)] for q in peers)
+            b32p = min(med[(q, 32)] for q in peers)
+            f = fid[k]
+            print(f"| {k} | {onnx.load(str(p), load_external_data=False).ByteSize() / 1e6:.1f} "
+                  f"| {med[(k, 1)] / med[('float', 1)]:.2f} | {med[(k, 32)] / med[('float', 32)]:.2f} "
+                  f"| {med[(k, 1)] / b1p:.2f} | {med[(k, 32)] / b32p:.2f} "
+                  f"| {f['held-out']['cosine']:.4f} | {f['held-out']['cosine_p05']:.4f} "
+                  f"| {f['informal']['cosine']:.4f} | {f['informal']['cosine_p05']:.4f} |", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--speed", action="store_true",
+                        help="only issue 11's table: float vs onnxruntime quantize_dynamic vs ours (integer kernels); "
+                        "--variants then names SPEED_VARIANTS")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--calibration", type=int, default=128, help="GPFQ calibration sentences")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="subset of variants to run")
@@ -167,6 +238,10 @@ def main() -> int:
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
+    if args.speed:
+        if args.variants == list(VARIANTS):
+            args.variants = list(SPEED_VARIANTS)
+        return speed_table(args)
 
     from compress.lossless.config import CompressStageConfig
     from compress.lossless.stage import pack_state
