@@ -1,6 +1,7 @@
 """Quantization benchmark: one table over the zoo models, plus GPFQ's over-parametrisation curve.
 
     python benchmarks/quantize.py [--quick]
+    python benchmarks/quantize.py --cnn-speed   # integer kernels on CNNs (issue 11)
 
 Rows: float, round-to-nearest, this GPFQ, brevitas GPFQ (PARAMETER_FROM_STATS scale, one
 forward pass first: its stock per-channel quantizer diverges), brevitas GPTQ, k-means
@@ -263,6 +264,142 @@ def overparametrisation_curve(ns=(64, 128, 256, 512, 1024, 2048, 4096), m: int =
     return out
 
 
+# --- integer kernels on CNNs (issue 11) ---------------------------------------------------------
+
+
+class ResBlock1d(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv1d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm1d(ch)
+        self.c2, self.b2 = nn.Conv1d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm1d(ch)
+
+    def forward(self, x):
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+class BNResNet1d(nn.Module):
+    """A small BN ResNet for MNIST-1D (40 samples → 10 classes)."""
+
+    def __init__(self, ch: int = 32, blocks: int = 3):
+        super().__init__()
+        self.stem, self.bn = nn.Conv1d(1, ch, 5, padding=2, bias=False), nn.BatchNorm1d(ch)
+        self.blocks = nn.Sequential(*[ResBlock1d(ch) for _ in range(blocks)])
+        self.head = nn.Linear(ch * 10, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x.unsqueeze(1))))
+        h = nn.functional.max_pool1d(self.blocks(h), 4)
+        return self.head(h.flatten(1))
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """Conv → BatchNorm pairs of ``BNResNet1d`` folded by hand into Convs with a bias (eval mode)."""
+    model = copy.deepcopy(model).eval()
+
+    def fold(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> nn.Conv1d:
+        std = (bn.running_var + bn.eps).sqrt()
+        new = nn.Conv1d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(conv.weight * (bn.weight / std).reshape(-1, 1, 1))
+            new.bias.copy_(bn.bias - bn.running_mean * bn.weight / std)
+        return new
+
+    model.stem, model.bn = fold(model.stem, model.bn), nn.Identity()
+    for blk in model.blocks:
+        blk.c1, blk.b1 = fold(blk.c1, blk.b1), nn.Identity()
+        blk.c2, blk.b2 = fold(blk.c2, blk.b2), nn.Identity()
+    return model
+
+
+def interleaved_latency(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int = 5, runs: int = 20) -> dict:
+    """p50 ms of each model on ``x``, timed in interleaved rounds so machine load hits all alike."""
+    from compress.export.quantized import ort_session
+
+    sessions = {k: ort_session(p, threads=threads, exact=False, disabled_optimizers=()) for k, p in paths.items()}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for s in sessions.values():
+        s.run(None, {"input": x})
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                s.run(None, {"input": x})
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def cnn_speed_rows(tmp: Path, threads_list=(1, 2)) -> list[dict]:
+    """Float vs onnxruntime's quantize_static (QDQ) vs ours (static int8 activations over GPFQ
+    int8/int4 codes; 4-bit weight-only) on the quickstart CNN and a BN ResNet."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from compress.export.onnx_export import export_onnx
+    from compress.export.quantized import ort_session, quantize_onnx_model
+    from compress.runtime import ort_predict
+    from compress.quantize.config import GPFQConfig
+
+    model_cnn, x, y, xe, ye = train("mnist1d_cnn")
+    torch.manual_seed(0)
+    resnet = BNResNet1d()
+    fit(resnet, x, y, TrainConfig(epochs=20, lr=3e-3, optimizer="adamw", batch_size=100, seed=0))
+    models = {"quickstart CNN": model_cnn.eval(), "BN ResNet (folded)": fold_bn(resnet.eval())}
+    calib = x[:CALIB]
+    rows = []
+    for mname, model in models.items():
+        paths: dict[str, Path] = {}
+        fpath = tmp / f"{mname[:5]}.float.onnx"
+        export_onnx(model, xe[:2], fpath)
+        paths["float"] = fpath
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{"input": calib[i : i + 64].numpy()} for i in range(0, len(calib), 64)])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        qs = tmp / f"{mname[:5]}.ort-static.onnx"
+        quantize_static(str(fpath), str(qs), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        paths["ORT quantize_static QDQ int8"] = qs
+        for label, cfg in (("ours GPFQ int8, static act", GPFQConfig(bits=8, activations="static")),
+                           ("ours GPFQ int4, static act", GPFQConfig(bits=4, activations="static")),
+                           ("ours GPFQ int4, weight-only", GPFQConfig(bits=4))):
+            print(f"# {mname}: {label}", flush=True)
+            state, _ = run_ours(model, x, y, cfg)
+            fm = export_onnx(state.module, xe[:2], tmp / "o.float.onnx")
+            path = tmp / f"{mname[:5]}-{len(paths)}.onnx"
+            onnx.save(quantize_onnx_model(fm, state.quant, activations=state.extras.get("activation_quantization")),
+                      str(path))
+            paths[label] = path
+        accs = {k: float((ort_predict(ort_session(p, exact=False, disabled_optimizers=()), xe.numpy()).argmax(1)
+                          == ye.numpy()).mean()) for k, p in paths.items()}
+        lat = {(t, b): interleaved_latency(paths, np.ascontiguousarray(xe[:b].numpy()), t, runs=20 if b == 1 else 5)
+               for t in threads_list for b in (1, 32)}
+        for k, p in paths.items():
+            row = {"model": mname, "variant": k, "acc": accs[k], "kib": p.stat().st_size / 1024}
+            for (t, b), d in lat.items():
+                peers = [v for n, v in d.items() if n.startswith("ORT")]
+                row[f"t{t}b{b}"] = d[k] / d["float"]
+                row[f"t{t}b{b}_peer"] = d[k] / min(peers)
+            rows.append(row)
+            print_cnn_rows([row], threads_list, header=len(rows) == 1)
+    return rows
+
+
+def print_cnn_rows(rows: list[dict], threads_list=(1, 2), header: bool = True) -> None:
+    """Markdown rows (printed as each model finishes, so a cut-short run still reports)."""
+    keys = [f"t{t}b{b}" for t in threads_list for b in (1, 32)]
+    if header:
+        print("| model | variant | accuracy | ONNX KiB | " + " | ".join(f"{k} / float" for k in keys)
+              + " | " + " | ".join(f"{k} / ORT" for k in keys) + " |")
+        print("|" + "---|" * (4 + 2 * len(keys)))
+    for r in rows:
+        print(f"| {r['model']} | {r['variant']} | {100 * r['acc']:.1f} | {r['kib']:.1f} | "
+              + " | ".join(f"{r[k]:.2f}" for k in keys) + " | " + " | ".join(f"{r[k + '_peer']:.2f}" for k in keys) + " |")
+
+
 def fmt(v, kind="acc"):
     if v is None:
         return "-"
@@ -281,7 +418,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cnn-speed", action="store_true",
+                        help="only the integer-kernel CNN table: float vs ORT quantize_static vs ours (static "
+                        "int8 activations), latency as a ratio to float at 1/2 threads, batch 1/32")
     args = parser.parse_args()
+    if args.cnn_speed:
+        torch.set_num_threads(2)
+        logging.basicConfig(level=logging.WARNING)
+        with tempfile.TemporaryDirectory() as tmp:
+            cnn_speed_rows(Path(tmp))
+        return
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     for name in ("torch.onnx", "torch.export", "onnxscript"):

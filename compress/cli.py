@@ -106,6 +106,11 @@ class _ConsoleReporter:
         parts.append(f"size {row['size_bytes']:,} B")
         if "latency_p50_ms" in row:
             parts.append(f"p50 {row['latency_p50_ms']:.3f} ms")
+            if row.get("latency_vs_float"):  # below 1: faster than the float model on onnxruntime
+                vs = f"{row['latency_vs_float']:.2f}x float latency"
+                if row.get("latency_vs_float_b32"):
+                    vs += f" (batch 32: {row['latency_vs_float_b32']:.2f}x)"
+                parts.append(vs)
         line = "  ".join(parts)
         if self.tty:
             self.console.print(f"[green]✓[/green] {line}")

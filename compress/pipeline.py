@@ -131,6 +131,8 @@ class StageRow:
     quality: dict[str, float] = field(default_factory=dict)  # accuracy, agreement, cosine, ...
     latency_p50_ms: float | None = None
     latency_p90_ms: float | None = None
+    latency_vs_float: float | None = None
+    latency_vs_float_b32: float | None = None
     final_size_bytes: int | None = None
     metrics: dict[str, Any] | None = None
 
@@ -144,6 +146,7 @@ class StageRow:
         optional = {
             "state_file_bytes": self.state_file_bytes, "config_hash": self.config_hash, "metrics": self.metrics,
             "method": self.method, "latency_p50_ms": self.latency_p50_ms, "latency_p90_ms": self.latency_p90_ms,
+            "latency_vs_float": self.latency_vs_float, "latency_vs_float_b32": self.latency_vs_float_b32,
             "final_size_bytes": self.final_size_bytes,
         }
         d.update({k: v for k, v in optional.items() if v is not None or k == "config_hash"})
@@ -614,6 +617,8 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
     row.method = getattr(stage_spec.config, "method", None)
     row.latency_p50_ms = ctx.outputs.latency_p50_ms
     row.latency_p90_ms = ctx.outputs.latency_p90_ms
+    row.latency_vs_float = ctx.outputs.latency_vs_float
+    row.latency_vs_float_b32 = ctx.outputs.latency_vs_float_b32
     checks = [Check.from_dict(c, stage_spec.name) for c in ctx.checks]
     files = {p.relative_to(folder).as_posix(): file_hash(p) for p in [*written, *stage_artifacts.values()]}
     atomic_write_json(

@@ -18,6 +18,8 @@ COLUMNS = [
     ("cosine", "cosine", "{:.5f}"),
     ("retrieval_agreement", "same NN", "{:.2%}"),
     ("latency_p50_ms", "p50 ms", "{:.3f}"),
+    ("latency_vs_float", "x float", "{:.2f}"),
+    ("latency_vs_float_b32", "x float b32", "{:.2f}"),
     ("seconds", "time (s)", "{:.2f}"),
     ("cached", "cached", "{}"),
 ]

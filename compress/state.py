@@ -76,6 +76,8 @@ class StageOutputs:
         latency_p50_ms: median latency of one sample on the deployment runtime; the
             ``max_latency_ms`` gate checks the latest one.
         latency_p90_ms: its 90th percentile.
+        latency_vs_float: that latency as a multiple of the float model's, measured side by
+            side (below 1: faster than float); ``latency_vs_float_b32`` the same at batch 32.
         bundle_limits: limits a device bundle carries for ``compress validate`` to check
             again (e.g. ``{"min_agreement": 0.99}``).
         runtime_session: runtime session settings the model was checked with, carried by
@@ -84,6 +86,8 @@ class StageOutputs:
 
     latency_p50_ms: float | None = None
     latency_p90_ms: float | None = None
+    latency_vs_float: float | None = None
+    latency_vs_float_b32: float | None = None
     bundle_limits: dict[str, float] = field(default_factory=dict)
     runtime_session: dict[str, Any] | None = None
 
@@ -91,6 +95,8 @@ class StageOutputs:
         return {
             "latency_p50_ms": self.latency_p50_ms,
             "latency_p90_ms": self.latency_p90_ms,
+            "latency_vs_float": self.latency_vs_float,
+            "latency_vs_float_b32": self.latency_vs_float_b32,
             "bundle_limits": dict(self.bundle_limits),
             "runtime_session": self.runtime_session,
         }
@@ -101,6 +107,8 @@ class StageOutputs:
         return cls(
             latency_p50_ms=d.get("latency_p50_ms"),
             latency_p90_ms=d.get("latency_p90_ms"),
+            latency_vs_float=d.get("latency_vs_float"),
+            latency_vs_float_b32=d.get("latency_vs_float_b32"),
             bundle_limits=dict(d.get("bundle_limits") or {}),
             runtime_session=d.get("runtime_session"),
         )

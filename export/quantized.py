@@ -363,7 +363,8 @@ def _is_matmul_by(node, name: str) -> bool:
 
 
 def quantize_onnx_model(
-    model: "onnx.ModelProto", quant: dict[str, QuantizedTensor], names: dict[str, str] | None = None
+    model: "onnx.ModelProto", quant: dict[str, QuantizedTensor], names: dict[str, str] | None = None,
+    activations: dict | None = None,
 ) -> "onnx.ModelProto":
     """Replace the float initializers of the parameters in ``quant`` by integer initializers and dequantizing ops.
 
@@ -374,6 +375,10 @@ def quantize_onnx_model(
             (``OnnxSignature.module`` adds its own prefix). A parameter whose initializer
             is found under neither name is found by value: a Linear applied to sequences
             is exported as ``MatMul`` over a folded transposed copy of its weight.
+        activations: ``state.extras["activation_quantization"]`` (mode ``dynamic`` or
+            ``static``): the listed layers get integer-kernel forms
+            (``compress.export.fast_kernels``). Quantized embedding tables always become an
+            integer Gather; weights without a fused kernel a load-time-folded Cast + Mul.
 
     Returns:
         A new model (opset ≥ 21 when INT4/UINT4 or blockwise scales are used) that computes
@@ -385,8 +390,13 @@ def quantize_onnx_model(
     """
     from onnx import helper
 
+    from compress.export import fast_kernels as fk
+
     rw = _Rewriter(model)
     names = names or {}
+    mode = (activations or {}).get("mode", "none")
+    act_layers = (activations or {}).get("layers", {})
+    static = fk.StaticQDQ(rw, activations) if mode == "static" else None
     for pname, qt in quant.items():
         init_name, layout, perm = locate_by_value(rw, pname, qt, names.get(pname))
         shape = list(rw.inits[init_name].dims)
@@ -409,7 +419,11 @@ def quantize_onnx_model(
             )
         consumers = rw.consumers(init_name)
         rw.remove_initializer(init_name)
-        if transposed:
+        fast = _fast_kernel_nodes(rw, fk, pname, init_name, qt, consumers, transposed, shape,
+                                  mode if pname in act_layers else "none", static)
+        if fast is not None:
+            new_nodes = fast
+        elif transposed:
             # The initializer holds Wᵀ (in, out): exactly the layout DequantizeLinear → MatMul wants.
             if not isinstance(qt, CodebookTensor) and consumers and all(_is_matmul_by(n, init_name) for n in consumers):
                 w_t, dq = rw.dequantize_linear_matmul(init_name, qt)
@@ -437,8 +451,10 @@ def quantize_onnx_model(
                     repl.append(helper.make_node("Add", [mm_out, gemm.input[2]], [out], name=rw.fresh(f"{init_name}_AddBias")))
                 rw.nodes[idx : idx + 1] = repl
         else:
-            new_nodes = rw.dequantize_generic(init_name, qt, shape)
+            new_nodes = fk.folded_dequantize_nodes(rw, init_name, qt, shape)
         rw.nodes[0:0] = new_nodes  # producers first: keeps the graph topologically sorted
+    if static is not None:
+        static.finish()
     rw.finish()
     # Initializers listed as graph inputs block constant folding and fusion.
     init_names = {i.name for i in rw.graph.initializer}
@@ -446,6 +462,30 @@ def quantize_onnx_model(
         rw.graph.input.remove(vi)
     _require_opset(rw.model, 21 if rw.needs_opset21 else 13)
     return rw.model
+
+
+def _fast_kernel_nodes(rw, fk, pname, init_name, qt, consumers, transposed, shape, mode, static) -> list | None:
+    """The integer-kernel rewrite of one parameter (``compress.export.fast_kernels``), or None
+    when none applies and the weight-only forms above are used."""
+    if isinstance(qt, CodebookTensor) or not consumers:
+        return None
+    gathers = [n for n in consumers if n.op_type == "Gather" and n.input[0] == init_name]
+    if gathers and not transposed and fk.per_column_ok(qt) and qt.zero_point is None:
+        nodes = fk.gather_nodes(rw, init_name, qt, gathers)
+        rest = [n for n in consumers if not any(n is g for g in gathers)]
+        if rest:  # a table tied to an output projection: the same integer copy serves both
+            nodes += fk.folded_dequantize_nodes(rw, init_name, qt, shape)
+        return nodes
+    if mode == "dynamic" and fk.per_column_ok(qt):
+        fits = (all(_is_matmul_by(n, init_name) for n in consumers) if transposed
+                else all(_is_plain_linear_gemm(n, init_name) for n in consumers))
+        if fits:
+            return fk.dynamic_matmul(rw, init_name, qt, consumers, transposed)
+    if mode == "static" and static.supports(qt, consumers, init_name, transposed):
+        return static.add(pname, init_name, qt, consumers[0], transposed)
+    if mode != "none":
+        log.info("%s: no integer kernel for this layout (%s, %d-bit); weight-only", pname, qt.granularity, qt.bits)
+    return None
 
 
 def _require_opset(model: "onnx.ModelProto", minimum: int) -> None:

@@ -83,6 +83,34 @@ class _UniformOptions(LayerSelection):
         True, description="Symmetric grid around zero (no zero point); false adds an integer zero point per scale."
     )
 
+    activations: Literal["none", "dynamic", "static"] = Field(
+        "none",
+        description="8-bit activation quantization of the quantized layers' inputs: 'dynamic' (range measured at run "
+        "time, for transformers; exported as onnxruntime's DynamicQuantizeMatMul over our integer weights), "
+        "'static' (ranges calibrated on the calibration split, for CNNs/MLPs; exported as QDQ that onnxruntime runs "
+        "as QLinearConv/QLinearMatMul) or 'none' (float activations). GPFQ sees the quantized activations in X~.",
+    )
+    activation_calibration: Literal["minmax", "percentile"] = Field(
+        "percentile",
+        description="static: how a layer's input/output range is set from the calibration data: min/max, or the "
+        "activation_percentile-th percentile at both ends (clips rare outliers for a finer grid).",
+    )
+    activation_percentile: float = Field(
+        99.99, description="static, percentile calibration: the upper percentile (the lower one is 100 minus it)."
+    )
+    embedding_bits: Literal[4, 8] | None = Field(
+        None,
+        description="Also quantize nn.Embedding tables (round-to-nearest, one scale per row) to 4 or 8 bits; "
+        "exported as an integer Gather (the table is often the largest tensor of a transformer). null: float.",
+    )
+
+    @field_validator("activation_percentile")
+    @classmethod
+    def _check_percentile(cls, v: float) -> float:
+        if not 90.0 <= v <= 100.0:
+            raise ValueError(f"activation_percentile must be in [90, 100], got {v}")
+        return v
+
     @field_validator("group_size")
     @classmethod
     def _check_group_size(cls, v: int) -> int:
@@ -109,6 +137,12 @@ class GPFQConfig(_UniformOptions):
     )
     range_quantile: float = Field(
         1.0, description="R is this quantile of |w| per neuron (or group); 1.0 uses max |w|."
+    )
+    auto_holdout: float = Field(
+        0.25,
+        description="scale_factor 'auto': the fraction of the calibration samples held out to choose C on (the codes "
+        "are fit on the rest, then refit on all samples with the chosen C), so C is not chosen on the data it was fit "
+        "to. 0 chooses on the fitting data.",
     )
     sparsity: Literal["none", "l1", "l0"] = Field(
         "none", description="Sparsity-promoting variant: soft (l1) or hard (l0) threshold before rounding."
@@ -138,6 +172,13 @@ class GPFQConfig(_UniformOptions):
             return v
         if not v > 0 and not (info.field_name == "sparsity_lambda" and v == 0):
             raise ValueError(f"{info.field_name} must be positive, got {v}")
+        return v
+
+    @field_validator("auto_holdout")
+    @classmethod
+    def _check_holdout(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"auto_holdout must be in [0, 1), got {v}")
         return v
 
     @field_validator("range_quantile")

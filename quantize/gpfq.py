@@ -68,6 +68,14 @@ class LayerStats:
         self.sum_xt += xt.sum(0)
         self.count += x.shape[0]
 
+    def merged(self, other: "LayerStats") -> "LayerStats":
+        """The statistics of both sets of rows (sums are additive)."""
+        out = LayerStats(self.n)
+        for key in ("G", "H", "F", "sum_x", "sum_xt"):
+            setattr(out, key, getattr(self, key) + getattr(other, key))
+        out.count = self.count + other.count
+        return out
+
     @classmethod
     def from_data(cls, x: torch.Tensor, x_tilde: torch.Tensor) -> "LayerStats":
         stats = cls(x.shape[1])
@@ -572,6 +580,8 @@ def gpfq_quantize_model(
     max_patches: int = 16384,
     block_size: int = 128,
     seed: int = 0,
+    auto_holdout: float = 0.0,
+    activation_spec: dict | None = None,
 ) -> tuple[dict[str, QuantizedTensor], dict[str, dict]]:
     """Quantize ``model``'s planned weights with GPFQ, in network order, in place.
 
@@ -590,7 +600,13 @@ def gpfq_quantize_model(
             with GPFQ and with plain rounding on it).
         range_quantile, sparsity, sparsity_lambda, bias_correction, batch_size,
             max_patches, block_size: as in ``GPFQConfig``.
-        seed: seeds the patch subsampling.
+        seed: seeds the patch subsampling and the hold-out split.
+        auto_holdout: with several ``scale_factor`` candidates, the fraction of calibration
+            samples held out: codes are fit on the rest and C is chosen by the output error
+            on the held-out samples (so C is not chosen on the rows it was fit to), then the
+            codes are refit on all samples with that C.
+        activation_spec: ``state.extras["activation_quantization"]``: while quantizing, the
+            quantized network's layers see 8-bit inputs, so X̃ carries the activation error.
 
     Returns:
         ``{"<param>": QuantizedTensor}`` and per-weight facts keyed like ``plans``
@@ -617,13 +633,45 @@ def gpfq_quantize_model(
     order = sorted(units.values(), key=position)
     gen = torch.Generator().manual_seed(seed)
     total = len(calibration)
+    factors = scale_factor if isinstance(scale_factor, tuple) else (scale_factor,)
+    n_hold = round(total * auto_holdout) if len(factors) > 1 else 0
+    if n_hold and total - n_hold < 1:
+        n_hold = 0
+    if n_hold:
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1))
+        parts = [calibration[perm[n_hold:]], calibration[perm[:n_hold]]]
+    else:
+        parts = [calibration]
     quant: dict[str, QuantizedTensor] = {}
     report: dict[str, dict] = {}
+    from compress.quantize.activations import quantized_inputs
+
+    # After the deep copy: the float network stays float, the quantized one sees 8-bit inputs.
+    with quantized_inputs(model, activation_spec):
+        _gpfq_units(
+            model, float_model, modules, order, plans, parts, gen, quant, report, factors=factors,
+            range_quantile=range_quantile, sparsity=sparsity, sparsity_lambda=sparsity_lambda,
+            bias_correction=bias_correction, batch_size=batch_size, max_patches=max_patches, block_size=block_size,
+            calibration=calibration,
+        )
+    model.train(was_training)
+    return quant, report
+
+
+def _gpfq_units(
+    model, float_model, modules, order, plans, parts, gen, quant, report, *, factors, range_quantile, sparsity,
+    sparsity_lambda, bias_correction, batch_size, max_patches, block_size, calibration,
+) -> None:
+    """The weight loop of ``gpfq_quantize_model`` (fills ``quant`` and ``report``).
+
+    ``parts`` is ``[calibration]`` or ``[fit rows, held-out rows]``: with a hold-out, each
+    candidate alphabet is fit on the first and judged on the second, and the chosen one is
+    refit on both.
+    """
     # Consecutive Linear layers fed the very same tensor (q/k/v projections) share statistics:
     # quantizing one cannot change the others' input.
     group_of = {n: i for i, g in enumerate(shared_input_groups(model, calibration[:2])) for n in g if len(g) > 1}
     last: tuple = (None, None)
-    factors = scale_factor if isinstance(scale_factor, tuple) else (scale_factor,)
     for unit in order:
         plan = plans[unit.key]
         layer = modules[unit.owner]
@@ -641,19 +689,22 @@ def gpfq_quantize_model(
                 factor=factor, quantile=range_quantile, full_range=True,
             )
 
-        stats = None
+        stats = parts_stats = None
         algorithm = "gpfq"
         if unit.kind != "rtn":
             try:
                 shared = unit.kind == "module" and len(blocks) == 1 and group_of.get(unit.owner) is not None
-                stats = last[1] if shared and last[0] == group_of[unit.owner] else None
-                if stats is None:
-                    batches = (calibration[i : i + batch_size] for i in range(0, total, batch_size))
-                    stats = collect_stats(float_model, model, unit, None, batches, total, max_patches, gen,
-                                          n_blocks=len(blocks))
+                parts_stats = last[1] if shared and last[0] == group_of[unit.owner] else None
+                if parts_stats is None:
+                    parts_stats = [
+                        collect_stats(float_model, model, unit, None,
+                                      (part[i : i + batch_size] for i in range(0, len(part), batch_size)),
+                                      len(part), max_patches, gen, n_blocks=len(blocks))
+                        for part in parts
+                    ]
             except _NoStatistics as err:
                 unit = _Unit(unit.key, unit.param, unit.owner, unit.attr, "rtn", str(err) + ", rounded to nearest")
-        if stats is None:
+        if parts_stats is None:
             # No inputs to follow: round to nearest on RTN's grid (the report says why).
             scale, zp = grid(RTN_GRID)
             codes = round_to_grid(w2d, scale, zp, plan.bits)
@@ -665,6 +716,10 @@ def gpfq_quantize_model(
             log.info("gpfq: %s", algorithm)
             chosen_factor = RTN_GRID
         else:
+            # parts_stats: one list of per-block statistics per part (fit, held-out); judged on
+            # the held-out part, fit on the first, the final codes and report on all rows.
+            fit_stats, val_stats = parts_stats[0], parts_stats[-1]
+            all_stats = fit_stats if len(parts_stats) == 1 else [a.merged(b) for a, b in zip(fit_stats, val_stats)]
             mask = None if plan.mask is None else as_matrix(plan.mask)
             best = None
             # Several C: keep the alphabet whose GPFQ output error ‖Xw − X̃q‖ on the
@@ -686,19 +741,28 @@ def gpfq_quantize_model(
                             w2d[sl], st, plan.bits, _rows_of(scale, sl), _rows_of(zp, sl),
                             mask=None if mask is None else mask[sl], sparsity=sparsity,
                             sparsity_lambda=sparsity_lambda, block_size=block_size,
-                        ) for sl, st in zip(blocks, stats)
+                        ) for sl, st in zip(blocks, fit_stats)
                     ])
                 if len(candidates) > 1:
                     deq = codes.float() - (0 if zp is None else expand_to_columns(zp, rows, cols).float())
-                    err, _ = _abs_error(w2d, deq * expand_to_columns(scale, rows, cols), blocks, stats)
+                    err, _ = _abs_error(w2d, deq * expand_to_columns(scale, rows, cols), blocks, val_stats)
                     if best is None or err < best[0]:
                         best = (err, factor, how, scale, zp, codes)
             if best is not None:
                 _, chosen_factor, how, scale, zp, codes = best
                 if how == "round":
                     algorithm = "gpfq (plain rounding on RTN's grid had the lowest calibration error)"
+                elif all_stats is not fit_stats:  # refit on every sample with the chosen alphabet
+                    codes = torch.cat([
+                        gpfq_codes(
+                            w2d[sl], st, plan.bits, _rows_of(scale, sl), _rows_of(zp, sl),
+                            mask=None if mask is None else mask[sl], sparsity=sparsity,
+                            sparsity_lambda=sparsity_lambda, block_size=block_size,
+                        ) for sl, st in zip(blocks, all_stats)
+                    ])
             else:
                 chosen_factor = factors[0]
+            stats = all_stats
         qt = UniformTensor(
             codes=codes.reshape(param.shape).contiguous(), bits=plan.bits, scale=scale, zero_point=zp, method="gpfq"
         )
@@ -726,10 +790,9 @@ def gpfq_quantize_model(
         param.copy_(q2d.reshape(param.shape).to(param.dtype))
         quant[unit.param] = qt
         report[unit.key] = info
-        last = (group_of.get(unit.owner), stats) if unit.kind == "module" and len(blocks) == 1 else (None, None)
+        shares = unit.kind == "module" and len(blocks) == 1 and stats is not None
+        last = (group_of.get(unit.owner), parts_stats) if shares else (None, None)
         log.debug("gpfq %s: %s", unit.key, info)
-    model.train(was_training)
-    return quant, report
 
 
 def _bias_of(layer: nn.Module, attr: str) -> torch.Tensor | None:
@@ -764,6 +827,7 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
         sparsity=config.sparsity, sparsity_lambda=config.sparsity_lambda,
         bias_correction=config.bias_correction, batch_size=config.batch_size,
         max_patches=config.max_patches, block_size=config.block_size, seed=ctx.seed,
+        auto_holdout=config.auto_holdout, activation_spec=state.extras.get("activation_quantization"),
     )
     owner_param = {f"{t.layer}.{t.attr}" if t.layer else t.attr: p for p, (t, _) in chosen.items()}
     quant = {owner_param.get(k, k): qt for k, qt in quant.items()}

@@ -139,7 +139,26 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     targets = select_weights(module, config)
     chosen = {p: (t, config.bits_for(t.layer, t.param)) for p, t in targets.items()}
     masks = {p: state.masks.get(p) for p in chosen}
+    activations = getattr(config, "activations", "none")
+    if activations != "none":
+        # Ranges come from the float model, before any weight moves; GPFQ then sees the
+        # quantized activations in its X̃ (compress.quantize.activations.quantized_inputs).
+        from compress.quantize.activations import EXTRAS_KEY, activation_spec
+
+        calib = ctx.data.calibration().x if activations == "static" else None
+        # Integer kernels exist for the inputs of Linear/Conv weights, not recurrent or attention ones.
+        layers = sorted({t.layer for t in targets.values() if t.attr == "weight" and isinstance(module.get_submodule(t.layer), QUANTIZABLE)})
+        state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
+    embedding_bits = getattr(config, "embedding_bits", None)
+    if embedding_bits is not None:
+        from compress.quantize.activations import quantize_embeddings
+
+        tables = quantize_embeddings(module, embedding_bits, state.masks)
+        if not tables:
+            log.warning("quantize: embedding_bits=%d but the model has no nn.Embedding", embedding_bits)
+        new.update({k: v for k, v in tables.items() if k not in new})
+        report.update({k.rsplit(".", 1)[0]: {"bits": embedding_bits, "granularity": "per_row"} for k in tables})
 
     replaced = sorted(set(new) & set(state.quant))
     if replaced:

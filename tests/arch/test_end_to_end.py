@@ -42,7 +42,7 @@ def check_run(zoo_models, tmp_path, model: str, method: str, legacy: bool = Fals
         assert "error:" in out and len(out.strip()) > 20, out
         return code, out, report
     assert report["passed"], report["failures"]
-    parity = [c for c in report["checks"] if c["gate"] == "onnx_parity_within_tolerance"]
+    parity = [c for c in report["checks"] if c["gate"] in ("onnx_parity_within_tolerance", "onnx_parity_cosine")]
     assert parity and parity[0]["passed"]
     quant_rows = [r for r in report["stages"] if r["stage"] == "quantize"]
     for row in quant_rows:

@@ -25,7 +25,8 @@ def run_dir(tmp_path_factory, digits_mlp_path):
 
     out = tmp_path_factory.mktemp("edge")
     text = DIGITS_RECIPE.format(
-        stages="  - quantize: {method: rtn, bits: 4}\n  - export: {latency_runs: 20}", gates="  max_latency_ms: 50"
+        stages="  - quantize: {method: rtn, bits: 4}\n  - export: {latency_runs: 20, exact_quantized_kernels: true}",
+        gates="  max_latency_ms: 50",
     )
     result = run(parse_recipe(text, "edge.yaml"), digits_mlp_path, out)
     assert result.passed, result.failures

@@ -81,7 +81,7 @@ def test_recipe_parses():
 
     recipe = load_recipe(ROOT / "recipes" / "minilm.yaml")
     assert recipe.doc.model.input_shape == [1, 2, LENGTH] and recipe.doc.model.input_dtype == "int64"
-    assert [s.name for s in recipe.stages] == ["prune", "quantize", "compress", "export"]
+    assert [s.name for s in recipe.stages] == ["quantize", "compress", "export"]
     assert recipe.doc.data.eval.source == "text"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -159,3 +161,36 @@ def test_stage_reports_output_errors(trained_models, run_stage):
     for info in layers.values():
         assert info["bits"] == 3
         assert info["output_rel_error"] <= info["rtn_output_rel_error"]
+
+
+def test_layer_stats_merge_equals_stats_of_all_rows():
+    from compress.quantize.gpfq import LayerStats
+
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g)
+    a, b = LayerStats.from_data(x[:25], xt[:25]), LayerStats.from_data(x[25:], xt[25:])
+    whole, merged = LayerStats.from_data(x, xt), a.merged(b)
+    for key in ("G", "H", "F", "sum_x", "sum_xt"):
+        torch.testing.assert_close(getattr(merged, key), getattr(whole, key))
+    assert merged.count == 40
+
+
+def test_auto_scale_factor_chosen_on_held_out_samples_then_refit_on_all():
+    """With a hold-out, C is picked on unseen rows; the codes are then GPFQ's on every row for that C."""
+    from compress.quantize.gpfq import AUTO_SCALE_FACTORS, LayerPlan, LayerStats, gpfq_codes, gpfq_quantize_model
+    from compress.quantize.rtn import uniform_scale
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8))
+    x = torch.randn(200, 12)
+    w = model[0].weight.detach().clone()
+    quant, _ = gpfq_quantize_model(copy.deepcopy(model), x, {"0": LayerPlan(3)}, scale_factor=AUTO_SCALE_FACTORS,
+                                   auto_holdout=0.25)
+    codes = quant["0.weight"].codes
+    stats = LayerStats.from_data(x, x)
+    matches = []
+    for c in AUTO_SCALE_FACTORS:
+        scale, zp = uniform_scale(w, 3, granularity="per_channel", factor=c, full_range=True)
+        if torch.equal(scale, quant["0.weight"].scale):
+            matches.append(torch.equal(gpfq_codes(w, stats, 3, scale, zp).to(codes.dtype), codes))
+    assert matches == [True]

@@ -1,0 +1,364 @@
+"""Integer-kernel forms of quantized weights: the graphs onnxruntime's CPU runs fastest.
+
+``compress.export.quantized`` writes a quantized weight as ``DequantizeLinear`` next to its
+float consumer. That is exact, but on a CPU without int8 dot-product instructions
+onnxruntime's fused N-bit MatMul is slower than float, and a Conv keeps a DequantizeLinear
+that runs on every inference. This module writes the alternatives (measured with ORT 1.32 on
+an AVX2 CPU, 6 MiniLM-sized MatMuls 384×1536, 1 thread; ms at batch 1 × 16 tokens / 32 × 48):
+
+======================================================  ===========  ============
+graph                                                   b1           b32
+======================================================  ===========  ============
+float MatMul                                            1.50         164
+DequantizeLinear(int8) → MatMul  (→ MatMulNBits)        1.96         297
+DequantizeLinear(int4, block 32) → MatMulNBits level 4  1.96         408
+com.microsoft DynamicQuantizeMatMul (int8 weight)       0.92         102
+DynamicQuantizeMatMul over Cast(INT4 → INT8)            0.85          71
+======================================================  ===========  ============
+
+8-bit codes go in as uint8 (zero point 128): on CPUs without VNNI the uint8 × int8 kernel's
+int16 pair sums saturate for codes beyond ±64 (see ``dynamic_matmul``).
+
+* **dynamic** activations (``dynamic_matmul``): a Linear becomes one com.microsoft
+  ``DynamicQuantizeMatMul`` (activations quantized to uint8 per tensor at run time, integer
+  GEMM, per-column weight scales, bias folded in). 4-bit codes are stored as ``INT4`` and
+  ``Cast`` to ``INT8``: onnxruntime constant-folds the Cast at load, so the file holds 4 bits
+  per weight and the kernel runs on int8. (``DynamicQuantizeLinear + MatMulInteger + Mul``
+  is fused by ORT into the same op.)
+* **static** activations (``StaticQDQ``): QuantizeLinear/DequantizeLinear pairs on the
+  layer's input (and on a Conv's output, a ReLU folded into its zero point), int8 weights and
+  int32 bias behind DequantizeLinear: ORT's QDQ fusion runs QLinearConv / QGemm /
+  MatMulIntegerToFloat.
+* **embeddings** (``gather_nodes``): an integer table read by ``Gather`` and scaled by the
+  gathered per-row scale: only the rows a sequence uses are dequantized.
+* **weight-only** consumers without a fused kernel (``folded_dequantize_nodes``): ``Cast +
+  Mul`` instead of DequantizeLinear, which ORT constant-folds into a float weight at load, so
+  the model runs at float speed (never slower) with the integer file.
+
+The weights are always our codes: nothing here re-rounds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from compress.fake_quant import uint8_qparams
+from compress.qtensor import QuantizedTensor, UniformTensor
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _need_ms_domain(model: "onnx.ModelProto") -> None:
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def per_column_ok(qt: QuantizedTensor) -> bool:
+    """Whether ``qt`` has one scale per output channel (or per tensor): the integer GEMMs' layout."""
+    return isinstance(qt, UniformTensor) and qt.scale.shape[1] == 1 and qt.bits <= 8
+
+
+def _int8_weight(rw, base: str, codes: np.ndarray, bits: int) -> tuple[str, list]:
+    """An int8 weight tensor name (and the nodes making it): INT4 + Cast for ≤ 4 bits."""
+    from onnx import TensorProto, helper
+
+    from compress.export.quantized import _int_initializer
+
+    q_name = rw.fresh(f"{base}_quantized")
+    if bits > 4:
+        rw.graph.initializer.append(_int_initializer(q_name, codes, 8, True))
+        return q_name, []
+    rw.needs_opset21 = True
+    rw.graph.initializer.append(_int_initializer(q_name, codes, 4, True))
+    out = rw.fresh(f"{base}_int8")
+    return out, [helper.make_node("Cast", [q_name], [out], to=TensorProto.INT8, name=rw.fresh(f"{base}_Cast"))]
+
+
+def _column_side(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-output-channel scale (N,) and int8 zero point (N,) or None."""
+    rows = qt.rows_cols[0]
+    scale = qt.scale.float().numpy()[:, 0]
+    zp = None if qt.zero_point is None else qt.zero_point.numpy().astype(np.int8)[:, 0]
+    if scale.shape[0] == 1 and rows > 1:
+        scale = np.repeat(scale, rows)
+        zp = None if zp is None else np.repeat(zp, rows)
+    return scale.astype(np.float32), zp
+
+
+def dynamic_matmul(rw, init_name: str, qt: QuantizedTensor, consumers: list, transposed: bool) -> list:
+    """Rewrite every consumer (``MatMul`` by Wᵀ, or ``Gemm(transB=1)`` by W) as a
+    ``DynamicQuantizeMatMul`` over the codes; returns the nodes to put first (weight producers)."""
+    from onnx import helper, numpy_helper
+
+    rows, cols = qt.rows_cols
+    codes = qt.codes.reshape(rows, cols).numpy().astype(np.int16).T.copy()  # (K, N)
+    scale, zp = _column_side(qt)
+    s_name = rw.fresh(f"{init_name}_scale")
+    rw.graph.initializer.append(numpy_helper.from_array(scale, s_name))
+    if qt.bits >= 8:
+        # x86 CPUs without VNNI multiply uint8 activations by int8 weights with vpmaddubsw,
+        # whose int16 pair sums saturate once |code| > 64 (measured: errors of 0.4% of the
+        # output range with codes at ±127; onnxruntime's quantize_dynamic has `reduce_range`
+        # for this). 8-bit codes are therefore stored as uint8 with zero point 128 (the
+        # u8u8 kernel does not saturate); up to 7 bits int8 is exact and faster.
+        from compress.export.quantized import _int_initializer
+
+        b_name = rw.fresh(f"{init_name}_quantized")
+        rw.graph.initializer.append(_int_initializer(b_name, codes + 128, 8, False))
+        pre = []
+        zp_u8 = (np.zeros(rows, np.int16) if zp is None else zp.astype(np.int16)) + 128
+        z_name = rw.fresh(f"{init_name}_zero_point")
+        rw.graph.initializer.append(numpy_helper.from_array(zp_u8.astype(np.uint8), z_name))
+        inputs = [b_name, s_name, z_name]
+    else:
+        b_name, pre = _int8_weight(rw, init_name, codes.astype(np.int8), qt.bits)
+        inputs = [b_name, s_name]
+        if zp is not None:
+            z_name = rw.fresh(f"{init_name}_zero_point")
+            rw.graph.initializer.append(numpy_helper.from_array(zp, z_name))
+            inputs.append(z_name)
+    _need_ms_domain(rw.model)
+    for node in consumers:
+        idx = next(i for i, n in enumerate(rw.nodes) if n is node)
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else ""
+        ins = [node.input[0], *inputs]
+        if bias:
+            ins += [""] * (4 - len(ins)) + [bias]
+        rw.nodes[idx] = helper.make_node(
+            "DynamicQuantizeMatMul", ins, [node.output[0]], domain=MS_DOMAIN, name=rw.fresh(f"{init_name}_DQMatMul")
+        )
+    return pre
+
+
+def gather_nodes(rw, init_name: str, qt: QuantizedTensor, consumers: list) -> list:
+    """Integer ``Gather`` of a per-row quantized table, times the gathered row scales."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, cols = qt.rows_cols
+    codes = qt.codes.reshape(rows, cols).numpy().astype(np.int8)
+    table, pre = _int8_weight(rw, init_name, codes, qt.bits)
+    scale, zp = _column_side(qt)
+    if zp is not None:
+        raise ValueError(f"{init_name}: quantized embedding tables must be symmetric (no zero point)")
+    s_name = rw.fresh(f"{init_name}_row_scale")
+    rw.graph.initializer.append(numpy_helper.from_array(scale.reshape(rows, 1), s_name))
+    for node in consumers:
+        idx = next(i for i, n in enumerate(rw.nodes) if n is node)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("axis", 0) != 0:
+            raise ValueError(f"{init_name}: Gather over axis {attrs['axis']} of a quantized table is not supported")
+        ids, out = node.input[1], node.output[0]
+        g_codes, g_float, g_scale = (rw.fresh(f"{out}_{s}") for s in ("codes", "float", "scale"))
+        rw.nodes[idx : idx + 1] = [
+            helper.make_node("Gather", [table, ids], [g_codes], name=rw.fresh(f"{init_name}_GatherCodes")),
+            helper.make_node("Cast", [g_codes], [g_float], to=TensorProto.FLOAT, name=rw.fresh(f"{init_name}_CastRows")),
+            helper.make_node("Gather", [s_name, ids], [g_scale], name=rw.fresh(f"{init_name}_GatherScales")),
+            helper.make_node("Mul", [g_float, g_scale], [out], name=rw.fresh(f"{init_name}_ScaleRows")),
+        ]
+    return pre
+
+
+def folded_dequantize_nodes(rw, out_name: str, qt: QuantizedTensor, shape: list[int]) -> list:
+    """``(Cast(codes) − zero_point) · scale`` producing the float weight ``out_name``: ORT
+    constant-folds it into a float initializer at load (float speed, integer file)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress.export.quantized import _int_initializer
+
+    rows, cols = qt.rows_cols
+    groups = qt.scale.shape[1]
+    codes = qt.codes.reshape(rows, groups, cols // groups).numpy().astype(np.int8)
+    q_name = rw.fresh(f"{out_name}_quantized")
+    if qt.bits <= 4:
+        rw.needs_opset21 = True
+    rw.graph.initializer.append(_int_initializer(q_name, codes, qt.bits, True))
+    scale = qt.scale.float().numpy().reshape(qt.scale.shape[0], groups, 1)
+    s_name = rw.fresh(f"{out_name}_scale")
+    rw.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), s_name))
+    f_name = rw.fresh(f"{out_name}_codes_float")
+    nodes = [helper.make_node("Cast", [q_name], [f_name], to=TensorProto.FLOAT, name=rw.fresh(f"{out_name}_Cast"))]
+    if qt.zero_point is not None:
+        z_name = rw.fresh(f"{out_name}_zero_point")
+        zp = qt.zero_point.float().numpy().reshape(qt.zero_point.shape[0], groups, 1)
+        rw.graph.initializer.append(numpy_helper.from_array(zp.astype(np.float32), z_name))
+        centred = rw.fresh(f"{out_name}_centred")
+        nodes.append(helper.make_node("Sub", [f_name, z_name], [centred], name=rw.fresh(f"{out_name}_Sub")))
+        f_name = centred
+    # The product is (rows, groups, cols / groups): always reshaped to the weight's own shape.
+    product = rw.fresh(f"{out_name}_grouped")
+    shape_name = rw.fresh(f"{out_name}_shape")
+    rw.graph.initializer.append(numpy_helper.from_array(np.asarray(shape, np.int64), shape_name))
+    return [
+        *nodes,
+        helper.make_node("Mul", [f_name, s_name], [product], name=rw.fresh(f"{out_name}_Mul")),
+        helper.make_node("Reshape", [product, shape_name], [out_name], name=rw.fresh(f"{out_name}_Reshape")),
+    ]
+
+
+# --- static activations (QDQ) ---------------------------------------------------------------
+
+
+class StaticQDQ:
+    """Collects the static-activation layers of one rewrite and inserts their QDQ pairs.
+
+    Weights are rewritten as they are met (``add``); the activation Q/DQ pairs are placed in
+    ``finish`` once every layer is known, so a tensor shared by several layers (or a Conv's
+    output feeding the next Conv through a ReLU) gets one pair with one range.
+    """
+
+    def __init__(self, rw, spec: dict):
+        self.rw, self.spec = rw, spec
+        self.layers: list[tuple] = []  # (node, pname, weight_scale (N,))
+
+    def supports(self, qt: QuantizedTensor, consumers: list, init_name: str, transposed: bool) -> bool:
+        from compress.export.quantized import _is_matmul_by, _is_plain_linear_gemm
+
+        if not per_column_ok(qt) or qt.zero_point is not None or len(consumers) != 1:
+            return False
+        node = consumers[0]
+        if transposed:
+            return _is_matmul_by(node, init_name)
+        return _is_plain_linear_gemm(node, init_name) or (node.op_type == "Conv" and node.input[1] == init_name)
+
+    def add(self, pname: str, init_name: str, qt: QuantizedTensor, node, transposed: bool) -> list:
+        """The weight producers for ``node``'s int8 weight (DequantizeLinear per output channel)."""
+        from onnx import helper, numpy_helper
+
+        rows, cols = qt.rows_cols
+        codes = qt.codes.reshape(rows, cols).numpy().astype(np.int8)
+        scale, _ = _column_side(qt)
+        axis = 0
+        if node.op_type == "Conv":
+            codes = codes.reshape(qt.shape)
+        elif transposed:
+            codes, axis = codes.T.copy(), 1
+        w_int8, pre = _int8_weight(self.rw, init_name, codes, qt.bits)
+        s_name = self.rw.fresh(f"{init_name}_scale")
+        zp_name = self.rw.fresh(f"{init_name}_zero_point")
+        self.rw.graph.initializer.extend(
+            [numpy_helper.from_array(scale, s_name), numpy_helper.from_array(np.zeros(rows, np.int8), zp_name)]
+        )
+        w_out = self.rw.fresh(f"{init_name}_dequantized")
+        pre.append(helper.make_node("DequantizeLinear", [w_int8, s_name, zp_name], [w_out], axis=axis,
+                                    name=self.rw.fresh(f"{init_name}_DequantizeLinear")))
+        node.input[1] = w_out
+        self.layers.append((node, pname, scale))
+        return pre
+
+    def _range(self, pname: str, key: str) -> list[float]:
+        try:
+            return self.spec["layers"][pname][key]
+        except KeyError:
+            raise ValueError(
+                f"static activation quantization: no calibrated {key} range for {pname!r} "
+                "(re-run the quantize stage with activations: static)"
+            ) from None
+
+    def finish(self) -> None:
+        """Insert the activation QDQ pairs and the int32 biases."""
+        from onnx import helper, numpy_helper
+
+        rw = self.rw
+        producers = {o: n for n in rw.nodes for o in n.output}
+        graph_outputs = {o.name for o in rw.graph.output}
+        # Tensor → (lo, hi) to quantize it with, and which nodes read the quantized copy.
+        wanted: dict[str, tuple[list[float], list | None]] = {}
+        removed: list = []
+        in_scale: dict[int, float] = {}
+        for node, pname, _ in self.layers:
+            lo, hi = self._range(pname, "input")
+            wanted.setdefault(node.input[0], ([lo, hi], []))[1].append(node)
+        for node, pname, _ in self.layers:
+            if node.op_type != "Conv":
+                continue  # QGemm / MatMulIntegerToFloat give float outputs: no output rounding
+            y = node.output[0]
+            users = [n for n in rw.nodes if y in n.input]
+            if len(users) == 1 and users[0].op_type == "Relu" and y not in graph_outputs:
+                relu = users[0]
+                r = relu.output[0]
+                # A zero point of 0 clamps at 0: the ReLU is folded into the output quantizer.
+                rng = wanted[r][0] if r in wanted else [0.0, self._range(pname, "output")[1]]
+                rng = [0.0, max(rng[1], 0.0)]
+                wanted[r] = (rng, None)  # every reader of the ReLU output reads the quantized copy
+                removed.append(relu)
+                producers[r] = node
+                node.output[0] = r
+            elif y not in wanted:
+                wanted[y] = (self._range(pname, "output"), None)
+        for relu in removed:
+            rw.nodes.remove(relu)
+        readers_of = {}
+        for n in rw.nodes:
+            for i, name in enumerate(n.input):
+                readers_of.setdefault(name, []).append((n, i))
+        new_nodes = []
+        for tensor, (rng, readers) in wanted.items():
+            scale, zp = uint8_qparams(*rng)
+            base = tensor.replace("/", "_")
+            s_name, z_name = rw.fresh(f"{base}_act_scale"), rw.fresh(f"{base}_act_zero_point")
+            rw.graph.initializer.extend([
+                numpy_helper.from_array(np.asarray(scale, np.float32), s_name),
+                numpy_helper.from_array(np.asarray(zp, np.uint8), z_name),
+            ])
+            q, dq = rw.fresh(f"{base}_quantized_act"), rw.fresh(f"{base}_dequantized_act")
+            targets = readers_of.get(tensor, []) if readers is None else [
+                (n, i) for n, i in readers_of.get(tensor, []) if any(n is r for r in readers) and i == 0
+            ]
+            for n, i in targets:
+                n.input[i] = dq
+            if tensor in graph_outputs:  # keep the graph's output name: the pair ends in it
+                prod = producers[tensor]
+                raw = rw.fresh(f"{base}_raw")
+                prod.output[list(prod.output).index(tensor)] = raw
+                for n, i in readers_of.get(tensor, []):
+                    if n.input[i] == tensor:
+                        n.input[i] = raw
+                src, dq = raw, tensor
+            else:
+                src = tensor
+            pair = [helper.make_node("QuantizeLinear", [src, s_name, z_name], [q], name=rw.fresh(f"{base}_Quantize")),
+                    helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=rw.fresh(f"{base}_Dequantize"))]
+            for layer, _, _ in self.layers:
+                if layer.input[0] == dq:
+                    in_scale[id(layer)] = scale
+            new_nodes.append((src, pair))
+        for node, _pname, w_scale in self.layers:
+            self._int32_bias(node, in_scale.get(id(node)), w_scale)
+        # Place each pair right after its producer (graph inputs: first) to stay topologically sorted.
+        for src, pair in new_nodes:
+            prod = next((i for i, n in enumerate(rw.nodes) if src in n.output), None)
+            at = 0 if prod is None else prod + 1
+            rw.nodes[at:at] = pair
+
+    def _int32_bias(self, node, act_scale: float | None, w_scale: np.ndarray) -> None:
+        """A float bias initializer as int32 codes on scale ``s_act · s_w`` (ORT's QDQ form)."""
+        from onnx import helper, numpy_helper
+
+        if act_scale is None or len(node.input) < 3 or not node.input[2] or node.input[2] not in self.rw.inits:
+            return
+        name = node.input[2]
+        bias = numpy_helper.to_array(self.rw.inits[name]).astype(np.float64)
+        scale = (act_scale * w_scale.astype(np.float64)).astype(np.float32)
+        codes = np.clip(np.round(bias / np.maximum(scale, 1e-30)), -(2**31), 2**31 - 1).astype(np.int32)
+        q_name, s_name = self.rw.fresh(f"{name}_int32"), self.rw.fresh(f"{name}_bias_scale")
+        z_name = self.rw.fresh(f"{name}_bias_zero_point")
+        self.rw.graph.initializer.extend([
+            numpy_helper.from_array(codes, q_name), numpy_helper.from_array(scale, s_name),
+            numpy_helper.from_array(np.zeros(len(codes), np.int32), z_name),
+        ])
+        if sum(name in n.input for n in self.rw.nodes) == 1:
+            self.rw.remove_initializer(name)
+        out = self.rw.fresh(f"{name}_dequantized")
+        self.rw.nodes.insert(0, helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], axis=0,
+                                                 name=self.rw.fresh(f"{name}_DequantizeLinear")))
+        node.input[2] = out

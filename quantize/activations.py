@@ -1,0 +1,155 @@
+"""8-bit activation quantization: calibrated ranges, the fake quantizers GPFQ sees, embeddings.
+
+Activations are quantized the way onnxruntime runs them on a CPU: per tensor, unsigned
+8-bit with a zero point (``x ≈ (q − z)·s``, ``q ∈ [0, 255]``), the range always holding 0
+so that zero (padding, ReLU's floor) is exact.
+
+* ``dynamic``: the range is the tensor's own min/max, measured at run time
+  (``DynamicQuantizeLinear``); nothing is calibrated.
+* ``static``: each quantized layer's input and output range is calibrated on the
+  calibration split (min/max, or a percentile at both ends) and frozen into the export.
+
+The ranges travel in ``state.extras["activation_quantization"]`` (JSON): ``{"mode", "bits",
+"layers": {"<layer>.weight": {"input": [lo, hi], "output": [lo, hi]}}}`` keyed by the
+quantized parameter, the same key as ``state.quant``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from compress.fake_quant import (  # noqa: F401  (re-exported: the quantize stage's activation API)
+    fake_quantize_dynamic,
+    fake_quantize_static,
+    quantized_inputs,
+    uint8_qparams,
+)
+from compress.qtensor import QuantizedTensor, UniformTensor
+
+log = logging.getLogger(__name__)
+
+EXTRAS_KEY = "activation_quantization"
+ACTIVATION_BITS = 8
+# Values kept per layer and batch for percentile calibration: bounds memory on conv feature maps.
+PERCENTILE_SAMPLE = 1 << 16
+
+
+class _RangeObserver:
+    """Min/max, or a bounded random sample for percentiles, of every tensor it sees."""
+
+    def __init__(self, method: str, percentile: float, generator: torch.Generator):
+        self.method, self.percentile, self.generator = method, percentile, generator
+        self.lo, self.hi = float("inf"), float("-inf")
+        self.samples: list[torch.Tensor] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        self.lo, self.hi = min(self.lo, x.min().item()), max(self.hi, x.max().item())
+        if self.method == "percentile":
+            if x.numel() > PERCENTILE_SAMPLE:
+                x = x[torch.randint(0, x.numel(), (PERCENTILE_SAMPLE,), generator=self.generator)]
+            self.samples.append(x)
+
+    def range(self) -> list[float]:
+        if self.lo > self.hi:
+            raise ValueError("no activations observed: the layer was not called on the calibration data")
+        if self.method == "minmax":
+            return [self.lo, self.hi]
+        values = torch.cat(self.samples).double()
+        q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], dtype=torch.float64)
+        lo, hi = torch.quantile(values, q).tolist() if values.numel() <= 1 << 24 else (self.lo, self.hi)
+        return [float(lo), float(hi)]
+
+
+@torch.no_grad()
+def calibrate_ranges(
+    model: nn.Module,
+    layers: list[str],
+    calibration: torch.Tensor,
+    *,
+    method: str = "percentile",
+    percentile: float = 99.99,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """The input and output range of each of ``layers`` over the calibration data.
+
+    Args:
+        model: run in eval mode on ``calibration`` in batches (not modified).
+        layers: module names (Linear/Conv) whose first input and output are observed.
+        method: ``minmax`` or ``percentile`` (lower ``100 − percentile``, upper ``percentile``).
+
+    Returns:
+        ``{"<layer>.weight": {"input": [lo, hi], "output": [lo, hi]}}``.
+    """
+    if method not in ("minmax", "percentile"):
+        raise ValueError(f"activation calibration must be 'minmax' or 'percentile', got {method!r}")
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        raise ValueError(f"layers {missing} are not modules of the model")
+    gen = torch.Generator().manual_seed(seed)
+    observers = {n: (_RangeObserver(method, percentile, gen), _RangeObserver(method, percentile, gen)) for n in layers}
+    handles = []
+    for name in layers:
+        obs_in, obs_out = observers[name]
+
+        def hook(_m, args, out, obs_in=obs_in, obs_out=obs_out):
+            obs_in.observe(args[0])
+            obs_out.observe(out)
+
+        handles.append(modules[name].register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(calibration), batch_size):
+            model(calibration[i : i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {f"{n}.weight": {"input": o[0].range(), "output": o[1].range()} for n, o in observers.items()}
+
+
+def activation_spec(model: nn.Module, layers: list[str], calibration: torch.Tensor | None, config, seed: int = 0) -> dict:
+    """``state.extras["activation_quantization"]`` for ``config.activations`` over ``layers``."""
+    mode = config.activations
+    if mode == "dynamic":
+        return {"mode": mode, "bits": ACTIVATION_BITS, "layers": {f"{n}.weight": {} for n in layers}}
+    if calibration is None:
+        raise ValueError("static activation quantization needs the calibration split")
+    ranges = calibrate_ranges(
+        model, layers, calibration, method=config.activation_calibration,
+        percentile=config.activation_percentile, seed=seed,
+    )
+    return {"mode": mode, "bits": ACTIVATION_BITS, "calibration": config.activation_calibration, "layers": ranges}
+
+
+def quantize_embeddings(module: nn.Module, bits: int, masks: dict | None = None) -> dict[str, QuantizedTensor]:
+    """Round-to-nearest codes of every ``nn.Embedding`` table, one symmetric scale per row.
+
+    A row is one token's vector, and a Gather reads whole rows: per-row scales cost one float
+    per token and keep a rare token's small vector from being flushed to zero by a large one.
+    A table tied to an output Linear (same Parameter) is one parameter: quantized once, its
+    one copy serves both uses (the export rewrites every consumer of the initializer).
+    """
+    from compress.qtensor import signed_range
+
+    out: dict[str, QuantizedTensor] = {}
+    seen: set[int] = set()
+    for name, mod in module.named_modules():
+        if not isinstance(mod, nn.Embedding) or id(mod.weight) in seen:
+            continue
+        seen.add(id(mod.weight))
+        w = mod.weight.detach().float()
+        qmin, qmax = signed_range(bits, narrow=True)
+        scale = (w.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
+        codes = torch.clamp(torch.round(w / scale), qmin, qmax)
+        mask = (masks or {}).get(f"{name}.weight")
+        if mask is not None:
+            codes = codes * mask.to(codes.dtype)
+        out[f"{name}.weight"] = UniformTensor(codes=codes.to(torch.int8), bits=bits, scale=scale, method="rtn")
+    return out

@@ -1,0 +1,246 @@
+"""Integer-kernel exports: what onnxruntime actually runs (optimized graph op types), parity
+by cosine, integer Gather for embeddings, folded weight-only convs, honest export checks."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from compress.state import ModelState
+from tests.export.test_quantized_export import _quantized_state, trained  # noqa: F401
+
+
+def _export(state, tmp_path, name="model"):
+    """Float export, then the integer rewrite with the state's activation quantization."""
+    from compress.export.onnx_export import export_onnx
+    from compress.export.quantized import quantize_onnx_model
+
+    float_model = export_onnx(state.module, state.example_input(2), tmp_path / f"{name}.float.onnx")
+    qmodel = quantize_onnx_model(float_model, state.quant, activations=state.extras.get("activation_quantization"))
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(qmodel, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return float_model, qmodel, path
+
+
+def _cfg(**kw):
+    from pydantic import TypeAdapter
+
+    from compress.registry import stage_config
+
+    return TypeAdapter(stage_config("quantize")).validate_python(kw)
+
+
+def _ops_and_outputs(state, tmp_path, x_eval, exact=False):
+    from compress.export.quantized import optimized_op_types, ort_session
+    from compress.runtime import ort_predict
+    from compress.metrics import predict
+
+    _, qmodel, path = _export(state, tmp_path)
+    ort_out = ort_predict(ort_session(path, exact=exact), x_eval.numpy())
+    torch_out = predict(state.module, x_eval).numpy()
+    return optimized_op_types(path, exact=exact), qmodel, ort_out, torch_out
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dynamic_activations_run_as_dynamic_quantize_matmul(trained, tmp_path, bits):  # noqa: F811
+    from compress.runtime import row_cosine
+
+    model, calib, x_eval = trained["digits_mlp"]
+    state = _quantized_state(model, calib, _cfg(method="gpfq", bits=bits, activations="dynamic"))
+    assert state.extras["activation_quantization"]["mode"] == "dynamic"
+    ops, qmodel, ort_out, torch_out = _ops_and_outputs(state, tmp_path, x_eval)
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert ops["DynamicQuantizeMatMul"] == linears and ops["MatMulNBits"] == 0 and ops["Gemm"] == 0, ops
+    dtypes = {i.data_type for i in qmodel.graph.initializer if i.name.endswith("_quantized")}
+    assert dtypes == {onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.UINT8}  # 4-bit file, int8 kernel
+    # Against PyTorch with the same activation rounding (batch 1: one dynamic range per
+    # sample, as the simulation): only accumulation order and rounding ties differ.
+    from compress.export.quantized import ort_session
+    from compress.runtime import ort_predict
+    from compress.fake_quant import quantized_inputs
+    from compress.metrics import predict
+
+    ort_one = ort_predict(ort_session(tmp_path / "model.onnx", exact=False), x_eval.numpy(), batch_size=1)
+    with quantized_inputs(state.module, state.extras["activation_quantization"]):
+        sim = predict(state.module, x_eval).numpy()
+    cos = row_cosine(ort_one, sim)
+    assert cos.min() > 0.999, cos.min()
+    assert (ort_one.argmax(1) == sim.argmax(1)).mean() >= 0.99
+    assert row_cosine(ort_out, torch_out).mean() > 0.99  # and close to the float-activation model
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """The shipped MNIST-1D CNN (94.9%): an under-trained CNN has too many near-ties for a
+    top-1 agreement check."""
+    from pathlib import Path
+
+    from compress import zoo
+    from compress.data import builtin
+
+    model = zoo.ZOO["mnist1d_cnn"][0]()
+    path = Path(__file__).resolve().parents[2] / "recipes" / "models" / "mnist1d_cnn.pt"
+    model.load_state_dict(torch.load(path, weights_only=True))
+    x, _ = builtin("mnist1d", "train")
+    xe, ye = builtin("mnist1d", "test")
+    return model.eval(), torch.as_tensor(x[:512]), torch.as_tensor(xe), ye
+
+
+@pytest.mark.slow
+def test_static_activations_run_as_qlinear_kernels(teacher, tmp_path):
+    from compress.runtime import row_cosine
+
+    model, calib, x_eval, y_eval = teacher
+    state = _quantized_state(model, calib, _cfg(method="gpfq", bits=8, activations="static"))
+    spec = state.extras["activation_quantization"]
+    assert spec["mode"] == "static" and all(lo <= 0 <= hi or lo <= hi for lo, hi in
+                                            (r["input"] for r in spec["layers"].values()))
+    ops, _, ort_out, torch_out = _ops_and_outputs(state, tmp_path, x_eval)
+    convs = sum(isinstance(m, nn.Conv1d) for m in model.modules())
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert ops["QLinearConv"] == convs and ops["QGemm"] == linears, ops
+    assert ops["Conv"] + ops["FusedConv"] + ops["Relu"] == 0, ops  # every ReLU folded into a zero point
+    assert row_cosine(ort_out, torch_out).mean() > 0.99
+    assert (ort_out.argmax(1) == torch_out.argmax(1)).mean() >= 0.97
+    float_acc = (model(x_eval).argmax(1).numpy() == y_eval).mean()
+    assert (ort_out.argmax(1) == y_eval).mean() >= float_acc - 0.005  # the issue's bar: within 0.5 points
+
+
+def test_static_ranges_minmax_cover_percentile():
+    from compress.quantize.activations import calibrate_ranges, fake_quantize_static, uint8_qparams
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(512, 8)
+    mm = calibrate_ranges(model, ["0", "2"], x, method="minmax")
+    pc = calibrate_ranges(model, ["0", "2"], x, method="percentile", percentile=99.0)
+    assert mm["0.weight"]["input"] == pytest.approx([x.min().item(), x.max().item()])
+    assert pc["0.weight"]["input"][1] < mm["0.weight"]["input"][1]
+    assert mm["2.weight"]["input"][0] == 0.0  # after the ReLU
+    scale, zp = uint8_qparams(-1.0, 3.0)
+    assert scale == pytest.approx(4 / 255) and zp == 64
+    q = fake_quantize_static(torch.tensor([-2.0, 0.0, 1.0, 5.0]), -1.0, 3.0)
+    assert q[1] == 0 and q[0] == pytest.approx(-zp * scale) and q[3] == pytest.approx((255 - zp) * scale)
+
+
+def test_gpfq_sees_quantized_activations(trained):  # noqa: F811
+    """With activations quantized, X̃ differs from the float inputs even before any weight moves."""
+    from compress.quantize.activations import activation_spec, quantized_inputs
+    from compress.quantize.gpfq import _capture_input
+
+    model, calib, _ = trained["digits_mlp"]
+    m = copy.deepcopy(model)
+    spec = activation_spec(m, ["net.0"], calib, _cfg(method="gpfq", activations="static"))
+    layer = dict(m.named_modules())["net.0"]
+    plain = _capture_input(m, layer, calib[:64])
+    with quantized_inputs(m, spec):
+        quant = _capture_input(m, layer, calib[:64])
+    err = (quant - plain).abs()
+    lo, hi = spec["layers"]["net.0.weight"]["input"]
+    assert 0 < err.max() <= (hi - lo) / 255  # rounded to the 8-bit grid (and clipped to it)
+    assert torch.equal(_capture_input(m, layer, calib[:64]), plain)  # hooks removed
+
+
+class TinyLM(nn.Module):
+    """Token ids → embedding → Linear → logits over the vocabulary with the tied table."""
+
+    def __init__(self, vocab=64, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, ids):
+        h = torch.relu(self.proj(self.emb(ids)))
+        return (h @ self.emb.weight.T).mean(1)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_tables_gather_integer_rows(tmp_path, bits):
+    from compress.data import DataBundle, Split
+    from compress.export.onnx_export import export_onnx
+    from compress.export.quantized import optimized_op_types, ort_session, quantize_onnx_model
+    from compress.runtime import ort_predict, row_cosine
+    from compress.quantize.stage import apply
+    from compress.state import StageContext
+
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    ids = torch.randint(0, 64, (128, 6))
+    state = ModelState(copy.deepcopy(model), (1, 6), example=ids[:4])
+    ctx = StageContext(DataBundle({"calibration": Split("calibration", ids, None, 64, 0)}), out_dir=None,
+                       device=torch.device("cpu"), reference=model)
+    apply(state, _cfg(method="rtn", bits=8, embedding_bits=bits), ctx)
+    assert state.quant["emb.weight"].bits == bits and state.quant["emb.weight"].granularity == "per_channel"
+    fm = export_onnx(state.module, ids[:2], tmp_path / "f.onnx")
+    qm = quantize_onnx_model(fm, state.quant)
+    path = tmp_path / "q.onnx"
+    onnx.save(qm, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    tables = [i for i in qm.graph.initializer if list(i.dims) == [64, 16]]
+    assert len(tables) == 1 and tables[0].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)  # one copy
+    ops = optimized_op_types(path, exact=False)
+    assert ops["Gather"] >= 2, ops  # codes and row scales gathered, not a dequantized table
+    out = ort_predict(ort_session(path, exact=False), ids.numpy())
+    ref = state.module(ids).detach().numpy()
+    assert row_cosine(out, ref).min() > 0.9999
+
+
+def test_weight_only_conv_is_folded_to_float_at_load(trained, tmp_path):  # noqa: F811
+    """A 4-bit Conv without integer activations must not dequantize on every run."""
+    model, calib, x_eval = trained["mnist1d_cnn"]
+    state = _quantized_state(model, calib, _cfg(method="rtn", bits=4))
+    ops, qmodel, ort_out, torch_out = _ops_and_outputs(state, tmp_path, x_eval, exact=True)
+    assert ops["DequantizeLinear"] == 0 and ops["Cast"] == 0, ops
+    assert any(i.data_type == onnx.TensorProto.INT4 for i in qmodel.graph.initializer)
+    np.testing.assert_allclose(ort_out, torch_out, rtol=1e-4, atol=1e-4)
+
+
+def test_asymmetric_static_layer_falls_back_to_weight_only(trained, tmp_path):  # noqa: F811
+    model, calib, x_eval = trained["digits_mlp"]
+    state = _quantized_state(model, calib, _cfg(method="rtn", bits=8, symmetric=False, activations="static"))
+    ops, _, ort_out, torch_out = _ops_and_outputs(state, tmp_path, x_eval)
+    assert ops["QGemm"] == 0
+    assert (ort_out.argmax(1) == torch_out.argmax(1)).mean() >= 0.97
+
+
+def test_config_rejects_bad_activation_options():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="activations"):
+        _cfg(method="gpfq", activations="int8")
+    with pytest.raises(ValidationError, match="activation_percentile"):
+        _cfg(method="rtn", activation_percentile=50)
+    with pytest.raises(ValidationError, match="auto_holdout"):
+        _cfg(method="gpfq", auto_holdout=1.0)
+    with pytest.raises(ValidationError):
+        _cfg(method="codebook", activations="dynamic")  # codebooks have no integer grid
+
+
+def test_export_stage_judges_fast_kernels_by_cosine_and_times_float(tmp_path, digits_mlp_path):
+    """The default export of integer activations passes an honest cosine check (not atol),
+    and reports the latency ratio to the same model in float."""
+    from compress.pipeline import run
+    from compress.recipe import parse_recipe
+    from tests.conftest import DIGITS_RECIPE
+
+    text = DIGITS_RECIPE.format(
+        stages="  - quantize: {method: rtn, bits: 8, activations: dynamic}\n  - export: {latency_runs: 10}",
+        gates="  {}",
+    )
+    result = run(parse_recipe(text, "dyn.yaml"), digits_mlp_path, tmp_path / "o")
+    export = result.report["stages"][-1]
+    gates = {c["gate"] for c in result.report["checks"]}
+    metrics = export["metrics"]
+    assert result.passed, result.failures
+    assert metrics["ort_fast_kernels"] and metrics["activations"] == "dynamic"
+    assert metrics["ort_cosine_min"] >= 0.99 and metrics["ort_max_abs_error"] > 0  # reported, not hidden
+    assert metrics["latency_vs_float"] > 0 and metrics["float_latency_p50_ms"] > 0
+    assert export["latency_vs_float"] == metrics["latency_vs_float"]
+    assert "onnx_parity_cosine" in gates and "onnx_parity_within_tolerance" not in gates
+    assert not list((tmp_path / "o").rglob("float_reference.onnx"))  # the float twin is not left behind
