@@ -159,7 +159,7 @@ def atomic_open(dst: str | os.PathLike, *, mkdir: bool = False, size_hint: int |
     publish_temp(f, tmp, dst, size_hint)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, mkdir: bool = True) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, mkdir: bool = True) -> Path:
     """Call ``write(tmp)`` on a fresh, exclusively created temp path, then publish it.
 
     ``write`` receives the temp file's path (it may reopen it, e.g. ``torch.save``);

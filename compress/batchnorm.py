@@ -93,6 +93,8 @@ def fold_pair(module: nn.Module, producer: str, bn: str) -> None:
     """Fold BatchNorm ``bn`` (eval statistics) into ``producer`` and replace it by Identity."""
     layer = module.get_submodule(producer)
     norm = module.get_submodule(bn)
+    if not isinstance(layer, FOLDABLE_PRODUCERS) or not isinstance(norm, BATCHNORMS):
+        raise TypeError(f"cannot fold {bn} ({type(norm).__name__}) into {producer} ({type(layer).__name__})")
     if norm.running_mean is None or norm.running_var is None:
         raise ValueError(f"{bn} has no running statistics (track_running_stats=False): cannot fold it")
     out = layer.weight.shape[0]
@@ -153,6 +155,7 @@ def fold_batchnorm(
             left.append({"bn": bn, "reason": f"{producer} is already quantized"})
             continue
         layer, norm = module.get_submodule(producer), module.get_submodule(bn)
+        assert isinstance(layer, FOLDABLE_PRODUCERS)  # find_pairs pairs only these producers
         weight = layer.weight.detach().clone()
         bias = None if layer.bias is None else layer.bias.detach().clone()
         try:
@@ -161,20 +164,21 @@ def fold_batchnorm(
             left.append({"bn": bn, "reason": str(err)})
             continue
         with torch.no_grad():
-            err = (module(example).float() - reference).abs().max() / scale
-        if err > rtol:
+            rel_err = (module(example).float() - reference).abs().max() / scale
+        if rel_err > rtol:
             # The producer's output also feeds something besides the BatchNorm: undo.
             with torch.no_grad():
                 layer.weight.copy_(weight)
                 if bias is None:
                     layer.bias = None
                 else:
+                    assert layer.bias is not None  # fold_pair only ever adds a bias
                     layer.bias.copy_(bias)
             _set_submodule(module, bn, norm)
             left.append(
                 {
                     "bn": bn,
-                    "reason": f"{producer}'s output is also used elsewhere (fold changed the output by {err:.2g})",
+                    "reason": f"{producer}'s output is also used elsewhere (fold changed the output by {rel_err:.2g})",
                 }
             )
             continue

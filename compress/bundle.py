@@ -57,7 +57,7 @@ def write_bundle(
         or (named and any(len(v) != n for v in named.values()))
     ):
         raise ValueError("inputs, outputs and labels must have the same number of samples")
-    tensors = {f"input/{k}": v for k, v in named.items()} if named else {"inputs": inputs}
+    tensors = {f"input/{k}": v for k, v in inputs.items()} if isinstance(inputs, dict) else {"inputs": inputs}
     tensors["outputs"] = outputs
     if labels is not None:
         tensors["labels"] = labels
@@ -98,6 +98,7 @@ def open_bundle(path: Path, workdir: Path) -> Bundle:
         missing = (wanted | {"extra/outputs"}) - names
         if missing:
             raise CorruptArchiveError(f"{path}: bundle lacks {', '.join(sorted(missing))}")
+        inputs: np.ndarray | dict[str, np.ndarray]
         if isinstance(input_names, list):
             inputs = {n: reader.read_tensor(f"extra/input/{n}") for n in input_names}
         else:

@@ -179,15 +179,19 @@ def load_split(
 
     ``trusted`` holds the recipe's ``trusted_callables`` (see ``compress.imports``).
     """
+    y: np.ndarray | None
     if spec.source in ("mnist1d", "digits"):
         x, y = builtin(spec.source, spec.split)
     elif spec.source == "file":
+        assert spec.path is not None  # DataSplitSpec's validator requires it for this source
         path = Path(spec.path)
         x, y = _load_file(path if path.is_absolute() else base_dir / path)
     elif spec.source == "text":
+        assert spec.path is not None and spec.fn is not None  # DataSplitSpec's validator requires both
         path = Path(spec.path)
         x, y = _load_text(path if path.is_absolute() else base_dir / path, spec.fn, spec.kwargs, trusted), None
     else:  # callable
+        assert spec.fn is not None  # DataSplitSpec's validator requires it for this source
         x, y = _load_callable(spec.fn, spec.split, spec.kwargs, trusted)
     x = np.asarray(x)
     if x.dtype.kind not in "fiu" or x.ndim < 1:

@@ -13,9 +13,12 @@ import io
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compress.report import format_gate_distance, format_gate_value, gate_line, stage_table
+
+if TYPE_CHECKING:
+    from matplotlib.transforms import Bbox
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2330;padding:0 1rem}
@@ -121,7 +124,7 @@ def _place_labels(ax, labelled: Sequence[tuple[str, float, float, str]]) -> None
     """Annotate points with offsets chosen so labels avoid each other and stay inside the axes."""
     renderer = ax.figure.canvas.get_renderer()
     axbox = ax.get_window_extent(renderer)
-    placed = []
+    placed: list[Bbox] = []
     offsets = [(6, 6), (6, -12), (-6, 6), (-6, -12), (6, 16), (-6, 16), (6, -22), (-6, -22), (10, 26), (10, -32)]
     for text, x, y, color in labelled:
         for dx, dy in offsets:
@@ -432,7 +435,7 @@ def render_html(report: dict[str, Any]) -> str:
         if s.get(metric) is not None
     ]
     layers = report.get("layers", [])
-    samples = next(
+    samples: list[float] = next(
         (
             s["metrics"].get("latency_ms_samples", [])
             for s in reversed(stages)

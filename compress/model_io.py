@@ -290,8 +290,9 @@ def resize_to_state_dict(module: nn.Module, sd: dict[str, torch.Tensor]) -> None
                 if hasattr(owner, size_attr) and tensor.dim() > dim:
                     setattr(owner, size_attr, tensor.shape[dim])
             if hasattr(owner, "in_channels") and tensor.dim() > 1:  # conv weight: (out, in / groups, ...)
-                owner.in_channels = tensor.shape[1] * getattr(owner, "groups", 1)
+                # torch's stubs type Module.__setattr__'s value as Tensor | Module; it stores any value
+                owner.in_channels = tensor.shape[1] * getattr(owner, "groups", 1)  # type: ignore[assignment]
         if hasattr(owner, "num_features") and attr in ("weight", "bias", "running_mean", "running_var"):
-            owner.num_features = tensor.shape[0]
+            owner.num_features = tensor.shape[0]  # type: ignore[assignment]  # stub: see in_channels above
         if hasattr(owner, "normalized_shape") and attr in ("weight", "bias"):
-            owner.normalized_shape = tuple(tensor.shape)
+            owner.normalized_shape = tuple(tensor.shape)  # type: ignore[assignment]  # stub: see in_channels above

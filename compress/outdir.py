@@ -53,7 +53,7 @@ class OutputFolder:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock = None
+        self._lock: int | None = None
 
     def __enter__(self) -> OutputFolder:
         self.lock()

@@ -23,7 +23,10 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class MethodEntry:
 
     stage: str
     name: str
-    config: type
+    config: type[BaseModel]
     apply_path: str | Callable[..., Any]  # "package.module:function" (resolved lazily) or the function
 
     def resolve(self) -> Callable[..., Any]:
@@ -102,7 +105,7 @@ def register_stage(
     _STAGES[name] = StageEntry(name, apply, summary, tuple(needs), order, config)
 
 
-def register_method(stage: str, config: type, *, apply: str | Callable[..., Any]) -> None:
+def register_method(stage: str, config: type[BaseModel], *, apply: str | Callable[..., Any]) -> None:
     """Register ``config`` (a pydantic model with a ``method: Literal[...]`` field) as a method
     of ``stage``, run by the function at ``apply`` ("package.module:function").
 

@@ -87,7 +87,7 @@ def reinitialize(module: nn.Module, seed: int) -> nn.Module:
                 covered.update(id(p) for p in m.parameters(recurse=isinstance(m, nn.MultiheadAttention)))
     missed = [n for n, p in module.named_parameters() if id(p) not in covered]
     if missed:
-        owners = {}
+        owners: dict[str, list[str]] = {}
         for mname, m in module.named_modules():
             for pname, p in m.named_parameters(recurse=False):
                 if id(p) not in covered:

@@ -60,6 +60,8 @@ def export_onnx(
     import onnx
 
     module = module.eval()
+    dyn: tuple[dict[int, object] | None, ...] | None
+    legacy_axes: dict[str, dict[int, str]] | None
     if signature is not None:
         module = signature.module.eval()
         args = tuple(signature.split(example_input))
@@ -70,7 +72,7 @@ def export_onnx(
             {axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.get(inp, {}).items()} or None
             for inp in input_names
         )
-        legacy_axes: dict | None = {n: dict(a) for n, a in axes.items()}
+        legacy_axes = {n: dict(a) for n, a in axes.items()}
         first_axes = axes.get(input_names[0], {})
         if 0 in first_axes:
             legacy_axes[OUTPUT_NAME] = {0: first_axes[0]}
@@ -96,6 +98,7 @@ def export_onnx(
                     optimize=True,
                     verbose=False,
                 )
+            assert program is not None  # dynamo=True always returns an ONNXProgram (None is the legacy path's)
             program.save(str(tmp), external_data=external)
         else:
             torch.onnx.export(

@@ -111,6 +111,7 @@ class RunningMoments:
         if self.n == 0:
             self.n, self.mean, self.m2 = nb, mb, m2b
             return
+        assert self.mean is not None and self.m2 is not None  # set by the first non-empty batch
         n = self.n + nb
         delta = mb - self.mean
         self.mean = self.mean + delta * (nb / n)
@@ -560,7 +561,7 @@ def remove_neurons(
         rows = out_keep.get(name, torch.arange(old.out_features))
         cols = in_keep.get(name, torch.arange(old.in_features))
         delta = bias_delta.get(name)
-        bias = old.bias
+        bias: torch.Tensor | None = old.bias
         if delta is not None:
             bias = (
                 torch.zeros(old.out_features, dtype=torch.float64, device=w.device) if bias is None else bias.double()
@@ -627,7 +628,13 @@ def variance_prune(
     stats = collect_statistics(module, blocks, batches)
     scores = neuron_scores(module, blocks, stats, statistic)
     removed = select_pruned(scores, amount, min_neurons, scope)
-    means = {b: stats[b].post.mean for b in blocks} if mean_fold else None
+    means: dict[MLPBlock, torch.Tensor] | None = None
+    if mean_fold:
+        means = {}
+        for b in blocks:
+            mean = stats[b].post.mean
+            assert mean is not None  # collect_statistics raises for a block that never ran
+            means[b] = mean
     remove_neurons(module, removed, means, masks)
     report = {
         "blocks": [

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from compress.qtensor import CodebookTensor, QuantizedTensor
+from compress.qtensor import CodebookTensor
 from compress.quantize.rtn import as_matrix
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def codebook_quantize(
     n_codebooks: int = 1,
     iterations: int = 50,
     init: str = "linear",
-) -> QuantizedTensor:
+) -> CodebookTensor:
     """k-means codebook quantization of one weight tensor.
 
     Args:
@@ -99,7 +99,7 @@ def codebook_quantize(
         iterations, init: k-means settings (``kmeans_1d``).
 
     Returns:
-        A codebook ``QuantizedTensor``; pruned weights dequantize to exactly 0 (code 0 is
+        A ``CodebookTensor``; pruned weights dequantize to exactly 0 (code 0 is
         then reserved for 0.0 in every codebook).
     """
     if not 1 <= bits <= 8:
@@ -140,7 +140,11 @@ def codebook_quantize(
 class _CodebookWeight(nn.Module):
     """Parametrisation ``W = C[g(row), I]``: the weight as a function of trainable centroids."""
 
-    def __init__(self, qt: QuantizedTensor, reserve_zero: bool):
+    index: torch.Tensor
+    which: torch.Tensor
+    frozen: torch.Tensor
+
+    def __init__(self, qt: CodebookTensor, reserve_zero: bool):
         super().__init__()
         rows, cols = qt.rows_cols
         self.shape = qt.shape
@@ -164,14 +168,14 @@ class _CodebookWeight(nn.Module):
 
 def finetune_codebooks(
     model: nn.Module,
-    quant: dict[str, QuantizedTensor],
+    quant: dict[str, CodebookTensor],
     train: Callable[[nn.Module, list[nn.Parameter], Callable[[], None]], object],
-) -> dict[str, QuantizedTensor]:
+) -> dict[str, CodebookTensor]:
     """Fine-tune the centroids of ``quant``'s codebooks inside ``model`` (assignments fixed).
 
     Args:
         model: holds the parameters named in ``quant``.
-        quant: ``{"<layer>.weight": codebook QuantizedTensor}``.
+        quant: ``{"<layer>.weight": CodebookTensor}``.
         train: ``train(model, params, after_step)`` runs the training loop (e.g. a closure
             over ``compress.train.fit``) on ``params`` and calls ``after_step`` after each step.
 
@@ -208,7 +212,7 @@ def finetune_codebooks(
     return out
 
 
-def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict[str, QuantizedTensor], dict]:
+def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict[str, CodebookTensor], dict]:
     """The ``codebook`` method of the quantize stage (see ``compress.quantize.stage``).
 
     ``chosen`` maps canonical parameter names to ``(WeightTarget, bits)``.
@@ -219,7 +223,7 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
 
     params = state.parameters_by_name()
     floats = {pname: params[pname].detach().clone() for pname in chosen}
-    new: dict[str, QuantizedTensor] = {}
+    new: dict[str, CodebookTensor] = {}
     for pname, (_, bits) in chosen.items():
         new[pname] = codebook_quantize(
             params[pname],

@@ -395,7 +395,7 @@ def _varints(values: Sequence[int]) -> bytes:
     return bytes(out)
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+def _read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf) or shift > 35:
@@ -450,7 +450,7 @@ def encode_ans(raw: np.ndarray) -> bytes | None:
     return head + words.tobytes()
 
 
-def decode_ans(payload: bytes, raw_len: int) -> np.ndarray:
+def decode_ans(payload: bytes | memoryview, raw_len: int) -> np.ndarray:
     if len(payload) < 3 or payload[0] not in _WIDTHS:
         raise ValueError("ANS stream: bad header")
     w = payload[0]
@@ -479,7 +479,7 @@ def decode_ans(payload: bytes, raw_len: int) -> np.ndarray:
 
 
 def encode_stream(stream: np.ndarray, level: int) -> EncodedStream:
-    raw = memoryview(np.ascontiguousarray(stream)).cast("B")
+    raw = np.ascontiguousarray(stream).data.cast("B")
     worth, sparse = _profile(stream) if stream.size else (False, False)
     best: tuple[int, bytes] | None = None
     if worth:
@@ -539,7 +539,7 @@ def _chunk(n: int, streams: list[np.ndarray], level: int) -> EncodedChunk:
     return EncodedChunk(n, coded, chunk_crc([s.payload for s in coded]))
 
 
-def decode_stream(method: int, payload: bytes, raw_len: int) -> np.ndarray:
+def decode_stream(method: int, payload: bytes | memoryview, raw_len: int) -> np.ndarray:
     """Decode one stream; raises ``ValueError`` on any inconsistency (the container names it)."""
     if method == METHOD_RAW:
         if len(payload) != raw_len:
@@ -565,7 +565,11 @@ def decode_stream(method: int, payload: bytes, raw_len: int) -> np.ndarray:
 
 
 def decode_chunk(
-    layout: str, n: int, item: int, streams: Sequence[tuple[int, bytes, int]], out: np.ndarray | None = None
+    layout: str,
+    n: int,
+    item: int,
+    streams: Sequence[tuple[int, bytes | memoryview, int]],
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode ``(method, payload, raw_len)`` streams back into the chunk's raw bytes.
 

@@ -757,7 +757,9 @@ class ContainerReader:
         except KeyError:
             raise InputError(f"{self.path}: no entry {name!r}") from None
 
-    def _read_chunk_payload(self, where: str, n_crc_streams: tuple[int, int, list]) -> list[tuple[int, bytes, int]]:
+    def _read_chunk_payload(
+        self, where: str, n_crc_streams: tuple[int, int, list]
+    ) -> list[tuple[int, memoryview, int]]:
         """One read for a chunk's payloads (they are contiguous), CRC-checked."""
         _, crc, streams = n_crc_streams
         if not streams:

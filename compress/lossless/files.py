@@ -626,7 +626,7 @@ def unpack_file(
                     else:  # a byte range of a blob: decode only the chunks it covers
                         pieces = r.iter_range(ename, start, length)
                     for chunk in pieces:
-                        buf = memoryview(chunk).cast("B") if chunk.flags.c_contiguous else chunk.tobytes()
+                        buf = chunk.data.cast("B") if chunk.flags.c_contiguous else chunk.tobytes()
                         written += len(buf)
                         if written > size:
                             raise CorruptArchiveError(f"{src}: restored data exceeds the declared {size} bytes")

@@ -126,13 +126,15 @@ def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> di
             if qt.bits <= 4:
                 codes_layout = "u4" if qt.codes.dtype == torch.uint8 else "i4"
             parts = {k: v for k, v in qt.to_dict().items() if isinstance(v, torch.Tensor)}
-            mask = f"mask/{name}" if name in state.masks and state.masks[name].numel() == qt.codes.numel() else None
+            mask_entry = (
+                f"mask/{name}" if name in state.masks and state.masks[name].numel() == qt.codes.numel() else None
+            )
             for part, t in parts.items():
                 if t is None:
                     continue
                 if part == "codes":
                     arr, dtype = tensor_to_numpy(t)
-                    st = w.add_tensor(f"quant/{name}/codes", arr, dtype=dtype, layout=codes_layout, mask=mask)
+                    st = w.add_tensor(f"quant/{name}/codes", arr, dtype=dtype, layout=codes_layout, mask=mask_entry)
                 else:
                     st = _add(w, f"quant/{name}/{part}", t)
                 raw += st.raw_bytes

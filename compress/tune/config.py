@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 FLOAT = "float"
 
 
+def _default_bits() -> list[int | Literal["float"]]:
+    return [2, 3, 4, 8, "float"]
+
+
 class SearchBudget(BaseModel):
     """How much the search may spend: end-to-end candidates and/or wall time."""
 
@@ -45,7 +49,7 @@ class SearchSpec(BaseModel):
         "recipe has a compress stage, else onnx_size.",
     )
     bits: list[int | Literal["float"]] = Field(
-        default_factory=lambda: [2, 3, 4, 8, FLOAT],
+        default_factory=_default_bits,
         min_length=1,
         description="Bit widths a layer may get; 'float' keeps the layer unquantized (listed under the quantize stage's skip).",
     )

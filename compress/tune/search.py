@@ -193,9 +193,9 @@ def tune(
             continue
         for variant in (v for v in plan.variants if v.sparsity == level):
             notify("phase", f"sensitivity: {len(searched)} layers x {len(plan.spec.bits)} widths ({variant.label})")
-            table = _sensitivity(plan, variant, state, data, reference, searched, model_path, out_dir)
-            sensitivity[variant.label] = table
-            tables[variant.label] = _choice_table(table, plan.spec.bits, plan.objective)
+            measured = _sensitivity(plan, variant, state, data, reference, searched, model_path, out_dir)
+            sensitivity[variant.label] = measured
+            tables[variant.label] = _choice_table(measured, plan.spec.bits, plan.objective)
 
     def run_candidate(variant: Variant, picks: list[int], kind: str) -> Candidate:
         table = tables[variant.label]
@@ -312,13 +312,15 @@ def _plan(recipe: Recipe, spec: SearchSpec) -> _Plan:
             )
     int_bits = [int(b) for b in spec.bits if b != FLOAT]
     option_items = [[(k, v) for v in values] for k, values in spec.options.items()]
+    levels: list[float | None] = [*spec.sparsity] if spec.sparsity else [None]
     variants = [
         Variant(level, method, tuple(opts))
-        for level in (spec.sparsity or [None])
+        for level in levels
         for method in (spec.methods or [base.method])
         for opts in itertools.product(*option_items)
     ]
-    adapter = TypeAdapter(get_stage("quantize").config)
+    quant_config = get_stage("quantize").config
+    adapter = TypeAdapter(quant_config)
     for v in variants:
         for b in int_bits or [base.bits]:
             try:
@@ -424,7 +426,8 @@ def _sensitivity(plan: _Plan, variant: Variant, state, data, reference, layers, 
     from compress.tune.sensitivity import measure
 
     recipe = plan.recipe
-    cfg = TypeAdapter(get_stage("quantize").config).validate_python(
+    quant_config = get_stage("quantize").config
+    cfg = TypeAdapter(quant_config).validate_python(
         _quant_dict(recipe.stages[plan.quant_index].config, variant.method, dict(variant.options))
     )
     bits = [str(b) for b in plan.spec.bits]
