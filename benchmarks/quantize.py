@@ -29,11 +29,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress import zoo  # noqa: E402
-from compress.data import DataBundle, Split, builtin  # noqa: E402
-from compress.metrics import evaluate  # noqa: E402
-from compress.state import ModelState, StageContext  # noqa: E402
-from compress.train import TrainConfig, fit  # noqa: E402
+from compress import zoo
+from compress.data import DataBundle, Split, builtin
+from compress.metrics import evaluate
+from compress.state import ModelState, StageContext
+from compress.train import TrainConfig, fit
 
 BITS = (2, 3, 4, 8)
 MODELS = {"mnist1d_mlp": ({}, 60), "mnist1d_cnn": ({}, 60), "digits_mlp": ({"hidden": (128,)}, 30)}
@@ -62,7 +62,9 @@ def run_ours(model, x, y, config):
     from compress.quantize.stage import apply
 
     state = ModelState(copy.deepcopy(model), (1, x.shape[1]))
-    bundle = DataBundle({"train": Split("train", x, y, 128, 0), "calibration": Split("calibration", x[:CALIB], None, 256, 0)})
+    bundle = DataBundle(
+        {"train": Split("train", x, y, 128, 0), "calibration": Split("calibration", x[:CALIB], None, 256, 0)}
+    )
     ctx = StageContext(bundle, out_dir=Path("."), device=torch.device("cpu"), reference=model)
     t = time.perf_counter()
     apply(state, config, ctx)
@@ -86,13 +88,22 @@ def brevitas_model(model: nn.Module, bits: int) -> nn.Module:
     for parent in list(qmodel.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                new = qnn.QuantLinear(child.in_features, child.out_features, bias=child.bias is not None,
-                                      weight_quant=WeightQuant)
+                new = qnn.QuantLinear(
+                    child.in_features, child.out_features, bias=child.bias is not None, weight_quant=WeightQuant
+                )
             elif isinstance(child, (nn.Conv1d, nn.Conv2d)):
                 cls = qnn.QuantConv1d if isinstance(child, nn.Conv1d) else qnn.QuantConv2d
-                new = cls(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
-                          padding=child.padding, dilation=child.dilation, groups=child.groups,
-                          bias=child.bias is not None, weight_quant=WeightQuant)
+                new = cls(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    stride=child.stride,
+                    padding=child.padding,
+                    dilation=child.dilation,
+                    groups=child.groups,
+                    bias=child.bias is not None,
+                    weight_quant=WeightQuant,
+                )
             else:
                 continue
             new.load_state_dict(child.state_dict(), strict=False)  # the scale is initialised from stats
@@ -147,8 +158,8 @@ def gemm_to_matmul(model):
 
 
 def ort_eval(path: Path, xe, ye, exact_config: bool) -> tuple[float, float]:
-    from compress.runtime import measure_latency, ort_predict
     from compress.export.quantized import ort_session
+    from compress.runtime import measure_latency, ort_predict
 
     sess = ort_session(path, exact=exact_config, disabled_optimizers=("MatMulAddFusion",) if exact_config else ())
     out = ort_predict(sess, xe.numpy())
@@ -181,13 +192,24 @@ def benchmark_model(name: str, tmp: Path) -> list[dict]:
     rows: list[dict] = []
     fpath = tmp / f"{name}.float.onnx"
     fmodel = export_onnx(model, xe[:2], fpath)
-    acc_f, lat_f = ort_eval(fpath, xe, ye, exact_config=False)
+    _acc_f, lat_f = ort_eval(fpath, xe, ye, exact_config=False)
     float_acc = evaluate(model, xe, ye)["accuracy"]
-    rows.append({"model": name, "method": "float", **{b: float_acc for b in BITS}, "time": 0.0,
-                 "bytes": fpath.stat().st_size, "latency": lat_f})
+    rows.append(
+        {
+            "model": name,
+            "method": "float",
+            **{b: float_acc for b in BITS},
+            "time": 0.0,
+            "bytes": fpath.stat().st_size,
+            "latency": lat_f,
+        }
+    )
 
-    for method, make in (("RTN", lambda b: RTNConfig(bits=b)), ("GPFQ (ours)", lambda b: GPFQConfig(bits=b)),
-                         ("codebook", lambda b: CodebookConfig(bits=b))):
+    for method, make in (
+        ("RTN", lambda b: RTNConfig(bits=b)),
+        ("GPFQ (ours)", lambda b: GPFQConfig(bits=b)),
+        ("codebook", lambda b: CodebookConfig(bits=b)),
+    ):
         row = {"model": name, "method": method}
         for b in BITS:
             state, secs = run_ours(model, x, y, make(b))
@@ -224,8 +246,16 @@ def benchmark_model(name: str, tmp: Path) -> list[dict]:
     quantize_dynamic(str(mm_path), str(q8), weight_type=QuantType.QInt8, per_channel=True)
     secs = time.perf_counter() - t
     acc8, lat8 = ort_eval(q8, xe, ye, exact_config=False)
-    rows.append({"model": name, "method": "ORT quantize_dynamic int8", 8: acc8, "time": secs,
-                 "bytes": q8.stat().st_size, "latency": lat8})
+    rows.append(
+        {
+            "model": name,
+            "method": "ORT quantize_dynamic int8",
+            8: acc8,
+            "time": secs,
+            "bytes": q8.stat().st_size,
+            "latency": lat8,
+        }
+    )
     row = {"model": name, "method": "ORT MatMulNBits (block 32)"}
     for b in (2, 4, 8):
         qn = tmp / f"{name}.ort-nbits{b}.onnx"
@@ -336,8 +366,8 @@ def cnn_speed_rows(tmp: Path, threads_list=(1, 2)) -> list[dict]:
 
     from compress.export.onnx_export import export_onnx
     from compress.export.quantized import ort_session, quantize_onnx_model
-    from compress.runtime import ort_predict
     from compress.quantize.config import GPFQConfig
+    from compress.runtime import ort_predict
 
     model_cnn, x, y, xe, ye = train("mnist1d_cnn")
     torch.manual_seed(0)
@@ -360,23 +390,42 @@ def cnn_speed_rows(tmp: Path, threads_list=(1, 2)) -> list[dict]:
                 return next(self.it, None)
 
         qs = tmp / f"{mname[:5]}.ort-static.onnx"
-        quantize_static(str(fpath), str(qs), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(fpath),
+            str(qs),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         paths["ORT quantize_static QDQ int8"] = qs
-        for label, cfg in (("ours GPFQ int8, static act", GPFQConfig(bits=8, activations="static")),
-                           ("ours GPFQ int4, static act", GPFQConfig(bits=4, activations="static")),
-                           ("ours GPFQ int4, weight-only", GPFQConfig(bits=4))):
+        for label, cfg in (
+            ("ours GPFQ int8, static act", GPFQConfig(bits=8, activations="static")),
+            ("ours GPFQ int4, static act", GPFQConfig(bits=4, activations="static")),
+            ("ours GPFQ int4, weight-only", GPFQConfig(bits=4)),
+        ):
             print(f"# {mname}: {label}", flush=True)
             state, _ = run_ours(model, x, y, cfg)
             fm = export_onnx(state.module, xe[:2], tmp / "o.float.onnx")
             path = tmp / f"{mname[:5]}-{len(paths)}.onnx"
-            onnx.save(quantize_onnx_model(fm, state.quant, activations=state.extras.get("activation_quantization")),
-                      str(path))
+            onnx.save(
+                quantize_onnx_model(fm, state.quant, activations=state.extras.get("activation_quantization")), str(path)
+            )
             paths[label] = path
-        accs = {k: float((ort_predict(ort_session(p, exact=False, disabled_optimizers=()), xe.numpy()).argmax(1)
-                          == ye.numpy()).mean()) for k, p in paths.items()}
-        lat = {(t, b): interleaved_latency(paths, np.ascontiguousarray(xe[:b].numpy()), t, runs=20 if b == 1 else 5)
-               for t in threads_list for b in (1, 32)}
+        accs = {
+            k: float(
+                (
+                    ort_predict(ort_session(p, exact=False, disabled_optimizers=()), xe.numpy()).argmax(1) == ye.numpy()
+                ).mean()
+            )
+            for k, p in paths.items()
+        }
+        lat = {
+            (t, b): interleaved_latency(paths, np.ascontiguousarray(xe[:b].numpy()), t, runs=20 if b == 1 else 5)
+            for t in threads_list
+            for b in (1, 32)
+        }
         for k, p in paths.items():
             row = {"model": mname, "variant": k, "acc": accs[k], "kib": p.stat().st_size / 1024}
             for (t, b), d in lat.items():
@@ -392,12 +441,22 @@ def print_cnn_rows(rows: list[dict], threads_list=(1, 2), header: bool = True) -
     """Markdown rows (printed as each model finishes, so a cut-short run still reports)."""
     keys = [f"t{t}b{b}" for t in threads_list for b in (1, 32)]
     if header:
-        print("| model | variant | accuracy | ONNX KiB | " + " | ".join(f"{k} / float" for k in keys)
-              + " | " + " | ".join(f"{k} / ORT" for k in keys) + " |")
+        print(
+            "| model | variant | accuracy | ONNX KiB | "
+            + " | ".join(f"{k} / float" for k in keys)
+            + " | "
+            + " | ".join(f"{k} / ORT" for k in keys)
+            + " |"
+        )
         print("|" + "---|" * (4 + 2 * len(keys)))
     for r in rows:
-        print(f"| {r['model']} | {r['variant']} | {100 * r['acc']:.1f} | {r['kib']:.1f} | "
-              + " | ".join(f"{r[k]:.2f}" for k in keys) + " | " + " | ".join(f"{r[k + '_peer']:.2f}" for k in keys) + " |")
+        print(
+            f"| {r['model']} | {r['variant']} | {100 * r['acc']:.1f} | {r['kib']:.1f} | "
+            + " | ".join(f"{r[k]:.2f}" for k in keys)
+            + " | "
+            + " | ".join(f"{r[k + '_peer']:.2f}" for k in keys)
+            + " |"
+        )
 
 
 def fmt(v, kind="acc"):
@@ -418,9 +477,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cnn-speed", action="store_true",
-                        help="only the integer-kernel CNN table: float vs ORT quantize_static vs ours (static "
-                        "int8 activations), latency as a ratio to float at 1/2 threads, batch 1/32")
+    parser.add_argument(
+        "--cnn-speed",
+        action="store_true",
+        help="only the integer-kernel CNN table: float vs ORT quantize_static vs ours (static "
+        "int8 activations), latency as a ratio to float at 1/2 threads, batch 1/32",
+    )
     args = parser.parse_args()
     if args.cnn_speed:
         torch.set_num_threads(2)
@@ -436,13 +498,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows += benchmark_model(name, Path(tmp))
-    header = f"| {'model':12} | {'method':27} | " + " | ".join(f"{b}-bit" for b in BITS) + " | quantize s (4b) | ONNX KiB (4b) | ORT p50 ms |"
+    header = (
+        f"| {'model':12} | {'method':27} | "
+        + " | ".join(f"{b}-bit" for b in BITS)
+        + " | quantize s (4b) | ONNX KiB (4b) | ORT p50 ms |"
+    )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
         accs = " | ".join(f"{fmt(r.get(b)):>5}" for b in BITS)
-        print(f"| {r['model']:12} | {r['method']:27} | {accs} | {fmt(r.get('time'), 'time'):>15} | "
-              f"{fmt(r.get('bytes'), 'bytes'):>13} | {fmt(r.get('latency'), 'lat'):>10} |")
+        print(
+            f"| {r['model']:12} | {r['method']:27} | {accs} | {fmt(r.get('time'), 'time'):>15} | "
+            f"{fmt(r.get('bytes'), 'bytes'):>13} | {fmt(r.get('latency'), 'lat'):>10} |"
+        )
     print()
     print("GPFQ over-parametrisation (one synthetic ReLU-input layer, m = 128 samples, 3 bits, 16 neurons):")
     print("| N | GPFQ ‖Xw−Xq‖²/‖Xw‖² | RTN | GPFQ s |")

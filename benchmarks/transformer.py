@@ -66,8 +66,16 @@ VARIANTS: dict[str, list[tuple[str, dict]]] = {
     ],
     # 4-bit feed-forward blocks (2/3 of the encoder weights), 8-bit attention: about 13 MB.
     "GPFQ int4 FFN + int8 attention, dynamic act, int4 emb": [
-        ("quantize", {"method": "gpfq", "bits": 4, "layer_bits": {"*attention*": 8}, "activations": "dynamic",
-                      "embedding_bits": 4}),
+        (
+            "quantize",
+            {
+                "method": "gpfq",
+                "bits": 4,
+                "layer_bits": {"*attention*": 8},
+                "activations": "dynamic",
+                "embedding_bits": 4,
+            },
+        ),
     ],
     "GPFQ int4 per-channel, dynamic act, int4 emb": [
         ("quantize", {"method": "gpfq", "bits": 4, "activations": "dynamic", "embedding_bits": 4}),
@@ -107,16 +115,23 @@ def export(state: ModelState, path: Path):
     """(onnx path, session factory kwargs) for the state, as the export stage writes it."""
     import onnx
 
-    from compress.onnx_signature import onnx_signature_of
     from compress.export.onnx_export import export_onnx
     from compress.export.quantized import quantize_onnx_model
     from compress.export.stage import _wrapped_names
+    from compress.onnx_signature import onnx_signature_of
 
     sig = onnx_signature_of(state.module)
     model = export_onnx(state.module, state.example_input(2), path, 21, signature=sig)
     if state.quant:
-        onnx.save(quantize_onnx_model(model, state.quant, _wrapped_names(state.module, sig),
-                                      activations=state.extras.get("activation_quantization")), str(path))
+        onnx.save(
+            quantize_onnx_model(
+                model,
+                state.quant,
+                _wrapped_names(state.module, sig),
+                activations=state.extras.get("activation_quantization"),
+            ),
+            str(path),
+        )
     return path, sig
 
 
@@ -130,9 +145,12 @@ def session(path: Path, quantized: bool, threads: int, exact: bool = True):
 def ort_embed(sess, x: np.ndarray, batch: int = 64) -> np.ndarray:
     from compress.runtime import ort_predict
 
-    return ort_predict(sess, x, batch_size=batch,
-                       feeds=lambda b: {"input_ids": np.ascontiguousarray(b[:, 0]),
-                                        "attention_mask": np.ascontiguousarray(b[:, 1])})
+    return ort_predict(
+        sess,
+        x,
+        batch_size=batch,
+        feeds=lambda b: {"input_ids": np.ascontiguousarray(b[:, 0]), "attention_mask": np.ascontiguousarray(b[:, 1])},
+    )
 
 
 def trim(x: np.ndarray) -> np.ndarray:
@@ -161,8 +179,12 @@ def varying_length_parity(sess, module, x: np.ndarray, n: int = 24) -> float:
 
 SPEED_VARIANTS = {
     "ours RTN int8, dynamic act, int8 emb": {"method": "rtn", "bits": 8, "activations": "dynamic", "embedding_bits": 8},
-    "ours GPFQ int8, dynamic act, int8 emb": {"method": "gpfq", "bits": 8, "activations": "dynamic",
-                                              "embedding_bits": 8},
+    "ours GPFQ int8, dynamic act, int8 emb": {
+        "method": "gpfq",
+        "bits": 8,
+        "activations": "dynamic",
+        "embedding_bits": 8,
+    },
 }
 
 
@@ -178,10 +200,14 @@ def speed_table(args) -> int:
 
     model = minilm(pretrained=True)
     calib = torch.as_tensor(tokenize(read_lines(DATA / "sentences_calibration.txt"), LENGTH))
-    sets = {k: torch.as_tensor(tokenize(read_lines(DATA / f), LENGTH))
-            for k, f in (("held-out", "sentences_heldout.txt"), ("informal", "sentences_heldout_informal.txt"))}
+    sets = {
+        k: torch.as_tensor(tokenize(read_lines(DATA / f), LENGTH))
+        for k, f in (("held-out", "sentences_heldout.txt"), ("informal", "sentences_heldout_informal.txt"))
+    }
     refs = {k: predict(model, v) for k, v in sets.items()}
-    data = DataBundle({"calibration": Split("calibration", calib, None, 32, 0), "eval": Split("eval", sets["held-out"], None, 64, 0)})
+    data = DataBundle(
+        {"calibration": Split("calibration", calib, None, 32, 0), "eval": Split("eval", sets["held-out"], None, 64, 0)}
+    )
     xh = sets["held-out"].numpy()
     lengths = xh[:, 1].sum(1)
     one, batch32 = xh[np.argsort(lengths)[len(lengths) // 2]][None], xh[:32]
@@ -198,10 +224,15 @@ def speed_table(args) -> int:
             state, secs = apply_stages(model, [("quantize", SPEED_VARIANTS[name])], data, args.calibration)
             paths[name], _ = export(state, tmp / f"v{len(paths)}.onnx")
             print(f"# {name}: quantized in {secs:.0f}s", flush=True)
-        sessions = {k: ort_session(p, threads=args.threads, exact=False, disabled_optimizers=()) for k, p in paths.items()}
+        sessions = {
+            k: ort_session(p, threads=args.threads, exact=False, disabled_optimizers=()) for k, p in paths.items()
+        }
         fid = {}
         for k, sess in sessions.items():
-            fid[k] = {s: compare_outputs(torch.as_tensor(ort_embed(sess, v.numpy(), batch=1)), refs[s]) for s, v in sets.items()}
+            fid[k] = {
+                s: compare_outputs(torch.as_tensor(ort_embed(sess, v.numpy(), batch=1)), refs[s])
+                for s, v in sets.items()
+            }
         times = {(k, b): [] for k in sessions for b in (1, 32)}
         for _ in range(3):  # interleaved rounds
             for k, sess in sessions.items():
@@ -209,28 +240,38 @@ def speed_table(args) -> int:
                 times[(k, 32)].append(latency(sess, batch32, 3))
         med = {kb: float(np.median(v)) for kb, v in times.items()}
         peers = [k for k in sessions if k.startswith("ORT")]
-        print(f"\nall-MiniLM-L6-v2, ORT {args.threads} thread(s), calibration {args.calibration}; "
-              "fidelity: ORT outputs vs the float PyTorch model")
-        print("| variant | ONNX MB | b1 / float | b32 / float | b1 / best ORT | b32 / best ORT | mean cos held-out "
-              "| p05 held-out | mean cos informal | p05 informal |")
+        print(
+            f"\nall-MiniLM-L6-v2, ORT {args.threads} thread(s), calibration {args.calibration}; "
+            "fidelity: ORT outputs vs the float PyTorch model"
+        )
+        print(
+            "| variant | ONNX MB | b1 / float | b32 / float | b1 / best ORT | b32 / best ORT | mean cos held-out "
+            "| p05 held-out | mean cos informal | p05 informal |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for k, p in paths.items():
             b1p = min(med[(q, 1)] for q in peers)
             b32p = min(med[(q, 32)] for q in peers)
             f = fid[k]
-            print(f"| {k} | {onnx.load(str(p), load_external_data=False).ByteSize() / 1e6:.1f} "
-                  f"| {med[(k, 1)] / med[('float', 1)]:.2f} | {med[(k, 32)] / med[('float', 32)]:.2f} "
-                  f"| {med[(k, 1)] / b1p:.2f} | {med[(k, 32)] / b32p:.2f} "
-                  f"| {f['held-out']['cosine']:.4f} | {f['held-out']['cosine_p05']:.4f} "
-                  f"| {f['informal']['cosine']:.4f} | {f['informal']['cosine_p05']:.4f} |", flush=True)
+            print(
+                f"| {k} | {onnx.load(str(p), load_external_data=False).ByteSize() / 1e6:.1f} "
+                f"| {med[(k, 1)] / med[('float', 1)]:.2f} | {med[(k, 32)] / med[('float', 32)]:.2f} "
+                f"| {med[(k, 1)] / b1p:.2f} | {med[(k, 32)] / b32p:.2f} "
+                f"| {f['held-out']['cosine']:.4f} | {f['held-out']['cosine_p05']:.4f} "
+                f"| {f['informal']['cosine']:.4f} | {f['informal']['cosine_p05']:.4f} |",
+                flush=True,
+            )
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--speed", action="store_true",
-                        help="only issue 11's table: float vs onnxruntime quantize_dynamic vs ours (integer kernels); "
-                        "--variants then names SPEED_VARIANTS")
+    parser.add_argument(
+        "--speed",
+        action="store_true",
+        help="only issue 11's table: float vs onnxruntime quantize_dynamic vs ours (integer kernels); "
+        "--variants then names SPEED_VARIANTS",
+    )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--calibration", type=int, default=128, help="GPFQ calibration sentences")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="subset of variants to run")
@@ -245,8 +286,8 @@ def main() -> int:
 
     from compress.lossless.config import CompressStageConfig
     from compress.lossless.stage import pack_state
-    from compress.models.minilm import minilm, tokenize
     from compress.metrics import model_size
+    from compress.models.minilm import minilm, tokenize
 
     started = time.perf_counter()
     model = minilm(pretrained=True)
@@ -255,19 +296,23 @@ def main() -> int:
     # A second held-out set of another style (chat, commands, URLs, code): not calibrated on.
     held2 = torch.as_tensor(tokenize(read_lines(DATA / "sentences_heldout_informal.txt"), LENGTH))
     reference2 = predict(model, held2)
-    data = DataBundle({
-        "train": Split("train", calib, None, 32, 0),
-        "calibration": Split("calibration", calib, None, 32, 0),
-        "eval": Split("eval", held, None, 64, 0),
-    })
+    data = DataBundle(
+        {
+            "train": Split("train", calib, None, 32, 0),
+            "calibration": Split("calibration", calib, None, 32, 0),
+            "eval": Split("eval", held, None, 64, 0),
+        }
+    )
     reference = predict(model, held)
     xh = held.numpy()
     lengths = xh[:, 1].sum(1)
     median_one = xh[np.argsort(lengths)[len(lengths) // 2]][None]
     batch32 = xh[:32]
-    print(f"all-MiniLM-L6-v2: {len(calib)} calibration / {len(held)} held-out sentences, "
-          f"{int(lengths.min())}-{int(lengths.max())} tokens (median {int(np.median(lengths))}), "
-          f"ORT threads {args.threads}, GPFQ calibration {args.calibration}")
+    print(
+        f"all-MiniLM-L6-v2: {len(calib)} calibration / {len(held)} held-out sentences, "
+        f"{int(lengths.min())}-{int(lengths.max())} tokens (median {int(np.median(lengths))}), "
+        f"ORT threads {args.threads}, GPFQ calibration {args.calibration}"
+    )
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,16 +333,28 @@ def main() -> int:
             fast = session(path, bool(state.quant), args.threads, exact=False)
             fast_cos = compare_outputs(torch.as_tensor(ort_embed(fast, xh)), reference)["cosine"]
             fid2 = compare_outputs(torch.as_tensor(ort_embed(fast, held2.numpy())), reference2)
-            rows.append({
-                "variant": name, "cos": fid["cosine"], "p05": fid["cosine_p05"], "nn": fid["retrieval_agreement"],
-                "params": params, "dense": params * 4, "stored": model_size(state.module, state.quant)["stored_bytes"],
-                "packed": (tmp / "w.czip").stat().st_size if packed is not None else None,
-                "onnx": path.stat().st_size,
-                "lat1": latency(sess, median_one, 50), "lat32": latency(sess, batch32, 5),
-                "fast1": latency(fast, median_one, 50), "fast32": latency(fast, batch32, 5), "fast_cos": fast_cos,
-                "ort_parity": min(ort_vs_torch, varying_length_parity(sess, state.module, xh)),
-                "seconds": seconds, "cos2": fid2["cosine"], "p05_2": fid2["cosine_p05"],
-            })
+            rows.append(
+                {
+                    "variant": name,
+                    "cos": fid["cosine"],
+                    "p05": fid["cosine_p05"],
+                    "nn": fid["retrieval_agreement"],
+                    "params": params,
+                    "dense": params * 4,
+                    "stored": model_size(state.module, state.quant)["stored_bytes"],
+                    "packed": (tmp / "w.czip").stat().st_size if packed is not None else None,
+                    "onnx": path.stat().st_size,
+                    "lat1": latency(sess, median_one, 50),
+                    "lat32": latency(sess, batch32, 5),
+                    "fast1": latency(fast, median_one, 50),
+                    "fast32": latency(fast, batch32, 5),
+                    "fast_cos": fast_cos,
+                    "ort_parity": min(ort_vs_torch, varying_length_parity(sess, state.module, xh)),
+                    "seconds": seconds,
+                    "cos2": fid2["cosine"],
+                    "p05_2": fid2["cosine_p05"],
+                }
+            )
             print(f"  {name}: cosine {fid['cosine']:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
 
         if float_onnx is not None:
@@ -314,32 +371,49 @@ def main() -> int:
                 ort_out = torch.as_tensor(ort_embed(sess, xh))
                 fid = compare_outputs(ort_out, reference, retrieval=True)
                 fid2 = compare_outputs(torch.as_tensor(ort_embed(sess, held2.numpy())), reference2)
-                rows.append({
-                    "variant": f"ORT quantize_dynamic int8 {'per-channel' if per_channel else 'per-tensor'} (baseline)",
-                    "cos": fid["cosine"], "p05": fid["cosine_p05"],
-                    "nn": fid["retrieval_agreement"], "params": rows[0]["params"], "dense": rows[0]["dense"],
-                    "stored": None, "packed": None, "onnx": q.stat().st_size,
-                    "lat1": latency(sess, median_one, 50), "lat32": latency(sess, batch32, 5),
-                    "fast1": float("nan"), "fast32": float("nan"), "fast_cos": float("nan"),
-                    "ort_parity": float("nan"), "seconds": seconds, "cos2": fid2["cosine"], "p05_2": fid2["cosine_p05"],
-                })
+                rows.append(
+                    {
+                        "variant": f"ORT quantize_dynamic int8 {'per-channel' if per_channel else 'per-tensor'} (baseline)",
+                        "cos": fid["cosine"],
+                        "p05": fid["cosine_p05"],
+                        "nn": fid["retrieval_agreement"],
+                        "params": rows[0]["params"],
+                        "dense": rows[0]["dense"],
+                        "stored": None,
+                        "packed": None,
+                        "onnx": q.stat().st_size,
+                        "lat1": latency(sess, median_one, 50),
+                        "lat32": latency(sess, batch32, 5),
+                        "fast1": float("nan"),
+                        "fast32": float("nan"),
+                        "fast_cos": float("nan"),
+                        "ort_parity": float("nan"),
+                        "seconds": seconds,
+                        "cos2": fid2["cosine"],
+                        "p05_2": fid2["cosine_p05"],
+                    }
+                )
 
     mb = lambda b: "-" if b is None else f"{b / 1e6:.1f}"  # noqa: E731
     print()
-    print("| variant | mean cos | p05 cos | NN agree | params | dense MB | stored MB | packed MB | ONNX MB "
-          "| ORT b1 ms | ORT b32 ms | fast b1 ms | fast b32 ms | fast b1 / float | fast b32 / float | fast cos "
-          "| informal cos (fast) | informal p05 | ORT vs torch (min cos) | stage s |")
+    print(
+        "| variant | mean cos | p05 cos | NN agree | params | dense MB | stored MB | packed MB | ONNX MB "
+        "| ORT b1 ms | ORT b32 ms | fast b1 ms | fast b32 ms | fast b1 / float | fast b32 / float | fast cos "
+        "| informal cos (fast) | informal p05 | ORT vs torch (min cos) | stage s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     f1 = next((r["lat1"] for r in rows if r["variant"] == "float"), float("nan"))
     f32 = next((r["lat32"] for r in rows if r["variant"] == "float"), float("nan"))
     for r in rows:
         best1 = r["lat1"] if np.isnan(r["fast1"]) else r["fast1"]
         best32 = r["lat32"] if np.isnan(r["fast32"]) else r["fast32"]
-        print(f"| {r['variant']} | {r['cos']:.4f} | {r['p05']:.4f} | {r['nn']:.3f} | {r['params'] / 1e6:.2f} M "
-              f"| {mb(r['dense'])} | {mb(r['stored'])} | {mb(r['packed'])} | {mb(r['onnx'])} "
-              f"| {r['lat1']:.2f} | {r['lat32']:.1f} | {r['fast1']:.2f} | {r['fast32']:.1f} "
-              f"| {best1 / f1:.2f} | {best32 / f32:.2f} | {r['fast_cos']:.4f} "
-              f"| {r['cos2']:.4f} | {r['p05_2']:.4f} | {r['ort_parity']:.6f} | {r['seconds']:.1f} |")
+        print(
+            f"| {r['variant']} | {r['cos']:.4f} | {r['p05']:.4f} | {r['nn']:.3f} | {r['params'] / 1e6:.2f} M "
+            f"| {mb(r['dense'])} | {mb(r['stored'])} | {mb(r['packed'])} | {mb(r['onnx'])} "
+            f"| {r['lat1']:.2f} | {r['lat32']:.1f} | {r['fast1']:.2f} | {r['fast32']:.1f} "
+            f"| {best1 / f1:.2f} | {best32 / f32:.2f} | {r['fast_cos']:.4f} "
+            f"| {r['cos2']:.4f} | {r['p05_2']:.4f} | {r['ort_parity']:.6f} | {r['seconds']:.1f} |"
+        )
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     return 0
 

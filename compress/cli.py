@@ -13,7 +13,6 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -120,7 +119,7 @@ class _ConsoleReporter:
             print(f"      {extra}", file=self.stream, flush=True)
 
 
-def _check_junit_path(junit: Optional[Path]) -> None:
+def _check_junit_path(junit: Path | None) -> None:
     """A --junit path must be writable before any work starts (its folder is never created)."""
     if junit is None:
         return
@@ -134,7 +133,7 @@ def _check_junit_path(junit: Optional[Path]) -> None:
 
 
 @contextlib.contextmanager
-def _junit_on_error(junit: Optional[Path], suite: str):
+def _junit_on_error(junit: Path | None, suite: str):
     """A run that stops with an error still leaves a JUnit file: one failed case holding
     the message, so CI shows why instead of nothing."""
     try:
@@ -156,14 +155,26 @@ def _junit_on_error(junit: Optional[Path], suite: str):
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
-    model: Path = typer.Argument(..., help="Model file: state_dict (+ recipe model.factory), TorchScript, or pickled module with --trust-model."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: recipe output.dir or runs/<name>)."),
+    model: Path = typer.Argument(
+        ..., help="Model file: state_dict (+ recipe model.factory), TorchScript, or pickled module with --trust-model."
+    ),
+    out: Path | None = typer.Option(
+        None, "-o", "--out", help="Output folder (default: recipe output.dir or runs/<name>)."
+    ),
     force: bool = typer.Option(False, "--force", help="Redo every stage even when a cached result matches."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (no progress lines)."),
-    trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a whole nn.Module (runs code from the file)."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Train with N processes (torchrun + DistributedDataParallel; gloo on CPU)."),
-    device: str = typer.Option("cpu", "--device", help="Where stages compute: cpu, cuda (cuda:N) or auto (CUDA when available)."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write every gate and check as a JUnit XML test case (also on an error)."),
+    trust_model: bool = typer.Option(
+        False, "--trust-model", help="Allow unpickling a whole nn.Module (runs code from the file)."
+    ),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Train with N processes (torchrun + DistributedDataParallel; gloo on CPU)."
+    ),
+    device: str = typer.Option(
+        "cpu", "--device", help="Where stages compute: cpu, cuda (cuda:N) or auto (CUDA when available)."
+    ),
+    junit: Path | None = typer.Option(
+        None, "--junit", help="Also write every gate and check as a JUnit XML test case (also on an error)."
+    ),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log what the stages do."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -223,14 +234,26 @@ def run(
 
 @app.command()
 def tune(
-    recipe: Path = typer.Argument(..., help="Recipe YAML; its gates are the goal, its optional search: section the space."),
+    recipe: Path = typer.Argument(
+        ..., help="Recipe YAML; its gates are the goal, its optional search: section the space."
+    ),
     model: Path = typer.Argument(..., help="Model file, as for `compress run`."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: runs/<name>-tune)."),
-    objective: Optional[str] = typer.Option(None, "--objective", help="packed_size, onnx_size or latency (overrides search.objective)."),
-    candidates: Optional[int] = typer.Option(None, "--candidates", min=1, help="End-to-end candidate runs (overrides search.budget.candidates)."),
-    seconds: Optional[float] = typer.Option(None, "--seconds", min=1, help="Wall-time budget (overrides search.budget.seconds)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the search result as JSON on stdout (no progress lines)."),
-    trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a whole nn.Module (runs code from the file)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Output folder (default: runs/<name>-tune)."),
+    objective: str | None = typer.Option(
+        None, "--objective", help="packed_size, onnx_size or latency (overrides search.objective)."
+    ),
+    candidates: int | None = typer.Option(
+        None, "--candidates", min=1, help="End-to-end candidate runs (overrides search.budget.candidates)."
+    ),
+    seconds: float | None = typer.Option(
+        None, "--seconds", min=1, help="Wall-time budget (overrides search.budget.seconds)."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the search result as JSON on stdout (no progress lines)."
+    ),
+    trust_model: bool = typer.Option(
+        False, "--trust-model", help="Allow unpickling a whole nn.Module (runs code from the file)."
+    ),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log what the stages do."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -273,7 +296,13 @@ def tune(
             value = c.metrics.get(goal)
             shown = "-" if value is None else (f"{value:.3f} ms" if goal == "latency" else f"{value:,.0f} B")
             fid = " ".join(f"{k} {c.metrics[k]:.4f}" for k in ("accuracy", "cosine") if k in c.metrics)
-            verdict = "error: " + c.error if c.error else "pass" if c.passed else "fail (" + ", ".join(f["gate"] for f in c.failures) + ")"
+            verdict = (
+                "error: " + c.error
+                if c.error
+                else "pass"
+                if c.passed
+                else "fail (" + ", ".join(f["gate"] for f in c.failures) + ")"
+            )
             bits = " ".join(str(b) for b in c.layer_bits.values())
             _err(f"[{c.id}] {c.kind:8s} {c.variant}  bits {bits}  {shown}  {fid}  {verdict}  {c.seconds:.1f}s")
 
@@ -286,22 +315,30 @@ def tune(
             typer.echo(tune_headline(result.report))
             if result.chosen is not None:
                 tuned = result.report.get("tuned_run") or {}
-                typer.echo(f"chosen: candidate {result.chosen.id} ({result.chosen.variant}), bits {result.chosen.layer_bits}")
+                typer.echo(
+                    f"chosen: candidate {result.chosen.id} ({result.chosen.variant}), bits {result.chosen.layer_bits}"
+                )
                 typer.echo(f"recipe: {result.recipe_path}  (re-run: compress run {result.recipe_path} {model})")
                 typer.echo(f"model: {tuned.get('out_dir')}  reproduced exactly: {tuned.get('reproduced')}")
             elif result.best is not None:
                 b = result.best
-                typer.echo(f"FAILED no candidate passes the gates; best: candidate {b.id} ({b.variant}), bits {b.layer_bits}"
-                           + (f" [{b.error}]" if b.error else ""))
+                typer.echo(
+                    f"FAILED no candidate passes the gates; best: candidate {b.id} ({b.variant}), bits {b.layer_bits}"
+                    + (f" [{b.error}]" if b.error else "")
+                )
                 for g in result.report["missed_gates"]:
                     by = g.get("missed_by")
                     by_text = format_gate_distance(g["gate"], abs(by)) if by is not None else "n/a"
-                    typer.echo(f"FAILED {g['gate']}: measured {format_gate_value(g['gate'], g['measured'])}, "
-                               f"limit {format_gate_value(g['gate'], g['limit'])}, missed by {by_text}")
+                    typer.echo(
+                        f"FAILED {g['gate']}: measured {format_gate_value(g['gate'], g['measured'])}, "
+                        f"limit {format_gate_value(g['gate'], g['limit'])}, missed by {by_text}"
+                    )
                 typer.echo(f"its recipe: {result.recipe_path}")
             else:
-                typer.echo(f"FAILED no candidate ran within the budget ({result.report['search_seconds']:.0f} s "
-                           "spent before the first one); raise search.budget.seconds or narrow search.layers")
+                typer.echo(
+                    f"FAILED no candidate ran within the budget ({result.report['search_seconds']:.0f} s "
+                    "spent before the first one); raise search.budget.seconds or narrow search.layers"
+                )
             typer.echo(f"report: {out_dir / 'report.html'}  {out_dir / 'search.json'}")
         if not result.passed:
             raise typer.Exit(EXIT_GATE)
@@ -310,49 +347,85 @@ def tune(
 @app.command()
 def validate(
     path: Path = typer.Argument(..., help="An .onnx model, or a device bundle (bundle.czip from `compress run`)."),
-    data: Optional[Path] = typer.Option(None, "--data", help=".npz with inputs 'x' and optional labels 'y' (not needed for a bundle)."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help=".npz with the expected 'outputs' for those inputs."),
+    data: Path | None = typer.Option(
+        None, "--data", help=".npz with inputs 'x' and optional labels 'y' (not needed for a bundle)."
+    ),
+    reference: Path | None = typer.Option(
+        None, "--reference", help=".npz with the expected 'outputs' for those inputs."
+    ),
     threads: int = typer.Option(1, "--threads", min=1, help="onnxruntime intra-op threads."),
-    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Fail if the p50 latency of one sample is above this."),
-    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Fail if top-1 agreement with the reference is below this."),
-    max_abs_error: Optional[float] = typer.Option(None, "--max-abs-error", help="Fail if an output differs from the reference by more."),
+    max_latency_ms: float | None = typer.Option(
+        None, "--max-latency-ms", help="Fail if the p50 latency of one sample is above this."
+    ),
+    min_agreement: float | None = typer.Option(
+        None, "--min-agreement", help="Fail if top-1 agreement with the reference is below this."
+    ),
+    max_abs_error: float | None = typer.Option(
+        None, "--max-abs-error", help="Fail if an output differs from the reference by more."
+    ),
     runs: int = typer.Option(100, "--runs", min=1, help="Timed runs for the latency percentiles."),
-    expect_sha256: Optional[str] = typer.Option(
-        None, "--expect-sha256", help="Refuse the file unless its SHA-256 is this (from report.json): authenticates "
-        "a bundle against the run that made it; the bundle's own checksums only detect corruption."),
+    expect_sha256: str | None = typer.Option(
+        None,
+        "--expect-sha256",
+        help="Refuse the file unless its SHA-256 is this (from report.json): authenticates "
+        "a bundle against the run that made it; the bundle's own checksums only detect corruption.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write the checks as JUnit XML (also on an error)."),
+    junit: Path | None = typer.Option(None, "--junit", help="Write the checks as JUnit XML (also on an error)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Validate a model on this device with onnxruntime alone (no torch): parity, accuracy, latency, memory."""
     with _guard(debug):
-        from compress.validate import check_limits, validate as run_validation
+        from compress.validate import check_limits
+        from compress.validate import validate as run_validation
 
-        check_limits(min_agreement=min_agreement, max_latency_ms=max_latency_ms, max_abs_error=max_abs_error,
-                     expect_sha256=expect_sha256)
+        check_limits(
+            min_agreement=min_agreement,
+            max_latency_ms=max_latency_ms,
+            max_abs_error=max_abs_error,
+            expect_sha256=expect_sha256,
+        )
         _check_junit_path(junit)
         with _junit_on_error(junit, f"compress validate {path.name}"):
-            report = run_validation(path, data, reference, threads, max_latency_ms, min_agreement, max_abs_error, runs,
-                                    expect_sha256=expect_sha256)
+            report = run_validation(
+                path,
+                data,
+                reference,
+                threads,
+                max_latency_ms,
+                min_agreement,
+                max_abs_error,
+                runs,
+                expect_sha256=expect_sha256,
+            )
         if junit is not None:
             from compress.junit import write_junit
 
-            write_junit(junit, f"compress validate {path.name}", report["checks"], report["seconds"],
-                        properties={"sha256": report["sha256"]})
+            write_junit(
+                junit,
+                f"compress validate {path.name}",
+                report["checks"],
+                report["seconds"],
+                properties={"sha256": report["sha256"]},
+            )
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:
             env, lat = report["environment"], report["latency"]
-            typer.echo(f"{path}: {report['model_bytes']:,} B model, {report['samples']} samples, "
-                       f"onnxruntime {env['onnxruntime']}, {threads} thread(s) on {env['cpu']}")
+            typer.echo(
+                f"{path}: {report['model_bytes']:,} B model, {report['samples']} samples, "
+                f"onnxruntime {env['onnxruntime']}, {threads} thread(s) on {env['cpu']}"
+            )
             if "accuracy" in report:
                 typer.echo(f"accuracy {report['accuracy']:.2%}")
             if "parity" in report:
                 p = report["parity"]
                 agreement = f"agreement {p['agreement']:.2%}, " if "agreement" in p else ""
                 typer.echo(f"parity: {agreement}max abs error {p['max_abs_error']:.3g}, cosine {p['cosine']:.6f}")
-            typer.echo(f"latency p50 {lat['latency_p50_ms']:.3f} ms, p90 {lat['latency_p90_ms']:.3f} ms, "
-                       f"p99 {lat['latency_p99_ms']:.3f} ms; peak memory {report['peak_rss_mb']:.0f} MB")
+            typer.echo(
+                f"latency p50 {lat['latency_p50_ms']:.3f} ms, p90 {lat['latency_p90_ms']:.3f} ms, "
+                f"p99 {lat['latency_p99_ms']:.3f} ms; peak memory {report['peak_rss_mb']:.0f} MB"
+            )
             from compress.report import gate_line
 
             for c in report["checks"]:
@@ -371,9 +444,19 @@ def _launch_torchrun(nproc: int) -> int:
     del args[i : i + (1 if "=" in args[i] else 2)]
     with tempfile.TemporaryDirectory() as tmp:
         exit_file = Path(tmp) / "exit-code"
-        env = dict(os.environ, COMPRESS_EXIT_FILE=str(exit_file), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "compress", *args]
+        env = dict(
+            os.environ, COMPRESS_EXIT_FILE=str(exit_file), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "compress",
+            *args,
+        ]
         proc = subprocess.run(cmd, env=env)
         if exit_file.is_file():
             return int(exit_file.read_text().strip() or EXIT_INTERNAL)
@@ -417,10 +500,13 @@ def check(
         parsed = load_recipe(recipe)
         if show:
             typer.echo(parsed.to_yaml(), nl=False)
-        names = ", ".join(
-            f"{s.name} ({s.config.method})" if isinstance(getattr(s.config, "method", None), str) else s.name
-            for s in parsed.stages
-        ) or "no stages"
+        names = (
+            ", ".join(
+                f"{s.name} ({s.config.method})" if isinstance(getattr(s.config, "method", None), str) else s.name
+                for s in parsed.stages
+            )
+            or "no stages"
+        )
         _err(f"{recipe}: valid ({names})")
         imports = parsed.imports()
         # A recipe runs the code it names: show every import so a reviewer sees it.
@@ -439,7 +525,9 @@ def schema() -> None:
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A model (.pt / TorchScript), a stage folder, an .onnx file or a packed file."),
+    path: Path = typer.Argument(
+        ..., help="A model (.pt / TorchScript), a stage folder, an .onnx file or a packed file."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a whole nn.Module."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -454,7 +542,13 @@ def inspect(
             return
         typer.echo(f"{info['path']}: {info['kind']}, {info['file_bytes']:,} bytes on disk")
         rows = [["tensor", "shape", "dtype", "params", "sparsity"]] + [
-            [t["name"], "x".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['numel']:,}", f"{t['sparsity']:.1%}"]
+            [
+                t["name"],
+                "x".join(map(str, t["shape"])) or "scalar",
+                t["dtype"],
+                f"{t['numel']:,}",
+                f"{t['sparsity']:.1%}",
+            ]
             for t in info["tensors"]
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -474,11 +568,11 @@ def _register_pack_commands() -> None:
     @app.command()
     def pack(
         src: Path = typer.Argument(..., help="File to pack: .safetensors, .onnx or a stage model .pt."),
-        dst: Optional[Path] = typer.Argument(None, help="Output (default: SRC + '.czip')."),
-        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (same as DST)."),
+        dst: Path | None = typer.Argument(None, help="Output (default: SRC + '.czip')."),
+        output: Path | None = typer.Option(None, "-o", "--output", help="Output file (same as DST)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
         level: int = typer.Option(3, help="zstd level for the coded streams."),
-        threads: Optional[int] = typer.Option(None, help="Threads (default: all cores)."),
+        threads: int | None = typer.Option(None, help="Threads (default: all cores)."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Losslessly pack model weights (ZipNN-style byte grouping + entropy coding)."""
@@ -488,10 +582,10 @@ def _register_pack_commands() -> None:
     @app.command()
     def unpack(
         src: Path = typer.Argument(..., help="A packed file."),
-        dst: Optional[Path] = typer.Argument(None, help="Output (default: SRC without '.czip', beside it)."),
-        output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output file (same as DST)."),
+        dst: Path | None = typer.Argument(None, help="Output (default: SRC without '.czip', beside it)."),
+        output: Path | None = typer.Option(None, "-o", "--output", help="Output file (same as DST)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
-        threads: Optional[int] = typer.Option(None, help="Decoding threads (default: all cores)."),
+        threads: int | None = typer.Option(None, help="Decoding threads (default: all cores)."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Restore the byte-identical original of a packed file."""

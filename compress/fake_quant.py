@@ -65,6 +65,7 @@ def quantized_inputs(model: nn.Module, spec: dict | None) -> Iterator[None]:
         if layer is None:
             continue
         if spec["mode"] == "dynamic":
+
             def pre(_m, args):
                 return (fake_quantize_dynamic(args[0]), *args[1:])
         else:
@@ -72,6 +73,7 @@ def quantized_inputs(model: nn.Module, spec: dict | None) -> Iterator[None]:
 
             def pre(_m, args, lo=lo, hi=hi):
                 return (fake_quantize_static(args[0], lo, hi), *args[1:])
+
         handles.append(layer.register_forward_pre_hook(pre))
     try:
         yield

@@ -106,9 +106,12 @@ class Check:
         if isinstance(measured, float) and not math.isfinite(measured):
             measured = None
         return cls(
-            gate=str(d["gate"]), measured=None if measured is None else float(measured),
+            gate=str(d["gate"]),
+            measured=None if measured is None else float(measured),
             limit=None if d.get("limit") is None else float(d["limit"]),
-            passed=bool(d["passed"]) and measured is not None, reason=d.get("reason"), stage=stage or d.get("stage"),
+            passed=bool(d["passed"]) and measured is not None,
+            reason=d.get("reason"),
+            stage=stage or d.get("stage"),
         )
 
 
@@ -138,15 +141,25 @@ class StageRow:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "stage": self.stage, "seconds": self.seconds, "parameters": self.parameters, "nonzeros": self.nonzeros,
-            "sparsity": self.sparsity, "size_bytes": self.size_bytes, "weight_bits": self.weight_bits,
+            "stage": self.stage,
+            "seconds": self.seconds,
+            "parameters": self.parameters,
+            "nonzeros": self.nonzeros,
+            "sparsity": self.sparsity,
+            "size_bytes": self.size_bytes,
+            "weight_bits": self.weight_bits,
             "quantized_fraction": self.quantized_fraction,
         }
         d.update(self.quality)
         optional = {
-            "state_file_bytes": self.state_file_bytes, "config_hash": self.config_hash, "metrics": self.metrics,
-            "method": self.method, "latency_p50_ms": self.latency_p50_ms, "latency_p90_ms": self.latency_p90_ms,
-            "latency_vs_float": self.latency_vs_float, "latency_vs_float_b32": self.latency_vs_float_b32,
+            "state_file_bytes": self.state_file_bytes,
+            "config_hash": self.config_hash,
+            "metrics": self.metrics,
+            "method": self.method,
+            "latency_p50_ms": self.latency_p50_ms,
+            "latency_p90_ms": self.latency_p90_ms,
+            "latency_vs_float": self.latency_vs_float,
+            "latency_vs_float_b32": self.latency_vs_float_b32,
             "final_size_bytes": self.final_size_bytes,
         }
         d.update({k: v for k, v in optional.items() if v is not None or k == "config_hash"})
@@ -349,8 +362,12 @@ def _execute(plan: _Plan, loaded: _Loaded, force: bool, reporter: Reporter, main
     first = _measure(state, "input", loaded.data, loaded.reference_out, 0.0, plan.model_path.stat().st_size)
     rows = [first]
     key = text_hash(
-        compress.__version__, file_hash(plan.model_path), spec.model.model_dump_json(),
-        spec.data.model_dump_json(), _data_files_hash(recipe, plan.base_dir), str(spec.seed),
+        compress.__version__,
+        file_hash(plan.model_path),
+        spec.model.model_dump_json(),
+        spec.data.model_dump_json(),
+        _data_files_hash(recipe, plan.base_dir),
+        str(spec.seed),
     )
     checks: list[Check] = []
     artifacts: dict[str, Path] = {}
@@ -541,7 +558,9 @@ def _check_plan(recipe: Recipe, entries) -> None:
     gates = recipe.doc.gates
     if gates.max_latency_ms is not None and not any(s.name == "export" for s in recipe.stages):
         raise RecipeError("gate max_latency_ms needs an export stage (latency is measured on onnxruntime)")
-    needs_eval = [g for g in ("max_accuracy_drop", "min_accuracy", "min_agreement", "min_cosine") if getattr(gates, g) is not None]
+    needs_eval = [
+        g for g in ("max_accuracy_drop", "min_accuracy", "min_agreement", "min_cosine") if getattr(gates, g) is not None
+    ]
     if needs_eval and "eval" not in present:
         raise RecipeError(f"gate {needs_eval[0]} needs data.eval in the recipe")
 
@@ -580,8 +599,12 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
     folder.mkdir(parents=True, exist_ok=True)
     reference = loaded.model.module
     ctx = StageContext(
-        data=loaded.data, out_dir=folder, device=device, reference=reference,
-        seed=seed + stage_spec.index, log=logging.getLogger(f"compress.stage.{stage_spec.name}"),
+        data=loaded.data,
+        out_dir=folder,
+        device=device,
+        reference=reference,
+        seed=seed + stage_spec.index,
+        log=logging.getLogger(f"compress.stage.{stage_spec.name}"),
     )
     torch.manual_seed(ctx.seed)
     apply = entry.resolve()
@@ -595,9 +618,13 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
     except OSError as err:
         if err.errno in ENVIRONMENT_ERRNOS:
             raise disk_error(err, folder) from None
-        raise StageError(f"stage {stage_spec.index + 1} ({stage_spec.name}) failed: {type(err).__name__}: {err}") from err
+        raise StageError(
+            f"stage {stage_spec.index + 1} ({stage_spec.name}) failed: {type(err).__name__}: {err}"
+        ) from err
     except Exception as err:
-        raise StageError(f"stage {stage_spec.index + 1} ({stage_spec.name}) failed: {type(err).__name__}: {err}") from err
+        raise StageError(
+            f"stage {stage_spec.index + 1} ({stage_spec.name}) failed: {type(err).__name__}: {err}"
+        ) from err
     finally:
         reference.cpu()
     state.module.cpu()
@@ -623,14 +650,16 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
     files = {p.relative_to(folder).as_posix(): file_hash(p) for p in [*written, *stage_artifacts.values()]}
     atomic_write_json(
         folder / STAGE_RECORD,
-        json_safe({
-            "key": key,
-            "row": row.to_dict(),
-            "checks": [c.to_dict() for c in checks],
-            "outputs": ctx.outputs.to_dict(),
-            "artifacts": {n: p.relative_to(folder).as_posix() for n, p in stage_artifacts.items()},
-            "files": files,
-        }),
+        json_safe(
+            {
+                "key": key,
+                "row": row.to_dict(),
+                "checks": [c.to_dict() for c in checks],
+                "outputs": ctx.outputs.to_dict(),
+                "artifacts": {n: p.relative_to(folder).as_posix() for n, p in stage_artifacts.items()},
+                "files": files,
+            }
+        ),
     )
     return row, checks, stage_artifacts, ctx.outputs, state
 
@@ -640,8 +669,13 @@ def _measure(
 ) -> StageRow:
     size = model_size(state.module, state.quant)
     row = StageRow(
-        stage=name, seconds=round(seconds, 3), parameters=size["parameters"], nonzeros=size["nonzeros"],
-        sparsity=size["sparsity"], size_bytes=size_bytes, weight_bits=size["weight_bits"],
+        stage=name,
+        seconds=round(seconds, 3),
+        parameters=size["parameters"],
+        nonzeros=size["nonzeros"],
+        sparsity=size["sparsity"],
+        size_bytes=size_bytes,
+        weight_bits=size["weight_bits"],
         quantized_fraction=size["quantized_fraction"],
     )
     if data.has("eval"):
@@ -658,20 +692,24 @@ def layer_table(state: ModelState) -> list[dict[str, Any]]:
             continue
         qt = state.quant.get(name)
         nonzero = int(torch.count_nonzero(p).item())
-        rows.append({
-            "name": name, "shape": list(p.shape), "parameters": p.numel(), "nonzeros": nonzero,
-            "sparsity": 1 - nonzero / p.numel(), "bits": qt.bits if qt is not None else 32,
-            "quantization": (qt.method or qt.granularity) if qt is not None else None,
-        })
+        rows.append(
+            {
+                "name": name,
+                "shape": list(p.shape),
+                "parameters": p.numel(),
+                "nonzeros": nonzero,
+                "sparsity": 1 - nonzero / p.numel(),
+                "bits": qt.bits if qt is not None else 32,
+                "quantization": (qt.method or qt.granularity) if qt is not None else None,
+            }
+        )
     return rows
 
 
 BUNDLE_MAX_SAMPLES = 1000
 
 
-def _write_bundle(
-    dst: Path, onnx_path: Path, state: ModelState, split, recipe: Recipe, outputs: StageOutputs
-) -> Path:
+def _write_bundle(dst: Path, onnx_path: Path, state: ModelState, split, recipe: Recipe, outputs: StageOutputs) -> Path:
     """The device bundle: the final ONNX, reference inputs/outputs from the final PyTorch
     model, labels, the runtime settings the model was checked with, and the limits to re-check."""
     from compress.bundle import write_bundle
@@ -708,20 +746,28 @@ def _check_gates(gates, rows: list[StageRow], outputs: StageOutputs) -> list[Che
 
     if gates.max_accuracy_drop is not None:
         a0, a1 = first.quality.get("accuracy"), final.quality.get("accuracy")
-        add("max_accuracy_drop", a0 - a1 if a0 is not None and a1 is not None else None, gates.max_accuracy_drop,
-            lambda m, l: m <= l + 1e-12)
+        add(
+            "max_accuracy_drop",
+            a0 - a1 if a0 is not None and a1 is not None else None,
+            gates.max_accuracy_drop,
+            lambda m, lim: m <= lim + 1e-12,
+        )
     if gates.min_accuracy is not None:
-        add("min_accuracy", final.quality.get("accuracy"), gates.min_accuracy, lambda m, l: m >= l)
+        add("min_accuracy", final.quality.get("accuracy"), gates.min_accuracy, lambda m, lim: m >= lim)
     if gates.min_agreement is not None:
-        add("min_agreement", final.quality.get("agreement"), gates.min_agreement, lambda m, l: m >= l)
+        add("min_agreement", final.quality.get("agreement"), gates.min_agreement, lambda m, lim: m >= lim)
     if gates.min_cosine is not None:
-        add("min_cosine", final.quality.get("cosine"), gates.min_cosine, lambda m, l: m >= l)
+        add("min_cosine", final.quality.get("cosine"), gates.min_cosine, lambda m, lim: m >= lim)
     if gates.max_size_bytes is not None:
         size = final.final_size_bytes if final.final_size_bytes is not None else final.size_bytes
-        add("max_size_bytes", size, gates.max_size_bytes, lambda m, l: m <= l)
+        add("max_size_bytes", size, gates.max_size_bytes, lambda m, lim: m <= lim)
     if gates.max_latency_ms is not None:
-        add("max_latency_ms", outputs.latency_p50_ms, gates.max_latency_ms, lambda m, l: m <= l)
+        add("max_latency_ms", outputs.latency_p50_ms, gates.max_latency_ms, lambda m, lim: m <= lim)
     if gates.min_quantized_fraction is not None:
-        add("min_quantized_fraction", final.quantized_fraction, gates.min_quantized_fraction,
-            lambda m, limit: m >= limit)
+        add(
+            "min_quantized_fraction",
+            final.quantized_fraction,
+            gates.min_quantized_fraction,
+            lambda m, limit: m >= limit,
+        )
     return results

@@ -124,7 +124,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["artifacts"]:
         sha = report.get("artifact_sha256", {})
         lines += ["", "## Artifacts", ""] + [
-            f"- `{_md(k)}`: `{_md(v)}`" + (f" (SHA-256 `{sha[k]}`)" if k in sha else "") for k, v in report["artifacts"].items()
+            f"- `{_md(k)}`: `{_md(v)}`" + (f" (SHA-256 `{sha[k]}`)" if k in sha else "")
+            for k, v in report["artifacts"].items()
         ]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {_md(w)}" for w in report["warnings"]]

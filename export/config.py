@@ -16,18 +16,25 @@ class ExportConfig(BaseModel):
 
     opset: int = Field(21, ge=18, le=23, description="ONNX opset (>= 18; int4 weights need 21).")
     exporter: Literal["dynamo", "legacy"] = Field(
-        "dynamo", description="torch.onnx exporter: 'dynamo' (torch.export based) or the deprecated TorchScript-based 'legacy'."
+        "dynamo",
+        description="torch.onnx exporter: 'dynamo' (torch.export based) or the deprecated TorchScript-based 'legacy'.",
     )
     dynamic_batch: bool = Field(True, description="Make the batch axis dynamic.")
-    atol: float = Field(1e-4, ge=0, description="Max absolute output difference allowed between onnxruntime and PyTorch.")
+    atol: float = Field(
+        1e-4, ge=0, description="Max absolute output difference allowed between onnxruntime and PyTorch."
+    )
     rtol: float = Field(1e-3, ge=0, description="Relative tolerance, applied as atol + rtol * |reference|.")
     min_agreement: float = Field(
-        0.99, ge=0, le=1,
+        0.99,
+        ge=0,
+        le=1,
         description="Minimum top-1 agreement between onnxruntime and PyTorch on the eval split (integer kernels "
         "round activations, so a near-tie may flip: 1.0 is right only with exact_quantized_kernels).",
     )
     min_cosine: float | None = Field(
-        None, ge=-1, le=1,
+        None,
+        ge=-1,
+        le=1,
         description="Minimum cosine similarity between onnxruntime's and PyTorch's output of every eval sample (null: not checked).",
     )
     latency_runs: int = Field(100, ge=1, description="Timed single-sample runs for the latency percentiles.")
@@ -41,7 +48,9 @@ class ExportConfig(BaseModel):
         "(fast_kernel_min_cosine) and top-1 agreement instead of atol/rtol. The device bundle carries the choice.",
     )
     fast_kernel_min_cosine: float = Field(
-        0.99, ge=-1, le=1,
+        0.99,
+        ge=-1,
+        le=1,
         description="With fast (integer-activation) kernels: the minimum per-sample cosine between onnxruntime's and "
         "PyTorch's outputs for the parity check (atol/rtol hold only for exact kernels and float models).",
     )

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
 
 
-def _need_ms_domain(model: "onnx.ModelProto") -> None:
+def _need_ms_domain(model: onnx.ModelProto) -> None:
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         from onnx import helper
 
@@ -161,7 +161,9 @@ def gather_nodes(rw, init_name: str, qt: QuantizedTensor, consumers: list) -> li
         g_codes, g_float, g_scale = (rw.fresh(f"{out}_{s}") for s in ("codes", "float", "scale"))
         rw.nodes[idx : idx + 1] = [
             helper.make_node("Gather", [table, ids], [g_codes], name=rw.fresh(f"{init_name}_GatherCodes")),
-            helper.make_node("Cast", [g_codes], [g_float], to=TensorProto.FLOAT, name=rw.fresh(f"{init_name}_CastRows")),
+            helper.make_node(
+                "Cast", [g_codes], [g_float], to=TensorProto.FLOAT, name=rw.fresh(f"{init_name}_CastRows")
+            ),
             helper.make_node("Gather", [s_name, ids], [g_scale], name=rw.fresh(f"{init_name}_GatherScales")),
             helper.make_node("Mul", [g_float, g_scale], [out], name=rw.fresh(f"{init_name}_ScaleRows")),
         ]
@@ -249,8 +251,15 @@ class StaticQDQ:
             [numpy_helper.from_array(scale, s_name), numpy_helper.from_array(np.zeros(rows, np.int8), zp_name)]
         )
         w_out = self.rw.fresh(f"{init_name}_dequantized")
-        pre.append(helper.make_node("DequantizeLinear", [w_int8, s_name, zp_name], [w_out], axis=axis,
-                                    name=self.rw.fresh(f"{init_name}_DequantizeLinear")))
+        pre.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [w_int8, s_name, zp_name],
+                [w_out],
+                axis=axis,
+                name=self.rw.fresh(f"{init_name}_DequantizeLinear"),
+            )
+        )
         node.input[1] = w_out
         self.layers.append((node, pname, scale))
         return pre
@@ -306,14 +315,18 @@ class StaticQDQ:
             scale, zp = uint8_qparams(*rng)
             base = tensor.replace("/", "_")
             s_name, z_name = rw.fresh(f"{base}_act_scale"), rw.fresh(f"{base}_act_zero_point")
-            rw.graph.initializer.extend([
-                numpy_helper.from_array(np.asarray(scale, np.float32), s_name),
-                numpy_helper.from_array(np.asarray(zp, np.uint8), z_name),
-            ])
+            rw.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.asarray(scale, np.float32), s_name),
+                    numpy_helper.from_array(np.asarray(zp, np.uint8), z_name),
+                ]
+            )
             q, dq = rw.fresh(f"{base}_quantized_act"), rw.fresh(f"{base}_dequantized_act")
-            targets = readers_of.get(tensor, []) if readers is None else [
-                (n, i) for n, i in readers_of.get(tensor, []) if any(n is r for r in readers) and i == 0
-            ]
+            targets = (
+                readers_of.get(tensor, [])
+                if readers is None
+                else [(n, i) for n, i in readers_of.get(tensor, []) if any(n is r for r in readers) and i == 0]
+            )
             for n, i in targets:
                 n.input[i] = dq
             if tensor in graph_outputs:  # keep the graph's output name: the pair ends in it
@@ -326,8 +339,10 @@ class StaticQDQ:
                 src, dq = raw, tensor
             else:
                 src = tensor
-            pair = [helper.make_node("QuantizeLinear", [src, s_name, z_name], [q], name=rw.fresh(f"{base}_Quantize")),
-                    helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=rw.fresh(f"{base}_Dequantize"))]
+            pair = [
+                helper.make_node("QuantizeLinear", [src, s_name, z_name], [q], name=rw.fresh(f"{base}_Quantize")),
+                helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=rw.fresh(f"{base}_Dequantize")),
+            ]
             for layer, _, _ in self.layers:
                 if layer.input[0] == dq:
                     in_scale[id(layer)] = scale
@@ -352,13 +367,24 @@ class StaticQDQ:
         codes = np.clip(np.round(bias / np.maximum(scale, 1e-30)), -(2**31), 2**31 - 1).astype(np.int32)
         q_name, s_name = self.rw.fresh(f"{name}_int32"), self.rw.fresh(f"{name}_bias_scale")
         z_name = self.rw.fresh(f"{name}_bias_zero_point")
-        self.rw.graph.initializer.extend([
-            numpy_helper.from_array(codes, q_name), numpy_helper.from_array(scale, s_name),
-            numpy_helper.from_array(np.zeros(len(codes), np.int32), z_name),
-        ])
+        self.rw.graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, q_name),
+                numpy_helper.from_array(scale, s_name),
+                numpy_helper.from_array(np.zeros(len(codes), np.int32), z_name),
+            ]
+        )
         if sum(name in n.input for n in self.rw.nodes) == 1:
             self.rw.remove_initializer(name)
         out = self.rw.fresh(f"{name}_dequantized")
-        self.rw.nodes.insert(0, helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], axis=0,
-                                                 name=self.rw.fresh(f"{name}_DequantizeLinear")))
+        self.rw.nodes.insert(
+            0,
+            helper.make_node(
+                "DequantizeLinear",
+                [q_name, s_name, z_name],
+                [out],
+                axis=0,
+                name=self.rw.fresh(f"{name}_DequantizeLinear"),
+            ),
+        )
         node.input[2] = out

@@ -75,7 +75,7 @@ def _next_pow2(n: int) -> int:
 
 
 class _Rewriter:
-    def __init__(self, model: "onnx.ModelProto"):
+    def __init__(self, model: onnx.ModelProto):
         import onnx
 
         self.model = onnx.ModelProto()
@@ -87,9 +87,11 @@ class _Rewriter:
             copy.CopyFrom(n)
             self.nodes.append(copy)
         self.inits = {init.name: init for init in self.graph.initializer}
-        self.taken = {init.name for init in self.graph.initializer} | {
-            o for n in self.graph.node for o in list(n.input) + list(n.output)
-        } | {v.name for v in self.graph.input}
+        self.taken = (
+            {init.name for init in self.graph.initializer}
+            | {o for n in self.graph.node for o in list(n.input) + list(n.output)}
+            | {v.name for v in self.graph.input}
+        )
         self.needs_opset21 = False
         self._by_value: dict | None = None  # (shape, sha256) -> initializer names, built on demand
 
@@ -129,7 +131,7 @@ class _Rewriter:
 
     # --- uniform -------------------------------------------------------------------------
 
-    def dequantize_linear_matmul(self, pname: str, qt: UniformTensor) -> tuple[str, "onnx.NodeProto"]:
+    def dequantize_linear_matmul(self, pname: str, qt: UniformTensor) -> tuple[str, onnx.NodeProto]:
         """DequantizeLinear producing W^T (in, out) in the layout ORT fuses; returns its output name."""
         from onnx import helper, numpy_helper
 
@@ -158,7 +160,10 @@ class _Rewriter:
             attrs = {"axis": 1}
         q_name = self.fresh(f"{pname}_quantized")
         s_name = self.fresh(f"{pname}_scale")
-        new_inits = [_int_initializer(q_name, codes + offset, qt.bits, signed), numpy_helper.from_array(scale_t, s_name)]
+        new_inits = [
+            _int_initializer(q_name, codes + offset, qt.bits, signed),
+            numpy_helper.from_array(scale_t, s_name),
+        ]
         inputs = [q_name, s_name]
         if zp_t is not None:
             z_name = self.fresh(f"{pname}_zero_point")
@@ -166,7 +171,9 @@ class _Rewriter:
             inputs.append(z_name)
         out = self.fresh(f"{pname}_transposed")
         self.graph.initializer.extend(new_inits)
-        node = helper.make_node("DequantizeLinear", inputs, [out], name=self.fresh(f"{pname}_DequantizeLinear"), **attrs)
+        node = helper.make_node(
+            "DequantizeLinear", inputs, [out], name=self.fresh(f"{pname}_DequantizeLinear"), **attrs
+        )
         return out, node
 
     def dequantize_generic(self, pname: str, qt: UniformTensor, shape: list[int]) -> list:
@@ -193,7 +200,10 @@ class _Rewriter:
             self.needs_opset21 = True
         q_name, s_name = self.fresh(f"{pname}_quantized"), self.fresh(f"{pname}_scale")
         self.graph.initializer.extend(
-            [_int_initializer(q_name, codes + offset, qt.bits, signed), numpy_helper.from_array(np.asarray(scale_v, np.float32), s_name)]
+            [
+                _int_initializer(q_name, codes + offset, qt.bits, signed),
+                numpy_helper.from_array(np.asarray(scale_v, np.float32), s_name),
+            ]
         )
         inputs = [q_name, s_name]
         if zp_v is not None:
@@ -202,7 +212,9 @@ class _Rewriter:
             inputs.append(z_name)
         return self._reshaped(pname, "DequantizeLinear", inputs, attrs, shape, rows, cols)
 
-    def _reshaped(self, pname: str, op: str, inputs: list[str], attrs: dict, shape: list[int], rows: int, cols: int) -> list:
+    def _reshaped(
+        self, pname: str, op: str, inputs: list[str], attrs: dict, shape: list[int], rows: int, cols: int
+    ) -> list:
         from onnx import helper, numpy_helper
 
         if list(shape) == [rows, cols]:
@@ -236,10 +248,12 @@ class _Rewriter:
         cb_name = self.fresh(f"{pname}_codebooks")
         row_name = self.fresh(f"{pname}_codebook_of_row")
         row_dtype = np.uint8 if codebook.shape[0] <= 256 else np.int32
-        self.graph.initializer.extend([
-            numpy_helper.from_array(codebook, cb_name),
-            numpy_helper.from_array(qt.row_codebooks().numpy().astype(row_dtype), row_name),
-        ])
+        self.graph.initializer.extend(
+            [
+                numpy_helper.from_array(codebook, cb_name),
+                numpy_helper.from_array(qt.row_codebooks().numpy().astype(row_dtype), row_name),
+            ]
+        )
         row32 = self.fresh(f"{pname}_codebook_of_row_int32")
         table = self.fresh(f"{pname}_row_tables")
         nodes += [
@@ -279,7 +293,7 @@ def row_permutation(target: np.ndarray, source: np.ndarray) -> np.ndarray | None
 
 
 def locate_by_value(
-    rw: "_Rewriter", pname: str, qt: QuantizedTensor, alias: str | None = None, *, allow_rows: bool = True
+    rw: _Rewriter, pname: str, qt: QuantizedTensor, alias: str | None = None, *, allow_rows: bool = True
 ) -> tuple[str, str, np.ndarray | None]:
     """The initializer holding exactly ``qt.dequantize()``: ``(name, layout, perm)``.
 
@@ -314,15 +328,24 @@ def locate_by_value(
         rows, cols = w2d.shape
         for name, init in rw.inits.items():
             dims = list(init.dims)
-            if (init.data_type != TensorProto.FLOAT or len(dims) < 2 or dims[-1] != cols
-                    or int(np.prod(dims)) != rows * cols or any(d != 1 for d in dims[:-2])):
+            if (
+                init.data_type != TensorProto.FLOAT
+                or len(dims) < 2
+                or dims[-1] != cols
+                or int(np.prod(dims)) != rows * cols
+                or any(d != 1 for d in dims[:-2])
+            ):
                 continue
             perm = row_permutation(numpy_helper.to_array(init).reshape(rows, cols), w2d)
             if perm is not None:
                 return name, "rows", perm
     named = next((n for n in hints if n in rw.inits), None)
-    why = (f"; initializer {named!r} has that name but other values (the exporter changed the weight, "
-           "e.g. folded a BatchNorm or another op into it)" if named else "")
+    why = (
+        f"; initializer {named!r} has that name but other values (the exporter changed the weight, "
+        "e.g. folded a BatchNorm or another op into it)"
+        if named
+        else ""
+    )
     shown = ", ".join(sorted(rw.inits)[:20]) + (", ..." if len(rw.inits) > 20 else "")
     raise ValueError(
         f"quantized parameter {pname!r}: no ONNX initializer holds exactly its dequantized values "
@@ -352,8 +375,10 @@ def _is_plain_linear_gemm(node, pname: str) -> bool:
         return False
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     return (
-        attrs.get("transB", 0) == 1 and attrs.get("transA", 0) == 0
-        and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        attrs.get("transB", 0) == 1
+        and attrs.get("transA", 0) == 0
+        and attrs.get("alpha", 1.0) == 1.0
+        and attrs.get("beta", 1.0) == 1.0
         and (len(node.input) < 3 or node.input[2] != pname)
     )
 
@@ -363,9 +388,11 @@ def _is_matmul_by(node, name: str) -> bool:
 
 
 def quantize_onnx_model(
-    model: "onnx.ModelProto", quant: dict[str, QuantizedTensor], names: dict[str, str] | None = None,
+    model: onnx.ModelProto,
+    quant: dict[str, QuantizedTensor],
+    names: dict[str, str] | None = None,
     activations: dict | None = None,
-) -> "onnx.ModelProto":
+) -> onnx.ModelProto:
     """Replace the float initializers of the parameters in ``quant`` by integer initializers and dequantizing ops.
 
     Args:
@@ -406,8 +433,11 @@ def quantize_onnx_model(
             consumers = rw.consumers(init_name)
             rw.remove_initializer(init_name)
             moved = permute_rows(qt, perm)
-            new_nodes = (rw.codebook_nodes(init_name, moved, shape) if isinstance(moved, CodebookTensor)
-                         else rw.dequantize_generic(init_name, moved, shape))
+            new_nodes = (
+                rw.codebook_nodes(init_name, moved, shape)
+                if isinstance(moved, CodebookTensor)
+                else rw.dequantize_generic(init_name, moved, shape)
+            )
             rw.nodes[0:0] = new_nodes
             continue
         transposed = layout == "transposed"
@@ -419,8 +449,9 @@ def quantize_onnx_model(
             )
         consumers = rw.consumers(init_name)
         rw.remove_initializer(init_name)
-        fast = _fast_kernel_nodes(rw, fk, pname, init_name, qt, consumers, transposed, shape,
-                                  mode if pname in act_layers else "none", static)
+        fast = _fast_kernel_nodes(
+            rw, fk, pname, init_name, qt, consumers, transposed, shape, mode if pname in act_layers else "none", static
+        )
         if fast is not None:
             new_nodes = fast
         elif transposed:
@@ -432,10 +463,16 @@ def quantize_onnx_model(
                     mm.input[1] = w_t
             else:
                 plain = rw.fresh(f"{init_name}_untransposed")
-                new_nodes = (rw.codebook_nodes(plain, qt, list(qt.shape)) if isinstance(qt, CodebookTensor)
-                             else rw.dequantize_generic(plain, qt, list(qt.shape)))
-                new_nodes.append(helper.make_node("Transpose", [plain], [init_name], perm=[1, 0],
-                                                  name=rw.fresh(f"{init_name}_Transpose")))
+                new_nodes = (
+                    rw.codebook_nodes(plain, qt, list(qt.shape))
+                    if isinstance(qt, CodebookTensor)
+                    else rw.dequantize_generic(plain, qt, list(qt.shape))
+                )
+                new_nodes.append(
+                    helper.make_node(
+                        "Transpose", [plain], [init_name], perm=[1, 0], name=rw.fresh(f"{init_name}_Transpose")
+                    )
+                )
         elif isinstance(qt, CodebookTensor):
             new_nodes = rw.codebook_nodes(init_name, qt, shape)
         elif consumers and all(_is_plain_linear_gemm(n, init_name) for n in consumers):
@@ -446,9 +483,13 @@ def quantize_onnx_model(
                 out = gemm.output[0]
                 has_bias = len(gemm.input) > 2 and gemm.input[2] != ""
                 mm_out = rw.fresh(f"{out}_matmul") if has_bias else out
-                repl = [helper.make_node("MatMul", [gemm.input[0], w_t], [mm_out], name=rw.fresh(f"{init_name}_MatMul"))]
+                repl = [
+                    helper.make_node("MatMul", [gemm.input[0], w_t], [mm_out], name=rw.fresh(f"{init_name}_MatMul"))
+                ]
                 if has_bias:
-                    repl.append(helper.make_node("Add", [mm_out, gemm.input[2]], [out], name=rw.fresh(f"{init_name}_AddBias")))
+                    repl.append(
+                        helper.make_node("Add", [mm_out, gemm.input[2]], [out], name=rw.fresh(f"{init_name}_AddBias"))
+                    )
                 rw.nodes[idx : idx + 1] = repl
         else:
             new_nodes = fk.folded_dequantize_nodes(rw, init_name, qt, shape)
@@ -477,8 +518,11 @@ def _fast_kernel_nodes(rw, fk, pname, init_name, qt, consumers, transposed, shap
             nodes += fk.folded_dequantize_nodes(rw, init_name, qt, shape)
         return nodes
     if mode == "dynamic" and fk.per_column_ok(qt):
-        fits = (all(_is_matmul_by(n, init_name) for n in consumers) if transposed
-                else all(_is_plain_linear_gemm(n, init_name) for n in consumers))
+        fits = (
+            all(_is_matmul_by(n, init_name) for n in consumers)
+            if transposed
+            else all(_is_plain_linear_gemm(n, init_name) for n in consumers)
+        )
         if fits:
             return fk.dynamic_matmul(rw, init_name, qt, consumers, transposed)
     if mode == "static" and static.supports(qt, consumers, init_name, transposed):
@@ -488,7 +532,7 @@ def _fast_kernel_nodes(rw, fk, pname, init_name, qt, consumers, transposed, shap
     return None
 
 
-def _require_opset(model: "onnx.ModelProto", minimum: int) -> None:
+def _require_opset(model: onnx.ModelProto, minimum: int) -> None:
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx"):
             if op.version < minimum:
@@ -504,8 +548,13 @@ def _require_opset(model: "onnx.ModelProto", minimum: int) -> None:
 
 
 def ort_session(
-    path: Path | str, *, threads: int = 1, exact: bool = True, optimized_path: Path | str | None = None,
-    config: dict[str, str] | None = None, disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
+    path: Path | str,
+    *,
+    threads: int = 1,
+    exact: bool = True,
+    optimized_path: Path | str | None = None,
+    config: dict[str, str] | None = None,
+    disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
 ):
     """A CPU session for a quantized model, set up so every quantized Linear fuses.
 
@@ -547,7 +596,7 @@ def optimized_op_types(
         return Counter(n.op_type for n in graph.node)
 
 
-def initializer_bytes(model: "onnx.ModelProto") -> dict[str, int]:
+def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
     """Stored bytes of each initializer (packed INT4 counts half a byte per element)."""
     from onnx import TensorProto, helper
 

@@ -7,13 +7,13 @@ import logging
 import numpy as np
 
 from compress.errors import InputError
+from compress.export.config import ExportConfig
+from compress.export.onnx_export import check_model, export_onnx
 from compress.fake_quant import quantized_inputs
 from compress.metrics import predict
 from compress.onnx_signature import onnx_signature_of
-from compress.state import ModelState, StageContext
-from compress.export.config import ExportConfig
-from compress.export.onnx_export import check_model, export_onnx
 from compress.runtime import measure_latency, ort_predict, ort_session, row_cosine
+from compress.state import ModelState, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
 
         try:
             model = quantize_onnx_model(
-                model, state.quant, _wrapped_names(state.module, signature),
+                model,
+                state.quant,
+                _wrapped_names(state.module, signature),
                 activations=state.extras.get("activation_quantization"),
             )
         except ValueError as err:
@@ -111,21 +113,33 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     )
     if fast:
         ctx.checks.append(
-            {"gate": "onnx_parity_cosine", "measured": float(cosine.min()), "limit": config.fast_kernel_min_cosine,
-             "passed": bool(cosine.min() >= config.fast_kernel_min_cosine)}
+            {
+                "gate": "onnx_parity_cosine",
+                "measured": float(cosine.min()),
+                "limit": config.fast_kernel_min_cosine,
+                "passed": bool(cosine.min() >= config.fast_kernel_min_cosine),
+            }
         )
     else:
         ctx.checks.append(
             {"gate": "onnx_parity_within_tolerance", "measured": within, "limit": 1.0, "passed": within >= 1.0}
         )
     ctx.checks.append(
-        {"gate": "onnx_top1_agreement", "measured": agreement, "limit": config.min_agreement,
-         "passed": agreement >= config.min_agreement}
+        {
+            "gate": "onnx_top1_agreement",
+            "measured": agreement,
+            "limit": config.min_agreement,
+            "passed": agreement >= config.min_agreement,
+        }
     )
     if config.min_cosine is not None:
         ctx.checks.append(
-            {"gate": "onnx_min_cosine", "measured": float(cosine.min()), "limit": config.min_cosine,
-             "passed": bool(cosine.min() >= config.min_cosine)}
+            {
+                "gate": "onnx_min_cosine",
+                "measured": float(cosine.min()),
+                "limit": config.min_cosine,
+                "passed": bool(cosine.min() >= config.min_cosine),
+            }
         )
     one = x[:1] if config.dynamic_batch or signature is not None else x[: example.shape[0]]
     example_one = np.ascontiguousarray(one)
@@ -154,8 +168,12 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
         from compress.runtime import save_ort_format
 
         ort_path = save_ort_format(path, ctx.out_dir / "model.ort", session_config, disabled)
-        ort_file_out = ort_predict(ort_session(ort_path, threads=config.threads, config=session_config), x,
-                                   batch_size=1 if act_mode == "dynamic" else 256, feeds=feeds)
+        ort_file_out = ort_predict(
+            ort_session(ort_path, threads=config.threads, config=session_config),
+            x,
+            batch_size=1 if act_mode == "dynamic" else 256,
+            feeds=feeds,
+        )
         if fast:  # the same integer kernels as the .onnx file: compare with its output, judge by cosine
             ort_diff = float(np.abs(ort_file_out - ort_out).max())
             ort_cos = float(row_cosine(ort_file_out, torch_out).min())
@@ -166,8 +184,13 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
         ctx.metrics.update({"ort_format_bytes": ort_path.stat().st_size, "ort_format_max_abs_error": ort_diff})
         ctx.checks.append({"gate": "ort_format_parity", "measured": measured, "limit": limit, "passed": bool(passed)})
         ctx.artifacts["model.ort"] = ort_path
-    log.info("exported %s (%d bytes), max abs error %.3g, agreement %.4f",
-             path, ctx.metrics["onnx_bytes"], ctx.metrics["ort_max_abs_error"], agreement)
+    log.info(
+        "exported %s (%d bytes), max abs error %.3g, agreement %.4f",
+        path,
+        ctx.metrics["onnx_bytes"],
+        ctx.metrics["ort_max_abs_error"],
+        agreement,
+    )
     return state
 
 

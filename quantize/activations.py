@@ -114,7 +114,9 @@ def calibrate_ranges(
     return {f"{n}.weight": {"input": o[0].range(), "output": o[1].range()} for n, o in observers.items()}
 
 
-def activation_spec(model: nn.Module, layers: list[str], calibration: torch.Tensor | None, config, seed: int = 0) -> dict:
+def activation_spec(
+    model: nn.Module, layers: list[str], calibration: torch.Tensor | None, config, seed: int = 0
+) -> dict:
     """``state.extras["activation_quantization"]`` for ``config.activations`` over ``layers``."""
     mode = config.activations
     if mode == "dynamic":
@@ -122,8 +124,12 @@ def activation_spec(model: nn.Module, layers: list[str], calibration: torch.Tens
     if calibration is None:
         raise ValueError("static activation quantization needs the calibration split")
     ranges = calibrate_ranges(
-        model, layers, calibration, method=config.activation_calibration,
-        percentile=config.activation_percentile, seed=seed,
+        model,
+        layers,
+        calibration,
+        method=config.activation_calibration,
+        percentile=config.activation_percentile,
+        seed=seed,
     )
     return {"mode": mode, "bits": ACTIVATION_BITS, "calibration": config.activation_calibration, "layers": ranges}
 

@@ -59,12 +59,13 @@ class LayerSelection(BaseModel):
     def selects(self, layer: str, param: str | None = None) -> bool:
         """Whether ``layer`` (its module name), or its weight ``param`` (a full parameter
         name such as ``rnn.weight_hh_l0``), is quantized rather than kept in float."""
-        return (any(_matches(layer, g, param) for g in self.layers)
-                and not any(_matches(layer, g, param) for g in self.skip))
+        return any(_matches(layer, g, param) for g in self.layers) and not any(
+            _matches(layer, g, param) for g in self.skip
+        )
 
 
 def _matches(layer: str, glob: str, param: str | None = None) -> bool:
-    return (fnmatch.fnmatchcase(layer, glob) or fnmatch.fnmatchcase(param or f"{layer}.weight", glob))
+    return fnmatch.fnmatchcase(layer, glob) or fnmatch.fnmatchcase(param or f"{layer}.weight", glob)
 
 
 class _UniformOptions(LayerSelection):
@@ -135,9 +136,7 @@ class GPFQConfig(_UniformOptions):
         "'auto' tries C in 0.8, 0.9, 1.0, 1.16 (the paper's default), 1.3 per layer and keeps the one with the "
         "lowest output error on the calibration data.",
     )
-    range_quantile: float = Field(
-        1.0, description="R is this quantile of |w| per neuron (or group); 1.0 uses max |w|."
-    )
+    range_quantile: float = Field(1.0, description="R is this quantile of |w| per neuron (or group); 1.0 uses max |w|.")
     auto_holdout: float = Field(
         0.25,
         description="scale_factor 'auto': the fraction of the calibration samples held out to choose C on (the codes "
@@ -151,7 +150,8 @@ class GPFQConfig(_UniformOptions):
         0.1, description="Threshold lambda of the sparsity variant, in units of the step size delta."
     )
     bias_correction: bool = Field(
-        False, description="Shift each quantized layer's bias so its mean output on calibration data matches the float network's."
+        False,
+        description="Shift each quantized layer's bias so its mean output on calibration data matches the float network's.",
     )
     calibration_samples: int | None = Field(
         None, description="Use at most this many calibration samples (default: the whole calibration split)."
@@ -199,7 +199,9 @@ class GPFQConfig(_UniformOptions):
 class CodebookConfig(LayerSelection):
     """Weight sharing (Han et al. 2016): 1-D k-means codebooks of 2**bits values, optional centroid fine-tuning."""
 
-    method: Literal["codebook"] = Field("codebook", description="k-means weight sharing with a codebook per layer or neuron group.")
+    method: Literal["codebook"] = Field(
+        "codebook", description="k-means weight sharing with a codebook per layer or neuron group."
+    )
     codebooks_per_layer: int = Field(
         1,
         description="Codebooks per layer: output neurons are grouped by their weight spread and each group gets its own codebook.",
@@ -240,6 +242,3 @@ class CodebookConfig(LayerSelection):
         if v < 1:
             raise ValueError(f"{info.field_name} must be at least 1, got {v}")
         return v
-
-
-

@@ -17,20 +17,20 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 from compress.quantize.rtn import (
     as_matrix,
     expand_to_columns,
     round_to_grid,
     uniform_scale,
 )
-from torch import nn
-
-from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class LayerStats:
         self.sum_xt += xt.sum(0)
         self.count += x.shape[0]
 
-    def merged(self, other: "LayerStats") -> "LayerStats":
+    def merged(self, other: LayerStats) -> LayerStats:
         """The statistics of both sets of rows (sums are additive)."""
         out = LayerStats(self.n)
         for key in ("G", "H", "F", "sum_x", "sum_xt"):
@@ -77,7 +77,7 @@ class LayerStats:
         return out
 
     @classmethod
-    def from_data(cls, x: torch.Tensor, x_tilde: torch.Tensor) -> "LayerStats":
+    def from_data(cls, x: torch.Tensor, x_tilde: torch.Tensor) -> LayerStats:
         stats = cls(x.shape[1])
         stats.add(x, x_tilde)
         return stats
@@ -206,8 +206,14 @@ def gpfq_quantize_matrix(
     """
     stats = LayerStats.from_data(x, x if x_tilde is None else x_tilde)
     scale, zp = uniform_scale(
-        w2d, bits, granularity=granularity, group_size=group_size, symmetric=symmetric,
-        factor=scale_factor, quantile=range_quantile, full_range=True,
+        w2d,
+        bits,
+        granularity=granularity,
+        group_size=group_size,
+        symmetric=symmetric,
+        factor=scale_factor,
+        quantile=range_quantile,
+        full_range=True,
     )
     codes = gpfq_codes(
         w2d, stats, bits, scale, zp, sparsity=sparsity, sparsity_lambda=sparsity_lambda, block_size=block_size
@@ -280,7 +286,10 @@ def _capture_args(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> list:
 def _capture_mha_output(model: nn.Module, mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
     """The attention output that enters ``mha.out_proj`` (set to the identity for this pass)."""
     captured: list[torch.Tensor] = []
-    w, b = mha.out_proj.weight.detach().clone(), None if mha.out_proj.bias is None else mha.out_proj.bias.detach().clone()
+    w, b = (
+        mha.out_proj.weight.detach().clone(),
+        None if mha.out_proj.bias is None else mha.out_proj.bias.detach().clone(),
+    )
 
     def hook(_module, _args, output):
         captured.append((output[0] if isinstance(output, tuple) else output).detach())
@@ -372,13 +381,30 @@ def _resolve_unit(model: nn.Module, key: str, modules: dict[str, nn.Module]) -> 
     if isinstance(layer, nn.RNNBase):
         if attr in ("weight_ih_l0", "weight_ih_l0_reverse"):
             return _Unit(key, param, owner, attr, "rnn_in")
-        what = "hidden state" if attr.startswith("weight_hh") or attr.startswith("weight_hr") else "inputs of an upper layer"
-        return _Unit(key, param, owner, attr, "rtn",
-                     f"{type(layer).__name__} {attr}: its {what} is not captured, rounded to nearest")
+        what = (
+            "hidden state"
+            if attr.startswith("weight_hh") or attr.startswith("weight_hr")
+            else "inputs of an upper layer"
+        )
+        return _Unit(
+            key,
+            param,
+            owner,
+            attr,
+            "rtn",
+            f"{type(layer).__name__} {attr}: its {what} is not captured, rounded to nearest",
+        )
     if supports_gpfq(layer):
         return _Unit(key, param, owner, attr, "module")
-    return _Unit(key, param, owner, attr, "rtn", f"{type(layer).__name__} with padding {layer.padding!r}/"
-                 f"{getattr(layer, 'padding_mode', '')} cannot be unfolded into patches, rounded to nearest")
+    return _Unit(
+        key,
+        param,
+        owner,
+        attr,
+        "rtn",
+        f"{type(layer).__name__} with padding {layer.padding!r}/"
+        f"{getattr(layer, 'padding_mode', '')} cannot be unfolded into patches, rounded to nearest",
+    )
 
 
 def _capture_rows(model: nn.Module, unit: _Unit, xb: torch.Tensor, blocks: int) -> list[torch.Tensor]:
@@ -388,7 +414,7 @@ def _capture_rows(model: nn.Module, unit: _Unit, xb: torch.Tensor, blocks: int) 
         inp = _capture_input(model, layer, xb)
         if blocks > 1:  # grouped conv: each group sees its own input channels
             c = inp.shape[1] // blocks
-            return [layer_rows(layer, inp[:, g * c:(g + 1) * c]) for g in range(blocks)]
+            return [layer_rows(layer, inp[:, g * c : (g + 1) * c]) for g in range(blocks)]
         return [layer_rows(layer, inp)]
     if unit.kind == "mha_in":
         q, k, v = _capture_args(model, layer, xb)[:3]
@@ -418,6 +444,7 @@ def unit_order(model: nn.Module, example: torch.Tensor, owners: set[str]) -> lis
         def hook(_module, _args):
             if name not in order:
                 order.append(name)
+
         return hook
 
     handles = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if n in owners]
@@ -470,8 +497,12 @@ def shared_input_groups(model: nn.Module, example: torch.Tensor) -> list[list[st
     groups: list[list[str]] = []
     for name in order:
         prev = groups[-1][-1] if groups else None
-        if (prev is not None and inputs[prev] == inputs[name]
-                and isinstance(modules[prev], nn.Linear) and isinstance(modules[name], nn.Linear)):
+        if (
+            prev is not None
+            and inputs[prev] == inputs[name]
+            and isinstance(modules[prev], nn.Linear)
+            and isinstance(modules[name], nn.Linear)
+        ):
             groups[-1].append(name)
         else:
             groups.append([name])
@@ -493,14 +524,14 @@ class LayerPlan:
 def collect_stats(
     float_model: nn.Module,
     quant_model: nn.Module,
-    unit: "_Unit | nn.Module",
-    quant_layer: "nn.Module | None",
+    unit: _Unit | nn.Module,
+    quant_layer: nn.Module | None,
     batches: Iterable[torch.Tensor],
     total: int,
     max_patches: int,
     generator: torch.Generator,
     n_blocks: int = 1,
-) -> "list[LayerStats] | LayerStats":
+) -> list[LayerStats] | LayerStats:
     """Accumulate a unit's ``LayerStats`` (one per weight block) batch by batch (memory: one
     batch's activations).
 
@@ -547,7 +578,9 @@ AUTO_SCALE_FACTORS = (0.8, 0.9, 1.0, 1.16, 1.3)
 RTN_GRID = "rtn"
 
 
-def _abs_error(w2d: torch.Tensor, q2d: torch.Tensor, blocks: list[slice], stats: list[LayerStats]) -> tuple[float, float]:
+def _abs_error(
+    w2d: torch.Tensor, q2d: torch.Tensor, blocks: list[slice], stats: list[LayerStats]
+) -> tuple[float, float]:
     """Squared output error and squared output norm summed over the weight's blocks."""
     err = ref = 0.0
     for sl, st in zip(blocks, stats):
@@ -618,7 +651,9 @@ def gpfq_quantize_model(
     float_model = copy.deepcopy(model).eval()
     modules = dict(model.named_modules())
     units = {key: _resolve_unit(model, key, modules) for key in plans}
-    owners = {u.owner for u in units.values()} | {u.owner.rpartition(".")[0] for u in units.values() if u.kind == "mha_out"}
+    owners = {u.owner for u in units.values()} | {
+        u.owner.rpartition(".")[0] for u in units.values() if u.kind == "mha_out"
+    }
     called = unit_order(model, calibration[:2], owners)
     rank = {n: i for i, n in enumerate(called)}
 
@@ -649,9 +684,23 @@ def gpfq_quantize_model(
     # After the deep copy: the float network stays float, the quantized one sees 8-bit inputs.
     with quantized_inputs(model, activation_spec):
         _gpfq_units(
-            model, float_model, modules, order, plans, parts, gen, quant, report, factors=factors,
-            range_quantile=range_quantile, sparsity=sparsity, sparsity_lambda=sparsity_lambda,
-            bias_correction=bias_correction, batch_size=batch_size, max_patches=max_patches, block_size=block_size,
+            model,
+            float_model,
+            modules,
+            order,
+            plans,
+            parts,
+            gen,
+            quant,
+            report,
+            factors=factors,
+            range_quantile=range_quantile,
+            sparsity=sparsity,
+            sparsity_lambda=sparsity_lambda,
+            bias_correction=bias_correction,
+            batch_size=batch_size,
+            max_patches=max_patches,
+            block_size=block_size,
             calibration=calibration,
         )
     model.train(was_training)
@@ -659,8 +708,25 @@ def gpfq_quantize_model(
 
 
 def _gpfq_units(
-    model, float_model, modules, order, plans, parts, gen, quant, report, *, factors, range_quantile, sparsity,
-    sparsity_lambda, bias_correction, batch_size, max_patches, block_size, calibration,
+    model,
+    float_model,
+    modules,
+    order,
+    plans,
+    parts,
+    gen,
+    quant,
+    report,
+    *,
+    factors,
+    range_quantile,
+    sparsity,
+    sparsity_lambda,
+    bias_correction,
+    batch_size,
+    max_patches,
+    block_size,
+    calibration,
 ) -> None:
     """The weight loop of ``gpfq_quantize_model`` (fills ``quant`` and ``report``).
 
@@ -680,13 +746,20 @@ def _gpfq_units(
         rows, cols = w2d.shape
         blocks = unit.blocks(layer, rows)
 
-        def grid(factor):
+        def grid(factor, w2d=w2d, plan=plan):
             if factor == RTN_GRID:
-                return uniform_scale(w2d, plan.bits, granularity=plan.granularity, group_size=plan.group_size,
-                                     symmetric=plan.symmetric)
+                return uniform_scale(
+                    w2d, plan.bits, granularity=plan.granularity, group_size=plan.group_size, symmetric=plan.symmetric
+                )
             return uniform_scale(
-                w2d, plan.bits, granularity=plan.granularity, group_size=plan.group_size, symmetric=plan.symmetric,
-                factor=factor, quantile=range_quantile, full_range=True,
+                w2d,
+                plan.bits,
+                granularity=plan.granularity,
+                group_size=plan.group_size,
+                symmetric=plan.symmetric,
+                factor=factor,
+                quantile=range_quantile,
+                full_range=True,
             )
 
         stats = parts_stats = None
@@ -697,9 +770,17 @@ def _gpfq_units(
                 parts_stats = last[1] if shared and last[0] == group_of[unit.owner] else None
                 if parts_stats is None:
                     parts_stats = [
-                        collect_stats(float_model, model, unit, None,
-                                      (part[i : i + batch_size] for i in range(0, len(part), batch_size)),
-                                      len(part), max_patches, gen, n_blocks=len(blocks))
+                        collect_stats(
+                            float_model,
+                            model,
+                            unit,
+                            None,
+                            (part[i : i + batch_size] for i in range(0, len(part), batch_size)),
+                            len(part),
+                            max_patches,
+                            gen,
+                            n_blocks=len(blocks),
+                        )
                         for part in parts
                     ]
             except _NoStatistics as err:
@@ -736,13 +817,22 @@ def _gpfq_units(
 
                         codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols))
                 else:
-                    codes = torch.cat([
-                        gpfq_codes(
-                            w2d[sl], st, plan.bits, _rows_of(scale, sl), _rows_of(zp, sl),
-                            mask=None if mask is None else mask[sl], sparsity=sparsity,
-                            sparsity_lambda=sparsity_lambda, block_size=block_size,
-                        ) for sl, st in zip(blocks, fit_stats)
-                    ])
+                    codes = torch.cat(
+                        [
+                            gpfq_codes(
+                                w2d[sl],
+                                st,
+                                plan.bits,
+                                _rows_of(scale, sl),
+                                _rows_of(zp, sl),
+                                mask=None if mask is None else mask[sl],
+                                sparsity=sparsity,
+                                sparsity_lambda=sparsity_lambda,
+                                block_size=block_size,
+                            )
+                            for sl, st in zip(blocks, fit_stats)
+                        ]
+                    )
                 if len(candidates) > 1:
                     deq = codes.float() - (0 if zp is None else expand_to_columns(zp, rows, cols).float())
                     err, _ = _abs_error(w2d, deq * expand_to_columns(scale, rows, cols), blocks, val_stats)
@@ -753,13 +843,22 @@ def _gpfq_units(
                 if how == "round":
                     algorithm = "gpfq (plain rounding on RTN's grid had the lowest calibration error)"
                 elif all_stats is not fit_stats:  # refit on every sample with the chosen alphabet
-                    codes = torch.cat([
-                        gpfq_codes(
-                            w2d[sl], st, plan.bits, _rows_of(scale, sl), _rows_of(zp, sl),
-                            mask=None if mask is None else mask[sl], sparsity=sparsity,
-                            sparsity_lambda=sparsity_lambda, block_size=block_size,
-                        ) for sl, st in zip(blocks, all_stats)
-                    ])
+                    codes = torch.cat(
+                        [
+                            gpfq_codes(
+                                w2d[sl],
+                                st,
+                                plan.bits,
+                                _rows_of(scale, sl),
+                                _rows_of(zp, sl),
+                                mask=None if mask is None else mask[sl],
+                                sparsity=sparsity,
+                                sparsity_lambda=sparsity_lambda,
+                                block_size=block_size,
+                            )
+                            for sl, st in zip(blocks, all_stats)
+                        ]
+                    )
             else:
                 chosen_factor = factors[0]
             stats = all_stats
@@ -767,17 +866,22 @@ def _gpfq_units(
             codes=codes.reshape(param.shape).contiguous(), bits=plan.bits, scale=scale, zero_point=zp, method="gpfq"
         )
         q2d = as_matrix(qt.dequantize())
-        info: dict = {"bits": plan.bits, "granularity": qt.granularity, "algorithm": algorithm,
-                      "scale_factor": chosen_factor,
-                      "weight_rel_error": ((q2d - w2d).norm() / w2d.norm().clamp_min(1e-30)).item()}
+        info: dict = {
+            "bits": plan.bits,
+            "granularity": qt.granularity,
+            "algorithm": algorithm,
+            "scale_factor": chosen_factor,
+            "weight_rel_error": ((q2d - w2d).norm() / w2d.norm().clamp_min(1e-30)).item(),
+        }
         if len(blocks) > 1:
             info["blocks"] = len(blocks)
         if stats is not None:
             err, ref = _abs_error(w2d, q2d, blocks, stats)
             info["output_rel_error"] = err / max(ref, 1e-300)
             rtn_scale, rtn_zp = grid(RTN_GRID)
-            rtn = (round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits).float()
-                   - (0 if rtn_zp is None else expand_to_columns(rtn_zp, rows, cols).float()))
+            rtn = round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits).float() - (
+                0 if rtn_zp is None else expand_to_columns(rtn_zp, rows, cols).float()
+            )
             rerr, _ = _abs_error(w2d, rtn * expand_to_columns(rtn_scale, rows, cols), blocks, stats)
             info["rtn_output_rel_error"] = rerr / max(ref, 1e-300)
             bias = _bias_of(layer, unit.attr)
@@ -821,13 +925,20 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
         plans[key] = LayerPlan(bits, config.granularity, config.group_size, config.symmetric, masks[pname])
     factors = (*AUTO_SCALE_FACTORS, RTN_GRID) if config.scale_factor == "auto" else config.scale_factor
     quant, report = gpfq_quantize_model(
-        state.module, calib, plans,
+        state.module,
+        calib,
+        plans,
         scale_factor=factors,
         range_quantile=config.range_quantile,
-        sparsity=config.sparsity, sparsity_lambda=config.sparsity_lambda,
-        bias_correction=config.bias_correction, batch_size=config.batch_size,
-        max_patches=config.max_patches, block_size=config.block_size, seed=ctx.seed,
-        auto_holdout=config.auto_holdout, activation_spec=state.extras.get("activation_quantization"),
+        sparsity=config.sparsity,
+        sparsity_lambda=config.sparsity_lambda,
+        bias_correction=config.bias_correction,
+        batch_size=config.batch_size,
+        max_patches=config.max_patches,
+        block_size=config.block_size,
+        seed=ctx.seed,
+        auto_holdout=config.auto_holdout,
+        activation_spec=state.extras.get("activation_quantization"),
     )
     owner_param = {f"{t.layer}.{t.attr}" if t.layer else t.attr: p for p, (t, _) in chosen.items()}
     quant = {owner_param.get(k, k): qt for k, qt in quant.items()}

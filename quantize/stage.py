@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from compress.coverage import coverage_line, parameter_coverage
-from compress.state import ModelState, StageContext
 from compress.quantize.config import CodebookConfig, GPFQConfig, RTNConfig
 from compress.quantize.gpfq import QUANTIZABLE
 from compress.quantize.rtn import as_matrix
 from compress.registry import method_for
+from compress.state import ModelState, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,11 @@ def weight_attrs(module: nn.Module) -> list[str]:
     if isinstance(module, nn.RNNBase):
         return [n for n, p in module.named_parameters(recurse=False) if n.startswith("weight_") and p.dim() == 2]
     if isinstance(module, nn.MultiheadAttention):
-        return [a for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-                if isinstance(getattr(module, a, None), nn.Parameter)]
+        return [
+            a
+            for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+            if isinstance(getattr(module, a, None), nn.Parameter)
+        ]
     return []
 
 
@@ -77,10 +80,7 @@ def weight_targets(module: nn.Module) -> dict[str, WeightTarget]:
 
 def select_weights(module: nn.Module, config: RTNConfig | GPFQConfig | CodebookConfig) -> dict[str, WeightTarget]:
     """The weights the config quantizes, by canonical parameter name."""
-    chosen = {
-        p: t for p, t in weight_targets(module).items()
-        if config.selects(t.layer, t.param)
-    }
+    chosen = {p: t for p, t in weight_targets(module).items() if config.selects(t.layer, t.param)}
     if not chosen:
         log.warning("quantize: no weight matches layers=%s skip=%s", config.layers, config.skip)
     return chosen
@@ -89,7 +89,8 @@ def select_weights(module: nn.Module, config: RTNConfig | GPFQConfig | CodebookC
 def select_layers(module: nn.Module, config: RTNConfig | GPFQConfig | CodebookConfig) -> dict[str, int]:
     """The Linear/Conv layers the config quantizes, by name, with their bit widths."""
     return {
-        t.layer: config.bits_for(t.layer, t.param) for t in select_weights(module, config).values()
+        t.layer: config.bits_for(t.layer, t.param)
+        for t in select_weights(module, config).values()
         if t.attr == "weight" and isinstance(module.get_submodule(t.layer), QUANTIZABLE)
     }
 
@@ -106,8 +107,7 @@ def fold_batchnorms(state: ModelState, ctx: StageContext) -> dict:
     folded, left = fold_batchnorm(state.module, example, skip=quantized_layers)
     state.extras.setdefault(EXTRAS_KEY, []).extend(folded)
     if left:
-        log.warning("quantize: BatchNorm left unfolded: %s",
-                    "; ".join(f"{x['bn']} ({x['reason']})" for x in left))
+        log.warning("quantize: BatchNorm left unfolded: %s", "; ".join(f"{x['bn']} ({x['reason']})" for x in left))
     return {"folded": folded, "left": left}
 
 
@@ -147,7 +147,13 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
 
         calib = ctx.data.calibration().x if activations == "static" else None
         # Integer kernels exist for the inputs of Linear/Conv weights, not recurrent or attention ones.
-        layers = sorted({t.layer for t in targets.values() if t.attr == "weight" and isinstance(module.get_submodule(t.layer), QUANTIZABLE)})
+        layers = sorted(
+            {
+                t.layer
+                for t in targets.values()
+                if t.attr == "weight" and isinstance(module.get_submodule(t.layer), QUANTIZABLE)
+            }
+        )
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
     embedding_bits = getattr(config, "embedding_bits", None)
@@ -172,7 +178,9 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     reasons = {}
     for p, t in all_targets.items():
         if p not in state.quant:
-            reasons[p] = f"{t.kind}, skipped by the recipe" if p not in chosen else f"{t.kind}, not supported by {config.method}"
+            reasons[p] = (
+                f"{t.kind}, skipped by the recipe" if p not in chosen else f"{t.kind}, not supported by {config.method}"
+            )
     coverage = parameter_coverage(module, set(state.quant), reasons, what="quantize", unsupported_kinds=_unsupported)
     fallbacks = {k: v["algorithm"] for k, v in report.items() if v.get("algorithm", config.method) != config.method}
     if fallbacks:
@@ -191,8 +199,11 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     }
     ctx.metrics["coverage"] = coverage
     if batchnorm["folded"]:
-        ctx.metrics["notes"] = [f"batchnorm: folded {len(batchnorm['folded'])} BatchNorm into the preceding layer ("
-                                + ", ".join(f"{f['bn']} -> {f['into']}" for f in batchnorm["folded"]) + ")"]
+        ctx.metrics["notes"] = [
+            f"batchnorm: folded {len(batchnorm['folded'])} BatchNorm into the preceding layer ("
+            + ", ".join(f"{f['bn']} -> {f['into']}" for f in batchnorm["folded"])
+            + ")"
+        ]
     log.info("%s", coverage_line("quantize", coverage))
     return state
 

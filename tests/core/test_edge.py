@@ -36,7 +36,10 @@ def run_dir(tmp_path_factory, digits_mlp_path):
 def _validate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "compress", "validate", *map(str, args)],
-        capture_output=True, text=True, env=env or dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300,
+        capture_output=True,
+        text=True,
+        env=env or dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=300,
     )
 
 
@@ -64,7 +67,9 @@ def test_bundle_validates_without_torch(run_dir, tmp_path):
 
 def test_validate_fails_on_limits_it_cannot_meet(run_dir, tmp_path):
     junit = tmp_path / "v.xml"
-    proc = _validate(run_dir / "bundle.czip", "--max-latency-ms", "0.000001", "--junit", junit, env=_no_torch_env(tmp_path))
+    proc = _validate(
+        run_dir / "bundle.czip", "--max-latency-ms", "0.000001", "--junit", junit, env=_no_torch_env(tmp_path)
+    )
     assert proc.returncode == 1
     assert "FAIL max_latency_ms" in proc.stdout
     suite = ET.parse(junit).getroot().find("testsuite")
@@ -80,8 +85,15 @@ def test_validate_plain_onnx_with_data_and_reference(run_dir, tmp_path):
     wrong = b.outputs.copy()
     wrong[:50] = wrong[:50, ::-1]  # flips the argmax of 50 samples
     np.savez(tmp_path / "ref.npz", outputs=wrong)
-    proc = _validate(run_dir / "model.onnx", "--data", tmp_path / "data.npz", "--reference", tmp_path / "ref.npz",
-                     "--min-agreement", "0.99")
+    proc = _validate(
+        run_dir / "model.onnx",
+        "--data",
+        tmp_path / "data.npz",
+        "--reference",
+        tmp_path / "ref.npz",
+        "--min-agreement",
+        "0.99",
+    )
     assert proc.returncode == 1 and "FAIL min_agreement" in proc.stdout
     proc = _validate(run_dir / "model.onnx", "--data", tmp_path / "data.npz")
     assert proc.returncode == 0 and "accuracy" in proc.stdout
@@ -124,8 +136,15 @@ def test_validate_wrong_input_shape(run_dir, tmp_path):
 
 def test_run_junit_has_one_failure_per_failed_gate(cli, write_recipe, digits_mlp_path, tmp_path):
     junit = tmp_path / "run.xml"
-    code, _, _ = cli("run", write_recipe(gates="  max_size_bytes: 10\n  min_accuracy: 0.999\n  max_accuracy_drop: 0.5"),
-                     digits_mlp_path, "-o", tmp_path / "o", "--junit", junit)
+    code, _, _ = cli(
+        "run",
+        write_recipe(gates="  max_size_bytes: 10\n  min_accuracy: 0.999\n  max_accuracy_drop: 0.5"),
+        digits_mlp_path,
+        "-o",
+        tmp_path / "o",
+        "--junit",
+        junit,
+    )
     assert code == 1
     suite = ET.parse(junit).getroot().find("testsuite")
     cases = {c.get("name"): c.find("failure") is not None for c in suite.iter("testcase")}
@@ -152,11 +171,25 @@ def test_html_report_is_self_contained(run_dir):
 def test_html_report_renders_in_headless_chromium(run_dir, tmp_path):
     shot = tmp_path / "report.png"
     proc = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={shot}",
-         "--dump-dom", (run_dir / "report.html").as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            "--dump-dom",
+            (run_dir / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Accuracy against size" in proc.stdout and "<svg" in proc.stdout  # the DOM it rendered
@@ -174,12 +207,22 @@ def test_edge_install_has_no_torch_and_validates(run_dir, tmp_path):
     subprocess.run([*pip, "--no-deps", str(ROOT)], check=True, timeout=600, cwd=tmp_path)
     listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list"], capture_output=True, text=True).stdout
     assert "torch" not in listed and "onnxruntime" in listed
-    proc = subprocess.run([str(venv / "bin" / "compress"), "validate", str(run_dir / "bundle.czip")],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [str(venv / "bin" / "compress"), "validate", str(run_dir / "bundle.czip")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     # a limit no model meets: a gate failure (exit 1); an impossible one (--min-agreement 1.01) is exit 2
-    proc = subprocess.run([str(venv / "bin" / "compress"), "validate", str(run_dir / "bundle.czip"),
-                           "--max-latency-ms", "1e-9"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [str(venv / "bin" / "compress"), "validate", str(run_dir / "bundle.czip"), "--max-latency-ms", "1e-9"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
 
 
@@ -219,8 +262,13 @@ stages:
     assert proc.returncode == 2 and "the model's inputs are ['a', 'b']" in proc.stderr
 
 
-@pytest.mark.parametrize("stage", ["  - export: {latency_runs: 5, ort_format: true}",
-                                   "  - quantize: {method: rtn, bits: 4}\n  - export: {latency_runs: 5, ort_format: true}"])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "  - export: {latency_runs: 5, ort_format: true}",
+        "  - quantize: {method: rtn, bits: 4}\n  - export: {latency_runs: 5, ort_format: true}",
+    ],
+)
 def test_ort_format_for_minimal_builds(cli, write_recipe, digits_mlp_path, tmp_path, stage):
     import onnxruntime as ort
 
@@ -257,7 +305,9 @@ def test_validate_expect_sha256(cli, run_dir):
 
     digest = hashlib.sha256((run_dir / "bundle.czip").read_bytes()).hexdigest()
     assert json.loads((run_dir / "report.json").read_text())["bundle_sha256"] == digest
-    code, out, err = cli("validate", run_dir / "bundle.czip", "--expect-sha256", digest.upper(), "--runs", "5", "--json")
+    code, out, err = cli(
+        "validate", run_dir / "bundle.czip", "--expect-sha256", digest.upper(), "--runs", "5", "--json"
+    )
     assert code == 0, err
     assert json.loads(out)["sha256"] == digest
     wrong = "0" * 64
@@ -269,7 +319,9 @@ def test_validate_reference_of_another_width(cli, run_dir, tmp_path):
     x = np.random.default_rng(0).random((8, 64), dtype=np.float32)
     np.savez(tmp_path / "d.npz", x=x)
     np.savez(tmp_path / "ref.npz", outputs=np.zeros((8, 7), np.float32))
-    code, _, err = cli("validate", run_dir / "model.onnx", "--data", tmp_path / "d.npz", "--reference", tmp_path / "ref.npz")
+    code, _, err = cli(
+        "validate", run_dir / "model.onnx", "--data", tmp_path / "d.npz", "--reference", tmp_path / "ref.npz"
+    )
     assert code == 2, err
     assert "shape [8, 10]" in err and "[8, 7]" in err
 

@@ -38,8 +38,8 @@ def _cfg(**kw):
 
 def _ops_and_outputs(state, tmp_path, x_eval, exact=False):
     from compress.export.quantized import optimized_op_types, ort_session
-    from compress.runtime import ort_predict
     from compress.metrics import predict
+    from compress.runtime import ort_predict
 
     _, qmodel, path = _export(state, tmp_path)
     ort_out = ort_predict(ort_session(path, exact=exact), x_eval.numpy())
@@ -62,9 +62,9 @@ def test_dynamic_activations_run_as_dynamic_quantize_matmul(trained, tmp_path, b
     # Against PyTorch with the same activation rounding (batch 1: one dynamic range per
     # sample, as the simulation): only accumulation order and rounding ties differ.
     from compress.export.quantized import ort_session
-    from compress.runtime import ort_predict
     from compress.fake_quant import quantized_inputs
     from compress.metrics import predict
+    from compress.runtime import ort_predict
 
     ort_one = ort_predict(ort_session(tmp_path / "model.onnx", exact=False), x_eval.numpy(), batch_size=1)
     with quantized_inputs(state.module, state.extras["activation_quantization"]):
@@ -99,8 +99,9 @@ def test_static_activations_run_as_qlinear_kernels(teacher, tmp_path):
     model, calib, x_eval, y_eval = teacher
     state = _quantized_state(model, calib, _cfg(method="gpfq", bits=8, activations="static"))
     spec = state.extras["activation_quantization"]
-    assert spec["mode"] == "static" and all(lo <= 0 <= hi or lo <= hi for lo, hi in
-                                            (r["input"] for r in spec["layers"].values()))
+    assert spec["mode"] == "static" and all(
+        lo <= 0 <= hi or lo <= hi for lo, hi in (r["input"] for r in spec["layers"].values())
+    )
     ops, _, ort_out, torch_out = _ops_and_outputs(state, tmp_path, x_eval)
     convs = sum(isinstance(m, nn.Conv1d) for m in model.modules())
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
@@ -165,16 +166,20 @@ def test_embedding_tables_gather_integer_rows(tmp_path, bits):
     from compress.data import DataBundle, Split
     from compress.export.onnx_export import export_onnx
     from compress.export.quantized import optimized_op_types, ort_session, quantize_onnx_model
-    from compress.runtime import ort_predict, row_cosine
     from compress.quantize.stage import apply
+    from compress.runtime import ort_predict, row_cosine
     from compress.state import StageContext
 
     torch.manual_seed(0)
     model = TinyLM().eval()
     ids = torch.randint(0, 64, (128, 6))
     state = ModelState(copy.deepcopy(model), (1, 6), example=ids[:4])
-    ctx = StageContext(DataBundle({"calibration": Split("calibration", ids, None, 64, 0)}), out_dir=None,
-                       device=torch.device("cpu"), reference=model)
+    ctx = StageContext(
+        DataBundle({"calibration": Split("calibration", ids, None, 64, 0)}),
+        out_dir=None,
+        device=torch.device("cpu"),
+        reference=model,
+    )
     apply(state, _cfg(method="rtn", bits=8, embedding_bits=bits), ctx)
     assert state.quant["emb.weight"].bits == bits and state.quant["emb.weight"].granularity == "per_channel"
     fm = export_onnx(state.module, ids[:2], tmp_path / "f.onnx")

@@ -11,7 +11,14 @@ from torch import nn
 from compress.metrics import evaluate
 from compress.qtensor import signed_range
 from compress.quantize.config import GPFQConfig, RTNConfig
-from compress.quantize.gpfq import LayerStats, gpfq_codes, gpfq_quantize_matrix, gpfq_quantize_model, LayerPlan, output_error
+from compress.quantize.gpfq import (
+    LayerPlan,
+    LayerStats,
+    gpfq_codes,
+    gpfq_quantize_matrix,
+    gpfq_quantize_model,
+    output_error,
+)
 from compress.quantize.rtn import rtn_quantize, uniform_scale
 
 
@@ -56,7 +63,7 @@ def test_codes_in_alphabet(bits, symmetric):
     qmin, qmax = signed_range(bits)
     assert qt.codes.dtype == torch.int8 and qmin <= qt.codes.min() and qt.codes.max() <= qmax
     if bits == 4:
-        assert -8 <= qt.codes.min() and qt.codes.max() <= 7  # fits int4 storage
+        assert qt.codes.min() >= -8 and qt.codes.max() <= 7  # fits int4 storage
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -94,7 +101,7 @@ def test_dead_inputs_and_masks():
     w, x, _ = _layer()
     x[:, :10] = 0  # dead inputs (e.g. ReLUs that never fire)
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.3
-    scale, zp = uniform_scale(w, 4, factor=1.16, full_range=True)
+    scale, _zp = uniform_scale(w, 4, factor=1.16, full_range=True)
     codes = gpfq_codes(w, LayerStats.from_data(x, x), 4, scale, mask=mask)
     assert (codes[~mask] == 0).all()
     assert torch.isfinite(codes.float()).all()
@@ -102,7 +109,9 @@ def test_dead_inputs_and_masks():
 
 def test_conv_model_layers_in_order_and_bounded_patches():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 15, 4))
+    model = nn.Sequential(
+        nn.Conv1d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 15, 4)
+    )
     calib = torch.randn(64, 2, 32)
     float_out = model(calib).detach()
     plans = {name: LayerPlan(4) for name in ("0", "2", "4")}
@@ -139,7 +148,7 @@ def test_gpfq_beats_rtn_on_real_models(trained_models, run_stage, model_name):
     accs = {}
     for bits in (2, 3, 4, 8):
         for cfg in (RTNConfig(bits=bits), GPFQConfig(bits=bits)):
-            state, ctx = run_stage(trained, cfg)
+            state, _ctx = run_stage(trained, cfg)
             accs[cfg.method, bits] = evaluate(state.module, trained.x_eval, trained.y_eval)["accuracy"]
     float_acc = trained.accuracy
     for bits in (2, 3, 4, 8):
@@ -155,7 +164,7 @@ def test_gpfq_beats_rtn_on_real_models(trained_models, run_stage, model_name):
 
 def test_stage_reports_output_errors(trained_models, run_stage):
     trained = trained_models["digits_mlp"]
-    state, ctx = run_stage(trained, GPFQConfig(bits=3, bias_correction=True))
+    _state, ctx = run_stage(trained, GPFQConfig(bits=3, bias_correction=True))
     layers = ctx.metrics["quantize"]["layers"]
     assert set(layers) == {"net.0", "net.2"}
     for info in layers.values():
@@ -184,8 +193,9 @@ def test_auto_scale_factor_chosen_on_held_out_samples_then_refit_on_all():
     model = torch.nn.Sequential(torch.nn.Linear(12, 8))
     x = torch.randn(200, 12)
     w = model[0].weight.detach().clone()
-    quant, _ = gpfq_quantize_model(copy.deepcopy(model), x, {"0": LayerPlan(3)}, scale_factor=AUTO_SCALE_FACTORS,
-                                   auto_holdout=0.25)
+    quant, _ = gpfq_quantize_model(
+        copy.deepcopy(model), x, {"0": LayerPlan(3)}, scale_factor=AUTO_SCALE_FACTORS, auto_holdout=0.25
+    )
     codes = quant["0.weight"].codes
     stats = LayerStats.from_data(x, x)
     matches = []
