@@ -329,8 +329,26 @@ def sole_consumer(module: nn.Module, block: MLPBlock, example_input: torch.Tenso
         module.train(was_training)
     if not delta:
         return False  # the activation was not seen as a module call: cannot vouch for it
-    scale = reference.abs().max().clamp_min(1e-12)
-    return bool(((out - reference).abs().max() / scale) < 1e-4)
+    # Models may return tuples or output objects (a dict subclass): compare every tensor in them.
+    pairs = list(zip(_tensors_of(out), _tensors_of(reference), strict=True))
+    if not pairs:
+        return False
+    for got, ref in pairs:
+        scale = ref.abs().max().clamp_min(1e-12)
+        if not bool(((got - ref).abs().max() / scale) < 1e-4):
+            return False
+    return True
+
+
+def _tensors_of(out: object) -> list[torch.Tensor]:
+    """The floating-point tensors in a model output (a tensor, a tuple/list or a mapping)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors_of(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors_of(v)]
+    return []
 
 
 def find_mlp_blocks(
