@@ -95,12 +95,21 @@ def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> di
     """Write the state's tensors to ``path``; returns the metrics the stage records."""
     quant_meta = {name: {"kind": qt.kind, "bits": qt.bits, "method": qt.method} for name, qt in state.quant.items()}
     per_tensor: dict[str, dict[str, Any]] = {}
+    tensors = state.module.state_dict(keep_vars=True)
+    # A second name of a quantized tensor (a tied output projection) is stored as a reference
+    # to the quantized one, whose dequantized value it holds: one copy, as in the ONNX file.
+    quantized_storage = {_storage_key(tensors[n]): n for n in state.quant if n in tensors}
+    tied_to_quant = {
+        name: quantized_storage[_storage_key(t)]
+        for name, t in tensors.items()
+        if name not in state.quant and _storage_key(t) in quantized_storage
+    }
     with ContainerWriter(
         path,
         level=config.level,
         chunk_size=config.chunk_size,
         threads=config.threads,
-        meta={"kind": "state", "quant": quant_meta},
+        meta={"kind": "state", "quant": quant_meta, "tied_to_quant": tied_to_quant},
     ) as w:
         for name, mask in state.masks.items():
             arr, _ = tensor_to_numpy(mask.to(torch.bool))
@@ -108,9 +117,10 @@ def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> di
             per_tensor.setdefault(name, {"raw_bytes": 0, "packed_bytes": 0})
             per_tensor[name]["mask_packed_bytes"] = st.stored_bytes
         stored_at: dict[tuple, str] = {}
-        for name, t in state.module.state_dict().items():
-            if name in state.quant:
+        for name, t in tensors.items():
+            if name in state.quant or name in tied_to_quant:
                 continue
+            t = t.detach()
             key = _storage_key(t)
             if key in stored_at:  # tied: one storage under two names
                 st = w.add_alias(f"param/{name}", stored_at[key])
@@ -205,6 +215,7 @@ def unpack_state_tensors(path: str | Path) -> dict[str, dict[str, Any]]:
         if r.meta.get("kind") != "state":
             raise CorruptArchiveError(f"{path}: not a model-state container")
         qmeta = r.meta.get("quant", {})
+        tied = r.meta.get("tied_to_quant", {})
         loaded: dict[str, torch.Tensor] = {}
         for entry_name in r.names():
             e = r.entry(entry_name)
@@ -231,4 +242,11 @@ def unpack_state_tensors(path: str | Path) -> dict[str, dict[str, Any]]:
             quant[pname] = quantized_from_dict(fields)
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptArchiveError(f"{path}: quantized tensor {pname!r} is inconsistent: {err}") from None
+    if not isinstance(tied, dict) or not all(isinstance(v, str) and v in quant for v in tied.values()):
+        raise CorruptArchiveError(f"{path}: 'tied_to_quant' names a quantized tensor the container lacks")
+    shared: dict[str, torch.Tensor] = {}
+    for name, source in tied.items():  # tied to a quantized tensor: one value under both names
+        if source not in shared:
+            shared[source] = quant[source].dequantize()
+        params[str(name)] = shared[source]
     return {"params": params, "quant": quant, "masks": masks}

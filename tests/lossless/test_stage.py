@@ -115,3 +115,32 @@ def test_tied_weights_are_stored_once_and_restored_shared(tmp_path) -> None:
     back = unpack_state_tensors(tmp_path / "weights.czip")["params"]
     assert torch.equal(back["emb.weight"], emb.weight.detach())
     assert back["head.weight"] is back["emb.weight"]
+
+
+def test_tied_output_of_a_quantized_embedding_is_stored_once(tmp_path):
+    """A Parameter shared by an embedding (quantized) and an output layer: its codes once,
+    no float copy under the second name; unpacked, both names hold the dequantized value."""
+    from compress.lossless.config import CompressStageConfig
+    from compress.lossless.container import ContainerReader
+    from compress.lossless.stage import pack_state, unpack_state_tensors
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(32, 16)
+    out = torch.nn.Linear(16, 32, bias=False)
+    out.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "out": out})
+    state = ModelState(module=model, input_shape=(1, 4))
+    w = emb.weight.detach()
+    scale = w.abs().amax(dim=1, keepdim=True) / 7
+    state.quant["emb.weight"] = UniformTensor(
+        codes=torch.clamp(torch.round(w / scale), -8, 7).to(torch.int8), bits=4, scale=scale, method="rtn"
+    )
+    state.sync_quantized()
+    path = tmp_path / "tied.czip"
+    pack_state(state, path, CompressStageConfig())
+    with ContainerReader(path) as r:
+        names = list(r.names())
+    assert "param/out.weight" not in names and "quant/emb.weight/codes" in names
+    back = unpack_state_tensors(path)
+    assert back["params"]["out.weight"] is not None
+    assert torch.equal(back["params"]["out.weight"], model.out.weight.detach())
