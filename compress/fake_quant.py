@@ -66,13 +66,17 @@ def quantized_inputs(model: nn.Module, spec: dict | None) -> Iterator[None]:
             continue
         if spec["mode"] == "dynamic":
 
-            def pre(_m, args):
+            def pre_dynamic(_m, args):
                 return (fake_quantize_dynamic(args[0]), *args[1:])
+
+            pre = pre_dynamic
         else:
             lo, hi = ranges["input"]
 
-            def pre(_m, args, lo=lo, hi=hi):
+            def pre_static(_m, args, lo=lo, hi=hi):
                 return (fake_quantize_static(args[0], lo, hi), *args[1:])
+
+            pre = pre_static
 
         handles.append(layer.register_forward_pre_hook(pre))
     try:

@@ -41,7 +41,7 @@ The weights are always our codes: nothing here re-rounds them.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
@@ -63,7 +63,7 @@ def _need_ms_domain(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def per_column_ok(qt: QuantizedTensor) -> bool:
+def per_column_ok(qt: QuantizedTensor) -> TypeGuard[UniformTensor]:
     """Whether ``qt`` has one scale per output channel (or per tensor): the integer GEMMs' layout."""
     return isinstance(qt, UniformTensor) and qt.scale.shape[1] == 1 and qt.bits <= 8
 
@@ -84,7 +84,7 @@ def _int8_weight(rw, base: str, codes: np.ndarray, bits: int) -> tuple[str, list
     return out, [helper.make_node("Cast", [q_name], [out], to=TensorProto.INT8, name=rw.fresh(f"{base}_Cast"))]
 
 
-def _column_side(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
+def _column_side(qt: UniformTensor) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-output-channel scale (N,) and int8 zero point (N,) or None."""
     rows = qt.rows_cols[0]
     scale = qt.scale.float().numpy()[:, 0]
@@ -95,7 +95,7 @@ def _column_side(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray | None]:
     return scale.astype(np.float32), zp
 
 
-def dynamic_matmul(rw, init_name: str, qt: QuantizedTensor, consumers: list, transposed: bool) -> list:
+def dynamic_matmul(rw, init_name: str, qt: UniformTensor, consumers: list, transposed: bool) -> list:
     """Rewrite every consumer (``MatMul`` by Wᵀ, or ``Gemm(transB=1)`` by W) as a
     ``DynamicQuantizeMatMul`` over the codes; returns the nodes to put first (weight producers)."""
     from onnx import helper, numpy_helper
@@ -115,7 +115,7 @@ def dynamic_matmul(rw, init_name: str, qt: QuantizedTensor, consumers: list, tra
 
         b_name = rw.fresh(f"{init_name}_quantized")
         rw.graph.initializer.append(_int_initializer(b_name, codes + 128, 8, False))
-        pre = []
+        pre: list[onnx.NodeProto] = []
         zp_u8 = (np.zeros(rows, np.int16) if zp is None else zp.astype(np.int16)) + 128
         z_name = rw.fresh(f"{init_name}_zero_point")
         rw.graph.initializer.append(numpy_helper.from_array(zp_u8.astype(np.uint8), z_name))
@@ -140,7 +140,7 @@ def dynamic_matmul(rw, init_name: str, qt: QuantizedTensor, consumers: list, tra
     return pre
 
 
-def gather_nodes(rw, init_name: str, qt: QuantizedTensor, consumers: list) -> list:
+def gather_nodes(rw, init_name: str, qt: UniformTensor, consumers: list) -> list:
     """Integer ``Gather`` of a per-row quantized table, times the gathered row scales."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -170,7 +170,7 @@ def gather_nodes(rw, init_name: str, qt: QuantizedTensor, consumers: list) -> li
     return pre
 
 
-def folded_dequantize_nodes(rw, out_name: str, qt: QuantizedTensor, shape: list[int]) -> list:
+def folded_dequantize_nodes(rw, out_name: str, qt: UniformTensor, shape: list[int]) -> list:
     """``(Cast(codes) − zero_point) · scale`` producing the float weight ``out_name``: ORT
     constant-folds it into a float initializer at load (float speed, integer file)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -232,7 +232,7 @@ class StaticQDQ:
             return _is_matmul_by(node, init_name)
         return _is_plain_linear_gemm(node, init_name) or (node.op_type == "Conv" and node.input[1] == init_name)
 
-    def add(self, pname: str, init_name: str, qt: QuantizedTensor, node, transposed: bool) -> list:
+    def add(self, pname: str, init_name: str, qt: UniformTensor, node, transposed: bool) -> list:
         """The weight producers for ``node``'s int8 weight (DequantizeLinear per output channel)."""
         from onnx import helper, numpy_helper
 
@@ -286,7 +286,10 @@ class StaticQDQ:
         in_scale: dict[int, float] = {}
         for node, pname, _ in self.layers:
             lo, hi = self._range(pname, "input")
-            wanted.setdefault(node.input[0], ([lo, hi], []))[1].append(node)
+            readers = wanted.setdefault(node.input[0], ([lo, hi], []))[1]
+            # This loop stores reader lists only; None ("every reader") is stored by the next one.
+            assert readers is not None
+            readers.append(node)
         for node, pname, _ in self.layers:
             if node.op_type != "Conv":
                 continue  # QGemm / MatMulIntegerToFloat give float outputs: no output rounding
@@ -306,7 +309,7 @@ class StaticQDQ:
                 wanted[y] = (self._range(pname, "output"), None)
         for relu in removed:
             rw.nodes.remove(relu)
-        readers_of = {}
+        readers_of: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
         for n in rw.nodes:
             for i, name in enumerate(n.input):
                 readers_of.setdefault(name, []).append((n, i))

@@ -432,6 +432,8 @@ def quantize_onnx_model(
             # rows in another order. Dequantize the permuted codes straight into that layout.
             consumers = rw.consumers(init_name)
             rw.remove_initializer(init_name)
+            # locate_by_value returns the "rows" layout only together with its permutation.
+            assert perm is not None
             moved = permute_rows(qt, perm)
             new_nodes = (
                 rw.codebook_nodes(init_name, moved, shape)
@@ -575,7 +577,8 @@ def ort_session(
 
     entries = dict(session_config_for_exact_parity() if exact else {})
     entries.update(config or {})
-    return float_session(Path(path), threads, optimized_path, entries, tuple(disabled_optimizers))
+    optimized = None if optimized_path is None else Path(optimized_path)
+    return float_session(Path(path), threads, optimized, entries, tuple(disabled_optimizers))
 
 
 def optimized_op_types(

@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -333,11 +334,22 @@ def layer_rows(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
             inp.unsqueeze(2),
             kernel_size=(1, layer.kernel_size[0]),
             dilation=(1, layer.dilation[0]),
-            padding=(0, layer.padding[0]),
+            # Only layers that pass ``supports_gpfq`` get here: their padding is numeric, never
+            # a string ("same"/"valid").
+            padding=(0, cast(tuple[int, ...], layer.padding)[0]),
             stride=(1, layer.stride[0]),
         )
     else:
-        patches = F.unfold(inp, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        # ``supports_gpfq`` admits only Linear, Conv1d and Conv2d (with numeric padding): what
+        # is neither of the first two is a Conv2d.
+        conv = cast(nn.Conv2d, layer)
+        patches = F.unfold(
+            inp,
+            conv.kernel_size,
+            dilation=conv.dilation,
+            padding=cast(tuple[int, ...], conv.padding),
+            stride=conv.stride,
+        )
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
@@ -421,7 +433,8 @@ def _capture_rows(model: nn.Module, unit: _Unit, xb: torch.Tensor, blocks: int) 
         by_attr = {"q_proj_weight": [q], "k_proj_weight": [k], "v_proj_weight": [v], "in_proj_weight": [q, k, v]}
         return [t.reshape(-1, t.shape[-1]) for t in by_attr[unit.attr]]
     if unit.kind == "mha_out":
-        parent = model.get_submodule(unit.owner.rpartition(".")[0])
+        # _resolve_unit makes an "mha_out" unit only for the out_proj of a MultiheadAttention.
+        parent = cast(nn.MultiheadAttention, model.get_submodule(unit.owner.rpartition(".")[0]))
         out = _capture_mha_output(model, parent, xb)
         return [out.reshape(-1, out.shape[-1])]
     if unit.kind == "rnn_in":
@@ -544,7 +557,7 @@ def collect_stats(
     from compress.padding import token_mask, valid_rows
 
     single = isinstance(unit, nn.Module)
-    if single:
+    if isinstance(unit, nn.Module):
         owner = next(n for n, m in float_model.named_modules() if m is unit)
         unit = _Unit(owner, f"{owner}.weight", owner, "weight", "module")
     stats: list[LayerStats] | None = None
@@ -592,6 +605,10 @@ def _abs_error(
     return err, ref
 
 
+@overload
+def _rows_of(side: torch.Tensor, sl: slice) -> torch.Tensor: ...
+@overload
+def _rows_of(side: None, sl: slice) -> None: ...
 def _rows_of(side: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
     if side is None or side.shape[0] == 1:
         return side
@@ -835,9 +852,9 @@ def _gpfq_units(
                     )
                 if len(candidates) > 1:
                     deq = codes.float() - (0 if zp is None else expand_to_columns(zp, rows, cols).float())
-                    err, _ = _abs_error(w2d, deq * expand_to_columns(scale, rows, cols), blocks, val_stats)
-                    if best is None or err < best[0]:
-                        best = (err, factor, how, scale, zp, codes)
+                    out_err, _ = _abs_error(w2d, deq * expand_to_columns(scale, rows, cols), blocks, val_stats)
+                    if best is None or out_err < best[0]:
+                        best = (out_err, factor, how, scale, zp, codes)
             if best is not None:
                 _, chosen_factor, how, scale, zp, codes = best
                 if how == "round":
@@ -876,8 +893,8 @@ def _gpfq_units(
         if len(blocks) > 1:
             info["blocks"] = len(blocks)
         if stats is not None:
-            err, ref = _abs_error(w2d, q2d, blocks, stats)
-            info["output_rel_error"] = err / max(ref, 1e-300)
+            out_err, ref = _abs_error(w2d, q2d, blocks, stats)
+            info["output_rel_error"] = out_err / max(ref, 1e-300)
             rtn_scale, rtn_zp = grid(RTN_GRID)
             rtn = round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits).float() - (
                 0 if rtn_zp is None else expand_to_columns(rtn_zp, rows, cols).float()
@@ -901,9 +918,12 @@ def _gpfq_units(
 
 def _bias_of(layer: nn.Module, attr: str) -> torch.Tensor | None:
     if attr == "weight":
-        return layer.bias if isinstance(getattr(layer, "bias", None), torch.Tensor) else None
+        bias = getattr(layer, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
     if attr == "in_proj_weight":
-        return layer.in_proj_bias
+        # A MultiheadAttention's in_proj_bias: a Parameter, or None when built with bias=False.
+        in_bias = layer.in_proj_bias
+        return in_bias if isinstance(in_bias, torch.Tensor) else None
     return None
 
 
