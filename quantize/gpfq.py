@@ -820,6 +820,26 @@ def _gpfq_units(
             all_stats = fit_stats if len(parts_stats) == 1 else [a.merged(b) for a, b in zip(fit_stats, val_stats)]
             mask = None if plan.mask is None else as_matrix(plan.mask)
             best = None
+
+            def blockwise_codes(scale, zp, stats_of_blocks, w2d=w2d, plan=plan, mask=mask, blocks=blocks):
+                """GPFQ codes of every block of rows (a conv group, q/k/v) on its own statistics."""
+                return torch.cat(
+                    [
+                        gpfq_codes(
+                            w2d[sl],
+                            st,
+                            plan.bits,
+                            _rows_of(scale, sl),
+                            _rows_of(zp, sl),
+                            mask=None if mask is None else mask[sl],
+                            sparsity=sparsity,
+                            sparsity_lambda=sparsity_lambda,
+                            block_size=block_size,
+                        )
+                        for sl, st in zip(blocks, stats_of_blocks)
+                    ]
+                )
+
             # Several C: keep the alphabet whose GPFQ output error ‖Xw − X̃q‖ on the
             # calibration data is lowest (the statistics are shared, so each try is cheap).
             candidates = [(f, "gpfq") for f in factors]
@@ -834,22 +854,7 @@ def _gpfq_units(
 
                         codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols))
                 else:
-                    codes = torch.cat(
-                        [
-                            gpfq_codes(
-                                w2d[sl],
-                                st,
-                                plan.bits,
-                                _rows_of(scale, sl),
-                                _rows_of(zp, sl),
-                                mask=None if mask is None else mask[sl],
-                                sparsity=sparsity,
-                                sparsity_lambda=sparsity_lambda,
-                                block_size=block_size,
-                            )
-                            for sl, st in zip(blocks, fit_stats)
-                        ]
-                    )
+                    codes = blockwise_codes(scale, zp, fit_stats)
                 if len(candidates) > 1:
                     deq = codes.float() - (0 if zp is None else expand_to_columns(zp, rows, cols).float())
                     out_err, _ = _abs_error(w2d, deq * expand_to_columns(scale, rows, cols), blocks, val_stats)
@@ -860,22 +865,7 @@ def _gpfq_units(
                 if how == "round":
                     algorithm = "gpfq (plain rounding on RTN's grid had the lowest calibration error)"
                 elif all_stats is not fit_stats:  # refit on every sample with the chosen alphabet
-                    codes = torch.cat(
-                        [
-                            gpfq_codes(
-                                w2d[sl],
-                                st,
-                                plan.bits,
-                                _rows_of(scale, sl),
-                                _rows_of(zp, sl),
-                                mask=None if mask is None else mask[sl],
-                                sparsity=sparsity,
-                                sparsity_lambda=sparsity_lambda,
-                                block_size=block_size,
-                            )
-                            for sl, st in zip(blocks, all_stats)
-                        ]
-                    )
+                    codes = blockwise_codes(scale, zp, all_stats)
             else:
                 chosen_factor = factors[0]
             stats = all_stats
