@@ -35,6 +35,7 @@ from torch import nn
 
 from compress.coverage import weight_matrices
 from compress.errors import InputError
+from compress.grid import uniform_scale
 from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 
 log = logging.getLogger(__name__)
@@ -85,17 +86,20 @@ class BucketGrid:
 
 
 def bucket_grid(w: torch.Tensor, bits: int, group: int) -> BucketGrid:
-    """Polino's min/max scaling of every bucket of ``group`` columns of ``w`` viewed as (out, in_flat)."""
+    """Polino's min/max scaling of every bucket of ``group`` columns of ``w`` viewed as (out, in_flat).
+
+    The shared asymmetric grid of ``compress.grid.uniform_scale`` (range widened to include
+    0, step ``(max − min) / (2**bits − 1)``), with its signed zero point as an unsigned level.
+    """
     rows = w.shape[0]
     v = w.detach().float().reshape(rows, -1)
     if v.shape[1] % group:
         raise ValueError(f"bucket of {group} columns does not divide rows of {v.shape[1]} values")
-    v = v.reshape(rows, v.shape[1] // group, group)
-    lo = v.amin(-1).clamp(max=0.0)  # the range includes 0 so that the zero point is a level
-    hi = v.amax(-1).clamp(min=0.0)
-    top = 2**bits - 1
-    scale = ((hi - lo) / top).clamp_min(torch.finfo(torch.float32).tiny)
-    zero_level = torch.round(-lo / scale).clamp(0, top)
+    granularity = "per_group" if group < v.shape[1] else "per_channel"
+    scale, zero_point = uniform_scale(v, bits, granularity=granularity, group_size=group, symmetric=False)
+    assert zero_point is not None  # an asymmetric grid always has one
+    qmin, _ = signed_range(bits)
+    zero_level = zero_point.float() - qmin
     return BucketGrid(scale=scale, zero_level=zero_level, bits=bits, group=group)
 
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from compress.grid import as_matrix
 from compress.qtensor import CodebookTensor
-from compress.quantize.rtn import as_matrix
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.grid import as_matrix, expand_to_columns, round_to_grid, uniform_scale, zero_codes
 from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
-from compress.quantize.rtn import (
-    as_matrix,
-    expand_to_columns,
-    round_to_grid,
-    uniform_scale,
-)
 
 log = logging.getLogger(__name__)
 
@@ -807,8 +802,6 @@ def _gpfq_units(
             scale, zp = grid(RTN_GRID)
             codes = round_to_grid(w2d, scale, zp, plan.bits)
             if plan.mask is not None:
-                from compress.quantize.rtn import zero_codes
-
                 codes = torch.where(as_matrix(plan.mask).bool(), codes, zero_codes(zp, rows, cols))
             algorithm = f"rtn ({unit.reason})"
             log.info("gpfq: %s", algorithm)
@@ -850,8 +843,6 @@ def _gpfq_units(
                 if how == "round":
                     codes = round_to_grid(w2d, scale, zp, plan.bits)
                     if mask is not None:
-                        from compress.quantize.rtn import zero_codes
-
                         codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols))
                 else:
                     codes = blockwise_codes(scale, zp, fit_stats)

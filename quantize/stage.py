@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from compress.coverage import coverage_line, parameter_coverage
+from compress.grid import as_matrix
 from compress.quantize.config import CodebookConfig, GPFQConfig, RTNConfig
 from compress.quantize.gpfq import QUANTIZABLE
-from compress.quantize.rtn import as_matrix
 from compress.registry import method_for
 from compress.state import ModelState, StageContext
 

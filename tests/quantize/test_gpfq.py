@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from compress.grid import uniform_scale
 from compress.metrics import evaluate
 from compress.qtensor import signed_range
 from compress.quantize.config import GPFQConfig, RTNConfig
@@ -19,7 +20,7 @@ from compress.quantize.gpfq import (
     gpfq_quantize_model,
     output_error,
 )
-from compress.quantize.rtn import rtn_quantize, uniform_scale
+from compress.quantize.rtn import rtn_quantize
 
 
 def paper_gpfq(w: torch.Tensor, x: torch.Tensor, xt: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
@@ -186,8 +187,8 @@ def test_layer_stats_merge_equals_stats_of_all_rows():
 
 def test_auto_scale_factor_chosen_on_held_out_samples_then_refit_on_all():
     """With a hold-out, C is picked on unseen rows; the codes are then GPFQ's on every row for that C."""
+    from compress.grid import uniform_scale
     from compress.quantize.gpfq import AUTO_SCALE_FACTORS, LayerPlan, LayerStats, gpfq_codes, gpfq_quantize_model
-    from compress.quantize.rtn import uniform_scale
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 8))

@@ -6,9 +6,10 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
+from compress.grid import expand_to_columns
 from compress.qtensor import signed_range
 from compress.quantize.config import RTNConfig
-from compress.quantize.rtn import expand_to_columns, rtn_quantize
+from compress.quantize.rtn import rtn_quantize
 from compress.registry import stage_config
 
 QuantizeConfig = stage_config("quantize")
