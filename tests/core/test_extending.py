@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -105,11 +106,27 @@ def test_import_compress_stays_light():
 def test_wheel_installs_one_top_level_package(tmp_path):
     """The wheel holds `compress` only; in a venv with it installed, `import prune` fails."""
     wheels = tmp_path / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
-        check=True,
-        cwd=tmp_path,
-    )
+    build_dir_existed = (ROOT / "build").exists()
+    try:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "-q",
+                "-w",
+                str(wheels),
+                str(ROOT),
+            ],
+            check=True,
+            cwd=tmp_path,
+        )
+    finally:
+        if not build_dir_existed:  # setuptools builds inside the source tree: leave it as found
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
     (wheel,) = wheels.glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:
         top = {n.split("/")[0] for n in zf.namelist()}
