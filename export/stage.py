@@ -84,9 +84,12 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     # (compress.fake_quant), so the parity check measures the kernels, not the quantization;
     # dynamic ranges are per sample in both (an edge device runs one sample at a time).
     spec = state.extras.get("activation_quantization")
-    ort_out = ort_predict(session, x, batch_size=1 if act_mode == "dynamic" else 256, feeds=feeds)
+    # Dynamic activation ranges are per call: both sides run one sample at a time, so the
+    # simulated rounding in PyTorch sees the same ranges as onnxruntime's kernels.
+    batch = 1 if act_mode == "dynamic" else 256
+    ort_out = ort_predict(session, x, batch_size=batch, feeds=feeds)
     with quantized_inputs(state.module, spec):
-        torch_out = predict(state.module, split.x).numpy()
+        torch_out = predict(state.module, split.x, batch_size=batch if act_mode == "dynamic" else 512).numpy()
     diff = np.abs(ort_out - torch_out)
     bound = config.atol + config.rtol * np.abs(torch_out)
     agreement = float((ort_out.argmax(1) == torch_out.argmax(1)).mean()) if ort_out.ndim == 2 else 1.0
