@@ -182,7 +182,13 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
                 f"{t.kind}, skipped by the recipe" if p not in chosen else f"{t.kind}, not supported by {config.method}"
             )
     coverage = parameter_coverage(module, set(state.quant), reasons, what="quantize", unsupported_kinds=_unsupported)
-    fallbacks = {k: v["algorithm"] for k, v in report.items() if v.get("algorithm", config.method) != config.method}
+    # A weight the method could not treat (e.g. GPFQ rounding a recurrent hidden-state matrix);
+    # a candidate the method itself chose ("gpfq (plain rounding on RTN's grid ...)") is not one.
+    fallbacks = {
+        k: v["algorithm"]
+        for k, v in report.items()
+        if not str(v.get("algorithm", config.method)).startswith(config.method)
+    }
     if fallbacks:
         coverage["fallbacks"] = fallbacks
     quantized = sum(qt.codes.numel() for qt in new.values())
