@@ -86,10 +86,10 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     spec = state.extras.get("activation_quantization")
     # Dynamic activation ranges are per call: both sides run one sample at a time, so the
     # simulated rounding in PyTorch sees the same ranges as onnxruntime's kernels.
-    batch = 1 if act_mode == "dynamic" else 256
-    ort_out = ort_predict(session, x, batch_size=batch, feeds=feeds)
+    dynamic = act_mode == "dynamic"
+    ort_out = ort_predict(session, x, batch_size=1 if dynamic else 256, feeds=feeds)
     with quantized_inputs(state.module, spec):
-        torch_out = predict(state.module, split.x, batch_size=batch if act_mode == "dynamic" else 512).numpy()
+        torch_out = predict(state.module, split.x, batch_size=1 if dynamic else 512).numpy()
     diff = np.abs(ort_out - torch_out)
     bound = config.atol + config.rtol * np.abs(torch_out)
     agreement = float((ort_out.argmax(1) == torch_out.argmax(1)).mean()) if ort_out.ndim == 2 else 1.0
