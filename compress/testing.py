@@ -114,3 +114,34 @@ def load_teacher() -> nn.Module:
     model = mnist1d_cnn()
     model.load_state_dict(torch.load(TEACHER, map_location="cpu", weights_only=True))
     return frozen(model)
+
+
+def render_in_chromium(url: str, screenshot: Path, window: str = "1200,1600", timeout: float = 120):
+    """Render ``url`` in headless Chromium (Debian's ``chromium``): returns the finished
+    process, whose stdout is the DOM it rendered; the page's screenshot goes to ``screenshot``.
+    Nothing is fetched from the network (background networking, sync and updates are off)."""
+    import subprocess
+
+    profile = screenshot.with_name(screenshot.stem + "-profile")
+    return subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--window-size={window}",
+            f"--screenshot={screenshot}",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

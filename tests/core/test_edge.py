@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compress.testing import render_in_chromium
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -170,27 +172,7 @@ def test_html_report_is_self_contained(run_dir):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_html_report_renders_in_headless_chromium(run_dir, tmp_path):
     shot = tmp_path / "report.png"
-    proc = subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1200,1600",
-            f"--screenshot={shot}",
-            "--dump-dom",
-            (run_dir / "report.html").as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = render_in_chromium((run_dir / "report.html").as_uri(), shot, window="1200,1600")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Accuracy against size" in proc.stdout and "<svg" in proc.stdout  # the DOM it rendered
     png = shot.read_bytes() if shot.exists() else b""

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 
 import pytest
 
 from compress import html_report
+from compress.testing import render_in_chromium
 
 
 def _candidate(i, kind, bits, size, acc, passed):
@@ -136,28 +136,7 @@ def test_tune_report_renders_in_headless_chromium(tmp_path):
     path = tmp_path / "report.html"
     path.write_text(html_report.render_tune_html(tune_report()))
     shot = tmp_path / "shot.png"
-    proc = subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1200,1400",
-            f"--screenshot={shot}",
-            "--dump-dom",
-            path.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = render_in_chromium(path.as_uri(), shot, window="1200,1400")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Trade-off: every candidate" in proc.stdout and "<svg" in proc.stdout
     png = shot.read_bytes() if shot.exists() else b""
