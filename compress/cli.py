@@ -498,6 +498,7 @@ def check(
         from compress.recipe import load_recipe
 
         parsed = load_recipe(recipe)
+        parsed.check_plan()
         if show:
             typer.echo(parsed.to_yaml(), nl=False)
         names = (

@@ -272,7 +272,7 @@ def run(
 def _plan(recipe: Recipe, model_path: Path, out_dir: Path, device: str) -> _Plan:
     """Everything that can be checked without loading anything."""
     entries = [get_stage(s.name) for s in recipe.stages]
-    _check_plan(recipe, entries)
+    recipe.check_plan()
     if not model_path.is_file():
         raise ModelLoadError(f"model file not found: {model_path}")
     if is_main():
@@ -543,26 +543,6 @@ def _prepare_out_dir(out_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise InputError(f"output folder {out_dir} is not writable: {err.strerror or err}") from None
-
-
-def _check_plan(recipe: Recipe, entries) -> None:
-    """Refuse a recipe whose stages or gates need data or stages it lacks, before running."""
-    present = {name for name, s in recipe.doc.data if s is not None}
-    for spec, entry in zip(recipe.stages, entries):
-        for need in entry.needs:
-            ok = need in present or (need == "calibration" and "train" in present)
-            if not ok:
-                raise RecipeError(
-                    f"stage {spec.index + 1} ({spec.name}) needs the data split {need!r}; add data.{need} to the recipe"
-                )
-    gates = recipe.doc.gates
-    if gates.max_latency_ms is not None and not any(s.name == "export" for s in recipe.stages):
-        raise RecipeError("gate max_latency_ms needs an export stage (latency is measured on onnxruntime)")
-    needs_eval = [
-        g for g in ("max_accuracy_drop", "min_accuracy", "min_agreement", "min_cosine") if getattr(gates, g) is not None
-    ]
-    if needs_eval and "eval" not in present:
-        raise RecipeError(f"gate {needs_eval[0]} needs data.eval in the recipe")
 
 
 def _data_files_hash(recipe: Recipe, base_dir: Path) -> str:

@@ -238,6 +238,51 @@ class Recipe(BaseModel):
                 refs.append((("data", name, "fn"), split.fn))
         return refs
 
+    def check_plan(self) -> None:
+        """Refuse what can be known wrong before anything runs (``compress check`` and ``run``):
+
+        a stage that needs a data split the recipe lacks, a gate that needs a measurement no
+        stage makes, and a stage that may change the model after an artifact writer (export,
+        compress) that no later stage repeats, whose files would describe the old model.
+        (The runner checks the last again on the model's fingerprints, for a stage that
+        changes the model though it says it does not.)
+
+        Raises:
+            RecipeError: the message names the stage, split or gate and the fix.
+        """
+        entries = [get_stage(s.name) for s in self.stages]
+        present = {name for name, s in self.doc.data if s is not None}
+        for spec, entry in zip(self.stages, entries):
+            for need in entry.needs:
+                if not (need in present or (need == "calibration" and "train" in present)):
+                    raise RecipeError(
+                        f"stage {spec.index + 1} ({spec.name}) needs the data split {need!r}; add data.{need} to the recipe"
+                    )
+        gates = self.doc.gates
+        if gates.max_latency_ms is not None and not any("latency" in e.provides for e in entries):
+            measured_by = sorted(e.name for e in stages().values() if "latency" in e.provides)
+            raise RecipeError(
+                f"gate max_latency_ms needs a stage that measures latency: {', '.join(measured_by) or 'none registered'}"
+            )
+        needs_eval = [
+            g
+            for g in ("max_accuracy_drop", "min_accuracy", "min_agreement", "min_cosine")
+            if getattr(gates, g) is not None
+        ]
+        if needs_eval and "eval" not in present:
+            raise RecipeError(f"gate {needs_eval[0]} needs data.eval in the recipe")
+        planned = list(zip(self.stages, entries))
+        for i, (wspec, writer) in enumerate(planned):
+            later = planned[i + 1 :]
+            changer = next((s for s, e in later if e.changes_model), None) if writer.describes_model else None
+            if changer is None or any(s.name == wspec.name and s.index > changer.index for s, _ in later):
+                continue
+            raise RecipeError(
+                f"stage {changer.index + 1} ({changer.name}) may change the model after stage {wspec.index + 1} "
+                f"({wspec.name}) writes its files, and no later stage writes them again: they would describe the "
+                f"old model. Move {wspec.name} after {changer.name}, or add {wspec.name} again at the end"
+            )
+
     def to_yaml(self) -> str:
         """The recipe written back, every default filled in (round-trips through ``parse_recipe``)."""
         d = self.doc.model_dump(mode="json", exclude_none=True)

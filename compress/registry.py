@@ -63,6 +63,10 @@ class StageEntry:
     needs: tuple[str, ...] = ()  # data splits the stage reads: "train", "eval", "calibration"
     order: int = 1000  # position in listings and the schema (pipeline order)
     fixed_config: Any = None  # a pydantic model class, for stages without methods
+    # What the runner can know before running anything (``compress check`` and the plan):
+    provides: tuple[str, ...] = ()  # measurements it publishes for gates, e.g. "latency"
+    describes_model: bool = False  # it writes artifacts of the current model (ONNX, packed weights)
+    changes_model: bool = True  # it may change the model (False: reads it only)
 
     @property
     def config(self) -> Any:
@@ -95,14 +99,28 @@ def register_stage(
     summary: str,
     needs: tuple[str, ...] = (),
     order: int = 1000,
+    provides: tuple[str, ...] = (),
+    describes_model: bool = False,
+    changes_model: bool = True,
 ) -> None:
     """Register a stage. ``config`` None: the stage's config is the union of its methods'.
 
-    Registering a name twice warns and keeps the newer entry.
+    Args:
+        needs: data splits the stage reads ("train", "eval", "calibration").
+        provides: measurements it publishes for the gates ("latency": ``max_latency_ms``).
+        describes_model: it writes artifacts of the model as it stands (an ONNX file, packed
+            weights): a later stage that changes the model would leave them stale.
+        changes_model: False when the stage only reads the model.
+
+    The runner refuses a recipe that gates on a measurement no stage provides, or where a
+    model-changing stage follows an artifact writer that never runs again, before any stage
+    runs. Registering a name twice warns and keeps the newer entry.
     """
     if name in _STAGES and _STAGES[name].apply_path != apply:
         warnings.warn(f"stage {name!r} registered twice; {apply} replaces {_STAGES[name].apply_path}", stacklevel=2)
-    _STAGES[name] = StageEntry(name, apply, summary, tuple(needs), order, config)
+    _STAGES[name] = StageEntry(
+        name, apply, summary, tuple(needs), order, config, tuple(provides), describes_model, changes_model
+    )
 
 
 def register_method(stage: str, config: type[BaseModel], *, apply: str | Callable[..., Any]) -> None:

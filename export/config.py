@@ -72,4 +72,7 @@ register_stage(
     summary="ONNX export checked on onnxruntime CPU: parity with PyTorch, latency, size",
     needs=("eval",),
     order=60,
+    provides=("latency",),
+    describes_model=True,
+    changes_model=False,
 )

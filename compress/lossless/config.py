@@ -40,4 +40,6 @@ register_stage(
     apply="compress.lossless.stage:apply",
     summary="Lossless ZipNN-style coding of the weights, integer codes and masks",
     order=50,
+    describes_model=True,
+    changes_model=False,
 )

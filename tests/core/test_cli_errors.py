@@ -144,7 +144,7 @@ def test_failing_gate_exits_1_and_says_which(cli, write_recipe, digits_mlp_path,
 
 def test_gate_that_needs_a_missing_stage(cli, write_recipe, digits_mlp_path):
     code, _, err = cli("run", write_recipe(stages="  []", gates="  max_latency_ms: 1"), digits_mlp_path)
-    assert code == 2 and "needs an export stage" in err
+    assert code == 2 and "max_latency_ms needs a stage that measures latency: export" in err
 
 
 def test_internal_error_has_message_not_traceback(cli, write_recipe, digits_mlp_path, tmp_path, monkeypatch):

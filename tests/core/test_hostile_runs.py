@@ -151,8 +151,22 @@ def test_torchscript_with_factory_runs_every_stage(cli, tmp_path, recipe_text, d
 def test_stale_onnx_refused(cli, tmp_path, recipe_text, digits_mlp_path):
     code, _, err = _run(cli, tmp_path, recipe_text(stages=EXPORT + "\n" + RTN), digits_mlp_path, "-o", tmp_path / "o")
     assert code == 2, err
-    assert "stage 2 (quantize) changes the model after stage 1 (export) wrote model.onnx" in err
-    assert not (tmp_path / "o" / "model.onnx").exists() and not (tmp_path / "o" / "report.json").exists()
+    assert "stage 2 (quantize) may change the model after stage 1 (export) writes its files" in err
+    assert "add export again at the end" in err
+    # refused from the plan, before any stage ran (and by `compress check` as well)
+    assert not (tmp_path / "o" / "stages").exists() and not (tmp_path / "o" / "report.json").exists()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(stages=EXPORT + "\n" + RTN))
+    code, _, err = cli("check", recipe)
+    assert code == 2 and "may change the model after stage 1 (export)" in err
+
+
+def test_artifact_writers_in_any_order_among_themselves(cli, tmp_path, recipe_text):
+    """compress after export changes nothing: no refusal."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(stages=RTN + "\n" + EXPORT + "\n  - compress: {}"))
+    code, _, err = cli("check", recipe)
+    assert code == 0, err
 
 
 def test_export_again_after_a_change_is_fine(tmp_path, recipe_text, digits_mlp_path):
