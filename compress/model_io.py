@@ -32,6 +32,7 @@ from compress.batchnorm import replay_folds
 from compress.errors import ModelLoadError
 from compress.imports import import_callable
 from compress.qtensor import quantized_from_dict
+from compress.smoothing import restore_smoothing
 from compress.state import ModelState
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ def load_state(folder: Path, rebuild: Callable[[], nn.Module]) -> ModelState:
     if meta["extras"].get(BATCHNORM_FOLDED):  # the quantize stage folded BatchNorm layers away
         replay_folds(module, meta["extras"][BATCHNORM_FOLDED])
     resize_to_state_dict(module, sd)
+    restore_smoothing(module, sd)  # the quantize stage's SmoothQuant scaling (compress.smoothing)
     module.load_state_dict(sd, strict=True)
     module.eval()
     return ModelState(

@@ -145,7 +145,8 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
         # quantized activations in its X̃ (compress.quantize.activations.quantized_inputs).
         from compress.quantize.activations import EXTRAS_KEY, activation_spec
 
-        calib = ctx.data.calibration().x if activations == "static" else None
+        smoothing = getattr(config, "smoothing", None)
+        calib = ctx.data.calibration().x if activations == "static" or smoothing is not None else None
         # Integer kernels exist for the inputs of Linear/Conv weights, not recurrent or attention ones.
         layers = sorted(
             {
@@ -154,6 +155,12 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
                 if t.attr == "weight" and isinstance(module.get_submodule(t.layer), QUANTIZABLE)
             }
         )
+        if smoothing is not None:
+            # Before the ranges and the weights' grids: both must see the smoothed tensors.
+            from compress.quantize.smooth import smooth_model
+
+            assert calib is not None
+            smooth_report = smooth_model(module, layers, calib, smoothing, batch_size=getattr(config, "batch_size", 64))
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
     embedding_bits = getattr(config, "embedding_bits", None)
@@ -193,7 +200,12 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
         coverage["fallbacks"] = fallbacks
     quantized = sum(qt.codes.numel() for qt in new.values())
     stored = sum(qt.storage_bits() for qt in new.values())
+    if activations != "none" and getattr(config, "smoothing", None) is not None:
+        report_extra = {"smoothing": smooth_report}
+    else:
+        report_extra = {}
     ctx.metrics["quantize"] = {
+        **report_extra,
         "method": config.method,
         "seconds": time.perf_counter() - start,
         "layers": report,
