@@ -391,3 +391,95 @@ class StaticQDQ:
             ),
         )
         node.input[2] = out
+
+
+def _init_digest(inits: dict, name: str) -> tuple | None:
+    init = inits.get(name)
+    if init is None:
+        return None
+    from onnx import numpy_helper
+
+    values = np.ascontiguousarray(numpy_helper.to_array(init))
+    return (str(values.dtype), values.shape, values.tobytes())
+
+
+def _rename_uses(rw, old: str, new: str) -> None:
+    for node in rw.nodes:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def share_dynamic_quantization(rw) -> dict[str, int]:
+    """Tidy the ``DynamicQuantizeMatMul`` graph the way onnxruntime's own quantizer writes it.
+
+    * Constant ``Mul`` nodes that scale one tensor by equal values (a smoothed q/k/v input,
+      ``compress.smoothing``) become one.
+    * A bias ``Add`` right after a ``DynamicQuantizeMatMul`` moves into its bias input.
+    * Layers reading one activation (q/k/v) quantize it once: one ``DynamicQuantizeLinear``
+      feeding a ``MatMulIntegerToFloat`` per layer, instead of three quantizations.
+
+    Returns counts of what changed.
+    """
+    from onnx import helper
+
+    outputs = {o.name for o in rw.graph.output}
+    inits = {i.name: i for i in rw.graph.initializer}  # the rewrite's new ones too
+    counts = {"muls_merged": 0, "biases_fused": 0, "shared_inputs": 0}
+    # 1. equal constant Muls of one tensor
+    first: dict[tuple, object] = {}
+    for node in list(rw.nodes):
+        if node.op_type != "Mul" or len(node.input) != 2 or node.output[0] in outputs:
+            continue
+        digest = _init_digest(inits, node.input[1])
+        if digest is None or node.input[0] in inits:
+            continue
+        key = (node.input[0], digest)
+        kept = first.setdefault(key, node)
+        if kept is not node:
+            rw.nodes.remove(node)
+            _rename_uses(rw, node.output[0], kept.output[0])  # type: ignore[attr-defined]
+            counts["muls_merged"] += 1
+    # 2. bias Add into the DynamicQuantizeMatMul
+    for node in list(rw.nodes):
+        if node.op_type != "DynamicQuantizeMatMul" or (len(node.input) > 4 and node.input[4]):
+            continue
+        users = rw.consumers(node.output[0])
+        if len(users) != 1 or node.output[0] in outputs or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        b_scale = inits.get(node.input[2])
+        init = inits.get(bias)
+        if init is None or b_scale is None or list(init.dims) != list(b_scale.dims) or init.data_type != 1:
+            continue
+        while len(node.input) < 4:
+            node.input.append("")
+        node.input.append(bias)
+        node.output[0] = add.output[0]
+        rw.nodes.remove(add)
+        counts["biases_fused"] += 1
+    # 3. one DynamicQuantizeLinear per activation read by several integer MatMuls
+    by_input: dict[str, list] = {}
+    for node in rw.nodes:
+        if node.op_type == "DynamicQuantizeMatMul":
+            by_input.setdefault(node.input[0], []).append(node)
+    for act, group in by_input.items():
+        if len(group) < 2:
+            continue
+        q, s, z = (rw.fresh(f"{act}_{suffix}") for suffix in ("quantized", "scale", "zero_point"))
+        at = min(next(i for i, n in enumerate(rw.nodes) if n is g) for g in group)
+        rw.nodes.insert(
+            at, helper.make_node("DynamicQuantizeLinear", [act], [q, s, z], name=rw.fresh(f"{act}_DynamicQuantize"))
+        )
+        for node in group:
+            b, b_scale = node.input[1], node.input[2]
+            b_zp = node.input[3] if len(node.input) > 3 else ""
+            bias = node.input[4] if len(node.input) > 4 else ""
+            idx = next(i for i, n in enumerate(rw.nodes) if n is node)
+            ins = [q, b, s, b_scale, z, b_zp] + ([bias] if bias else [])
+            rw.nodes[idx] = helper.make_node(
+                "MatMulIntegerToFloat", ins, list(node.output), domain=MS_DOMAIN, name=rw.fresh(f"{node.name}_shared")
+            )
+        counts["shared_inputs"] += 1
+    return counts

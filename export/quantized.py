@@ -498,6 +498,9 @@ def quantize_onnx_model(
         rw.nodes[0:0] = new_nodes  # producers first: keeps the graph topologically sorted
     if static is not None:
         static.finish()
+    if mode == "dynamic":
+        tidied = fk.share_dynamic_quantization(rw)
+        log.debug("dynamic integer kernels: %s", tidied)
     rw.finish()
     # Initializers listed as graph inputs block constant folding and fusion.
     init_names = {i.name for i in rw.graph.initializer}

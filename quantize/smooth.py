@@ -69,11 +69,40 @@ def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: floa
     return s.clamp(*SCALE_RANGE).float()
 
 
+@torch.no_grad()
+def shared_input_groups(model: nn.Module, layers: list[str], example: torch.Tensor) -> list[list[str]]:
+    """``layers`` grouped by the very tensor they read (a transformer's q/k/v projections)."""
+    modules = dict(model.named_modules())
+    seen: dict[str, int] = {}
+    alive: list[torch.Tensor] = []  # held so that no id is reused during the forward
+    handles = []
+    for name in layers:
+
+        def hook(_m, args, name=name):
+            alive.append(args[0])
+            seen.setdefault(name, id(args[0]))
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    groups: dict[int, list[str]] = {}
+    for name in layers:
+        groups.setdefault(seen.get(name, -1 - len(groups)), []).append(name)
+    return list(groups.values())
+
+
 def smooth_model(
     model: nn.Module, layers: list[str], calibration: torch.Tensor, alpha: float, batch_size: int = 64
 ) -> dict:
-    """Smooth every Linear in ``layers`` in place (layers whose weight another module shares are
-    left alone: scaling a tied weight would change its other use). Returns a report."""
+    """Smooth every Linear in ``layers`` in place. Layers that read the same tensor get one
+    scale (from the largest of their weight columns); layers whose weight another module shares
+    are left alone (scaling a tied weight would change its other use). Returns a report."""
     modules = dict(model.named_modules())
     uses: dict[int, int] = {}
     for mod in model.modules():
@@ -90,14 +119,17 @@ def smooth_model(
             chosen.append(name)
     amax = input_channel_absmax(model, chosen, calibration, batch_size)
     spread = {}
-    for name in chosen:
-        layer = modules[name]
-        s = smoothing_scales(amax[name], layer.weight, alpha)
-        smooth_linear(layer, s)
+    # Layers reading one tensor (q/k/v) share one scale, so the export quantizes that input once.
+    groups = shared_input_groups(model, chosen, calibration[:2])
+    for group in groups:
+        weights = torch.cat([modules[n].weight.detach() for n in group])
+        s = smoothing_scales(amax[group[0]], weights, alpha)
+        for name in group:
+            smooth_linear(modules[name], s)
         # How much flatter the input got: max/median of per-channel ranges, before and after.
-        before = amax[name]
+        before = amax[group[0]]
         after = before / s.to(before.device)
-        spread[name] = [
+        spread[",".join(group)] = [
             round((before.max() / before.median().clamp_min(1e-30)).item(), 2),
             round((after.max() / after.median().clamp_min(1e-30)).item(), 2),
         ]

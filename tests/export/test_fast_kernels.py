@@ -249,3 +249,45 @@ def test_export_stage_judges_fast_kernels_by_cosine_and_times_float(tmp_path, di
     assert export["latency_vs_float"] == metrics["latency_vs_float"]
     assert "onnx_parity_cosine" in gates and "onnx_parity_within_tolerance" not in gates
     assert not list((tmp_path / "o").rglob("float_reference.onnx"))  # the float twin is not left behind
+
+
+class _SharedInput(nn.Module):
+    """Three projections of one tensor (q/k/v-like), then a fourth layer: the export should
+    quantize the shared activation once and fold every bias into the integer MatMul."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.q(x)) * torch.sigmoid(self.k(x)) + self.v(x))
+
+
+@pytest.mark.parametrize("smoothing", [None, 0.6])
+def test_shared_activation_quantized_once_with_biases_fused(tmp_path, smoothing):
+    from compress.data import DataBundle, Split
+    from compress.export.quantized import optimized_op_types, ort_session
+    from compress.fake_quant import quantized_inputs
+    from compress.quantize.stage import apply
+    from compress.runtime import ort_predict, row_cosine
+    from compress.state import StageContext
+
+    torch.manual_seed(0)
+    model = _SharedInput().eval()
+    x = torch.randn(256, 2, 32)  # a sequence of 2 positions: the Linears export as MatMul
+    x[..., :3] *= 20  # outlier channels
+    data = DataBundle({"calibration": Split("calibration", x, None, 64, 0)})
+    state = ModelState(module=model, input_shape=(1, 2, 32))
+    ctx = StageContext(data=data, out_dir=None, device=torch.device("cpu"), reference=copy.deepcopy(model), seed=0)
+    state = apply(state, _cfg(method="rtn", bits=8, activations="dynamic", smoothing=smoothing), ctx)
+    _, qmodel, path = _export(state, tmp_path)
+    ops = optimized_op_types(path, exact=False)
+    assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulIntegerToFloat"] == 3, ops
+    assert ops["DynamicQuantizeMatMul"] == 1 and ops["Add"] == 1, ops  # the one Add: "... + v(x)"
+    muls = [n for n in qmodel.graph.node if n.op_type == "Mul" and "smooth" in "".join(n.input)]
+    assert len(muls) == (0 if smoothing is None else 2)  # q/k/v share one scaling Mul, out has its own
+    ort_one = ort_predict(ort_session(path, exact=False), x[:64].numpy(), batch_size=1)
+    with torch.no_grad(), quantized_inputs(state.module, state.extras["activation_quantization"]):
+        sim = torch.cat([state.module(x[i : i + 1]) for i in range(64)]).reshape(64, -1).numpy()
+    assert row_cosine(ort_one.reshape(64, -1), sim).min() > 0.999
