@@ -50,7 +50,7 @@ from compress.model_io import (
     save_state,
 )
 from compress.outdir import ENVIRONMENT_ERRNOS, OutputFolder, disk_error
-from compress.recipe import Recipe
+from compress.recipe import EXTRA_PREFIX, Recipe
 from compress.registry import get_stage
 from compress.state import ModelState, StageContext, StageOutputs
 
@@ -132,6 +132,7 @@ class StageRow:
     method: str | None = None
     state_file_bytes: int | None = None
     quality: dict[str, float] = field(default_factory=dict)  # accuracy, agreement, cosine, ...
+    eval_extra: dict[str, dict[str, float]] = field(default_factory=dict)  # the same on each data.eval_extra set
     latency_p50_ms: float | None = None
     latency_p90_ms: float | None = None
     latency_vs_float: float | None = None
@@ -163,6 +164,8 @@ class StageRow:
             "final_size_bytes": self.final_size_bytes,
         }
         d.update({k: v for k, v in optional.items() if v is not None or k == "config_hash"})
+        if self.eval_extra:
+            d["eval_extra"] = self.eval_extra
         d["cached"] = self.cached
         return d
 
@@ -203,6 +206,7 @@ class _Loaded:
     data: DataBundle
     reference_out: torch.Tensor | None
     example: torch.Tensor | None
+    extra_references: dict[str, torch.Tensor] = field(default_factory=dict)  # data.eval_extra sets
 
 
 @dataclass
@@ -311,7 +315,7 @@ def _load(plan: _Plan, trust_model: bool) -> _Loaded:
             "or give a state_dict saved with torch.save(model.state_dict(), path)"
         )
     data = DataBundle(
-        {name: load_split(name, s, plan.base_dir, input_shape, trusted) for name, s in spec.data if s is not None}
+        {name: load_split(name, s, plan.base_dir, input_shape, trusted) for name, s in spec.data.splits()}
     )
     want = torch.int64 if spec.model.input_dtype == "int64" else torch.float32
     for name, split in data.splits.items():
@@ -330,8 +334,17 @@ def _load(plan: _Plan, trust_model: bool) -> _Loaded:
     if reference_out is not None and not torch.isfinite(reference_out).all():
         raise ModelLoadError(f"{plan.model_path}: the model's outputs on data.eval hold NaN or infinite values")
     _check_labels(loaded.module, data, reference_out, first)
+    extra = {}
+    for name, split in data.splits.items():
+        if name.startswith(EXTRA_PREFIX):
+            extra[name] = predict(loaded.module, split.x)
+            if not torch.isfinite(extra[name]).all():
+                raise ModelLoadError(
+                    f"{plan.model_path}: the model's outputs on data.eval_extra.{name[len(EXTRA_PREFIX) :]} hold NaN "
+                    "or infinite values"
+                )
     example = first.x[:2] if first is not None else None
-    return _Loaded(loaded, data, reference_out, example)
+    return _Loaded(loaded, data, reference_out, example, extra)
 
 
 def _check_labels(module, data: DataBundle, reference_out, first) -> None:
@@ -359,7 +372,15 @@ def _execute(plan: _Plan, loaded: _Loaded, force: bool, reporter: Reporter, main
     recipe, spec = plan.recipe, plan.recipe.doc
     input_shape = tuple(spec.model.input_shape)
     state = ModelState(module=_copy_module(loaded.model), input_shape=input_shape, example=loaded.example)
-    first = _measure(state, "input", loaded.data, loaded.reference_out, 0.0, plan.model_path.stat().st_size)
+    first = _measure(
+        state,
+        "input",
+        loaded.data,
+        loaded.reference_out,
+        0.0,
+        plan.model_path.stat().st_size,
+        loaded.extra_references,
+    )
     rows = [first]
     key = text_hash(
         compress.__version__,
@@ -547,8 +568,8 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 def _data_files_hash(recipe: Recipe, base_dir: Path) -> str:
     parts = []
-    for _, s in recipe.doc.data:
-        if s is not None and s.source in ("file", "text"):
+    for _, s in recipe.doc.data.splits():
+        if s.source in ("file", "text"):
             p = Path(s.path) if Path(s.path).is_absolute() else base_dir / s.path
             parts.append(file_hash(p) if p.is_file() else "missing")
     return text_hash(*parts)
@@ -617,7 +638,7 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
     stage_artifacts = {name: Path(p) for name, p in ctx.artifacts.items()}
     primary = next(iter(stage_artifacts.values()), None)
     size = primary.stat().st_size if primary else model_size(state.module, state.quant)["stored_bytes"]
-    row = _measure(state, stage_spec.name, loaded.data, loaded.reference_out, seconds, size)
+    row = _measure(state, stage_spec.name, loaded.data, loaded.reference_out, seconds, size, loaded.extra_references)
     row.state_file_bytes = sum(p.stat().st_size for p in written)
     row.config_hash = stage_spec.config_hash()
     row.metrics = ctx.metrics
@@ -645,7 +666,13 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
 
 
 def _measure(
-    state: ModelState, name: str, data: DataBundle, reference_out, seconds: float, size_bytes: int
+    state: ModelState,
+    name: str,
+    data: DataBundle,
+    reference_out,
+    seconds: float,
+    size_bytes: int,
+    extra_references: dict[str, torch.Tensor] | None = None,
 ) -> StageRow:
     size = model_size(state.module, state.quant)
     row = StageRow(
@@ -661,6 +688,9 @@ def _measure(
     if data.has("eval"):
         split = data["eval"]
         row.quality = evaluate(state.module, split.x, split.y, reference_out)
+    for key, ref in (extra_references or {}).items():
+        split = data[key]
+        row.eval_extra[key[len(EXTRA_PREFIX) :]] = evaluate(state.module, split.x, split.y, ref)
     return row
 
 
@@ -724,20 +754,25 @@ def _check_gates(gates, rows: list[StageRow], outputs: StageOutputs) -> list[Che
         else:
             results.append(Check(gate, measured, limit, bool(ok(measured, limit))))
 
-    if gates.max_accuracy_drop is not None:
-        a0, a1 = first.quality.get("accuracy"), final.quality.get("accuracy")
-        add(
-            "max_accuracy_drop",
-            a0 - a1 if a0 is not None and a1 is not None else None,
-            gates.max_accuracy_drop,
-            lambda m, lim: m <= lim + 1e-12,
-        )
-    if gates.min_accuracy is not None:
-        add("min_accuracy", final.quality.get("accuracy"), gates.min_accuracy, lambda m, lim: m >= lim)
-    if gates.min_agreement is not None:
-        add("min_agreement", final.quality.get("agreement"), gates.min_agreement, lambda m, lim: m >= lim)
-    if gates.min_cosine is not None:
-        add("min_cosine", final.quality.get("cosine"), gates.min_cosine, lambda m, lim: m >= lim)
+    # Accuracy and fidelity gates hold on data.eval and on every data.eval_extra set.
+    sets = [("", first.quality, final.quality)] + [
+        (f"[{name}]", first.eval_extra.get(name, {}), q) for name, q in final.eval_extra.items()
+    ]
+    for suffix, q0, q1 in sets:
+        if gates.max_accuracy_drop is not None:
+            a0, a1 = q0.get("accuracy"), q1.get("accuracy")
+            add(
+                f"max_accuracy_drop{suffix}",
+                a0 - a1 if a0 is not None and a1 is not None else None,
+                gates.max_accuracy_drop,
+                lambda m, lim: m <= lim + 1e-12,
+            )
+        if gates.min_accuracy is not None:
+            add(f"min_accuracy{suffix}", q1.get("accuracy"), gates.min_accuracy, lambda m, lim: m >= lim)
+        if gates.min_agreement is not None:
+            add(f"min_agreement{suffix}", q1.get("agreement"), gates.min_agreement, lambda m, lim: m >= lim)
+        if gates.min_cosine is not None:
+            add(f"min_cosine{suffix}", q1.get("cosine"), gates.min_cosine, lambda m, lim: m >= lim)
     if gates.max_size_bytes is not None:
         size = final.final_size_bytes if final.final_size_bytes is not None else final.size_bytes
         add("max_size_bytes", size, gates.max_size_bytes, lambda m, lim: m <= lim)

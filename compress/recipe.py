@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -131,6 +133,29 @@ class DataSpec(_Strict):
     calibration: DataSplitSpec | None = Field(
         None, description="Calibration data for post-training methods (defaults to 'train')."
     )
+    eval_extra: dict[str, DataSplitSpec] = Field(
+        default_factory=dict,
+        description="More held-out sets, by name (e.g. text of another style than the calibration data): every "
+        "stage is measured on each too, and every accuracy/fidelity gate must hold on eval and on each of them "
+        "(its check is named gate[name]).",
+    )
+
+    @field_validator("eval_extra")
+    @classmethod
+    def _extra_names(cls, v: dict[str, DataSplitSpec]) -> dict[str, DataSplitSpec]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+                raise ValueError(f"eval_extra set name {name!r}: use 1-40 letters, digits, '_' or '-'")
+        return v
+
+    def splits(self) -> list[tuple[str, DataSplitSpec]]:
+        """Every split given, by the name the data bundle knows it under (``eval:<name>`` for
+        the extra held-out sets)."""
+        named = [(n, getattr(self, n)) for n in ("train", "eval", "calibration") if getattr(self, n) is not None]
+        return named + [(f"{EXTRA_PREFIX}{n}", s) for n, s in self.eval_extra.items()]
+
+
+EXTRA_PREFIX = "eval:"  # data bundle name of an eval_extra set
 
 
 class Gates(_Strict):
@@ -233,9 +258,14 @@ class Recipe(BaseModel):
         refs: list[tuple[tuple, str]] = []
         if self.doc.model.factory:
             refs.append((("model", "factory"), self.doc.model.factory))
-        for name, split in self.doc.data:
-            if split is not None and split.fn and split.source in ("callable", "text"):
-                refs.append((("data", name, "fn"), split.fn))
+        for name, split in self.doc.data.splits():
+            if split.fn and split.source in ("callable", "text"):
+                loc = (
+                    ("data", "eval_extra", name[len(EXTRA_PREFIX) :])
+                    if name.startswith(EXTRA_PREFIX)
+                    else ("data", name)
+                )
+                refs.append(((*loc, "fn"), split.fn))
         return refs
 
     def check_plan(self) -> None:
@@ -251,7 +281,9 @@ class Recipe(BaseModel):
             RecipeError: the message names the stage, split or gate and the fix.
         """
         entries = [get_stage(s.name) for s in self.stages]
-        present = {name for name, s in self.doc.data if s is not None}
+        present = {name for name, _ in self.doc.data.splits()}
+        if self.doc.data.eval_extra and "eval" not in present:
+            raise RecipeError("data.eval_extra adds held-out sets to data.eval: add data.eval to the recipe")
         for spec, entry in zip(self.stages, entries):
             for need in entry.needs:
                 if not (need in present or (need == "calibration" and "train" in present)):

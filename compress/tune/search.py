@@ -404,7 +404,7 @@ def _prefix_state(plan: _Plan, level: float | None, model_path: Path, workdir: P
         state = ModelState(module=module, input_shape=tuple(spec.model.input_shape))
     base_dir = recipe.path.parent if recipe.path else Path.cwd()
     data = DataBundle(
-        {n: load_split(n, s, base_dir, tuple(spec.model.input_shape)) for n, s in spec.data if s is not None}
+        {n: load_split(n, s, base_dir, tuple(spec.model.input_shape)) for n, s in spec.data.splits()}
     )
     reference = loaded.module.eval()
     for p in reference.parameters():
@@ -521,7 +521,9 @@ def candidate_yaml(plan: _Plan, cand: Candidate, dest_dir: Path | None = None, t
 def _rebase_data_paths(doc: dict, recipe: Recipe, dest_dir: Path) -> None:
     """Relative data paths stay valid when the recipe is written into another folder."""
     base = recipe.path.parent if recipe.path else Path.cwd()
-    for split in (doc.get("data") or {}).values():
+    data = doc.get("data") or {}
+    splits = [v for k, v in data.items() if k != "eval_extra"] + list((data.get("eval_extra") or {}).values())
+    for split in splits:
         if isinstance(split, dict) and split.get("path") and not Path(split["path"]).is_absolute():
             split["path"] = os.path.relpath((base / split["path"]).resolve(), dest_dir.resolve())
 
