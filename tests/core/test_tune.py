@@ -99,7 +99,7 @@ def test_sensitivity_grows_as_bits_shrink_and_restores_the_model(digits_mlp_path
 
     recipe = parse_recipe(TUNE_RECIPE.format(gates="  max_accuracy_drop: 0.01", candidates=4))
     loaded = load_model(digits_mlp_path, "compress.zoo:digits_mlp", {"hidden": [32]})
-    data = DataBundle({n: load_split(n, s, Path.cwd(), (1, 64)) for n, s in recipe.doc.data if s is not None})
+    data = DataBundle({n: load_split(n, s, Path.cwd(), (1, 64)) for n, s in recipe.doc.data.splits()})
     state = ModelState(module=loaded.rebuild(), input_shape=(1, 64))
     state.module.load_state_dict(loaded.module.state_dict())
     before = {k: v.clone() for k, v in state.module.state_dict().items()}
