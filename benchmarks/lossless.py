@@ -8,8 +8,8 @@ package; nothing is downloaded). Prints:
 
 1. One table per data set: ratio (compressed/original, smaller is better); compress and
    decompress MB of original bytes per CPU-second at 1 thread (min of ``--repeat``
-   runs, the codecs interleaved so machine load hits both alike); wall MB/s at all cores;
-   and the order-0 entropy bound of the streams this codec actually codes (per chunk,
+   runs, the codecs interleaved so machine load hits both alike); wall MB/s at all cores
+   and at 2 threads (zipnn's ``threads`` option); and the order-0 entropy bound of the streams this codec actually codes (per chunk,
    after byte grouping and sparse splitting: what an ideal order-0 coder of those
    streams would reach). int8 data is compared with zipnn's 1-byte (FP8) path, the only
    one zipnn 0.5 has for single bytes.
@@ -142,10 +142,10 @@ def interleaved(codecs: list[Codec], repeat: int) -> dict[str, dict[str, float]]
     return best
 
 
-def entropy_bound(arr: np.ndarray, dtype: str) -> float:
-    """Order-0 bound of the streams the codec codes (per chunk, as the coder sees them),
-    as a ratio of the original size."""
-    layout = "i4" if dtype == "int8" else C.ALLOWED_LAYOUTS[dtype][0]
+def entropy_bound(arr: np.ndarray, dtype: str, layout: str | None = None) -> float:
+    """Order-0 bound of the streams the codec codes (per chunk, as the coder sees them:
+    after byte grouping, sparse splitting or int4 packing), as a ratio of the original size."""
+    layout = layout or C.ALLOWED_LAYOUTS[dtype][0]
     flat = arr.reshape(-1).view(C.numpy_view_dtype(dtype))
     step = C.chunk_elements(dtype, layout, C.DEFAULT_CHUNK_SIZE)
     bits = 0.0
@@ -280,39 +280,53 @@ def main() -> None:
         print("zipnn is not installed (pip install zipnn): its rows are skipped")
     header = (
         f"{'data':28s} {'codec':7s} {'ratio':>7s} {'comp MB/CPU-s':>14s} {'decomp MB/CPU-s':>16s}"
-        f" {'comp MB/s':>10s} {'decomp MB/s':>12s}  bound"
+        f" {'comp MB/s':>10s} {'decomp MB/s':>12s} {'decomp MB/s 2T':>15s}  bound"
     )
-    print(f"1 thread for the CPU-second columns, {args.threads} for MB/s; min of {args.repeat}, interleaved")
+    print(
+        f"1 thread for the CPU-second columns, {args.threads} for MB/s, 2 for the 2T column; "
+        f"min of {args.repeat}, interleaved"
+    )
     print(header)
     print("-" * len(header))
+    summary = []
     for label, arr, dtype, zdtype in datasets(args.synthetic_mb):
         if args.only and not any(o in label for o in args.only):
             continue
         repeat = 1 if arr.nbytes > 200 << 20 else args.repeat
-        bound = entropy_bound(arr, "int8" if dtype == "int4" else dtype) if dtype != "int8" else None
+        if dtype == "int4":
+            bound = entropy_bound(arr, "int8", "i4")
+        else:
+            bound = entropy_bound(arr, dtype)
         runs = {}
-        for threads in sorted({1, args.threads}):
+        for threads in sorted({1, 2, args.threads}):
             codecs = [Codec("czip", arr, dtype, zdtype, threads)]
             if have_zipnn and zdtype is not None:
                 codecs.append(Codec("zipnn", arr, dtype, zdtype, threads))
             codecs.append(Codec("zstd-3", arr, dtype, zdtype, threads))
             runs[threads] = (codecs, interleaved(codecs, repeat))
-        (codecs, one), best = runs[1], runs[args.threads][1]
+        (codecs, one), best, two = runs[1], runs[args.threads][1], runs[2][1]
         for c in codecs:
-            b1, bn = one[c.name], best[c.name]
+            b1, bn, b2 = one[c.name], best[c.name], two[c.name]
             mb = c.orig / 1e6
-            extra = ""
-            if c.name == "czip":
-                extra = (
-                    f"  {bound:.4f}"
-                    if bound is not None
-                    else f"  {C.entropy_bits(arr.view(np.uint8)) / 8:.4f} (order-0)"
-                )
+            extra = f"  {bound:.4f}" if c.name == "czip" else ""
             print(
                 f"{label:28s} {c.name:7s} {c.ratio:7.4f} {mb / b1['enc_cpu']:14.0f} {mb / b1['dec_cpu']:16.0f}"
-                f" {mb / bn['enc_wall']:10.0f} {mb / bn['dec_wall']:12.0f}{extra}",
+                f" {mb / bn['enc_wall']:10.0f} {mb / bn['dec_wall']:12.0f} {mb / b2['dec_wall']:15.0f}{extra}",
                 flush=True,
             )
+        if "zipnn" in one:
+            ours, theirs = codecs[0], codecs[1]
+            o1, z1, o2, z2 = one["czip"], one["zipnn"], two["czip"], two["zipnn"]
+            summary.append(
+                f"{label:28s} {ours.ratio / theirs.ratio:10.4f} {z1['enc_cpu'] / o1['enc_cpu']:9.2f}x"
+                f" {z1['dec_cpu'] / o1['dec_cpu']:9.2f}x {z2['dec_wall'] / o2['dec_wall']:12.2f}x"
+            )
+    if summary:
+        print()
+        print("czip / zipnn: ratio (smaller is better), compress and decompress MB per CPU-second at 1 thread,")
+        print("decompress wall MB/s at 2 threads (above 1.0x: czip is faster)")
+        print(f"{'data':28s} {'ratio':>10s} {'comp CPU':>10s} {'decomp CPU':>10s} {'decomp 2T wall':>13s}")
+        print("\n".join(summary))
     if args.file_mb:
         print()
         for threads in sorted({1, args.threads}):

@@ -26,6 +26,7 @@ caller's buffer is never modified.
 
 from __future__ import annotations
 
+import logging
 import threading
 import zlib
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import zstandard
+
+log = logging.getLogger(__name__)
 
 # Stream coding methods, as stored in the container.
 METHOD_RAW = 0
@@ -289,6 +292,131 @@ def _compressor(level: int, sparse: bool = False) -> zstandard.ZstdCompressor:
     return cctx
 
 
+# ------------------------------------------------------------ literal-only zstd frames
+#
+# Order-0 sources (exponent bytes, int8 codes) are best served by zstd's Huffman literal
+# coder alone: every match zstd's fast parser takes there costs a sequence that is dearer
+# than the literals it replaces (MiniLM int8: 0.2711 with matches, 0.2553 literals only;
+# zipnn's byte-level Huffman 0.2553), and a frame of literals decodes in zstd's
+# 4-stream Huffman loop (1.6x faster). python-zstandard does not expose the parameter that
+# forces Huffman literals when the match finder is throttled (ZSTD_c_literalCompressionMode),
+# so these frames are made through libzstd's C API with ctypes: from the copy of libzstd
+# that python-zstandard ships (its cffi backend), else the system's. The output is an
+# ordinary zstd frame (METHOD_ZSTD): any zstd decoder reads it. Without either library
+# the match-finding compressor is used (valid files, a little larger).
+
+_ZSTD_C_PARAMS = (
+    (100, 1),  # ZSTD_c_compressionLevel (then overridden below)
+    (101, 17),  # windowLog
+    (102, 6),  # hashLog (minimum)
+    (103, 6),  # chainLog (minimum)
+    (104, 1),  # searchLog
+    (105, 7),  # minMatch (longest)
+    (106, 131072),  # targetLength: with strategy fast, the largest acceleration; no matches
+    (107, 1),  # strategy ZSTD_fast
+    (200, 1),  # contentSizeFlag: decode_stream checks the declared size
+    (201, 0),  # checksumFlag: chunks carry a CRC-32
+    (1002, 1),  # ZSTD_c_literalCompressionMode = ZSTD_ps_enable (experimentalParam5)
+)
+
+
+class _LiteralZstd:
+    """libzstd's C API, loaded once; one compression context per thread."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.ctypes = ctypes
+        self.lib = self._load()
+        lib = self.lib
+        lib.ZSTD_createCCtx.restype = ctypes.c_void_p
+        lib.ZSTD_freeCCtx.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_CCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.ZSTD_CCtx_setParameter.restype = ctypes.c_size_t
+        lib.ZSTD_compress2.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+        ]
+        lib.ZSTD_compress2.restype = ctypes.c_size_t
+        lib.ZSTD_compressBound.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_compressBound.restype = ctypes.c_size_t
+        lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_isError.restype = ctypes.c_uint
+        self.local = threading.local()
+        self.context()  # raises OSError when a parameter is refused (older libzstd)
+
+    def _load(self):  # -> ctypes.CDLL
+        import ctypes
+        import ctypes.util
+        from pathlib import Path
+
+        candidates = [str(p) for p in sorted(Path(zstandard.__file__).parent.glob("_cffi*.so"))]
+        system = ctypes.util.find_library("zstd")
+        if system:
+            candidates.append(system)
+        for path in candidates:
+            try:
+                lib = ctypes.CDLL(path)
+                if lib.ZSTD_versionNumber() >= 10500:  # the parameter numbers used here
+                    return lib
+            except (OSError, AttributeError):
+                continue
+        raise OSError("no libzstd >= 1.5 found")
+
+    def context(self) -> int:
+        ctx = getattr(self.local, "ctx", None)
+        if ctx is None:
+            ptr = self.lib.ZSTD_createCCtx()
+            if not ptr:
+                raise MemoryError("ZSTD_createCCtx failed")
+            ctx = self.local.ctx = _CCtx(self.lib, ptr)  # freed when the thread ends
+            for key, value in _ZSTD_C_PARAMS:
+                if self.lib.ZSTD_isError(self.lib.ZSTD_CCtx_setParameter(ptr, key, value)):
+                    raise OSError(f"libzstd refused parameter {key}={value}")
+        return ctx.ptr
+
+    def compress(self, raw: memoryview) -> bytes:
+        n = len(raw)
+        cap = int(self.lib.ZSTD_compressBound(n))
+        out = bytearray(cap)
+        src = np.frombuffer(raw, np.uint8)
+        dst = (self.ctypes.c_char * cap).from_buffer(out)
+        got = self.lib.ZSTD_compress2(self.context(), dst, cap, src.ctypes.data, n)
+        if self.lib.ZSTD_isError(got):
+            raise RuntimeError("ZSTD_compress2 failed")
+        del dst
+        return bytes(memoryview(out)[:got])
+
+
+class _CCtx:
+    def __init__(self, lib, ptr: int) -> None:  # lib: a ctypes.CDLL
+        self.lib, self.ptr = lib, ptr
+
+    def __del__(self) -> None:
+        self.lib.ZSTD_freeCCtx(self.ptr)
+
+
+_literal_lock = threading.Lock()
+_literal_state: list[_LiteralZstd | None] = []
+
+
+def literal_frame(raw: memoryview) -> bytes | None:
+    """A zstd frame of ``raw`` coded as Huffman literals only; ``None`` without libzstd."""
+    if not _literal_state:
+        with _literal_lock:
+            if not _literal_state:
+                try:
+                    _literal_state.append(_LiteralZstd())
+                except (OSError, AttributeError, MemoryError) as err:
+                    log.info("literal-only zstd frames unavailable (%s)", err)
+                    _literal_state.append(None)
+    coder = _literal_state[0]
+    return coder.compress(raw) if coder is not None else None
+
+
 def _decompressor() -> zstandard.ZstdDecompressor:
     dctx = getattr(_local, "dctx", None)
     if dctx is None:
@@ -296,8 +424,9 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def _profile(stream: np.ndarray) -> tuple[bool, bool]:
-    """Cheap guess from a sample: (worth coding at all, dominated by one byte value).
+def _profile(stream: np.ndarray) -> tuple[bool, bool, float]:
+    """Cheap guess from a sample: (worth coding at all, dominated by one byte value,
+    order-0 entropy of the sample in bits per byte).
 
     Trying zstd on a near-random mantissa stream costs as much time as the whole rest
     of the chunk. A strided sample of 4096 bytes decides; the order-0 entropy of a
@@ -308,11 +437,19 @@ def _profile(stream: np.ndarray) -> tuple[bool, bool]:
     sample = stream[: step * 4096 : step]
     counts = np.bincount(sample, minlength=256)
     sparse = bool(counts.max() > 0.5 * sample.size)
-    if stream.size < 65536:
-        return True, sparse
     p = counts[counts > 0] / sample.size
     entropy = float(-(p * np.log2(p)).sum())
-    return entropy < 7.9, sparse
+    if stream.size < 65536:
+        return True, sparse, entropy
+    return entropy < 7.9, sparse, entropy
+
+
+# Streams whose sampled order-0 entropy is below this (bits per byte) are order-0 sources
+# (exponents, integer codes, masks): coded as Huffman literals only. Above it (mantissa
+# bytes that are not quite random) the match finder stays: there what pays is repeats,
+# e.g. tensors stored at a lower precision (MiniLM fp32's low mantissa byte: 0.964 with
+# matches, 0.973 literals only).
+LITERAL_MAX_ENTROPY = 7.0
 
 
 @dataclass(frozen=True)
@@ -480,17 +617,23 @@ def decode_ans(payload: bytes | memoryview, raw_len: int) -> np.ndarray:
 
 def encode_stream(stream: np.ndarray, level: int) -> EncodedStream:
     raw = np.ascontiguousarray(stream).data.cast("B")
-    worth, sparse = _profile(stream) if stream.size else (False, False)
+    worth, sparse, entropy = _profile(stream) if stream.size else (False, False, 8.0)
     best: tuple[int, bytes] | None = None
     if worth:
-        # The literal-oriented parameters win on large streams, int8 codes with one
-        # dominant code included (measured on MiniLM int8: 0.271 vs 0.275, and faster to
-        # decode). Small streams with one dominant value (masks, tiny tensors) also try
-        # zstd's own level parameters, where runs can pay; the smaller is kept.
-        payload = _compressor(level, False).compress(raw)
-        if sparse and len(raw) <= SMALL_STREAM_BYTES:
-            alt = _compressor(level, True).compress(raw)
-            payload = alt if len(alt) < len(payload) else payload
+        payload = None
+        if entropy < LITERAL_MAX_ENTROPY:
+            payload = literal_frame(raw)
+        if payload is None or sparse or level > 3:
+            # Near-random streams, and those where runs may pay (one dominant value) or
+            # a higher level was asked for, (also) take the match finder: the literal-
+            # oriented parameters win on large streams; small streams with one dominant
+            # value (masks, tiny tensors) also try zstd's own level parameters. The
+            # smallest is kept.
+            alt = _compressor(level, False).compress(raw)
+            payload = alt if payload is None or len(alt) < len(payload) else payload
+            if sparse and len(raw) <= SMALL_STREAM_BYTES:
+                alt = _compressor(level, True).compress(raw)
+                payload = alt if len(alt) < len(payload) else payload
         if len(payload) <= len(raw) * (1.0 - MIN_SAVING):
             best = (METHOD_ZSTD, payload)
     if 0 < len(raw) <= ANS_MAX_BYTES:
