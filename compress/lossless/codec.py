@@ -444,12 +444,28 @@ def _profile(stream: np.ndarray) -> tuple[bool, bool, float]:
     return entropy < 7.9, sparse, entropy
 
 
-# Streams whose sampled order-0 entropy is below this (bits per byte) are order-0 sources
-# (exponents, integer codes, masks): coded as Huffman literals only. Above it (mantissa
-# bytes that are not quite random) the match finder stays: there what pays is repeats,
-# e.g. tensors stored at a lower precision (MiniLM fp32's low mantissa byte: 0.964 with
-# matches, 0.973 literals only).
+# Order-0 streams (see :func:`order0_streams`) whose sampled entropy is below this (bits
+# per byte) are coded as Huffman literals only; a near-random one keeps the match finder.
 LITERAL_MAX_ENTROPY = 7.0
+
+
+def order0_streams(layout: str, data: np.ndarray, count: int) -> list[bool]:
+    """Which of a chunk's ``count`` streams are order-0 sources, coded as literals only.
+
+    Exponent streams (the first of each float layout) and integer codes (int8 bytes,
+    packed int4/uint4) are: matches there cost more than they save. Mantissa bytes,
+    masks and plain bytes (blobs: headers, graphs) are not: there repeats pay, e.g.
+    tensors stored at a lower precision (MiniLM fp32's low mantissa byte: 0.964 with
+    matches, 0.973 literals only) or structured pruning masks.
+    """
+    if layout in FLOAT_LAYOUTS:
+        flags = [True] + [False] * (LAYOUTS[layout] - 1)
+        return [False, *flags] if count == LAYOUTS[layout] + 1 else flags
+    if layout in ("i4", "u4"):
+        return [True] * count
+    if layout == "bytes":
+        return [data.dtype == np.int8] * count
+    return [False] * count
 
 
 @dataclass(frozen=True)
@@ -615,16 +631,18 @@ def decode_ans(payload: bytes | memoryview, raw_len: int) -> np.ndarray:
     return _unsymbols(np.asarray(sym), w, raw_len)
 
 
-def encode_stream(stream: np.ndarray, level: int) -> EncodedStream:
+def encode_stream(stream: np.ndarray, level: int, order0: bool = False) -> EncodedStream:
+    """Code one byte stream by the smallest of the methods tried (``order0``: the stream
+    is an order-0 source, see :func:`order0_streams`)."""
     raw = np.ascontiguousarray(stream).data.cast("B")
     worth, sparse, entropy = _profile(stream) if stream.size else (False, False, 8.0)
     best: tuple[int, bytes] | None = None
     if worth:
         payload = None
-        if entropy < LITERAL_MAX_ENTROPY:
+        if order0 and entropy < LITERAL_MAX_ENTROPY:
             payload = literal_frame(raw)
         if payload is None or sparse or level > 3:
-            # Near-random streams, and those where runs may pay (one dominant value) or
+            # Other streams, and order-0 ones where runs may pay (one dominant value) or
             # a higher level was asked for, (also) take the match finder: the literal-
             # oriented parameters win on large streams; small streams with one dominant
             # value (masks, tiny tensors) also try zstd's own level parameters. The
@@ -661,7 +679,8 @@ def encode_chunk(layout: str, data: np.ndarray, level: int = DEFAULT_LEVEL) -> E
     (measured on 80%-pruned MiniLM: 0.29 dense vs 0.19 sparse). A decoder tells the two
     apart by the stream count (one more than the layout's).
     """
-    return _chunk(int(data.size), chunk_streams(layout, data), level)
+    streams = chunk_streams(layout, data)
+    return _chunk(int(data.size), streams, level, order0_streams(layout, data, len(streams)))
 
 
 def chunk_streams(layout: str, data: np.ndarray) -> list[np.ndarray]:
@@ -677,8 +696,8 @@ def chunk_streams(layout: str, data: np.ndarray) -> list[np.ndarray]:
     return split(layout, data)
 
 
-def _chunk(n: int, streams: list[np.ndarray], level: int) -> EncodedChunk:
-    coded = tuple(encode_stream(s, level) for s in streams)
+def _chunk(n: int, streams: list[np.ndarray], level: int, order0: list[bool]) -> EncodedChunk:
+    coded = tuple(encode_stream(s, level, o) for s, o in zip(streams, order0, strict=True))
     return EncodedChunk(n, coded, chunk_crc([s.payload for s in coded]))
 
 
