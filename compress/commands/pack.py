@@ -60,6 +60,6 @@ def unpack(
     size = out.stat().st_size
     print(
         f"unpacked {src} -> {out}: {src.stat().st_size / 1e6:.2f} MB -> {size / 1e6:.2f} MB "
-        f"(byte-identical, SHA-256 checked, {size / 1e6 / max(seconds, 1e-9):.0f} MB/s)"
+        f"(byte-identical, checksum verified, {size / 1e6 / max(seconds, 1e-9):.0f} MB/s)"
     )
     return 0
