@@ -184,3 +184,34 @@ def test_unpack_checks_the_crc_and_still_reads_sha256_containers(tmp_path) -> No
         with pytest.raises(CorruptArchiveError, match=f"does not match the original's size/{name}"):
             unpack_file(packed, tmp_path / "bad.safetensors")
         assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("direct_fails", [False, True])
+def test_aligned_writer_writes_exact_bytes(tmp_path, monkeypatch, direct_fails) -> None:
+    """Unpack's writer: pieces of any size, a last block that is not aligned (padded,
+    then cut), and the plain fallback where a file system refuses direct writes."""
+    import errno
+    import os
+
+    from compress.lossless import files
+
+    if direct_fails:
+
+        def refuse(*args):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(files.os, "pwrite", refuse)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, files._AlignedWriter.BLOCK + 3 * 12_345, dtype=np.uint8)
+    path = tmp_path / "out.bin"
+    with open(path, "wb") as f:
+        w = files._AlignedWriter(f)
+        pos = 0
+        for size in (1, 4095, 12_345, files._AlignedWriter.BLOCK, 10**9):
+            w.write(memoryview(data[pos : pos + size]))
+            pos += size
+        w.close()
+        w.close()
+        assert w.fd is None
+    assert os.path.getsize(path) == data.size
+    assert path.read_bytes() == data.tobytes()
