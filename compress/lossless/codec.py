@@ -395,6 +395,18 @@ class _LiteralZstd:
         lib.ZSTD_compressBound.restype = ctypes.c_size_t
         lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
         lib.ZSTD_isError.restype = ctypes.c_uint
+        lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+        lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+        lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_decompressDCtx.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+        ]
+        lib.ZSTD_decompressDCtx.restype = ctypes.c_size_t
         self.local = threading.local()
         self.context()  # raises OSError when a parameter is refused (older libzstd)
 
@@ -422,11 +434,28 @@ class _LiteralZstd:
             ptr = self.lib.ZSTD_createCCtx()
             if not ptr:
                 raise MemoryError("ZSTD_createCCtx failed")
-            ctx = self.local.ctx = _CCtx(self.lib, ptr)  # freed when the thread ends
+            ctx = self.local.ctx = _CCtx(self.lib, ptr, self.lib.ZSTD_freeCCtx)  # freed with the thread
             for key, value in _ZSTD_C_PARAMS:
                 if self.lib.ZSTD_isError(self.lib.ZSTD_CCtx_setParameter(ptr, key, value)):
                     raise OSError(f"libzstd refused parameter {key}={value}")
         return ctx.ptr
+
+    def decompress(self, payload: bytes | memoryview, dst: np.ndarray) -> None:
+        """Decode one zstd frame into ``dst`` (a writable uint8 array of exactly the
+        frame's declared size, checked by the caller): no intermediate ``bytes`` and no
+        copy. Raises ``ValueError`` on a damaged frame or a size mismatch."""
+        dctx = getattr(self.local, "dctx", None)
+        if dctx is None:
+            ptr = self.lib.ZSTD_createDCtx()
+            if not ptr:
+                raise MemoryError("ZSTD_createDCtx failed")
+            dctx = self.local.dctx = _CCtx(self.lib, ptr, self.lib.ZSTD_freeDCtx)
+        src = np.frombuffer(payload, np.uint8)
+        got = self.lib.ZSTD_decompressDCtx(dctx.ptr, dst.ctypes.data, dst.size, src.ctypes.data, src.size)
+        if self.lib.ZSTD_isError(got):
+            raise ValueError(f"zstd: {self.lib.ZSTD_getErrorName(got).decode(errors='replace')}")
+        if got != dst.size:
+            raise ValueError(f"zstd stream decoded to {got} bytes, {dst.size} expected")
 
     def compress(self, raw: memoryview) -> bytes:
         n = len(raw)
@@ -442,19 +471,21 @@ class _LiteralZstd:
 
 
 class _CCtx:
-    def __init__(self, lib, ptr: int) -> None:  # lib: a ctypes.CDLL
-        self.lib, self.ptr = lib, ptr
+    """A libzstd context, freed with its owner (a thread's local storage)."""
+
+    def __init__(self, lib, ptr: int, free) -> None:  # lib: a ctypes.CDLL, free: its function
+        self.lib, self.ptr, self.free = lib, ptr, free
 
     def __del__(self) -> None:
-        self.lib.ZSTD_freeCCtx(self.ptr)
+        self.free(self.ptr)
 
 
 _literal_lock = threading.Lock()
 _literal_state: list[_LiteralZstd | None] = []
 
 
-def literal_frame(raw: memoryview) -> bytes | None:
-    """A zstd frame of ``raw`` coded as Huffman literals only; ``None`` without libzstd."""
+def _libzstd() -> _LiteralZstd | None:
+    """libzstd through ctypes (loaded once), or ``None`` where it cannot be loaded."""
     if not _literal_state:
         with _literal_lock:
             if not _literal_state:
@@ -463,7 +494,12 @@ def literal_frame(raw: memoryview) -> bytes | None:
                 except (OSError, AttributeError, MemoryError) as err:
                     log.info("literal-only zstd frames unavailable (%s)", err)
                     _literal_state.append(None)
-    coder = _literal_state[0]
+    return _literal_state[0]
+
+
+def literal_frame(raw: memoryview) -> bytes | None:
+    """A zstd frame of ``raw`` coded as Huffman literals only; ``None`` without libzstd."""
+    coder = _libzstd()
     return coder.compress(raw) if coder is not None else None
 
 
@@ -752,8 +788,12 @@ def _chunk(n: int, streams: list[np.ndarray], level: int, order0: list[bool]) ->
     return EncodedChunk(n, coded, chunk_crc([s.payload for s in coded]))
 
 
-def decode_stream(method: int, payload: bytes | memoryview, raw_len: int) -> np.ndarray:
-    """Decode one stream; raises ``ValueError`` on any inconsistency (the container names it)."""
+def decode_stream(method: int, payload: bytes | memoryview, raw_len: int, into: np.ndarray | None = None) -> np.ndarray:
+    """Decode one stream; raises ``ValueError`` on any inconsistency (the container names it).
+
+    ``into``: a writable uint8 array of ``raw_len`` bytes that a zstd frame is decoded
+    into (then returned) instead of a new buffer.
+    """
     if method == METHOD_RAW:
         if len(payload) != raw_len:
             raise ValueError(f"raw stream holds {len(payload)} bytes, {raw_len} declared")
@@ -765,6 +805,11 @@ def decode_stream(method: int, payload: bytes | memoryview, raw_len: int) -> np.
             raise ValueError(f"zstd frame header: {err}") from None
         if declared != raw_len:
             raise ValueError(f"zstd frame declares {declared} bytes, {raw_len} expected")
+        native = _libzstd()
+        if native is not None:  # straight into the destination: no bytes object, no copy
+            dst = into if into is not None else np.empty(raw_len, np.uint8)
+            native.decompress(payload, dst)
+            return dst
         try:
             out = _decompressor().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as err:
@@ -789,7 +834,15 @@ def decode_chunk(
     Returns the bytes; when ``out`` is given they may have been written into it (check
     ``result is out`` or copy when they differ).
     """
-    arrays = [decode_stream(m, p, r) for m, p, r in streams]
+    if layout == "bytes" and len(streams) == 1:
+        m, p, r = streams[0]
+        return decode_stream(m, p, r, out if out is not None and out.size == r else None)
+    # Streams are merged into the output below, so they are decoded into per-thread
+    # buffers (fresh ones per chunk made glibc grow and trim its heap every chunk).
+    arrays = [
+        decode_stream(m, p, r, _scratch(30 + i, r, np.uint8) if m == METHOD_ZSTD else None)
+        for i, (m, p, r) in enumerate(streams)
+    ]
     if layout in FLOAT_LAYOUTS and len(arrays) == LAYOUTS[layout] + 1:
         # an index scatter is 2.5x faster than a boolean-mask assignment
         where = np.flatnonzero(np.unpackbits(arrays[0], count=n, bitorder="little").view(bool))
