@@ -3,8 +3,10 @@
 A *layout* says how one element's bits are regrouped into byte streams before each stream
 is entropy-coded on its own (METHODS.md §4). Streams that hold the exponent bits are very
 skewed (about 2.7 bits of entropy per byte for trained weights) and shrink well under the
-Huffman literal coder inside zstd; mantissa streams are close to random and are stored
-raw when coding does not pay.
+Huffman literal coder inside zstd: they, and integer codes, are written as zstd frames of
+Huffman literals only (:func:`literal_frame`). Mantissa streams are close to random and
+are stored raw when coding does not pay. Frames are decoded through libzstd straight
+into their destination where it can be loaded (:func:`decode_stream`).
 
 Layouts (``LAYOUTS``):
 
