@@ -886,8 +886,19 @@ def encode_array(
     pieces = [flat[i : i + step] for i in range(0, flat.size, step)]
     if threads <= 1:
         return [encode_chunk(layout, p, level) for p in pieces]
+    # One task per worker (every threads-th chunk), not one per chunk: each hand-off
+    # wakes a thread, and on a busy machine a wake-up can cost more than a chunk.
+    out: list[EncodedChunk | None] = [None] * len(pieces)
+
+    def part(k: int) -> None:
+        for i in range(k, len(pieces), threads):
+            out[i] = encode_chunk(layout, pieces[i], level)
+
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(lambda p: encode_chunk(layout, p, level), pieces))
+        list(pool.map(part, range(threads)))
+    done = [c for c in out if c is not None]
+    assert len(done) == len(pieces)  # a failed chunk raised out of pool.map
+    return done
 
 
 def decode_array(
@@ -915,8 +926,14 @@ def decode_array(
         for i in range(len(chunks)):
             one(i)
     else:
+        # one task per worker, as in encode_array
+
+        def part(k: int) -> None:
+            for i in range(k, len(chunks), threads):
+                one(i)
+
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, range(len(chunks))))
+            list(pool.map(part, range(threads)))
     return out
 
 

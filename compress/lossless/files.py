@@ -478,7 +478,7 @@ class _AlignedWriter:
             if self.fill == self.BLOCK:
                 self._flush(self.BLOCK)
                 if self.fd is None:  # fell back to plain writes
-                    self.f.write(src[p:])
+                    self.f.write(src[p:].data)
                     return
 
     def _flush(self, length: int) -> None:
@@ -494,7 +494,7 @@ class _AlignedWriter:
                 raise
             # the file system took O_DIRECT at open but refuses the writes: write plainly
             self._close_direct()
-            self.f.write(self.view[: self.fill])
+            self.f.write(self.view[: self.fill].data)
         self.pos += self.fill
         self.fill = 0
 
@@ -679,7 +679,7 @@ def unpack_file(
         if not isinstance(source, dict) or not isinstance(segments, list):
             raise CorruptArchiveError(f"{src}: not a packed file (no file segments in the manifest)")
         size, sha, crc = source.get("size"), source.get("sha256"), source.get("crc32")
-        if not (_is_count(size) and (_is_count(crc) or isinstance(sha, str))):
+        if not (isinstance(size, int) and _is_count(size) and (_is_count(crc) or isinstance(sha, str))):
             raise CorruptArchiveError(f"{src}: the manifest's source size/checksum is malformed")
         name = source.get("name")
         dst = Path(dst) if dst is not None else default_unpack_path(src, name if isinstance(name, str) else None)
