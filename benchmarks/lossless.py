@@ -8,14 +8,16 @@ package; nothing is downloaded). Prints:
 
 1. One table per data set: ratio (compressed/original, smaller is better); compress and
    decompress MB of original bytes per CPU-second at 1 thread (min of ``--repeat``
-   runs, the codecs interleaved so machine load hits both alike); wall MB/s at all cores;
-   and the order-0 entropy bound of the streams this codec actually codes (per chunk,
+   runs, the codecs interleaved so machine load hits both alike); wall MB/s at all cores
+   and at 2 threads (zipnn's ``threads`` option); and the order-0 entropy bound of the streams this codec actually codes (per chunk,
    after byte grouping and sparse splitting: what an ideal order-0 coder of those
    streams would reach). int8 data is compared with zipnn's 1-byte (FP8) path, the only
    one zipnn 0.5 has for single bytes.
 2. Whole-process ``compress pack`` / ``compress unpack`` of a bf16 safetensors file
    (``--file-mb``): wall MB/s, MB per CPU-second and peak RSS of the child process,
-   beside the in-memory codec at the same thread count.
+   beside the in-memory codec at the same thread count (min of ``--file-repeat``,
+   interleaved); also the fixed cost of a child (interpreter, imports: a 1-tensor file)
+   and the ratio without it.
 3. With ``--quickstart``: the quickstart's int4 pruned model (the compress stage's
    ``weights.czip``): file size, manifest share, and each code stream against its
    order-0 entropy given the mask.
@@ -142,10 +144,10 @@ def interleaved(codecs: list[Codec], repeat: int) -> dict[str, dict[str, float]]
     return best
 
 
-def entropy_bound(arr: np.ndarray, dtype: str) -> float:
-    """Order-0 bound of the streams the codec codes (per chunk, as the coder sees them),
-    as a ratio of the original size."""
-    layout = "i4" if dtype == "int8" else C.ALLOWED_LAYOUTS[dtype][0]
+def entropy_bound(arr: np.ndarray, dtype: str, layout: str | None = None) -> float:
+    """Order-0 bound of the streams the codec codes (per chunk, as the coder sees them:
+    after byte grouping, sparse splitting or int4 packing), as a ratio of the original size."""
+    layout = layout or C.ALLOWED_LAYOUTS[dtype][0]
     flat = arr.reshape(-1).view(C.numpy_view_dtype(dtype))
     step = C.chunk_elements(dtype, layout, C.DEFAULT_CHUNK_SIZE)
     bits = 0.0
@@ -156,77 +158,91 @@ def entropy_bound(arr: np.ndarray, dtype: str) -> float:
     return bits / 8 / orig
 
 
-def whole_process(size_mb: int, threads: int) -> list[str]:
+_PROBE = (
+    # peak RSS from inside the child: ru_maxrss of a child forked from this (large) process
+    # would report this process's size, since it survives exec
+    "import runpy, sys, resource\n"
+    "sys.argv = ['compress'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_module('compress.cli', run_name='__main__')\n"
+    "finally:\n"
+    "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+    "    sys.stderr.write(f'VMHWM {hwm}\\n')\n"
+)
+
+
+def _child(args: list[str]) -> tuple[float, float, float]:
+    """Run ``compress ARGS`` as a child process: (wall s, CPU s (user + system), peak RSS MiB)."""
+    w0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", _PROBE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - w0
+    err = proc.stderr.read().decode()
+    if status != 0:
+        raise SystemExit(f"compress {args[0]} failed: {err}")
+    return wall, usage.ru_utime + usage.ru_stime, int(err.split("VMHWM")[-1].split()[0]) / 1024
+
+
+def whole_process(size_mb: int, threads: int, repeat: int) -> list[str]:
     """``compress pack`` / ``compress unpack`` as child processes on a bf16 safetensors
     file: wall MB/s, MB per CPU-second (user + system of the child) and peak RSS, beside
-    the in-memory codec on the same tensors at the same thread count."""
+    the in-memory codec on the same tensors at the same thread count (min of ``repeat``
+    rounds, children and codec interleaved). The fixed cost of a child (interpreter,
+    imports, a 1-tensor file) is measured the same way and reported beside it: the
+    "per byte" ratio leaves it out."""
     import torch
     from safetensors.torch import save_file
 
     lines = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         src = Path(tmp) / "big.safetensors"
+        tiny = Path(tmp) / "tiny.safetensors"
         rng = np.random.default_rng(1)
         n = size_mb * (1 << 20) // 2 // 8
         tensors = [rng.standard_normal(n, dtype=np.float32) * 0.02 for _ in range(8)]
         save_file({f"layer{i}.weight": torch.from_numpy(t).to(torch.bfloat16) for i, t in enumerate(tensors)}, str(src))
+        save_file({"w": torch.zeros(16, dtype=torch.bfloat16)}, str(tiny))
         bf16 = [to_bf16(t) for t in tensors]
         del tensors
         mb = src.stat().st_size / 1e6
-        exe = [sys.executable, "-m", "compress.cli"]
+        t = ["--threads", str(threads), "--force"]
         runs = {
-            "pack": exe + ["pack", str(src), "-o", str(src) + ".czip", "--threads", str(threads), "--force"],
-            "unpack": exe
-            + [
-                "unpack",
-                str(src) + ".czip",
-                "-o",
-                str(Path(tmp) / "out.safetensors"),
-                "--threads",
-                str(threads),
-                "--force",
-            ],
+            "pack": ["pack", str(src), "-o", str(src) + ".czip", *t],
+            "unpack": ["unpack", str(src) + ".czip", "-o", str(Path(tmp) / "out.safetensors"), *t],
+            "pack tiny": ["pack", str(tiny), "-o", str(tiny) + ".czip", *t],
+            "unpack tiny": ["unpack", str(tiny) + ".czip", "-o", str(Path(tmp) / "tiny.out.safetensors"), *t],
         }
-        results = {}
-        for name, cmd in runs.items():
-            # peak RSS from inside the child: ru_maxrss of a child forked from this (large)
-            # process would report this process's size, since it survives exec
-            probe = (
-                "import runpy, sys, resource\n"
-                "sys.argv = ['compress'] + sys.argv[1:]\n"
-                "try:\n    runpy.run_module('compress.cli', run_name='__main__')\n"
-                "finally:\n"
-                "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
-                "    sys.stderr.write(f'VMHWM {hwm}\\n')\n"
-            )
-            w0 = time.perf_counter()
-            proc = subprocess.Popen(
-                [sys.executable, "-c", probe, *cmd[3:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - w0
-            err = proc.stderr.read().decode()
-            if status != 0:
-                raise SystemExit(f"{name} failed: {err}")
-            hwm = int(err.split("VMHWM")[-1].split()[0]) / 1024
-            results[name] = (wall, usage.ru_utime + usage.ru_stime, hwm)
+        best = {name: [1e9, 1e9, 0.0] for name in [*runs, "encode", "decode"]}
+        chunks = None
+        for _ in range(repeat):
+            for name, cmd in runs.items():
+                wall, cpu, rss = _child(cmd)
+                b = best[name]
+                b[0], b[1], b[2] = min(b[0], wall), min(b[1], cpu), max(b[2], rss)
+            t0, w0 = time.process_time(), time.perf_counter()
+            chunks = [C.encode_array(a, "bfloat16", threads=threads) for a in bf16]
+            b = best["encode"]
+            b[0], b[1] = min(b[0], time.perf_counter() - w0), min(b[1], time.process_time() - t0)
+            t0, w0 = time.process_time(), time.perf_counter()
+            for c in chunks:
+                C.decode_array(c, "bfloat16", threads=threads)
+            b = best["decode"]
+            b[0], b[1] = min(b[0], time.perf_counter() - w0), min(b[1], time.process_time() - t0)
         same = (Path(tmp) / "out.safetensors").read_bytes() == src.read_bytes()
-        t0, w0 = time.process_time(), time.perf_counter()
-        chunks = [C.encode_array(a, "bfloat16", threads=threads) for a in bf16]
-        enc_cpu, enc_wall = time.process_time() - t0, time.perf_counter() - w0
-        t0, w0 = time.process_time(), time.perf_counter()
-        for c in chunks:
-            C.decode_array(c, "bfloat16", threads=threads)
-        dec_cpu, dec_wall = time.process_time() - t0, time.perf_counter() - w0
-    lines.append(f"whole process, {mb:.0f} MB bf16 safetensors, {threads} thread(s); byte-identical: {same}")
     lines.append(
-        f"{'':10s} {'wall MB/s':>10s} {'MB/CPU-s':>9s} {'peak RSS MiB':>13s}   in-memory codec: wall MB/s, MB/CPU-s"
+        f"whole process, {mb:.0f} MB bf16 safetensors, {threads} thread(s), min of {repeat}; byte-identical: {same}"
     )
-    for name, (wall, cpu, rss) in results.items():
-        ref_wall, ref_cpu = (enc_wall, enc_cpu) if name == "pack" else (dec_wall, dec_cpu)
+    lines.append(
+        f"{'':8s} {'wall MB/s':>10s} {'MB/CPU-s':>9s} {'peak RSS MiB':>13s} {'codec wall MB/s':>16s} {'codec MB/CPU-s':>15s}"
+        f" {'process/codec wall':>19s} {'CPU':>6s} {'fixed CPU-s':>12s} {'per byte wall':>14s} {'CPU':>6s}"
+    )
+    for name in ("pack", "unpack"):
+        wall, cpu, rss = best[name]
+        fwall, fcpu, _ = best[f"{name} tiny"]
+        rwall, rcpu, _ = best["encode" if name == "pack" else "decode"]
         lines.append(
-            f"{name:10s} {mb / wall:10.0f} {mb / cpu:9.0f} {rss:13.0f}   {mb / ref_wall:.0f}, {mb / ref_cpu:.0f}"
-            f"  (whole process / codec: {ref_wall / wall:.2f}x wall, {ref_cpu / cpu:.2f}x CPU)"
+            f"{name:8s} {mb / wall:10.0f} {mb / cpu:9.0f} {rss:13.0f} {mb / rwall:16.0f} {mb / rcpu:15.0f}"
+            f" {rwall / wall:18.2f}x {rcpu / cpu:5.2f}x {fcpu:12.2f} {rwall / max(wall - fwall, 1e-9):13.2f}x"
+            f" {rcpu / max(cpu - fcpu, 1e-9):5.2f}x"
         )
     return lines
 
@@ -262,6 +278,7 @@ def main() -> None:
     ap.add_argument("--synthetic-mb", type=int, default=512)
     ap.add_argument("--file-mb", type=int, default=545, help="size of the file for the whole-process run (0: skip)")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--file-repeat", type=int, default=3, help="rounds of the whole-process run (min is kept)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -280,43 +297,57 @@ def main() -> None:
         print("zipnn is not installed (pip install zipnn): its rows are skipped")
     header = (
         f"{'data':28s} {'codec':7s} {'ratio':>7s} {'comp MB/CPU-s':>14s} {'decomp MB/CPU-s':>16s}"
-        f" {'comp MB/s':>10s} {'decomp MB/s':>12s}  bound"
+        f" {'comp MB/s':>10s} {'decomp MB/s':>12s} {'decomp MB/s 2T':>15s}  bound"
     )
-    print(f"1 thread for the CPU-second columns, {args.threads} for MB/s; min of {args.repeat}, interleaved")
+    print(
+        f"1 thread for the CPU-second columns, {args.threads} for MB/s, 2 for the 2T column; "
+        f"min of {args.repeat}, interleaved"
+    )
     print(header)
     print("-" * len(header))
+    summary = []
     for label, arr, dtype, zdtype in datasets(args.synthetic_mb):
         if args.only and not any(o in label for o in args.only):
             continue
         repeat = 1 if arr.nbytes > 200 << 20 else args.repeat
-        bound = entropy_bound(arr, "int8" if dtype == "int4" else dtype) if dtype != "int8" else None
+        if dtype == "int4":
+            bound = entropy_bound(arr, "int8", "i4")
+        else:
+            bound = entropy_bound(arr, dtype)
         runs = {}
-        for threads in sorted({1, args.threads}):
+        for threads in sorted({1, 2, args.threads}):
             codecs = [Codec("czip", arr, dtype, zdtype, threads)]
             if have_zipnn and zdtype is not None:
                 codecs.append(Codec("zipnn", arr, dtype, zdtype, threads))
             codecs.append(Codec("zstd-3", arr, dtype, zdtype, threads))
             runs[threads] = (codecs, interleaved(codecs, repeat))
-        (codecs, one), best = runs[1], runs[args.threads][1]
+        (codecs, one), best, two = runs[1], runs[args.threads][1], runs[2][1]
         for c in codecs:
-            b1, bn = one[c.name], best[c.name]
+            b1, bn, b2 = one[c.name], best[c.name], two[c.name]
             mb = c.orig / 1e6
-            extra = ""
-            if c.name == "czip":
-                extra = (
-                    f"  {bound:.4f}"
-                    if bound is not None
-                    else f"  {C.entropy_bits(arr.view(np.uint8)) / 8:.4f} (order-0)"
-                )
+            extra = f"  {bound:.4f}" if c.name == "czip" else ""
             print(
                 f"{label:28s} {c.name:7s} {c.ratio:7.4f} {mb / b1['enc_cpu']:14.0f} {mb / b1['dec_cpu']:16.0f}"
-                f" {mb / bn['enc_wall']:10.0f} {mb / bn['dec_wall']:12.0f}{extra}",
+                f" {mb / bn['enc_wall']:10.0f} {mb / bn['dec_wall']:12.0f} {mb / b2['dec_wall']:15.0f}{extra}",
                 flush=True,
             )
+        if "zipnn" in one:
+            ours, theirs = codecs[0], codecs[1]
+            o1, z1, o2, z2 = one["czip"], one["zipnn"], two["czip"], two["zipnn"]
+            summary.append(
+                f"{label:28s} {ours.ratio / theirs.ratio:10.4f} {z1['enc_cpu'] / o1['enc_cpu']:9.2f}x"
+                f" {z1['dec_cpu'] / o1['dec_cpu']:9.2f}x {z2['dec_wall'] / o2['dec_wall']:12.2f}x"
+            )
+    if summary:
+        print()
+        print("czip / zipnn: ratio (smaller is better), compress and decompress MB per CPU-second at 1 thread,")
+        print("decompress wall MB/s at 2 threads (above 1.0x: czip is faster)")
+        print(f"{'data':28s} {'ratio':>10s} {'comp CPU':>10s} {'decomp CPU':>10s} {'decomp 2T wall':>13s}")
+        print("\n".join(summary))
     if args.file_mb:
         print()
         for threads in sorted({1, args.threads}):
-            print("\n".join(whole_process(args.file_mb, threads)))
+            print("\n".join(whole_process(args.file_mb, threads, args.file_repeat)))
     if args.quickstart:
         print()
         print("\n".join(quickstart_report(args.quickstart)))

@@ -3,8 +3,10 @@
 A *layout* says how one element's bits are regrouped into byte streams before each stream
 is entropy-coded on its own (METHODS.md §4). Streams that hold the exponent bits are very
 skewed (about 2.7 bits of entropy per byte for trained weights) and shrink well under the
-Huffman literal coder inside zstd; mantissa streams are close to random and are stored
-raw when coding does not pay.
+Huffman literal coder inside zstd: they, and integer codes, are written as zstd frames of
+Huffman literals only (:func:`literal_frame`). Mantissa streams are close to random and
+are stored raw when coding does not pay. Frames are decoded through libzstd straight
+into their destination where it can be loaded (:func:`decode_stream`).
 
 Layouts (``LAYOUTS``):
 
@@ -26,6 +28,7 @@ caller's buffer is never modified.
 
 from __future__ import annotations
 
+import logging
 import threading
 import zlib
 from collections.abc import Sequence
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import zstandard
+
+log = logging.getLogger(__name__)
 
 # Stream coding methods, as stored in the container.
 METHOD_RAW = 0
@@ -126,28 +131,55 @@ def stream_sizes(layout: str, n: int, item: int) -> list[int]:
 # ---------------------------------------------------------------------------- split/merge
 
 
-def split(layout: str, data: np.ndarray) -> list[np.ndarray]:
+def split(layout: str, data: np.ndarray, scratch: bool = False) -> list[np.ndarray]:
     """Regroup one chunk (a 1-D array of the layout's element type) into byte streams.
 
-    Returns new uint8 arrays; ``data`` is only read.
+    Returns new uint8 arrays; ``data`` is only read. With ``scratch`` the float layouts'
+    streams are per-thread buffers, valid until this thread's next ``split`` (what the
+    encoder wants: fresh temporaries made glibc grow and trim its heap every chunk,
+    and splitting ran 6x slower).
     """
+
+    def buf(slot: int, n: int, dtype: type) -> np.ndarray:
+        return _scratch(slot, n, dtype) if scratch else np.empty(n, dtype)
+
     if layout == "f32":
         # The high half is a bfloat16; working on 16-bit lanes keeps numpy on its fast
         # same-dtype SIMD loops (mixed-width ops were 5x slower).
         x = data.view(np.uint32)
-        exp, top = split("bf16", (x >> 16).astype(np.uint16))
-        lo = x.astype(np.uint16)
-        return [exp, lo.astype(np.uint8), (lo >> 8).astype(np.uint8), top]
+        n = x.size
+        t32 = _scratch(20, n, np.uint32)
+        np.right_shift(x, 16, out=t32)
+        hi = _scratch(21, n, np.uint16)
+        np.copyto(hi, t32, casting="unsafe")
+        exp, top = split("bf16", hi, scratch)
+        lo = _scratch(22, n, np.uint16)
+        np.copyto(lo, x, casting="unsafe")
+        b0, b1 = buf(23, n, np.uint8), buf(24, n, np.uint8)
+        np.copyto(b0, lo, casting="unsafe")
+        lo >>= 8
+        np.copyto(b1, lo, casting="unsafe")
+        return [exp, b0, b1, top]
     if layout == "bf16":
         x = data.view(np.uint16)
-        exp = (x >> 7).astype(np.uint8)
-        rest = (x >> 8).astype(np.uint8)
+        n = x.size
+        t16, t8 = _scratch(25, n, np.uint16), _scratch(26, n, np.uint8)
+        exp, rest = buf(27, n, np.uint8), buf(28, n, np.uint8)
+        np.right_shift(x, 7, out=t16)
+        np.copyto(exp, t16, casting="unsafe")
+        np.right_shift(x, 8, out=t16)
+        np.copyto(rest, t16, casting="unsafe")
         rest &= 0x80
-        rest |= x.astype(np.uint8) & 0x7F
+        np.copyto(t8, x, casting="unsafe")
+        t8 &= 0x7F
+        rest |= t8
         return [exp, rest]
     if layout == "f16":
         b = data.view(np.uint8).reshape(-1, 2)
-        return [np.ascontiguousarray(b[:, 1]), np.ascontiguousarray(b[:, 0])]
+        hi, lo = buf(27, b.shape[0], np.uint8), buf(28, b.shape[0], np.uint8)
+        np.copyto(hi, b[:, 1])
+        np.copyto(lo, b[:, 0])
+        return [hi, lo]
     if layout in ("i4", "u4"):
         x = data.view(np.uint8) if layout == "u4" else data.view(np.int8)
         lo_ok, hi_ok = (-8, 7) if layout == "i4" else (0, 15)
@@ -170,6 +202,29 @@ def split(layout: str, data: np.ndarray) -> list[np.ndarray]:
     raise CodecError(f"unknown layout {layout!r}")
 
 
+_scratch_local = threading.local()
+SCRATCH_MAX_BYTES = 4 << 20  # per buffer: default chunks (1 MiB) need at most 1 MiB
+
+
+def _scratch(slot: int, n: int, dtype: type) -> np.ndarray:
+    """A per-thread temporary of ``n`` elements, reused from call to call.
+
+    A fresh 1 MiB temporary per chunk made glibc grow and trim the heap every chunk:
+    page faults doubled the decode time (measured: 0.53 vs 0.26 CPU-s on 268 MB bf16).
+    Callers must not keep the array past their own call.
+    """
+    nbytes = n * np.dtype(dtype).itemsize
+    if nbytes > SCRATCH_MAX_BYTES:  # rare large chunks: not kept for the thread's lifetime
+        return np.empty(n, dtype)
+    cache = getattr(_scratch_local, "bufs", None)
+    if cache is None:
+        cache = _scratch_local.bufs = {}
+    buf = cache.get(slot)
+    if buf is None or buf.size < nbytes:
+        buf = cache[slot] = np.empty(max(nbytes, 1 << 16), np.uint8)
+    return buf[:nbytes].view(dtype)
+
+
 def merge(layout: str, streams: Sequence[np.ndarray], n: int, item: int, out: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`split`: the chunk's raw bytes as a uint8 array of ``n*item``.
 
@@ -183,15 +238,15 @@ def merge(layout: str, streams: Sequence[np.ndarray], n: int, item: int, out: np
         exp, b0, b1, top = streams
         # high and low halves in 16-bit lanes (twice the elements per instruction), then
         # one widening merge into the 32-bit output
-        hi = merge("bf16", (exp, top), n, 2).view(np.uint16)
-        lo = np.empty(n, np.uint16)
-        t16 = np.empty(n, np.uint16)
+        hi = merge("bf16", (exp, top), n, 2, _scratch(2, n, np.uint16).view(np.uint8)).view(np.uint16)
+        lo = _scratch(3, n, np.uint16)
+        t16 = _scratch(4, n, np.uint16)
         np.copyto(lo, b1, casting="safe")
         lo <<= 8
         np.copyto(t16, b0, casting="safe")
         lo |= t16
         x = out.view(np.uint32) if out is not None else np.empty(n, np.uint32)
-        t = np.empty(n, np.uint32)
+        t = _scratch(1, n, np.uint32)
         np.copyto(x, hi, casting="safe")
         x <<= 16
         np.copyto(t, lo, casting="safe")
@@ -200,7 +255,7 @@ def merge(layout: str, streams: Sequence[np.ndarray], n: int, item: int, out: np
     if layout == "bf16":
         exp, rest = streams
         x = out.view(np.uint16) if out is not None else np.empty(n, np.uint16)
-        t = np.empty(n, np.uint16)
+        t = _scratch(0, n, np.uint16)
         np.copyto(x, rest, casting="safe")
         np.bitwise_and(x, 0x80, out=t)
         t <<= 8
@@ -213,7 +268,7 @@ def merge(layout: str, streams: Sequence[np.ndarray], n: int, item: int, out: np
     if layout == "f16":
         hi, lo = streams
         x = out.view(np.uint16) if out is not None else np.empty(n, np.uint16)
-        t = np.empty(n, np.uint16)
+        t = _scratch(0, n, np.uint16)
         np.copyto(x, hi, casting="safe")
         x <<= 8
         np.copyto(t, lo, casting="safe")
@@ -225,7 +280,7 @@ def merge(layout: str, streams: Sequence[np.ndarray], n: int, item: int, out: np
         # x86 has 16-bit but no 8-bit shifts, and a table lookup converts its indices
         # first; this was 10x faster than either.
         x = np.empty(packed.size, np.uint16)
-        t = np.empty(packed.size, np.uint16)
+        t = _scratch(0, packed.size, np.uint16)
         np.copyto(x, packed, casting="safe")
         np.bitwise_and(x, 0x0F, out=t)
         x <<= 4
@@ -289,6 +344,165 @@ def _compressor(level: int, sparse: bool = False) -> zstandard.ZstdCompressor:
     return cctx
 
 
+# ------------------------------------------------------------ literal-only zstd frames
+#
+# Order-0 sources (exponent bytes, int8 codes) are best served by zstd's Huffman literal
+# coder alone: every match zstd's fast parser takes there costs a sequence that is dearer
+# than the literals it replaces (MiniLM int8: 0.2711 with matches, 0.2553 literals only;
+# zipnn's byte-level Huffman 0.2553), and a frame of literals decodes in zstd's
+# 4-stream Huffman loop (1.6x faster). python-zstandard does not expose the parameter that
+# forces Huffman literals when the match finder is throttled (ZSTD_c_literalCompressionMode),
+# so these frames are made through libzstd's C API with ctypes: from the copy of libzstd
+# that python-zstandard ships (its cffi backend), else the system's. The output is an
+# ordinary zstd frame (METHOD_ZSTD): any zstd decoder reads it. Without either library
+# the match-finding compressor is used (valid files, a little larger).
+
+_ZSTD_C_PARAMS = (
+    (100, 1),  # ZSTD_c_compressionLevel (then overridden below)
+    (101, 17),  # windowLog
+    (102, 6),  # hashLog (minimum)
+    (103, 6),  # chainLog (minimum)
+    (104, 1),  # searchLog
+    (105, 7),  # minMatch (longest)
+    (106, 131072),  # targetLength: with strategy fast, the largest acceleration; no matches
+    (107, 1),  # strategy ZSTD_fast
+    (200, 1),  # contentSizeFlag: decode_stream checks the declared size
+    (201, 0),  # checksumFlag: chunks carry a CRC-32
+    (1002, 1),  # ZSTD_c_literalCompressionMode = ZSTD_ps_enable (experimentalParam5)
+)
+
+
+class _LiteralZstd:
+    """libzstd's C API, loaded once; one compression context per thread."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.ctypes = ctypes
+        self.lib = self._load()
+        lib = self.lib
+        lib.ZSTD_createCCtx.restype = ctypes.c_void_p
+        lib.ZSTD_freeCCtx.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_CCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.ZSTD_CCtx_setParameter.restype = ctypes.c_size_t
+        lib.ZSTD_compress2.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+        ]
+        lib.ZSTD_compress2.restype = ctypes.c_size_t
+        lib.ZSTD_compressBound.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_compressBound.restype = ctypes.c_size_t
+        lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_isError.restype = ctypes.c_uint
+        lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+        lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+        lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_decompressDCtx.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+        ]
+        lib.ZSTD_decompressDCtx.restype = ctypes.c_size_t
+        self.local = threading.local()
+        self.context()  # raises OSError when a parameter is refused (older libzstd)
+
+    def _load(self):  # -> ctypes.CDLL
+        import ctypes
+        import ctypes.util
+        from pathlib import Path
+
+        candidates = [str(p) for p in sorted(Path(zstandard.__file__).parent.glob("_cffi*.so"))]
+        system = ctypes.util.find_library("zstd")
+        if system:
+            candidates.append(system)
+        for path in candidates:
+            try:
+                lib = ctypes.CDLL(path)
+                if lib.ZSTD_versionNumber() >= 10500:  # the parameter numbers used here
+                    return lib
+            except (OSError, AttributeError):
+                continue
+        raise OSError("no libzstd >= 1.5 found")
+
+    def context(self) -> int:
+        ctx = getattr(self.local, "ctx", None)
+        if ctx is None:
+            ptr = self.lib.ZSTD_createCCtx()
+            if not ptr:
+                raise MemoryError("ZSTD_createCCtx failed")
+            ctx = self.local.ctx = _CCtx(self.lib, ptr, self.lib.ZSTD_freeCCtx)  # freed with the thread
+            for key, value in _ZSTD_C_PARAMS:
+                if self.lib.ZSTD_isError(self.lib.ZSTD_CCtx_setParameter(ptr, key, value)):
+                    raise OSError(f"libzstd refused parameter {key}={value}")
+        return ctx.ptr
+
+    def decompress(self, payload: bytes | memoryview, dst: np.ndarray) -> None:
+        """Decode one zstd frame into ``dst`` (a writable uint8 array of exactly the
+        frame's declared size, checked by the caller): no intermediate ``bytes`` and no
+        copy. Raises ``ValueError`` on a damaged frame or a size mismatch."""
+        dctx = getattr(self.local, "dctx", None)
+        if dctx is None:
+            ptr = self.lib.ZSTD_createDCtx()
+            if not ptr:
+                raise MemoryError("ZSTD_createDCtx failed")
+            dctx = self.local.dctx = _CCtx(self.lib, ptr, self.lib.ZSTD_freeDCtx)
+        src = np.frombuffer(payload, np.uint8)
+        got = self.lib.ZSTD_decompressDCtx(dctx.ptr, dst.ctypes.data, dst.size, src.ctypes.data, src.size)
+        if self.lib.ZSTD_isError(got):
+            raise ValueError(f"zstd: {self.lib.ZSTD_getErrorName(got).decode(errors='replace')}")
+        if got != dst.size:
+            raise ValueError(f"zstd stream decoded to {got} bytes, {dst.size} expected")
+
+    def compress(self, raw: memoryview) -> bytes:
+        n = len(raw)
+        cap = int(self.lib.ZSTD_compressBound(n))
+        out = _scratch(40, cap, np.uint8)  # only the frame is copied out, not zero-filled
+        src = np.frombuffer(raw, np.uint8)
+        got = self.lib.ZSTD_compress2(self.context(), out.ctypes.data, cap, src.ctypes.data, n)
+        if self.lib.ZSTD_isError(got):
+            raise RuntimeError(f"ZSTD_compress2: {self.lib.ZSTD_getErrorName(got).decode(errors='replace')}")
+        return out[:got].tobytes()
+
+
+class _CCtx:
+    """A libzstd context, freed with its owner (a thread's local storage)."""
+
+    def __init__(self, lib, ptr: int, free) -> None:  # lib: a ctypes.CDLL, free: its function
+        self.lib, self.ptr, self.free = lib, ptr, free
+
+    def __del__(self) -> None:
+        self.free(self.ptr)
+
+
+_literal_lock = threading.Lock()
+_literal_state: list[_LiteralZstd | None] = []
+
+
+def _libzstd() -> _LiteralZstd | None:
+    """libzstd through ctypes (loaded once), or ``None`` where it cannot be loaded."""
+    if not _literal_state:
+        with _literal_lock:
+            if not _literal_state:
+                try:
+                    _literal_state.append(_LiteralZstd())
+                except (OSError, AttributeError, MemoryError) as err:
+                    log.info("literal-only zstd frames unavailable (%s)", err)
+                    _literal_state.append(None)
+    return _literal_state[0]
+
+
+def literal_frame(raw: memoryview) -> bytes | None:
+    """A zstd frame of ``raw`` coded as Huffman literals only; ``None`` without libzstd."""
+    coder = _libzstd()
+    return coder.compress(raw) if coder is not None else None
+
+
 def _decompressor() -> zstandard.ZstdDecompressor:
     dctx = getattr(_local, "dctx", None)
     if dctx is None:
@@ -296,8 +510,9 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def _profile(stream: np.ndarray) -> tuple[bool, bool]:
-    """Cheap guess from a sample: (worth coding at all, dominated by one byte value).
+def _profile(stream: np.ndarray) -> tuple[bool, bool, float]:
+    """Cheap guess from a sample: (worth coding at all, dominated by one byte value,
+    order-0 entropy of the sample in bits per byte).
 
     Trying zstd on a near-random mantissa stream costs as much time as the whole rest
     of the chunk. A strided sample of 4096 bytes decides; the order-0 entropy of a
@@ -308,11 +523,40 @@ def _profile(stream: np.ndarray) -> tuple[bool, bool]:
     sample = stream[: step * 4096 : step]
     counts = np.bincount(sample, minlength=256)
     sparse = bool(counts.max() > 0.5 * sample.size)
-    if stream.size < 65536:
-        return True, sparse
     p = counts[counts > 0] / sample.size
     entropy = float(-(p * np.log2(p)).sum())
-    return entropy < 7.9, sparse
+    if stream.size < 65536:
+        return True, sparse, entropy
+    return entropy < 7.9, sparse, entropy
+
+
+# Order-0 streams (see :func:`order0_streams`) whose sampled entropy is below this (bits
+# per byte) are coded as Huffman literals only; a near-random one keeps the match finder.
+LITERAL_MAX_ENTROPY = 7.0
+# Below this (bits per byte) an order-0 stream also tries the match finder: Huffman codes
+# cost at least one bit per byte, runs of the dominant value less. Above it the match
+# finder never won on MiniLM int8/int4 codes (e.g. 1.2 bits: literals 186,697 B, matches
+# 213,217 B) and cost a third of the encode time.
+RUNS_MAX_ENTROPY = 1.0
+
+
+def order0_streams(layout: str, data: np.ndarray, count: int) -> list[bool]:
+    """Which of a chunk's ``count`` streams are order-0 sources, coded as literals only.
+
+    Exponent streams (the first of each float layout) and integer codes (int8 bytes,
+    packed int4/uint4) are: matches there cost more than they save. Mantissa bytes,
+    masks and plain bytes (blobs: headers, graphs) are not: there repeats pay, e.g.
+    tensors stored at a lower precision (MiniLM fp32's low mantissa byte: 0.964 with
+    matches, 0.973 literals only) or structured pruning masks.
+    """
+    if layout in FLOAT_LAYOUTS:
+        flags = [True] + [False] * (LAYOUTS[layout] - 1)
+        return [False, *flags] if count == LAYOUTS[layout] + 1 else flags
+    if layout in ("i4", "u4"):
+        return [True] * count
+    if layout == "bytes":
+        return [data.dtype == np.int8] * count
+    return [False] * count
 
 
 @dataclass(frozen=True)
@@ -478,19 +722,27 @@ def decode_ans(payload: bytes | memoryview, raw_len: int) -> np.ndarray:
     return _unsymbols(np.asarray(sym), w, raw_len)
 
 
-def encode_stream(stream: np.ndarray, level: int) -> EncodedStream:
+def encode_stream(stream: np.ndarray, level: int, order0: bool = False) -> EncodedStream:
+    """Code one byte stream by the smallest of the methods tried (``order0``: the stream
+    is an order-0 source, see :func:`order0_streams`)."""
     raw = np.ascontiguousarray(stream).data.cast("B")
-    worth, sparse = _profile(stream) if stream.size else (False, False)
+    worth, sparse, entropy = _profile(stream) if stream.size else (False, False, 8.0)
     best: tuple[int, bytes] | None = None
     if worth:
-        # The literal-oriented parameters win on large streams, int8 codes with one
-        # dominant code included (measured on MiniLM int8: 0.271 vs 0.275, and faster to
-        # decode). Small streams with one dominant value (masks, tiny tensors) also try
-        # zstd's own level parameters, where runs can pay; the smaller is kept.
-        payload = _compressor(level, False).compress(raw)
-        if sparse and len(raw) <= SMALL_STREAM_BYTES:
-            alt = _compressor(level, True).compress(raw)
-            payload = alt if len(alt) < len(payload) else payload
+        payload = None
+        if order0 and entropy < LITERAL_MAX_ENTROPY:
+            payload = literal_frame(raw)
+        if payload is None or entropy < RUNS_MAX_ENTROPY or level > 3:
+            # Other streams, and order-0 ones where runs may pay (under 1 bit per byte,
+            # Huffman's floor of one bit per symbol) or a higher level was asked for,
+            # (also) take the match finder: the literal-oriented parameters win on large
+            # streams; small streams with one dominant value (masks, tiny tensors) also
+            # try zstd's own level parameters. The smallest is kept.
+            alt = _compressor(level, False).compress(raw)
+            payload = alt if payload is None or len(alt) < len(payload) else payload
+            if sparse and len(raw) <= SMALL_STREAM_BYTES:
+                alt = _compressor(level, True).compress(raw)
+                payload = alt if len(alt) < len(payload) else payload
         if len(payload) <= len(raw) * (1.0 - MIN_SAVING):
             best = (METHOD_ZSTD, payload)
     if 0 < len(raw) <= ANS_MAX_BYTES:
@@ -518,29 +770,35 @@ def encode_chunk(layout: str, data: np.ndarray, level: int = DEFAULT_LEVEL) -> E
     (measured on 80%-pruned MiniLM: 0.29 dense vs 0.19 sparse). A decoder tells the two
     apart by the stream count (one more than the layout's).
     """
-    return _chunk(int(data.size), chunk_streams(layout, data), level)
+    streams = chunk_streams(layout, data, scratch=True)  # coded before this returns
+    return _chunk(int(data.size), streams, level, order0_streams(layout, data, len(streams)))
 
 
-def chunk_streams(layout: str, data: np.ndarray) -> list[np.ndarray]:
+def chunk_streams(layout: str, data: np.ndarray, scratch: bool = False) -> list[np.ndarray]:
     """The byte streams :func:`encode_chunk` codes for one chunk (also what benchmarks
-    measure entropy bounds on): the layout's split, or mask + non-zero values when sparse."""
+    measure entropy bounds on): the layout's split, or mask + non-zero values when sparse.
+    ``scratch``: see :func:`split`."""
     if layout in FLOAT_LAYOUTS and data.size >= 64:
         bits = data.view(_UINT[layout])
         nonzero = bits != 0
         k = int(np.count_nonzero(nonzero))
         if data.size - k >= SPARSE_MIN_ZEROS * data.size:
             mask = np.packbits(nonzero, bitorder="little")
-            return [mask, *split(layout, bits[nonzero])]
-    return split(layout, data)
+            return [mask, *split(layout, bits[nonzero], scratch)]
+    return split(layout, data, scratch)
 
 
-def _chunk(n: int, streams: list[np.ndarray], level: int) -> EncodedChunk:
-    coded = tuple(encode_stream(s, level) for s in streams)
+def _chunk(n: int, streams: list[np.ndarray], level: int, order0: list[bool]) -> EncodedChunk:
+    coded = tuple(encode_stream(s, level, o) for s, o in zip(streams, order0, strict=True))
     return EncodedChunk(n, coded, chunk_crc([s.payload for s in coded]))
 
 
-def decode_stream(method: int, payload: bytes | memoryview, raw_len: int) -> np.ndarray:
-    """Decode one stream; raises ``ValueError`` on any inconsistency (the container names it)."""
+def decode_stream(method: int, payload: bytes | memoryview, raw_len: int, into: np.ndarray | None = None) -> np.ndarray:
+    """Decode one stream; raises ``ValueError`` on any inconsistency (the container names it).
+
+    ``into``: a writable uint8 array of ``raw_len`` bytes that a zstd frame is decoded
+    into (then returned) instead of a new buffer.
+    """
     if method == METHOD_RAW:
         if len(payload) != raw_len:
             raise ValueError(f"raw stream holds {len(payload)} bytes, {raw_len} declared")
@@ -552,6 +810,11 @@ def decode_stream(method: int, payload: bytes | memoryview, raw_len: int) -> np.
             raise ValueError(f"zstd frame header: {err}") from None
         if declared != raw_len:
             raise ValueError(f"zstd frame declares {declared} bytes, {raw_len} expected")
+        native = _libzstd()
+        if native is not None:  # straight into the destination: no bytes object, no copy
+            dst = into if into is not None else np.empty(raw_len, np.uint8)
+            native.decompress(payload, dst)
+            return dst
         try:
             out = _decompressor().decompress(payload, max_output_size=raw_len)
         except zstandard.ZstdError as err:
@@ -576,14 +839,22 @@ def decode_chunk(
     Returns the bytes; when ``out`` is given they may have been written into it (check
     ``result is out`` or copy when they differ).
     """
-    arrays = [decode_stream(m, p, r) for m, p, r in streams]
+    if layout == "bytes" and len(streams) == 1:
+        m, p, r = streams[0]
+        return decode_stream(m, p, r, out if out is not None and out.size == r else None)
+    # Streams are merged into the output below, so they are decoded into per-thread
+    # buffers (fresh ones per chunk made glibc grow and trim its heap every chunk).
+    arrays = [
+        decode_stream(m, p, r, _scratch(30 + i, r, np.uint8) if m == METHOD_ZSTD else None)
+        for i, (m, p, r) in enumerate(streams)
+    ]
     if layout in FLOAT_LAYOUTS and len(arrays) == LAYOUTS[layout] + 1:
         # an index scatter is 2.5x faster than a boolean-mask assignment
         where = np.flatnonzero(np.unpackbits(arrays[0], count=n, bitorder="little").view(bool))
         k = where.size
         if any(a.size != k for a in arrays[1:]):
             raise ValueError(f"sparse chunk: mask has {k} non-zeros, value streams disagree")
-        values = merge(layout, arrays[1:], k, item).view(_UINT[layout])
+        values = merge(layout, arrays[1:], k, item, _scratch(5, k * item, np.uint8)).view(_UINT[layout])
         full = out if out is not None else np.empty(n * item, np.uint8)
         el = full.view(_UINT[layout])
         el[...] = 0
@@ -615,8 +886,19 @@ def encode_array(
     pieces = [flat[i : i + step] for i in range(0, flat.size, step)]
     if threads <= 1:
         return [encode_chunk(layout, p, level) for p in pieces]
+    # One task per worker (every threads-th chunk), not one per chunk: each hand-off
+    # wakes a thread, and on a busy machine a wake-up can cost more than a chunk.
+    out: list[EncodedChunk | None] = [None] * len(pieces)
+
+    def part(k: int) -> None:
+        for i in range(k, len(pieces), threads):
+            out[i] = encode_chunk(layout, pieces[i], level)
+
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(lambda p: encode_chunk(layout, p, level), pieces))
+        list(pool.map(part, range(threads)))
+    done = [c for c in out if c is not None]
+    assert len(done) == len(pieces)  # a failed chunk raised out of pool.map
+    return done
 
 
 def decode_array(
@@ -644,8 +926,14 @@ def decode_array(
         for i in range(len(chunks)):
             one(i)
     else:
+        # one task per worker, as in encode_array
+
+        def part(k: int) -> None:
+            for i in range(k, len(chunks), threads):
+                one(i)
+
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, range(len(chunks))))
+            list(pool.map(part, range(threads)))
     return out
 
 

@@ -353,8 +353,9 @@ class ContainerWriter:
         step_bytes = C.chunk_elements(dtype, layout, self.chunk_size) * vdt.itemsize
 
         def recut() -> Iterator[np.ndarray]:
-            # One copy per byte: pieces are gathered into fresh chunk buffers, which the
-            # worker threads then own.
+            # Whole chunks inside an immutable piece (``bytes``, as files are read) are
+            # passed on as views, without a copy; the rest is gathered into fresh chunk
+            # buffers, which the worker threads then own.
             buf = np.empty(step_bytes, np.uint8)
             fill = 0
             for piece in chunks:
@@ -364,6 +365,10 @@ class ContainerWriter:
                     else piece.reshape(-1).view(np.uint8)
                 )
                 pos = 0
+                if isinstance(piece, bytes):
+                    while fill == 0 and src.size - pos >= step_bytes:
+                        yield src[pos : pos + step_bytes].view(vdt)
+                        pos += step_bytes
                 while pos < src.size:
                     take = min(step_bytes - fill, src.size - pos)
                     buf[fill : fill + take] = src[pos : pos + take]

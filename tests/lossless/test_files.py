@@ -10,7 +10,7 @@ import torch
 
 from compress.commands.pack import pack, unpack
 from compress.errors import InputError
-from compress.lossless.container import CorruptArchiveError
+from compress.lossless.container import ContainerReader, CorruptArchiveError
 from compress.lossless.files import pack_file, unpack_file
 
 
@@ -144,3 +144,74 @@ def test_cli_functions(tmp_path, capsys) -> None:
     assert restored.read_bytes() == src.read_bytes()
     with pytest.raises(InputError):
         pack(tmp_path / "nope.safetensors", None, 3, None)
+
+
+def test_unpack_checks_the_crc_and_still_reads_sha256_containers(tmp_path) -> None:
+    """New containers carry a CRC-32 of the original file; containers written before it
+    carry a SHA-256, still checked. A wrong value is refused, and no output appears."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from tests.lossless.test_file_safety import hostile
+
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(64, 64), "i": torch.arange(100, dtype=torch.int8)}, str(src))
+    packed = tmp_path / "m.czip"
+    pack_file(src, packed)
+    good = packed.read_bytes()
+    with ContainerReader(packed) as r:
+        source = dict(r.meta["source"])
+    assert "sha256" not in source and isinstance(source["crc32"], int)
+
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+
+    def old_style(m):
+        del m["meta"]["source"]["crc32"]
+        m["meta"]["source"]["sha256"] = sha
+
+    packed.write_bytes(hostile(good, old_style))
+    assert unpack_file(packed, tmp_path / "old.safetensors").read_bytes() == src.read_bytes()
+
+    for key, bad in (("crc32", source["crc32"] ^ 1), ("sha256", "0" * 64)):
+
+        def wrong(m, key=key, bad=bad):
+            m["meta"]["source"].pop("crc32")
+            m["meta"]["source"][key] = bad
+
+        packed.write_bytes(hostile(good, wrong))
+        name = "CRC-32" if key == "crc32" else "SHA-256"
+        with pytest.raises(CorruptArchiveError, match=f"does not match the original's size/{name}"):
+            unpack_file(packed, tmp_path / "bad.safetensors")
+        assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("direct_fails", [False, True])
+def test_aligned_writer_writes_exact_bytes(tmp_path, monkeypatch, direct_fails) -> None:
+    """Unpack's writer: pieces of any size, a last block that is not aligned (padded,
+    then cut), and the plain fallback where a file system refuses direct writes."""
+    import errno
+    import os
+
+    from compress.lossless import files
+
+    if direct_fails:
+
+        def refuse(*args):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(files.os, "pwrite", refuse)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, files._AlignedWriter.BLOCK + 3 * 12_345, dtype=np.uint8)
+    path = tmp_path / "out.bin"
+    with open(path, "wb") as f:
+        w = files._AlignedWriter(f)
+        pos = 0
+        for size in (1, 4095, 12_345, files._AlignedWriter.BLOCK, 10**9):
+            w.write(memoryview(data[pos : pos + size]))
+            pos += size
+        w.close()
+        w.close()
+        assert w.fd is None
+    assert os.path.getsize(path) == data.size
+    assert path.read_bytes() == data.tobytes()
