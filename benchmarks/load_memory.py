@@ -158,8 +158,10 @@ def main() -> None:
             print(json.dumps({"format": fmt, "dtype": dtype, "error": f"{type(err).__name__}: {err}"[:120]}))
         return
     mb = 1e6
-    print(f"{'file':>12} {'dtype':>9} {'params':>12} {'base MB':>8} {'load MB':>8} {'load B/p':>8} "
-          f"{'quant MB':>8} {'quant B/p':>9} {'report load/quant MB':>21}")
+    print(
+        f"{'file':>12} {'dtype':>9} {'params':>12} {'base MB':>8} {'load MB':>8} {'load B/p':>8} "
+        f"{'quant MB':>8} {'quant B/p':>9} {'report load/quant MB':>21}"
+    )
     for fmt in args.formats:
         for dtype in args.dtypes:
             with tempfile.TemporaryDirectory(prefix="load-memory-") as work:

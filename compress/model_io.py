@@ -283,7 +283,7 @@ def parameters_on_meta() -> Iterator[None]:
         if p is not None and type(p) is nn.Parameter and not p.is_meta:
             module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

@@ -345,9 +345,7 @@ def _load(plan: _Plan, trust_model: bool) -> _Loaded:
     for p in loaded.module.parameters():
         p.requires_grad_(False)
     eval_split = data.splits.get("eval")
-    reference_out = (
-        predict(loaded.module, eval_split.x, eval_split.batch_size) if eval_split is not None else None
-    )
+    reference_out = predict(loaded.module, eval_split.x, eval_split.batch_size) if eval_split is not None else None
     if reference_out is not None and not torch.isfinite(reference_out).all():
         raise ModelLoadError(f"{plan.model_path}: the model's outputs on data.eval hold NaN or infinite values")
     _check_labels(loaded.module, data, reference_out, first)
