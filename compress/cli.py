@@ -204,7 +204,7 @@ def run(
             result = run_pipeline(
                 parsed, model, out_dir, force=force, trust_model=trust_model, reporter=reporter, device=device
             )
-        from compress.report import gate_line, stage_table
+        from compress.report import gate_line, stage_table, stage_table_note
 
         if junit is not None:
             from compress.junit import write_junit
@@ -221,6 +221,8 @@ def run(
             widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
             for r in table:
                 typer.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+            if note := stage_table_note(result.report["stages"]):
+                typer.echo(note)
             for g in result.report["gates"]:
                 typer.echo(gate_line(g))
             typer.echo(f"artifacts: {out_dir}/  report: {out_dir / 'report.md'}  {out_dir / 'report.json'}")

@@ -76,3 +76,31 @@ def shutdown() -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------ exact data-parallel statistics
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """This rank's contiguous share ``[start, stop)`` of ``n`` items (``(0, n)`` in one
+    process). Shares differ by at most one item; a rank may get none when ``n`` < world."""
+    rank, world = rank_and_world()
+    return rank * n // world, (rank + 1) * n // world
+
+
+def all_gather_tensor(t: Any) -> list[Any]:
+    """Every rank's ``t`` in rank order (``[t]`` in one process), on ``t``'s device.
+
+    ``t`` must have the same shape and dtype on every rank. gloo gathers CPU tensors and
+    NCCL CUDA ones: ``t`` travels on the device the process group's backend needs.
+    """
+    if rank_and_world()[1] == 1:
+        return [t]
+    import torch
+    import torch.distributed as dist
+
+    wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    src = t.detach().to(wire).contiguous()
+    out = [torch.empty_like(src) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, src)
+    return [o.to(t.device) for o in out]

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from compress.report import format_gate_distance, format_gate_value, gate_line, stage_table
+from compress.report import format_gate_distance, format_gate_value, gate_line, stage_table, stage_table_note
 
 if TYPE_CHECKING:
     from matplotlib.transforms import Bbox
@@ -476,6 +476,7 @@ def render_html(report: dict[str, Any]) -> str:
 <ul class="gates">{"".join(checks) or "<li>no gates configured</li>"}</ul>
 <h2>Stages</h2>
 {_table(stage_table(stages))}
+{f'<p class="meta">{_esc(note)}</p>' if (note := stage_table_note(stages)) else ""}
 <div class="charts">
 <div class="chart"><h2>{metric.capitalize()} against size</h2>{scatter_svg(points, "size", metric)}</div>
 <div class="chart"><h2>Latency distribution (onnxruntime)</h2>{histogram_svg(samples)}</div>

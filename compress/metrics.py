@@ -72,11 +72,22 @@ def compare_outputs(out: torch.Tensor, ref: torch.Tensor, retrieval: bool = Fals
 
 
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, reference: torch.Tensor | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
+    batch_size: int = 512,
 ) -> dict[str, float]:
     """Accuracy (with labels) and fidelity to ``reference`` outputs (when given); without
-    labels the outputs are treated as embeddings and fidelity includes retrieval agreement."""
-    out = predict(model, x)
+    labels the outputs are treated as embeddings and fidelity includes retrieval agreement.
+    ``batch_size`` samples go through the model at a time (activation memory grows with it)."""
+    return score_outputs(predict(model, x, batch_size), y, reference)
+
+
+def score_outputs(
+    out: torch.Tensor, y: torch.Tensor | None = None, reference: torch.Tensor | None = None
+) -> dict[str, float]:
+    """``evaluate``'s numbers for outputs already computed."""
     if not torch.isfinite(out).all():
         return {"accuracy": float("nan")} if y is not None else {"cosine": float("nan")}
     metrics: dict[str, float] = {}
@@ -134,3 +145,113 @@ def model_size(model: nn.Module, quant: Mapping[str, QuantizedTensor] | None = N
         "weight_bits": round(bits / params, 3) if params else 0.0,
         "quantized_fraction": round(quantized / params, 6) if params else 0.0,
     }
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+
+class PeakRSS:
+    """The peak resident set size (RSS) of this process while a block of code runs.
+
+    ``with PeakRSS() as peak: ...`` then ``peak.bytes`` and ``peak.method``. How it is
+    measured, best first:
+
+    * ``VmHWM``: Linux keeps the RSS high-water mark; writing ``5`` to
+      ``/proc/self/clear_refs`` resets it to the current RSS, so ``VmHWM`` read from
+      ``/proc/self/status`` afterwards is the exact peak of the block.
+    * ``sampled``: where the mark cannot be reset (no permission, another kernel), a thread
+      reads the current RSS every ``interval`` seconds (``/proc/self/statm``, or psutil
+      where installed): a lower bound that can miss a spike shorter than the interval.
+    * ``ru_maxrss``: last resort, the process's peak since it started
+      (``resource.getrusage``): an upper bound when an earlier step used more.
+
+    Counted in RSS: the process's resident pages, memory-mapped weight files included once
+    they are read. A block is measured in this process only (under ``--nproc``, each rank
+    measures itself).
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.bytes: int | None = None
+        self.method = "unavailable"
+        self._sampled = 0
+        self._stop: Any = None
+        self._thread: Any = None
+
+    def __enter__(self) -> PeakRSS:
+        if _reset_high_water_mark():
+            self.method = "VmHWM"
+        elif _current_rss() is not None:
+            import threading
+
+            self.method = "sampled"
+            self._sampled = _current_rss() or 0
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+            self._thread.start()
+        elif _max_rss() is not None:
+            self.method = "ru_maxrss"
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sampled = max(self._sampled, _current_rss() or 0)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.method == "VmHWM":
+            self.bytes = _status_bytes("VmHWM")
+        elif self.method == "sampled":
+            self._stop.set()
+            self._thread.join()
+            self.bytes = max(self._sampled, _current_rss() or 0)
+        elif self.method == "ru_maxrss":
+            self.bytes = _max_rss()
+
+
+def _status_bytes(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset Linux's peak-RSS mark (``VmHWM``) to the current RSS; False where that fails."""
+    if _status_bytes("VmHWM") is None:
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _current_rss() -> int | None:
+    try:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
+def _max_rss() -> int | None:
+    try:
+        import resource
+        import sys
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; Linux: KiB

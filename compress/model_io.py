@@ -2,9 +2,17 @@
 
 Accepted model files:
 
-* a ``state_dict`` plus the recipe's ``model.factory``, loaded with ``weights_only=True``;
+* a ``state_dict`` plus the recipe's ``model.factory``: a ``torch.save`` file (loaded with
+  ``weights_only=True``) or a ``.safetensors`` file;
 * a TorchScript archive;
 * a fully pickled ``nn.Module``, only with ``trust_model=True``: unpickling runs arbitrary code.
+
+Weights are loaded without a second copy: the file is memory-mapped (``torch.load(...,
+mmap=True)``, safetensors' own mapping), the factory builds the architecture with its
+parameters on the ``meta`` device (no memory, no random initialisation) and the file's
+tensors become the parameters (``load_state_dict(assign=True)``), in the file's dtype: a
+bfloat16 checkpoint stays bfloat16 (2 bytes per parameter). The mapping is private: a
+stage that changes a weight changes its own copy of those pages, never the file.
 
 A stage state is saved as a ``state_dict`` (``model.pt``), the quantization and masks
 (``extras.pt``, tensors only) and ``state.json``. It reloads by building the base
@@ -14,12 +22,13 @@ pruning), so a reload never needs to unpickle code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
 import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +56,29 @@ TRUST_HINT = (
 
 @dataclass
 class LoadedModel:
+    """The user's model as loaded.
+
+    Attributes:
+        module: the model, weights from the file.
+        kind: ``state_dict``, ``safetensors``, ``torchscript`` or ``pickle``.
+        rebuild: a fresh copy of the base architecture (its own initial weights).
+        reload: the model as loaded again from the file (the pipeline's reference model,
+            built when a stage asks for it instead of held for the whole run).
+    """
+
     module: nn.Module
-    kind: str  # "state_dict" | "torchscript" | "pickle"
-    rebuild: Callable[[], nn.Module]  # a fresh copy of the base architecture
+    kind: str
+    rebuild: Callable[[], nn.Module]
+    reload: Callable[[], nn.Module]
+
+    def take(self) -> nn.Module:
+        """Hand the module over: this object stops referring to it, so the new owner's
+        changes (or its replacing the module) never leave a second model alive here."""
+        module = self.module
+        if module is None:
+            raise RuntimeError("the loaded module was already handed over")
+        self.module = None  # type: ignore[assignment]  # only take() and its caller see this
+        return module
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -87,18 +116,40 @@ def load_model(
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
+    stamp = _file_stamp(path)
     if _is_torchscript(path):
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as err:
-            raise ModelLoadError(f"{path}: cannot load TorchScript archive ({_first_line(err)})") from err
+        module = _load_torchscript(path)
         if factory:
-            sd = {k: v.detach().clone() for k, v in module.state_dict().items()}
-            return _from_state_dict(path, sd, factory, kwargs, trusted_callables, kind="torchscript")
+            sd = {k: v.detach() for k, v in module.state_dict().items()}
+            del module  # the state_dict's tensors keep the weights; the archive's code goes
+
+            def archive_weights() -> dict[str, torch.Tensor]:
+                _check_unchanged(path, stamp)
+                return {k: v.detach() for k, v in _load_torchscript(path).state_dict().items()}
+
+            return _from_state_dict(path, sd, factory, kwargs, trusted_callables, "torchscript", archive_weights)
         _check_finite(path, module.state_dict())
-        return LoadedModel(module.eval(), "torchscript", lambda: torch.jit.load(str(path), map_location="cpu"))
+
+        def reload_archive() -> nn.Module:
+            _check_unchanged(path, stamp)
+            return _load_torchscript(path).eval()
+
+        return LoadedModel(module.eval(), "torchscript", reload_archive, reload_archive)
+    if _is_safetensors(path):
+        if not factory:
+            raise ModelLoadError(
+                f"{path} is a safetensors file (weights only); name the architecture that loads it with "
+                "model.factory in the recipe, e.g. model: {factory: 'compress.zoo:mnist1d_cnn', input_shape: [1, 40]}"
+            )
+
+        def safetensors_weights() -> dict[str, torch.Tensor]:
+            _check_unchanged(path, stamp)
+            return read_safetensors(path)
+
+        sd = read_safetensors(path)
+        return _from_state_dict(path, sd, factory, kwargs, trusted_callables, "safetensors", safetensors_weights)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load_weights(path)
     except pickle.UnpicklingError as err:
         # Only a pickle that names Python classes is "a pickled object"; anything else
         # (random bytes, a truncated file) is simply not a model file.
@@ -116,44 +167,224 @@ def load_model(
         if not isinstance(obj, nn.Module):
             raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, not an nn.Module") from None
         _check_finite(path, obj.state_dict())
-        return LoadedModel(obj.eval(), "pickle", lambda: torch.load(path, map_location="cpu", weights_only=False))
+
+        def unpickle() -> nn.Module:
+            _check_unchanged(path, stamp)
+            return torch.load(path, map_location="cpu", weights_only=False).eval()
+
+        return LoadedModel(obj.eval(), "pickle", unpickle, unpickle)
     except Exception as err:  # random bytes, truncated zip, ...
         raise ModelLoadError(f"{path}: not a PyTorch model file ({_first_line(err)})") from err
 
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # common checkpoint layout
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(f"{path}: expected a state_dict (name -> tensor), got {type(obj).__name__}")
+    obj = _state_dict_of(path, obj)
     if not factory:
         raise ModelLoadError(
             f"{path} holds a state_dict; name the architecture that loads it with model.factory "
             "in the recipe, e.g. model: {factory: 'compress.zoo:mnist1d_cnn', input_shape: [1, 40]}"
         )
-    return _from_state_dict(path, obj, factory, kwargs, trusted_callables, kind="state_dict")
+
+    def state_dict_weights() -> dict[str, torch.Tensor]:
+        _check_unchanged(path, stamp)
+        return _state_dict_of(path, _torch_load_weights(path))
+
+    return _from_state_dict(path, obj, factory, kwargs, trusted_callables, "state_dict", state_dict_weights)
+
+
+def _state_dict_of(path: Path, obj: object) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # common checkpoint layout
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{path}: expected a state_dict (name -> tensor), got {type(obj).__name__}")
+    return obj
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:
+        raise ModelLoadError(f"{path}: cannot load TorchScript archive ({_first_line(err)})") from err
+
+
+def _torch_load_weights(path: Path) -> object:
+    """``torch.load(weights_only=True)``, memory-mapped: tensors are read from the file's
+    pages as they are used instead of copied into memory up front. Files in torch's old
+    (pre-1.6, non-zip) format cannot be mapped and are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` name, or a safetensors header: an 8-byte little-endian length
+    that fits the file, then a JSON object."""
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, memory-mapped (each one a view of the file's pages).
+
+    Raises:
+        ModelLoadError: the file is not a valid safetensors file (the message names it).
+    """
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ModelLoadError(f"{path}: reading a .safetensors file needs the safetensors package") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ModelLoadError(f"{path}: not a valid safetensors file ({_first_line(err)})") from None
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _check_unchanged(path: Path, stamp: tuple[int, int]) -> None:
+    """The reference model is read from the file again when a stage needs it: refuse a
+    file that changed since the run started (it is no longer the run's input)."""
+    try:
+        now = _file_stamp(path)
+    except OSError as err:
+        raise ModelLoadError(f"{path}: the model file is gone since the run started ({err.strerror})") from None
+    if now != stamp:
+        raise ModelLoadError(
+            f"{path}: the model file changed since the run started; the reference model must be the run's input. "
+            "Run again (finished stages are reused if their input is unchanged)"
+        )
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the ``meta`` device: no memory and no
+    random initialisation (init functions are no-ops on meta tensors); the weights are
+    assigned afterwards (``assign_state_dict``). Buffers stay real: non-persistent ones
+    (position ids, rotary tables) are not in a state_dict and must keep their values.
+
+    Swaps ``nn.Module.register_parameter`` for the duration (the approach of accelerate's
+    ``init_empty_weights``), so build nothing else in another thread meanwhile.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and type(p) is nn.Parameter and not p.is_meta:
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _aliases(module: nn.Module) -> list[list[str]]:
+    """Names that share one parameter or buffer object (tied weights), one list per object
+    reached under several names."""
+    names: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for n, b in module.named_buffers(remove_duplicate=False):
+        names.setdefault(id(b), []).append(n)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _meta_tensors(module: nn.Module) -> list[str]:
+    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
+def assign_state_dict(module: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Make ``sd``'s tensors ``module``'s parameters and buffers, without copying them.
+
+    Tied weights stay tied: names that shared one parameter in ``module`` share it again,
+    and a file that stores a tied tensor once (safetensors drops duplicates) fills the
+    other names.
+
+    Raises:
+        RuntimeError: ``sd`` does not fit ``module`` (torch's message).
+    """
+    groups = _aliases(module)
+    sd = dict(sd)
+    for group in groups:
+        present = next((n for n in group if n in sd), None)
+        if present is not None:
+            for n in group:
+                sd.setdefault(n, sd[present])
+    module.load_state_dict(sd, strict=True, assign=True)
+    for group in groups:
+        owner, _, attr = group[0].rpartition(".")
+        shared = getattr(module.get_submodule(owner) if owner else module, attr)
+        for n in group[1:]:
+            owner, _, attr = n.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            if isinstance(shared, nn.Parameter):
+                setattr(sub, attr, shared)
+            else:
+                sub.register_buffer(attr, shared)
 
 
 def _from_state_dict(
-    path: Path, sd: dict, factory: str, kwargs: dict, trusted: frozenset[str] | set[str], kind: str
+    path: Path,
+    sd: dict,
+    factory: str,
+    kwargs: dict,
+    trusted: frozenset[str] | set[str],
+    kind: str,
+    read_weights: Callable[[], dict[str, torch.Tensor]],
 ) -> LoadedModel:
     build = import_callable(factory, what="model factory", error=ModelLoadError, trusted=trusted)
 
     def rebuild() -> nn.Module:
         try:
             return build(**kwargs)
+        except ModelLoadError:
+            raise
         except Exception as err:
             raise ModelLoadError(f"model factory {factory} failed: {type(err).__name__}: {err}") from err
 
-    module = rebuild()
+    _check_finite(path, sd)
+    module = _build_with_weights(path, sd, factory, rebuild)
+
+    def reload() -> nn.Module:
+        return _build_with_weights(path, read_weights(), factory, rebuild).eval()
+
+    return LoadedModel(module.eval(), kind, rebuild, reload)
+
+
+def _build_with_weights(
+    path: Path, sd: dict[str, torch.Tensor], factory: str, rebuild: Callable[[], nn.Module]
+) -> nn.Module:
+    """The factory's architecture holding ``sd``'s tensors (no second copy of the weights)."""
+    with parameters_on_meta():
+        module = rebuild()
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"model factory {factory} returned a {type(module).__name__}, not an nn.Module")
-    _check_finite(path, sd)
     try:
-        module.load_state_dict(sd, strict=True)
+        assign_state_dict(module, sd)
     except RuntimeError as err:
         raise ModelLoadError(
             f"{path} does not fit the architecture from {factory}: {_mismatch(module, sd, err)}"
         ) from None
-    return LoadedModel(module.eval(), kind, rebuild)
+    if left := _meta_tensors(module):
+        # A factory that derives a tensor from its parameters while building (not a
+        # state_dict entry) cannot be built empty: build it for real and copy the weights in.
+        log.info("%s: %s not in the state_dict; building the model with its own weights first", factory, left[0])
+        module = rebuild()
+        module.load_state_dict(sd, strict=True)
+    return module
 
 
 def _mismatch(module: nn.Module, sd: dict, err: RuntimeError, limit: int = 8) -> str:
@@ -180,13 +411,16 @@ def _mismatch(module: nn.Module, sd: dict, err: RuntimeError, limit: int = 8) ->
     return "; ".join(parts) or _first_line(err, 400)
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """``torch.isfinite(t).all()`` in chunks: its temporaries (``isfinite`` computes ``abs``
+    in the tensor's dtype) stay a few MB for a tensor of any size."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _check_finite(path: Path, sd: dict) -> None:
     """NaN or infinite weights make every later number meaningless: refuse them up front."""
-    bad = [
-        k
-        for k, v in sd.items()
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
-    ]
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not _all_finite(v)]
     if bad:
         raise ModelLoadError(f"{path}: weights hold NaN or infinite values in {', '.join(bad[:8])}")
 
@@ -201,8 +435,16 @@ def check_forward(module: nn.Module, input_shape: tuple[int, ...], example: torc
         with torch.no_grad():
             out = module(x)
     except Exception as err:
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        hint = ""
+        if x.is_floating_point() and dtypes and x.dtype not in dtypes:
+            # The file's dtype is kept (a bfloat16 checkpoint stays bfloat16): say so.
+            hint = (
+                f" (the weights are {', '.join(sorted(str(d) for d in dtypes))} as stored in the model file and the "
+                f"input is {x.dtype}: save the weights as {x.dtype} or make the model cast its input)"
+            )
         raise ModelLoadError(
-            f"the model's forward fails on the declared input_shape {list(input_shape)}: {_first_line(err)}"
+            f"the model's forward fails on the declared input_shape {list(input_shape)}: {_first_line(err)}{hint}"
         ) from None
     if not isinstance(out, torch.Tensor):
         raise ModelLoadError(f"the model must return one tensor; it returned {type(out).__name__}")
@@ -241,16 +483,26 @@ def save_state(state: ModelState, folder: Path) -> list[Path]:
 
 
 def load_state(folder: Path, rebuild: Callable[[], nn.Module]) -> ModelState:
-    """Reload a state saved by ``save_state`` onto a fresh base architecture."""
-    sd = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
+    """Reload a state saved by ``save_state`` onto a fresh base architecture.
+
+    The weights are memory-mapped from ``model.pt`` and become the module's tensors (the
+    architecture is built with its parameters on the meta device): no second copy.
+    """
+    sd = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True)
     extras = torch.load(folder / EXTRAS_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((folder / STATE_FILE).read_text())
-    module = rebuild()
-    if meta["extras"].get(BATCHNORM_FOLDED):  # the quantize stage folded BatchNorm layers away
-        replay_folds(module, meta["extras"][BATCHNORM_FOLDED])
+    with parameters_on_meta():
+        module = rebuild()
+        if meta["extras"].get(BATCHNORM_FOLDED):  # the quantize stage folded BatchNorm layers away
+            replay_folds(module, meta["extras"][BATCHNORM_FOLDED])
     resize_to_state_dict(module, sd)
     restore_smoothing(module, sd)  # the quantize stage's SmoothQuant scaling (compress.smoothing)
-    module.load_state_dict(sd, strict=True)
+    if isinstance(module, torch.jit.ScriptModule):
+        module.load_state_dict(sd, strict=True)
+    else:
+        assign_state_dict(module, sd)
+        if left := _meta_tensors(module):
+            raise ModelLoadError(f"{folder}: {left[0]} of the rebuilt model is not in {MODEL_FILE}")
     module.eval()
     return ModelState(
         module=module,
@@ -282,7 +534,7 @@ def resize_to_state_dict(module: nn.Module, sd: dict[str, torch.Tensor]) -> None
         owner_name, _, attr = key.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         old = getattr(owner, attr)
-        new = torch.empty(tensor.shape, dtype=tensor.dtype)
+        new = torch.empty(tensor.shape, dtype=tensor.dtype, device=old.device)  # meta when built empty
         if isinstance(old, nn.Parameter):
             setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
         else:

@@ -41,7 +41,7 @@ from compress.errors import (
     StageError,
 )
 from compress.logs import captured_warnings
-from compress.metrics import evaluate, model_size, predict
+from compress.metrics import PeakRSS, evaluate, model_size, predict, score_outputs
 from compress.model_io import (
     LoadedModel,
     check_forward,
@@ -138,6 +138,8 @@ class StageRow:
     latency_vs_float: float | None = None
     latency_vs_float_b32: float | None = None
     final_size_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # the step's peak resident memory (input row: the load step)
+    peak_rss_method: str | None = None  # how it was measured (compress.metrics.PeakRSS)
     metrics: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +164,8 @@ class StageRow:
             "latency_vs_float": self.latency_vs_float,
             "latency_vs_float_b32": self.latency_vs_float_b32,
             "final_size_bytes": self.final_size_bytes,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_rss_method": self.peak_rss_method,
         }
         d.update({k: v for k, v in optional.items() if v is not None or k == "config_hash"})
         if self.eval_extra:
@@ -206,6 +210,7 @@ class _Loaded:
     data: DataBundle
     reference_out: torch.Tensor | None
     example: torch.Tensor | None
+    input_row: StageRow  # the model as given; its seconds and peak RSS are the load step's
     extra_references: dict[str, torch.Tensor] = field(default_factory=dict)  # data.eval_extra sets
 
 
@@ -257,14 +262,14 @@ def run(
 
         with tempfile.TemporaryDirectory(prefix=f"compress-rank{rank_and_world()[0]}-") as scratch:
             plan.out_dir = Path(scratch)
-            loaded = _load(plan, trust_model)
+            loaded = _measured_load(plan, trust_model)
             executed = _execute(plan, loaded, force, _SilentReporter(), main=False)
             return RunResult(out_dir, {"passed": True, "stages": [r.to_dict() for r in executed.rows]}, [])
     folder = OutputFolder(out_dir)
     with folder:
         try:
             folder.remove_previous_results()
-            loaded = _load(plan, trust_model)
+            loaded = _measured_load(plan, trust_model)
             executed = _execute(plan, loaded, force, reporter or _SilentReporter(), main=True)
             return _report(plan, loaded, executed, folder, started)
         except OSError as err:
@@ -302,8 +307,22 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def _measured_load(plan: _Plan, trust_model: bool) -> _Loaded:
+    """``_load``, its wall time and peak memory recorded on the input row."""
+    t0 = time.perf_counter()
+    with PeakRSS() as peak:
+        loaded = _load(plan, trust_model)
+    loaded.input_row.seconds = round(time.perf_counter() - t0, 3)
+    loaded.input_row.peak_rss_bytes, loaded.input_row.peak_rss_method = peak.bytes, peak.method
+    return loaded
+
+
 def _load(plan: _Plan, trust_model: bool) -> _Loaded:
-    """Load the model and the data; check they fit each other."""
+    """Load the model and the data; check they fit each other; measure the model as given.
+
+    The loaded module becomes the first stage's input: no copy of it is kept (stages that
+    need the input model read ``ctx.reference``, which loads it again from the file).
+    """
     spec = plan.recipe.doc
     trusted = frozenset(spec.trusted_callables)
     input_shape = tuple(spec.model.input_shape)
@@ -330,21 +349,36 @@ def _load(plan: _Plan, trust_model: bool) -> _Loaded:
     for p in loaded.module.parameters():
         p.requires_grad_(False)
     eval_split = data.splits.get("eval")
-    reference_out = predict(loaded.module, eval_split.x) if eval_split is not None else None
+    reference_out = predict(loaded.module, eval_split.x, eval_split.batch_size) if eval_split is not None else None
     if reference_out is not None and not torch.isfinite(reference_out).all():
         raise ModelLoadError(f"{plan.model_path}: the model's outputs on data.eval hold NaN or infinite values")
     _check_labels(loaded.module, data, reference_out, first)
     extra = {}
     for name, split in data.splits.items():
         if name.startswith(EXTRA_PREFIX):
-            extra[name] = predict(loaded.module, split.x)
+            extra[name] = predict(loaded.module, split.x, split.batch_size)
             if not torch.isfinite(extra[name]).all():
                 raise ModelLoadError(
                     f"{plan.model_path}: the model's outputs on data.eval_extra.{name[len(EXTRA_PREFIX) :]} hold NaN "
                     "or infinite values"
                 )
     example = first.x[:2] if first is not None else None
-    return _Loaded(loaded, data, reference_out, example, extra)
+    size = model_size(loaded.module)
+    row = StageRow(
+        stage="input",
+        seconds=0.0,
+        parameters=size["parameters"],
+        nonzeros=size["nonzeros"],
+        sparsity=size["sparsity"],
+        size_bytes=plan.model_path.stat().st_size,
+        weight_bits=size["weight_bits"],
+        quantized_fraction=size["quantized_fraction"],
+    )
+    if reference_out is not None and eval_split is not None:  # the reference scored against itself
+        row.quality = score_outputs(reference_out, eval_split.y, reference_out)
+    for key, ref in extra.items():
+        row.eval_extra[key[len(EXTRA_PREFIX) :]] = score_outputs(ref, data[key].y, ref)
+    return _Loaded(loaded, data, reference_out, example, row, extra)
 
 
 def _check_labels(module, data: DataBundle, reference_out, first) -> None:
@@ -371,17 +405,8 @@ def _execute(plan: _Plan, loaded: _Loaded, force: bool, reporter: Reporter, main
     """Run (or reuse) every stage in order."""
     recipe, spec = plan.recipe, plan.recipe.doc
     input_shape = tuple(spec.model.input_shape)
-    state = ModelState(module=_copy_module(loaded.model), input_shape=input_shape, example=loaded.example)
-    first = _measure(
-        state,
-        "input",
-        loaded.data,
-        loaded.reference_out,
-        0.0,
-        plan.model_path.stat().st_size,
-        loaded.extra_references,
-    )
-    rows = [first]
+    state = ModelState(module=_take_module(loaded.model), input_shape=input_shape, example=loaded.example)
+    rows = [loaded.input_row]
     key = text_hash(
         compress.__version__,
         file_hash(plan.model_path),
@@ -458,7 +483,7 @@ def _fingerprint(state: ModelState) -> str:
     for name, t in state.module.state_dict().items():
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     h.update(json.dumps(sorted(state.quant)).encode())
     return h.hexdigest()
 
@@ -545,12 +570,10 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def _copy_module(loaded: LoadedModel):
-    import copy
-
-    if isinstance(loaded.module, torch.jit.ScriptModule):
-        return loaded.rebuild()
-    module = copy.deepcopy(loaded.module)
+def _take_module(loaded: LoadedModel) -> torch.nn.Module:
+    """The loaded module, handed to the stages: ``loaded`` keeps no reference to it (the
+    run holds one full model; the reference model is read from the file when needed)."""
+    module = loaded.take()
     for p in module.parameters():
         p.requires_grad_(True)
     return module
@@ -598,12 +621,35 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
     # (which it must key by its config, as lottery-ticket rounds do).
     (folder / STAGE_RECORD).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
-    reference = loaded.model.module
+    with PeakRSS() as peak:
+        row, checks, stage_artifacts, outputs, state, files = _apply_stage(
+            state, stage_spec, entry, folder, loaded, seed, device
+        )
+    row.peak_rss_bytes, row.peak_rss_method = peak.bytes, peak.method
+    atomic_write_json(
+        folder / STAGE_RECORD,
+        json_safe(
+            {
+                "key": key,
+                "row": row.to_dict(),
+                "checks": [c.to_dict() for c in checks],
+                "outputs": outputs.to_dict(),
+                "artifacts": {n: p.relative_to(folder).as_posix() for n, p in stage_artifacts.items()},
+                "files": files,
+            }
+        ),
+    )
+    return row, checks, stage_artifacts, outputs, state
+
+
+def _apply_stage(state, stage_spec, entry, folder, loaded: _Loaded, seed: int, device: torch.device):
+    """The stage itself, saving its state and measuring it: what its peak-RSS row covers."""
     ctx = StageContext(
         data=loaded.data,
         out_dir=folder,
         device=device,
-        reference=reference,
+        reference=None,
+        reference_loader=loaded.model.reload,  # built only if the stage reads ctx.reference
         seed=seed + stage_spec.index,
         log=logging.getLogger(f"compress.stage.{stage_spec.name}"),
     )
@@ -611,7 +657,6 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
     apply = entry.resolve()
     t0 = time.perf_counter()
     state.module.to(device)
-    reference.to(device)
     try:
         state = apply(state, stage_spec.config, ctx)
     except CompressError:
@@ -627,7 +672,7 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
             f"stage {stage_spec.index + 1} ({stage_spec.name}) failed: {type(err).__name__}: {err}"
         ) from err
     finally:
-        reference.cpu()
+        ctx.release_reference()
     state.module.cpu()
     seconds = time.perf_counter() - t0
     state.module.eval()
@@ -649,20 +694,7 @@ def _run_stage(state, stage_spec, entry, folder, key, loaded: _Loaded, seed: int
     row.latency_vs_float_b32 = ctx.outputs.latency_vs_float_b32
     checks = [Check.from_dict(c, stage_spec.name) for c in ctx.checks]
     files = {p.relative_to(folder).as_posix(): file_hash(p) for p in [*written, *stage_artifacts.values()]}
-    atomic_write_json(
-        folder / STAGE_RECORD,
-        json_safe(
-            {
-                "key": key,
-                "row": row.to_dict(),
-                "checks": [c.to_dict() for c in checks],
-                "outputs": ctx.outputs.to_dict(),
-                "artifacts": {n: p.relative_to(folder).as_posix() for n, p in stage_artifacts.items()},
-                "files": files,
-            }
-        ),
-    )
-    return row, checks, stage_artifacts, ctx.outputs, state
+    return row, checks, stage_artifacts, ctx.outputs, state, files
 
 
 def _measure(
@@ -687,10 +719,10 @@ def _measure(
     )
     if data.has("eval"):
         split = data["eval"]
-        row.quality = evaluate(state.module, split.x, split.y, reference_out)
+        row.quality = evaluate(state.module, split.x, split.y, reference_out, split.batch_size)
     for key, ref in (extra_references or {}).items():
         split = data[key]
-        row.eval_extra[key[len(EXTRA_PREFIX) :]] = evaluate(state.module, split.x, split.y, ref)
+        row.eval_extra[key[len(EXTRA_PREFIX) :]] = evaluate(state.module, split.x, split.y, ref, split.batch_size)
     return row
 
 
@@ -726,7 +758,7 @@ def _write_bundle(dst: Path, onnx_path: Path, state: ModelState, split, recipe: 
     from compress.onnx_signature import onnx_signature_of
 
     x = split.x[:BUNDLE_MAX_SAMPLES]
-    out = predict(state.module, x).numpy()
+    out = predict(state.module, x, split.batch_size).numpy()
     limits = dict(outputs.bundle_limits)
     if recipe.doc.gates.max_latency_ms is not None:
         limits["max_latency_ms"] = recipe.doc.gates.max_latency_ms

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from typing import Any
 
-COLUMNS = [
+
+def format_bytes(n: float) -> str:
+    """A byte count for people: ``512 B``, ``87.3 MB``, ``1.52 GB`` (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} GB"
+
+
+# (row key, column title, format string or function of the value)
+COLUMNS: list[tuple[str, str, str | Callable[[Any], str]]] = [
     ("stage", "stage", "{}"),
     ("method", "method", "{}"),
     ("parameters", "params", "{:,}"),
@@ -21,16 +33,17 @@ COLUMNS = [
     ("latency_vs_float", "x float", "{:.2f}"),
     ("latency_vs_float_b32", "x float b32", "{:.2f}"),
     ("seconds", "time (s)", "{:.2f}"),
+    ("peak_rss_bytes", "peak RSS", format_bytes),
     ("cached", "cached", "{}"),
 ]
 
 
-def format_cell(row: dict[str, Any], key: str, fmt: str) -> str:
+def format_cell(row: dict[str, Any], key: str, fmt: str | Callable[[Any], str]) -> str:
     value = row.get(key)
     if value is None:
         return "-"
     try:
-        return fmt.format(value)
+        return fmt(value) if callable(fmt) else fmt.format(value)
     except (ValueError, TypeError):
         return str(value)
 
@@ -38,6 +51,25 @@ def format_cell(row: dict[str, Any], key: str, fmt: str) -> str:
 def stage_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     return [[c[1] for c in cols]] + [[format_cell(r, c[0], c[2]) for c in cols] for r in rows]
+
+
+_PEAK_METHODS = {
+    "VmHWM": "exact (Linux VmHWM, reset per step)",
+    "sampled": "sampled every 5 ms (a lower bound: the peak mark could not be reset here)",
+    "ru_maxrss": "the process's peak so far (an upper bound: the peak mark could not be reset here)",
+}
+
+
+def stage_table_note(rows: list[dict[str, Any]]) -> str | None:
+    """What the input row's time and the peak RSS column measure (None without peak RSS)."""
+    methods = sorted({r["peak_rss_method"] for r in rows if r.get("peak_rss_bytes") is not None})
+    if not methods:
+        return None
+    how = "; ".join(_PEAK_METHODS.get(m, m) for m in methods)
+    return (
+        "input: the load step (model file, data, the model's reference outputs). "
+        f"peak RSS: the step's peak resident memory of this process, {how}."
+    )
 
 
 # How each gate's value reads, with its unit: fractions as points or percent, bytes, ms.
@@ -105,6 +137,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|" + "|".join("---" for _ in table[0]) + "|",
     ]
     lines += ["| " + " | ".join(_md(c) for c in r) + " |" for r in table[1:]]
+    if note := stage_table_note(report["stages"]):
+        lines += ["", _md(note)]
     from compress.coverage import coverage_line
 
     covered = [(r["stage"], r["metrics"]) for r in report["stages"] if (r.get("metrics") or {}).get("coverage")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,18 +126,55 @@ class StageContext:
     check fails the run like a gate), and files the run should surface at the top of the
     output folder to ``artifacts`` (name -> path inside ``out_dir``). Typed results the
     runner acts on (latency, device-bundle limits and session settings) go to ``outputs``.
-    ``device`` is where the stage should compute: the runner moves the model and the
-    reference there before the stage and back to the CPU after it; the shared training
-    loop and ``predict`` move batches to the model's device.
+    ``device`` is where the stage should compute: the runner moves the model there before
+    the stage and back to the CPU after it; the shared training loop and ``predict`` move
+    batches to the model's device.
+
+    The runner does not hold a second full model for the whole run: it passes
+    ``reference_loader``, and the reference is built (from the model file, on ``device``,
+    frozen) the first time a stage reads ``ctx.reference``, and dropped with the context
+    after the stage. A stage that never reads it never pays for it.
     """
 
     data: DataBundle
     out_dir: Path
     device: torch.device
-    reference: nn.Module
+    # A property after the class body: built on first read, so not in repr or ==.
+    reference: nn.Module | None = field(repr=False, compare=False)
     seed: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
     outputs: StageOutputs = field(default_factory=StageOutputs)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress.stage"))
+    reference_loader: Callable[[], nn.Module] | None = field(default=None, repr=False)
+
+    @property
+    def reference_loaded(self) -> bool:
+        """Whether the reference model exists now (given, or built by a read of ``reference``)."""
+        return self.__dict__.get("_reference") is not None
+
+    def release_reference(self) -> None:
+        """Drop a reference built from ``reference_loader`` (it is built again if read again)."""
+        if self.reference_loader is not None:
+            self.__dict__["_reference"] = None
+
+
+def _get_reference(ctx: StageContext) -> nn.Module | None:
+    module = ctx.__dict__.get("_reference")
+    if module is None and ctx.reference_loader is not None:
+        module = ctx.reference_loader()
+        module.eval().to(ctx.device)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        ctx.__dict__["_reference"] = module
+    return module
+
+
+def _set_reference(ctx: StageContext, module: nn.Module | None) -> None:
+    ctx.__dict__["_reference"] = module
+
+
+# The dataclass __init__ assigns ``reference`` through this property, so ``StageContext(...,
+# reference=model)`` keeps working while the runner passes ``reference=None`` and a loader.
+StageContext.reference = property(_get_reference, _set_reference)  # type: ignore[assignment]

@@ -4,7 +4,10 @@ For every MLP block ``y = W2 sigma(W1 x + b1) + b2``:
 
 1. gather each hidden neuron's mean and variance *after* the nonlinearity over the
    calibration data (streaming: Chan et al.'s parallel update of Welford's moments per
-   batch; for sequence inputs every token is a sample);
+   batch; for sequence inputs every token is a sample). Under ``--nproc N`` each process
+   takes a contiguous share of the calibration batches and the per-process moments are
+   merged with the same update, in float64, so every process prunes the same neurons as
+   one process would;
 2. pool the neurons of all blocks, rank them globally, remove the lowest ``amount``;
 3. fold removed neurons' means into the next bias: ``b2' = b2 + W2[:, pruned] mu[pruned]``
    (a neuron that is constant on the data is thereby removed exactly);
@@ -101,21 +104,29 @@ class RunningMoments:
     m2: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        """Add a batch; the last dimension is the feature axis, all others are samples."""
+        """Add a batch; the last dimension is the feature axis, all others are samples.
+
+        The moments live on ``x``'s device (float64), so statistics of a model on a GPU
+        stay there."""
         x = x.detach().reshape(-1, x.shape[-1]).double()
         nb = x.shape[0]
         if nb == 0:
             return
         mb = x.mean(0)
-        m2b = ((x - mb) ** 2).sum(0)
+        self.merge(nb, mb, ((x - mb) ** 2).sum(0))
+
+    def merge(self, nb: int, mb: torch.Tensor, m2b: torch.Tensor) -> None:
+        """Add the moments of ``nb`` other samples (their mean and sum of squared deviations)."""
+        if nb == 0:
+            return
         if self.n == 0:
             self.n, self.mean, self.m2 = nb, mb, m2b
             return
         assert self.mean is not None and self.m2 is not None  # set by the first non-empty batch
         n = self.n + nb
-        delta = mb - self.mean
+        delta = mb.to(self.mean.device) - self.mean
         self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
+        self.m2 = self.m2 + m2b.to(self.m2.device) + delta**2 * (self.n * nb / n)
         self.n = n
 
     @property
@@ -130,6 +141,49 @@ class RunningMoments:
 class BlockStatistics:
     post: RunningMoments = field(default_factory=RunningMoments)  # after the nonlinearity
     pre: RunningMoments = field(default_factory=RunningMoments)  # before it
+
+
+def merge_across_ranks(moments: list[RunningMoments], widths: list[int]) -> None:
+    """Replace each rank's ``moments`` by the moments of all ranks' samples together.
+
+    Every rank sends its ``(n, mean, m2)`` per statistic (float64, one gather for all of
+    them) and merges the ranks' parts in rank order with Chan et al.'s update: the
+    calibration data in its original order, and the same result on every rank. A no-op in
+    one process.
+
+    Args:
+        moments: this rank's statistics, in the same order on every rank.
+        widths: each statistic's number of features (a rank that saw no sample has no
+            tensors to infer it from).
+    """
+    from compress.distributed import all_gather_tensor, rank_and_world
+
+    if rank_and_world()[1] == 1:
+        return
+    device = next((m.mean.device for m in moments if m.mean is not None), torch.device("cpu"))
+    parts = []
+    for m, width in zip(moments, widths, strict=True):
+        n = torch.tensor([float(m.n)], dtype=torch.float64, device=device)  # exact up to 2**53 samples
+        if m.n == 0:
+            parts += [n, torch.zeros(2 * width, dtype=torch.float64, device=device)]
+        else:
+            assert m.mean is not None and m.m2 is not None
+            parts += [n, m.mean.to(device), m.m2.to(device)]
+    gathered = all_gather_tensor(torch.cat(parts))
+    for m, offset, width in zip(moments, _offsets(widths), widths, strict=True):
+        m.n, m.mean, m.m2 = 0, None, None
+        for buf in gathered:
+            nb = int(buf[offset].item())
+            mean, m2 = buf[offset + 1 : offset + 1 + width], buf[offset + 1 + width : offset + 1 + 2 * width]
+            m.merge(nb, mean.clone(), m2.clone())
+
+
+def _offsets(widths: list[int]) -> list[int]:
+    out, at = [], 0
+    for w in widths:
+        out.append(at)
+        at += 1 + 2 * w
+    return out
 
 
 # ---------------------------------------------------------------------------- finding blocks
@@ -300,7 +354,7 @@ def sole_consumer(module: nn.Module, block: MLPBlock, example_input: torch.Tenso
 
     def perturb(_m, inputs, out):
         if first_out and inputs and inputs[0] is first_out[-1] and not delta:
-            d = torch.randn(out.shape, generator=g, dtype=out.dtype)
+            d = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
             delta.append(d)
             perturbed.append(out + d)
             return perturbed[-1]
@@ -431,10 +485,22 @@ def collect_statistics(
 
     The post-activation value is what the second Linear receives (Dropout is identity in
     eval mode), so any activation, module or functional, is covered. When the model defines
-    ``token_mask(x)`` (``compress.padding``), padding positions are left out.
+    ``token_mask(x)`` (``compress.padding``), padding positions are left out. Batches are
+    moved to the model's device; the moments stay there.
+
+    Under a process group (``compress.distributed``), each rank runs its contiguous share
+    of the batches (whole batches, so each sample is computed as in one process) and the
+    moments are merged across ranks (``merge_across_ranks``): every rank returns the same
+    statistics, those of all the batches. Every rank must call it.
     """
+    from compress.distributed import rank_and_world, shard_bounds
     from compress.padding import token_mask, valid_rows
 
+    if rank_and_world()[1] > 1:
+        batches = list(batches)  # views of the calibration tensor: cheap
+        start, stop = shard_bounds(len(batches))
+        batches = batches[start:stop]
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
     mods = dict(module.named_modules())
     stats = {b: BlockStatistics() for b in blocks}
     handles = []
@@ -453,12 +519,15 @@ def collect_statistics(
     try:
         with no_mha_fastpath():
             for xb in batches:
+                xb = xb.to(device)
                 current[0] = token_mask(module, xb)
                 module(xb)
     finally:
         for h in handles:
             h.remove()
         module.train(was_training)
+    widths = [w for b in blocks for w in (mods[b.first].out_features,) * 2]
+    merge_across_ranks([m for b in blocks for m in (stats[b].pre, stats[b].post)], widths)
     for b, s in stats.items():
         if s.post.n == 0:
             raise ValueError(f"MLP block {b.first!r} -> {b.second!r} never ran on the calibration data")
@@ -691,6 +760,7 @@ def apply_variance(state: ModelState, config: VarianceConfig, ctx: StageContext)
         )
     calib = ctx.data.calibration()
     blocks = [MLPBlock(a, b) for a, b in config.blocks] if config.blocks is not None else None
+    device = next((p.device for p in state.module.parameters()), torch.device("cpu"))
     report = variance_prune(
         state.module,
         calib.batches(config.calibration_batch_size),
@@ -700,7 +770,7 @@ def apply_variance(state: ModelState, config: VarianceConfig, ctx: StageContext)
         mean_fold=config.mean_fold,
         min_neurons=config.min_neurons,
         scope=config.scope,
-        example_input=calib.x[:2],
+        example_input=calib.x[:2].to(device),
         masks=state.masks,
     )
     state.apply_masks()
