@@ -1,0 +1,124 @@
+"""ONNX external data (models over 2 GB): export, parity, pack/unpack, bundle, validate.
+
+The threshold is lowered to 0 so a digits MLP takes the same path a 1 B model does:
+weights in ``model.onnx.data`` beside the graph.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tests.conftest import DIGITS_RECIPE
+
+
+@pytest.fixture
+def external_threshold(monkeypatch):
+    """Every export writes external data."""
+    from compress.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+
+
+@pytest.fixture(scope="module")
+def external_run(tmp_path_factory, digits_mlp_path):
+    """One quantize (RTN int4) → export run whose ONNX keeps its weights in model.onnx.data."""
+    from compress.export import onnx_export
+    from compress.pipeline import run
+    from compress.recipe import parse_recipe
+
+    text = DIGITS_RECIPE.format(
+        stages="  - quantize: {method: rtn, bits: 4}\n  - export: {latency_runs: 5, exact_quantized_kernels: true}",
+        gates="  {}",
+    )
+    out = tmp_path_factory.mktemp("external") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+        result = run(parse_recipe(text, "external.yaml"), digits_mlp_path, out)
+    assert result.passed, result.failures
+    return out, result.report
+
+
+def _data_refs(path: Path) -> set[str]:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+
+
+@pytest.mark.slow
+def test_float_export_writes_one_data_file_and_matches_torch(tmp_path, external_threshold):
+    from compress.export.onnx_export import export_onnx
+    from compress.runtime import ort_predict, ort_session
+    from compress.zoo import digits_mlp
+
+    torch.manual_seed(0)
+    module = digits_mlp(hidden=(32,)).eval()
+    x = torch.randn(8, 64)
+    path = tmp_path / "m.onnx"
+    model = export_onnx(module, x[:2], path)
+    assert (tmp_path / "m.onnx.data").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no staging left over
+    assert _data_refs(path) == {"m.onnx.data"}
+    assert all(not t.raw_data for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    onnx.checker.check_model(str(path), full_check=True)
+    got = ort_predict(ort_session(path), x.numpy())
+    np.testing.assert_allclose(got, module(x).detach().numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_pipeline_external_data_end_to_end(external_run, cli, tmp_path):
+    out, report = external_run
+    data = out / "model.onnx.data"
+    assert data.is_file() and "model.onnx.data" in report["artifacts"]
+    assert _data_refs(out / "model.onnx") == {"model.onnx.data"}
+    export_row = report["stages"][-1]
+    # the size the gate checks counts the data file: most of the bytes are in it
+    assert export_row["final_size_bytes"] == (out / "model.onnx").stat().st_size + data.stat().st_size
+    parity = {c["gate"]: c for c in report["checks"]}
+    assert parity["onnx_parity_within_tolerance"]["passed"]
+    assert not any(p.name.startswith("float_reference") for p in (out / "stages" / "02-export").iterdir())
+
+    # compress pack / unpack: the pair comes back byte-identical
+    code, stdout, _ = cli("pack", out / "model.onnx", tmp_path / "m.czip")
+    assert code == 0, stdout
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    code, stdout, _ = cli("unpack", tmp_path / "m.czip", restored / "model.onnx")
+    assert code == 0, stdout
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (restored / name).read_bytes() == (out / name).read_bytes(), name
+    # unpacking again refuses to overwrite the data file without --force
+    (restored / "model.onnx").unlink()
+    code, stdout, stderr = cli("unpack", tmp_path / "m.czip", restored / "model.onnx")
+    assert code == 2 and "model.onnx.data" in stdout + stderr
+
+    # the bundle carries the data file, and validate loads it (a fresh folder: nothing beside it)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / "bundle.czip", alone / "bundle.czip")
+    code, stdout, stderr = cli("validate", alone / "bundle.czip")
+    assert code == 0, stdout + stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_missing_or_truncated_data_file_is_refused(external_run, cli, tmp_path, damage):
+    out, _ = external_run
+    model = tmp_path / "model.onnx"
+    shutil.copy(out / "model.onnx", model)
+    if damage == "truncated":
+        blob = (out / "model.onnx.data").read_bytes()
+        (tmp_path / "model.onnx.data").write_bytes(blob[: len(blob) // 2])
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((4, 64), np.float32))
+    for args in (("validate", model, "--data", data), ("pack", model, tmp_path / "m.czip")):
+        code, stdout, stderr = cli(*args)
+        message = stdout + stderr
+        assert code == 2, (args, message)
+        assert "model.onnx.data" in message and damage in message, message
+        assert "Traceback" not in message
+    assert not (tmp_path / "m.czip").exists()
