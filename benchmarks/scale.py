@@ -63,7 +63,7 @@ LENGTH = 128
 SCALE_FACTOR = 1.16
 
 
-def recipe_text(name: str, spec: dict, random_tokens: bool, batch_size: int) -> str:
+def recipe_text(name: str, spec: dict, random_tokens: bool, batch_size: int, float_only: bool = False) -> str:
     kwargs = dict(spec["kwargs"])
     if spec.get("bert_defaults"):  # BertConfig() defaults: hidden 768, 12 layers, 12 heads, FFN 3072
         kwargs = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -106,7 +106,9 @@ def recipe_text(name: str, spec: dict, random_tokens: bool, batch_size: int) -> 
         "seed": 0,
         "model": {"factory": spec["factory"], "kwargs": kwargs, "input_shape": [1, 2, LENGTH], "input_dtype": "int64"},
         "data": {"calibration": calib, "eval": evals},
-        "stages": [{"quantize": quantize}, {"compress": {}}, {"export": export}],
+        "stages": [{"export": export}]
+        if float_only
+        else [{"quantize": quantize}, {"compress": {}}, {"export": export}],
         "gates": {},
     }
     return json.dumps(doc, indent=1)  # JSON is YAML
@@ -119,7 +121,7 @@ def make_model(spec: dict, kwargs: dict, path: Path) -> tuple[int, float, int]:
         "import json, resource, sys, time, torch\n"
         "from compress.imports import import_callable\n"
         "t = time.perf_counter()\n"
-        f"m = import_callable({spec['factory']!r}, what='factory')(**json.loads({json.dumps(json.dumps(kwargs))}))\n"
+        f"m = import_callable({spec['factory']!r}, what='factory', error=ValueError)(**json.loads({json.dumps(json.dumps(kwargs))}))\n"
         "n = sum(p.numel() for p in m.parameters())\n"
         f"sd = {{k: (v.to(torch.bfloat16) if {bool(spec.get('bf16'))} and v.is_floating_point() else v)"
         " for k, v in m.state_dict().items()}\n"
@@ -127,7 +129,9 @@ def make_model(spec: dict, kwargs: dict, path: Path) -> tuple[int, float, int]:
         "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
         "print(json.dumps({'params': n, 'seconds': time.perf_counter() - t, 'rss': rss}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"creating the model failed:\n{out.stderr[-3000:]}")
     info = json.loads(out.stdout.strip().splitlines()[-1])
     return info["params"], info["seconds"], info["rss"]
 
@@ -146,12 +150,12 @@ def gb(n: float | None) -> str:
     return "-" if n is None or n < 0 else f"{n / 1e9:.2f}"
 
 
-def run_config(name: str, work: Path, random_tokens: bool, batch_size: int) -> dict:
+def run_config(name: str, work: Path, random_tokens: bool, batch_size: int, float_only: bool = False) -> dict:
     spec = CONFIGS[name]
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
     recipe = folder / "recipe.yaml"
-    recipe.write_text(recipe_text(name, spec, random_tokens, batch_size))
+    recipe.write_text(recipe_text(name, spec, random_tokens, batch_size, float_only))
     kwargs = json.loads(recipe.read_text())["model"]["kwargs"]
     model = folder / "model.pt"
     params, create_s, create_rss = make_model(spec, kwargs, model)
@@ -177,6 +181,9 @@ def run_config(name: str, work: Path, random_tokens: bool, batch_size: int) -> d
     row["onnx_external"] = bool(metrics.get("onnx_external_data_bytes"))
     row["cosine_min"] = metrics.get("ort_cosine_min")
     row["agreement"] = metrics.get("ort_agreement") if spec.get("decoder") else None
+    quantized = next((r for r in report["stages"] if r["stage"] == "quantize"), {})
+    row["fidelity_cosine"] = quantized.get("cosine")  # int4 model vs the float model, eval split
+    row["fidelity_agreement"] = quantized.get("agreement") if spec.get("decoder") else None
     row["passed"] = report["passed"]
     row["failures"] = report["failures"]
     vrc, v_s, v_rss = timed(
@@ -191,7 +198,7 @@ def print_table(rows: list[dict]) -> None:
     head = (
         f"{'config':<11} {'params':>8} {'create s':>8} "
         + " ".join(f"{s + ' s':>11} {s[:5] + ' GB':>8}" for s in stages)
-        + f" {'run s':>7} {'run GB':>7} {'onnx MB':>8} {'ext':>3} {'cos min':>7} {'next-tok':>8}"
+        + f" {'run s':>7} {'run GB':>7} {'onnx MB':>8} {'ext':>3} {'cos min':>7} {'next-tok':>8} {'fid cos':>7} {'fid tok':>7}"
         + f" {'passed':>6} {'bundle':>6} {'val GB':>6}"
     )
     print(head)
@@ -207,17 +214,21 @@ def print_table(rows: list[dict]) -> None:
         onnx_mb = f"{r['onnx_bytes'] / 1e6:>8.1f}" if r.get("onnx_bytes") else f"{'-':>8}"
         cos = f"{r['cosine_min']:>7.4f}" if r.get("cosine_min") is not None else f"{'-':>7}"
         agree = f"{r['agreement']:>8.3f}" if r.get("agreement") is not None else f"{'-':>8}"
+        fid = f"{r['fidelity_cosine']:>7.4f}" if r.get("fidelity_cosine") is not None else f"{'-':>7}"
+        fid_tok = f"{r['fidelity_agreement']:>7.3f}" if r.get("fidelity_agreement") is not None else f"{'-':>7}"
         print(
             f"{r['config']:<11} {r['params'] / 1e6:>7.1f}M {r['create_s']:>8.1f} "
             + " ".join(cells)
             + f" {r['run_s']:>7.1f} {gb(r['run_rss']):>7} {onnx_mb} {'yes' if r.get('onnx_external') else 'no':>3}"
-            + f" {cos} {agree} {r.get('passed', False)!s:>6}"
+            + f" {cos} {agree} {fid} {fid_tok} {r.get('passed', False)!s:>6}"
             + f" {'ok' if r.get('validate_rc') == 0 else 'FAIL':>6} {gb(r.get('validate_rss')):>6}"
         )
     print(
         "stage GB: peak RSS per stage from report.json (peak_rss_bytes), '-' when the pipeline does not record it; "
         "run GB: peak RSS of the whole `compress run` process (/usr/bin/time -v); create: model construction + "
-        "torch.save in a separate process; bundle: `compress validate bundle.czip` exit 0."
+        "torch.save in a separate process; cos min / next-tok: onnxruntime vs PyTorch (parity, export stage); "
+        "fid cos / fid tok: the int4 model vs the float model on the eval split (quantize stage); "
+        "bundle: `compress validate bundle.czip` exit 0."
     )
 
 
@@ -227,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", action="store_true", help="also run llama-1.1b (needs ~16 GB of RAM)")
     parser.add_argument("--random-tokens", action="store_true", help="random token ids instead of offline text")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration / eval batch size")
+    parser.add_argument(
+        "--float-only",
+        action="store_true",
+        help="export only, no quantization: model creation + float ONNX export (external data over 1 GiB) + parity",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
@@ -235,15 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for name in names:
-            rows.append(run_config(name, work, args.random_tokens, args.batch_size))
+            rows.append(run_config(name, work, args.random_tokens, args.batch_size, args.float_only))
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print()
+    what = "float export only (no quantization)" if args.float_only else f"GPFQ int4 (scale_factor {SCALE_FACTOR})"
     print(
-        f"GPFQ int4 (scale_factor {SCALE_FACTOR}), {CALIBRATION} calibration sequences of {LENGTH} tokens "
+        f"{what}, {CALIBRATION} calibration sequences of {LENGTH} tokens "
         f"({'random tokens' if args.random_tokens else 'offline text windows'}); "
         f"{os.cpu_count()} CPU cores"
     )
