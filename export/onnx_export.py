@@ -131,9 +131,9 @@ def export_onnx(
             save_onnx(model, tmp, base_dir=staging, external=external)
         elif external and external_locations(model) != {data_file_name(path)}:
             save_onnx(model, tmp, base_dir=staging, external=True)  # e.g. the legacy exporter's file per tensor
-        if external:
+        if (staging / data_file_name(path)).is_file():
             os.replace(staging / data_file_name(path), path.parent / data_file_name(path))
-        else:
+        else:  # embedded (or every tensor too small to move out)
             _remove_stale_data(path)
         os.replace(tmp, path)
     finally:
@@ -216,9 +216,12 @@ def save_onnx(
                     sources[location] = stack.enter_context(open(base_dir / location, "rb"))
                 return sources[location]
 
-            for t in inits:
-                _externalize(t, out, base_dir, data_name, source)
+            moved = sum(_externalize(t, out, base_dir, data_name, source) for t in inits)
         onnx.save(model, str(tmp))
+        if not moved:  # every tensor is small enough to stay inline: no data file
+            os.replace(tmp, path)
+            _remove_stale_data(path)
+            return [path]
         os.replace(data_tmp, path.with_name(data_name))
         os.replace(tmp, path)
     finally:
@@ -245,8 +248,8 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 def _externalize(
     t: onnx.TensorProto, out: BinaryIO, base_dir: Path, data_name: str, source: Callable[[str], BinaryIO]
-) -> None:
-    """Append ``t``'s bytes to ``out`` and point ``t`` at them (``t`` keeps small tensors inline)."""
+) -> bool:
+    """Append ``t``'s bytes to ``out`` and point ``t`` at them; False for a small tensor kept inline."""
     from onnx import TensorProto
     from onnx.external_data_helper import ExternalDataInfo
     from onnx.external_data_helper import uses_external_data as external
@@ -266,7 +269,7 @@ def _externalize(
         length = len(t.raw_data)
         pieces = iter((t.raw_data,))
     else:
-        return
+        return False
     pos = out.tell()
     if length >= PAGE_ALIGN:
         pad = -pos % PAGE_ALIGN
@@ -280,6 +283,7 @@ def _externalize(
     for key, value in (("location", data_name), ("offset", pos), ("length", length)):
         entry = t.external_data.add()
         entry.key, entry.value = key, str(value)
+    return True
 
 
 def _read_pieces(f, offset: int, length: int):

@@ -51,8 +51,8 @@ def _data_refs(path: Path) -> set[str]:
     return {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
 
 
-@pytest.mark.slow
-def test_float_export_writes_one_data_file_and_matches_torch(tmp_path, external_threshold):
+@pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_float_export_writes_one_data_file_and_matches_torch(tmp_path, external_threshold, exporter):
     from compress.export.onnx_export import export_onnx
     from compress.runtime import ort_predict, ort_session
     from compress.zoo import digits_mlp
@@ -61,7 +61,7 @@ def test_float_export_writes_one_data_file_and_matches_torch(tmp_path, external_
     module = digits_mlp(hidden=(32,)).eval()
     x = torch.randn(8, 64)
     path = tmp_path / "m.onnx"
-    model = export_onnx(module, x[:2], path)
+    model = export_onnx(module, x[:2], path, exporter=exporter)
     assert (tmp_path / "m.onnx.data").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no staging left over
     assert _data_refs(path) == {"m.onnx.data"}
@@ -122,3 +122,47 @@ def test_missing_or_truncated_data_file_is_refused(external_run, cli, tmp_path, 
         assert "model.onnx.data" in message and damage in message, message
         assert "Traceback" not in message
     assert not (tmp_path / "m.czip").exists()
+
+
+def _tiny_external_model(folder: Path, location: str) -> Path:
+    """A one-Add ONNX model whose 4x64 weight lives in the external file ``location``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(256, dtype=np.float32).reshape(4, 64), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+        [w],
+    )
+    path = folder / "tiny.onnx"
+    (folder / Path(location).parent).mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        helper.make_model(graph), str(path), save_as_external_data=True, location=location, size_threshold=0
+    )
+    return path
+
+
+def test_pack_round_trip_of_a_hand_made_external_model(tmp_path):
+    from compress.lossless.files import onnx_external_data, pack_file, unpack_file
+
+    path = _tiny_external_model(tmp_path, "weights.bin")
+    found = onnx_external_data(path)
+    assert list(found) == ["weights.bin"] and found["weights.bin"][0].dtype == "float32"
+    report = pack_file(path, tmp_path / "t.czip")
+    assert report.src_bytes == path.stat().st_size + (tmp_path / "weights.bin").stat().st_size
+    out = tmp_path / "out"
+    out.mkdir()
+    unpack_file(tmp_path / "t.czip", out / "renamed.onnx")  # the data keeps the name the graph refers to
+    assert (out / "renamed.onnx").read_bytes() == path.read_bytes()
+    assert (out / "weights.bin").read_bytes() == (tmp_path / "weights.bin").read_bytes()
+
+
+def test_data_file_outside_the_model_folder_is_refused(tmp_path):
+    from compress.errors import InputError
+    from compress.lossless.files import pack_file
+
+    path = _tiny_external_model(tmp_path, "sub/weights.bin")
+    with pytest.raises(InputError, match="not a file beside the model"):
+        pack_file(path, tmp_path / "t.czip")
