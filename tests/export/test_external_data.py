@@ -166,3 +166,23 @@ def test_data_file_outside_the_model_folder_is_refused(tmp_path):
     path = _tiny_external_model(tmp_path, "sub/weights.bin")
     with pytest.raises(InputError, match="not a file beside the model"):
         pack_file(path, tmp_path / "t.czip")
+
+
+def test_save_onnx_moves_weights_in_and_out_of_the_data_file(tmp_path):
+    """The quantized rewrite's two endings: still external (same data file name, rewritten in
+    place) or embedded again once the integer model is under the threshold."""
+    from compress.export.onnx_export import save_onnx
+
+    src = _tiny_external_model(tmp_path, "tiny.onnx.data")
+    want = np.arange(256, dtype=np.float32).reshape(4, 64)
+    model = onnx.load(str(src), load_external_data=False)
+    assert save_onnx(model, src, external=True) == [src, tmp_path / "tiny.onnx.data"]  # reads and writes one file
+    assert _data_refs(src) == {"tiny.onnx.data"}
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = onnx.load(str(src))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]), want)
+
+    model = onnx.load(str(src), load_external_data=False)
+    assert save_onnx(model, src, external=False) == [src]
+    assert _data_refs(src) == set() and not (tmp_path / "tiny.onnx.data").exists()  # no stale data file
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(onnx.load(str(src)).graph.initializer[0]), want)
