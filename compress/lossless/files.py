@@ -872,7 +872,7 @@ def _external_data_plan(
         name, size, sha, segments = rec.get("name"), rec.get("size"), rec.get("sha256"), rec.get("segments")
         if not (isinstance(name, str) and _plain_name(name)):
             raise CorruptArchiveError(f"{src}: external data file name {name!r} is not a plain file name")
-        if not (_is_count(size) and isinstance(sha, str) and isinstance(segments, list)):
+        if not (isinstance(size, int) and _is_count(size) and isinstance(sha, str) and isinstance(segments, list)):
             raise CorruptArchiveError(f"{src}: the size/SHA-256/segments of external data file {name!r} are malformed")
         path = folder / name
         check_output_path(path, force=force, sources=(src,))

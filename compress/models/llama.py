@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from compress.onnx_signature import OnnxSignature
 log = logging.getLogger(__name__)
 
 # TinyLlama-1.1B's shape: 1.10 B parameters with tied embeddings.
-LLAMA_1B = {
+LLAMA_1B: dict[str, Any] = {
     "hidden_size": 2048,
     "intermediate_size": 5632,
     "num_hidden_layers": 22,
@@ -54,7 +55,7 @@ class LlamaDecoder(nn.Module):
 
     def __init__(self, lm: nn.Module):
         super().__init__()
-        self.lm = lm
+        self.lm: Any = lm  # a transformers LlamaForCausalLM (typed loosely: transformers is optional)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -143,7 +144,7 @@ def llama(
 
 def llama_1b(seed: int = 0) -> LlamaDecoder:
     """The 1.1 B configuration (``LLAMA_1B``, tied embeddings), random-initialised."""
-    return llama(**LLAMA_1B, seed=seed)
+    return llama(**LLAMA_1B, tie_word_embeddings=True, seed=seed)
 
 
 def token_windows(
