@@ -1,7 +1,8 @@
 """Device bundles: one packed file with everything an edge device needs to validate.
 
 A bundle is a lossless container (``docs/container-format.md``) holding the ONNX model
-(weights coded by dtype, graph kept byte-exact), the reference inputs and the outputs the
+(weights coded by dtype, graph kept byte-exact; a model over 2 GB with its external-data
+file, restored beside it), the reference inputs and the outputs the
 pipeline's final PyTorch model gave on them, optional labels, and a manifest: the
 onnxruntime session settings the model was checked with and the limits to check again.
 
@@ -46,6 +47,7 @@ def write_bundle(
 
     ``inputs`` is one array fed to the model's single input, or a dict of arrays by ONNX
     input name (a model exported with named inputs, e.g. input_ids + attention_mask).
+    A model with external data (``model.onnx.data`` beside it) is packed with its data file.
     """
     from compress.lossless.files import pack_file
 

@@ -503,7 +503,9 @@ def _report(plan: _Plan, loaded: _Loaded, executed: _Executed, folder: OutputFol
                 staged / "bundle.czip", names["model.onnx"], state, eval_split, recipe, executed.outputs
             )
         if "model.onnx" in names:
-            rows[-1].final_size_bytes = names["model.onnx"].stat().st_size
+            # a model over 2 GB keeps its weights in model.onnx.data (ONNX external data)
+            onnx_files = [names[n] for n in ("model.onnx", "model.onnx.data") if n in names]
+            rows[-1].final_size_bytes = sum(p.stat().st_size for p in onnx_files)
         sha256 = {name: file_hash(p) for name, p in names.items()}
         gate_results = _check_gates(recipe.doc.gates, rows, executed.outputs)
         failures = [c for c in executed.checks + gate_results if not c.passed]

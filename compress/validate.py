@@ -130,6 +130,7 @@ def validate(
         The report: ``{"passed", "checks", "parity", "accuracy", "latency", ...}``.
     """
     from compress.bundle import is_bundle, open_bundle
+    from compress.lossless.files import onnx_external_data
     from compress.runtime import measure_latency, ort_predict, ort_session, row_cosine
 
     path = Path(path)
@@ -186,6 +187,9 @@ def validate(
                 if len(ref) != len(x):
                     raise DataError(f"{reference} has {len(ref)} outputs for {len(x)} inputs")
         session_settings = manifest.get("session", {})
+        # A model over 2 GB keeps its weights in a data file beside it: a missing or cut
+        # file is named here, not left to onnxruntime's message about an offset.
+        data_files = [model.with_name(name) for name in onnx_external_data(model)]
         try:
             session = ort_session(
                 model,
@@ -210,7 +214,7 @@ def validate(
             x = _check_input(session, x)
         out = ort_predict(session, x, feeds=feeds)
         latency = measure_latency(session, x[:1], runs, warmup, feeds=feeds)
-        model_bytes = model.stat().st_size
+        model_bytes = model.stat().st_size + sum(f.stat().st_size for f in data_files)
 
     report: dict[str, Any] = {
         "report_version": VALIDATE_REPORT_VERSION,

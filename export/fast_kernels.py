@@ -365,7 +365,7 @@ class StaticQDQ:
         if act_scale is None or len(node.input) < 3 or not node.input[2] or node.input[2] not in self.rw.inits:
             return
         name = node.input[2]
-        bias = numpy_helper.to_array(self.rw.inits[name]).astype(np.float64)
+        bias = self.rw.values(self.rw.inits[name]).astype(np.float64)
         scale = (act_scale * w_scale.astype(np.float64)).astype(np.float32)
         codes = np.clip(np.round(bias / np.maximum(scale, 1e-30)), -(2**31), 2**31 - 1).astype(np.int32)
         q_name, s_name = self.rw.fresh(f"{name}_int32"), self.rw.fresh(f"{name}_bias_scale")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 from torch import nn
@@ -20,6 +23,8 @@ from torch import nn
 from compress.metrics import model_size
 
 if TYPE_CHECKING:
+    import onnx
+
     from compress.onnx_signature import OnnxSignature
 
 log = logging.getLogger(__name__)
@@ -81,44 +86,221 @@ def export_onnx(
         input_names = [INPUT_NAME]
         dyn = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
         legacy_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-    tmp = path.with_name(path.name + ".tmp")
     weight_bytes = model_size(module)["dense_bytes"]
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            with _quiet_dynamo_logs():
-                program = torch.onnx.export(
+    # Exported into a private folder beside ``path`` under the final file name, so the data
+    # file's recorded location is already ``<path.name>.data``: publishing is two renames,
+    # never a copy of the weights.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=path.parent))
+    try:
+        tmp = staging / path.name
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                with _quiet_dynamo_logs():
+                    program = torch.onnx.export(
+                        module,
+                        args,
+                        dynamo=True,
+                        input_names=input_names,
+                        output_names=[OUTPUT_NAME],
+                        dynamic_shapes=dyn,
+                        optimize=True,
+                        verbose=False,
+                    )
+                assert program is not None  # dynamo=True always returns an ONNXProgram (None is the legacy path's)
+                program.save(str(tmp), external_data=external)
+                del program  # the exporter's graph holds references to every weight
+            else:
+                torch.onnx.export(
                     module,
                     args,
-                    dynamo=True,
+                    str(tmp),
+                    opset_version=opset,
+                    dynamo=False,
                     input_names=input_names,
                     output_names=[OUTPUT_NAME],
-                    dynamic_shapes=dyn,
-                    optimize=True,
-                    verbose=False,
+                    dynamic_axes=legacy_axes,
                 )
-            assert program is not None  # dynamo=True always returns an ONNXProgram (None is the legacy path's)
-            program.save(str(tmp), external_data=external)
-        else:
-            torch.onnx.export(
-                module,
-                args,
-                str(tmp),
-                opset_version=opset,
-                dynamo=False,
-                input_names=input_names,
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=legacy_axes,
-            )
-    model = onnx.load(str(tmp), load_external_data=False)
-    if exporter == "dynamo" and model.opset_import[0].version != opset:
-        from onnx import version_converter
+        model = onnx.load(str(tmp), load_external_data=False)
+        if exporter == "dynamo" and model.opset_import[0].version != opset:
+            from onnx import version_converter
 
-        model = version_converter.convert_version(onnx.load(str(tmp)), opset)
+            # External tensors stay references: the converter rewrites nodes, not weights.
+            model = version_converter.convert_version(model if external else onnx.load(str(tmp)), opset)
+            save_onnx(model, tmp, base_dir=staging, external=external)
+        elif external and external_locations(model) != {data_file_name(path)}:
+            save_onnx(model, tmp, base_dir=staging, external=True)  # e.g. the legacy exporter's file per tensor
+        if (staging / data_file_name(path)).is_file():
+            os.replace(staging / data_file_name(path), path.parent / data_file_name(path))
+        else:  # embedded (or every tensor too small to move out)
+            _remove_stale_data(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return onnx.load(str(path), load_external_data=False)
+
+
+def data_file_name(onnx_path: Path | str) -> str:
+    """The name of the external-data file of ``onnx_path``: ``<name>.data`` beside it."""
+    return Path(onnx_path).name + ".data"
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` is stored outside the protobuf."""
+    return bool(external_locations(model))
+
+
+def external_locations(model: onnx.ModelProto) -> set[str]:
+    """The external-data file names the tensors of ``model`` refer to."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+    from onnx.external_data_helper import uses_external_data as external
+
+    return {ExternalDataInfo(t).location for t in _get_all_tensors(model) if external(t)}
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """``path`` and, when its weights are stored externally, the data file beside it."""
+    data = path.with_name(data_file_name(path))
+    return [path, data] if data.is_file() else [path]
+
+
+def save_onnx(
+    model: onnx.ModelProto, path: Path, base_dir: Path | None = None, external: bool | None = None
+) -> list[Path]:
+    """Write ``model`` to ``path`` (atomically), its weights in ``<path.name>.data`` when external.
+
+    Tensors of ``model`` that already live in an external file (under ``base_dir``) are
+    copied into the new data file piece by piece, and tensors held in memory are moved out
+    one at a time, so memory stays at the graph plus one piece: a model over 2 GB is never
+    held twice. The data file is written beside ``path`` under a temporary name and
+    renamed before the model that refers to it; a source and the destination may be the
+    same file.
+
+    Args:
+        model: the model. Modified: with external data, its tensors afterwards refer to the
+            new data file and hold no bytes in memory.
+        path: the ``.onnx`` file to write.
+        base_dir: the folder the external references of ``model`` are relative to
+            (default: ``path``'s folder).
+        external: force external data on or off; None decides by size
+            (``EXTERNAL_DATA_THRESHOLD``).
+
+    Returns:
+        The files written: ``[path]`` or ``[path, data file]``.
+    """
+    import onnx
+    from onnx.external_data_helper import _get_initializer_tensors, load_external_data_for_model
+
+    path = Path(path)
+    base_dir = Path(base_dir) if base_dir is not None else path.parent
+    inits = list(_get_initializer_tensors(model))
+    if external is None:
+        external = sum(_tensor_bytes(t) for t in inits) > EXTERNAL_DATA_THRESHOLD
+    tmp = path.with_name(path.name + ".tmp")
+    if not external:
+        if uses_external_data(model):
+            load_external_data_for_model(model, str(base_dir))  # below the threshold: fits in memory
         onnx.save(model, str(tmp))
-    os.replace(tmp, path)
-    return onnx.load(str(path))
+        os.replace(tmp, path)
+        _remove_stale_data(path)
+        return [path]
+    data_name = data_file_name(path)
+    data_tmp = path.with_name(data_name + ".tmp")
+    try:
+        with contextlib.ExitStack() as stack, open(data_tmp, "wb") as out:
+            sources: dict[str, BinaryIO] = {}
+
+            def source(location: str) -> BinaryIO:
+                if location not in sources:
+                    sources[location] = stack.enter_context(open(base_dir / location, "rb"))
+                return sources[location]
+
+            moved = sum(_externalize(t, out, base_dir, data_name, source) for t in inits)
+        onnx.save(model, str(tmp))
+        if not moved:  # every tensor is small enough to stay inline: no data file
+            os.replace(tmp, path)
+            _remove_stale_data(path)
+            return [path]
+        os.replace(data_tmp, path.with_name(data_name))
+        os.replace(tmp, path)
+    finally:
+        data_tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return [path, path.with_name(data_name)]
+
+
+# Tensors under this many bytes stay inside the protobuf (onnx's own default).
+EXTERNAL_MIN_TENSOR_BYTES = 1024
+# Large tensors start on a page boundary, so onnxruntime can memory-map them.
+PAGE_ALIGN = 4096
+COPY_PIECE = 16 << 20
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    from onnx.external_data_helper import ExternalDataInfo
+    from onnx.external_data_helper import uses_external_data as external
+
+    if external(t):
+        return int(ExternalDataInfo(t).length or 0)
+    return len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+
+
+def _externalize(
+    t: onnx.TensorProto, out: BinaryIO, base_dir: Path, data_name: str, source: Callable[[str], BinaryIO]
+) -> bool:
+    """Append ``t``'s bytes to ``out`` and point ``t`` at them; False for a small tensor kept inline."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import ExternalDataInfo
+    from onnx.external_data_helper import uses_external_data as external
+
+    if external(t):
+        info = ExternalDataInfo(t)
+        src_path = base_dir / info.location
+        if not src_path.is_file():
+            raise FileNotFoundError(f"tensor {t.name!r}: external data file {src_path} is missing")
+        src = source(info.location)
+        offset = int(info.offset or 0)
+        length = int(info.length) if info.length is not None else src_path.stat().st_size - offset
+        if offset + length > src_path.stat().st_size:
+            raise ValueError(f"tensor {t.name!r}: {src_path} ends before the tensor's {length} bytes at {offset}")
+        pieces = _read_pieces(src, offset, length)
+    elif t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_TENSOR_BYTES:
+        length = len(t.raw_data)
+        pieces = iter((t.raw_data,))
+    else:
+        return False
+    pos = out.tell()
+    if length >= PAGE_ALIGN:
+        pad = -pos % PAGE_ALIGN
+        out.write(b"\0" * pad)
+        pos += pad
+    for piece in pieces:
+        out.write(piece)
+    del t.external_data[:]
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", data_name), ("offset", pos), ("length", length)):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(value)
+    return True
+
+
+def _read_pieces(f, offset: int, length: int):
+    f.seek(offset)
+    left = length
+    while left:
+        piece = f.read(min(left, COPY_PIECE))
+        if not piece:
+            raise ValueError("external data file shrank while reading")
+        left -= len(piece)
+        yield piece
+
+
+def _remove_stale_data(path: Path) -> None:
+    # A data file left by an earlier, larger export of the same name would be packed and
+    # shipped with a model that no longer uses it.
+    path.with_name(data_file_name(path)).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

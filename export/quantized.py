@@ -75,8 +75,11 @@ def _next_pow2(n: int) -> int:
 
 
 class _Rewriter:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | None = None):
         import onnx
+
+        # Where external tensors live: the graph is copied, never the weights outside it.
+        self.base_dir = "" if base_dir is None else str(base_dir)
 
         self.model = onnx.ModelProto()
         self.model.CopyFrom(model)
@@ -101,11 +104,14 @@ class _Rewriter:
         name, layout, _ = locate_by_value(self, pname, qt, alias, allow_rows=False)
         return name, layout == "transposed"
 
-    @staticmethod
-    def _digest(init) -> tuple:
+    def values(self, init) -> np.ndarray:
+        """An initializer's values, read from its external data file when it has one."""
         from onnx import numpy_helper
 
-        values = np.ascontiguousarray(numpy_helper.to_array(init), np.float32)
+        return numpy_helper.to_array(init, self.base_dir)
+
+    def _digest(self, init) -> tuple:
+        values = np.ascontiguousarray(self.values(init), np.float32)
         return tuple(values.shape), hashlib.sha256(values.tobytes()).hexdigest()
 
     def fresh(self, base: str) -> str:
@@ -323,8 +329,6 @@ def locate_by_value(
             names.sort(key=lambda n: n not in hints)
             return names[0], layout, None
     if allow_rows:
-        from onnx import numpy_helper
-
         rows, cols = w2d.shape
         for name, init in rw.inits.items():
             dims = list(init.dims)
@@ -336,7 +340,7 @@ def locate_by_value(
                 or any(d != 1 for d in dims[:-2])
             ):
                 continue
-            perm = row_permutation(numpy_helper.to_array(init).reshape(rows, cols), w2d)
+            perm = row_permutation(rw.values(init).reshape(rows, cols), w2d)
             if perm is not None:
                 return name, "rows", perm
     named = next((n for n in hints if n in rw.inits), None)
@@ -392,6 +396,7 @@ def quantize_onnx_model(
     quant: dict[str, QuantizedTensor],
     names: dict[str, str] | None = None,
     activations: dict | None = None,
+    base_dir: Path | None = None,
 ) -> onnx.ModelProto:
     """Replace the float initializers of the parameters in ``quant`` by integer initializers and dequantizing ops.
 
@@ -419,7 +424,7 @@ def quantize_onnx_model(
 
     from compress.export import fast_kernels as fk
 
-    rw = _Rewriter(model)
+    rw = _Rewriter(model, base_dir)
     names = names or {}
     mode = (activations or {}).get("mode", "none")
     act_layers = (activations or {}).get("layers", {})

@@ -8,7 +8,7 @@ import numpy as np
 
 from compress.errors import InputError
 from compress.export.config import ExportConfig
-from compress.export.onnx_export import check_model, export_onnx
+from compress.export.onnx_export import check_model, export_onnx, onnx_files, save_onnx, uses_external_data
 from compress.fake_quant import quantized_inputs
 from compress.metrics import predict
 from compress.onnx_signature import onnx_signature_of
@@ -44,14 +44,18 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     disabled: tuple[str, ...] = ()
     float_path = None
     act_mode = state.extras.get("activation_quantization", {}).get("mode", "none")
+    # Over EXTERNAL_DATA_THRESHOLD the weights sit in model.onnx.data beside the graph and
+    # ``model`` holds only references: every step below streams them, none loads them all.
+    external = uses_external_data(model)
     if state.quant and config.compare_float:
         import onnx
 
         float_path = ctx.out_dir / "float_reference.onnx"
-        onnx.save(model, str(float_path))
+        reference = onnx.ModelProto()
+        reference.CopyFrom(model)  # save_onnx moves tensors out of the proto it writes
+        save_onnx(reference, float_path, base_dir=ctx.out_dir, external=external)
+        del reference
     if state.quant:
-        import onnx
-
         from compress.export.quantized import DISABLED_OPTIMIZERS, quantize_onnx_model, session_config_for_exact_parity
 
         try:
@@ -60,6 +64,7 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
                 state.quant,
                 _wrapped_names(state.module, signature),
                 activations=state.extras.get("activation_quantization"),
+                base_dir=ctx.out_dir,
             )
         except ValueError as err:
             # An architecture whose exported weights we cannot pin down: refuse (exit 2).
@@ -67,15 +72,19 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
                 f"export: {err}. Quantize only layers whose weights the exporter keeps as they run "
                 "(quantize.skip), or try export.exporter: legacy"
             ) from err
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save(model, str(tmp))
-        tmp.replace(path)
+        # External again only if the integer model is still over the threshold; the float
+        # weights that stay are copied out of the float export's data file piece by piece.
+        save_onnx(model, path, base_dir=ctx.out_dir)
         # exact: fp32 compute inside the fused N-bit kernels, parity with the PyTorch model;
         # otherwise onnxruntime's default, which quantizes activations to 8 bits (faster)
         session_config = session_config_for_exact_parity() if config.exact_quantized_kernels else {}
         disabled = DISABLED_OPTIMIZERS
+    del model  # the checks below read the files
     check_model(path)
+    files = onnx_files(path)
     ctx.artifacts["model.onnx"] = path
+    if len(files) > 1:  # the weights' data file travels with the graph (final folder, bundle)
+        ctx.artifacts[files[1].name] = files[1]
 
     split = ctx.data["eval"]
     x = split.x.numpy()
@@ -102,7 +111,8 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
     ctx.metrics["ort_session"] = {"config": session_config, "disabled_optimizers": list(disabled)}
     ctx.metrics.update(
         {
-            "onnx_bytes": path.stat().st_size,
+            "onnx_bytes": sum(f.stat().st_size for f in files),
+            "onnx_external_data_bytes": sum(f.stat().st_size for f in files[1:]),
             "opset": config.opset,
             "ort_max_abs_error": float(diff.max()),
             "ort_within_tolerance": within,
@@ -155,7 +165,8 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
             ctx.metrics[f"latency_b{BATCH_COMPARE}_p50_ms"] = b["latency_p50_ms"]
             ctx.metrics[f"float_latency_b{BATCH_COMPARE}_p50_ms"] = b["float_latency_p50_ms"]
             ctx.metrics[f"latency_vs_float_b{BATCH_COMPARE}"] = b["latency_vs_float"]
-        float_path.unlink()
+        for f in onnx_files(float_path):
+            f.unlink()
     else:
         ctx.metrics.update(
             measure_latency(session, example_one, config.latency_runs, config.latency_warmup, feeds=feeds)

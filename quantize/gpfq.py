@@ -17,8 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import cast, overload
 
 import torch
@@ -42,6 +41,7 @@ class LayerStats:
     """
 
     n: int
+    device: InitVar[torch.device | str | None] = None
     G: torch.Tensor = field(init=False)
     H: torch.Tensor = field(init=False)
     F: torch.Tensor = field(init=False)
@@ -49,8 +49,9 @@ class LayerStats:
     sum_xt: torch.Tensor = field(init=False)
     count: int = 0
 
-    def __post_init__(self) -> None:
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+    def __post_init__(self, device) -> None:
+        # On the activations' device: a CUDA model's Gram matrices never cross to the host.
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         self.G, self.H, self.F = z(self.n, self.n), z(self.n, self.n), z(self.n, self.n)
         self.sum_x, self.sum_xt = z(self.n), z(self.n)
 
@@ -66,7 +67,7 @@ class LayerStats:
 
     def merged(self, other: LayerStats) -> LayerStats:
         """The statistics of both sets of rows (sums are additive)."""
-        out = LayerStats(self.n)
+        out = LayerStats(self.n, self.G.device)
         for key in ("G", "H", "F", "sum_x", "sum_xt"):
             setattr(out, key, getattr(self, key) + getattr(other, key))
         out.count = self.count + other.count
@@ -74,7 +75,7 @@ class LayerStats:
 
     @classmethod
     def from_data(cls, x: torch.Tensor, x_tilde: torch.Tensor) -> LayerStats:
-        stats = cls(x.shape[1])
+        stats = cls(x.shape[1], x.device)
         stats.add(x, x_tilde)
         return stats
 
@@ -125,10 +126,11 @@ def gpfq_codes(
         raise ValueError(f"unknown sparsity variant {sparsity!r}; use none, l1 or l0")
     qmin, qmax = signed_range(bits)
     dtype = torch.float32
+    dev = w2d.device
     # Normalise by the row count so magnitudes stay O(1) (the loop runs in float32).
     norm = 1.0 / max(stats.count, 1)
-    G = (stats.G * norm).to(dtype)
-    H = (stats.H * norm).to(dtype)
+    G = (stats.G * norm).to(dev, dtype)
+    H = (stats.H * norm).to(dev, dtype)
     Gt = G.T.contiguous()  # Gt[t] = G[:, t] = <X̃_i, X_t> for all i
     diag_g = torch.diagonal(G).clone()
     diag_h = torch.diagonal(H).clone()
@@ -138,16 +140,16 @@ def gpfq_codes(
     # Column-major working copies (one row per input column t): every access in the loop
     # below (column t, the columns of a block) is then a contiguous slice.
     Wt = w2d.detach().to(dtype).T.contiguous()
-    St = expand_to_columns(scale.to(dtype), rows, n).T.contiguous()
+    St = expand_to_columns(scale.to(dev, dtype), rows, n).T.contiguous()
     Zt = (
-        expand_to_columns(zero_point.to(dtype), rows, n).T.contiguous()
+        expand_to_columns(zero_point.to(dev, dtype), rows, n).T.contiguous()
         if zero_point is not None
-        else torch.zeros(n, rows, dtype=dtype)
+        else torch.zeros(n, rows, dtype=dtype, device=dev)
     )
-    keep = None if mask is None else mask.reshape(rows, n).bool().T.contiguous()
-    Vt = torch.zeros(n, rows, dtype=dtype)  # Vt[i] = <X̃_i, u> for every neuron
-    Qt = torch.zeros(n, rows, dtype=dtype)  # dequantized values q_t
-    codes = torch.zeros(n, rows, dtype=dtype)
+    keep = None if mask is None else mask.reshape(rows, n).to(dev).bool().T.contiguous()
+    Vt = torch.zeros(n, rows, dtype=dtype, device=dev)  # Vt[i] = <X̃_i, u> for every neuron
+    Qt = torch.zeros(n, rows, dtype=dtype, device=dev)  # dequantized values q_t
+    codes = torch.zeros(n, rows, dtype=dtype, device=dev)
 
     for a in range(0, n, block_size):
         b = min(a + block_size, n)
@@ -235,10 +237,67 @@ class _StopForward(Exception):
     """Raised by a capture hook once the layer's input is in hand: the rest of the pass is waste."""
 
 
-def _run_until(model: nn.Module, x: torch.Tensor) -> None:
+@dataclass
+class _Batch:
+    """One calibration batch: the model's input (on the model's device) and its token mask."""
+
+    x: torch.Tensor
+    mask: torch.Tensor | None  # ``compress.padding.token_mask``: None when every position counts
+
+
+class _Net:
+    """A network the unit loop runs to capture a layer's inputs, one calibration batch at a time.
+
+    ``root`` holds the layers and is named ``prefix`` in the full model, so a unit's owner (a
+    name in the full model) resolves inside it: the whole model (prefix ``""``) or one block.
+    """
+
+    def __init__(self, root: nn.Module, prefix: str = ""):
+        self.root, self.prefix = root, prefix
+
+    def layer(self, owner: str) -> nn.Module:
+        if not self.prefix:
+            return self.root.get_submodule(owner)
+        if owner == self.prefix:
+            return self.root
+        if not owner.startswith(self.prefix + "."):
+            raise ValueError(f"{owner} is not inside {self.prefix}")
+        return self.root.get_submodule(owner[len(self.prefix) + 1 :])
+
+    def run(self, j: int) -> object:
+        raise NotImplementedError
+
+
+class _ModelNet(_Net):
+    """The whole model fed calibration batch ``j`` (its chain of blocks replayed from a cache
+    when ``replay`` is given: see ``_Replay``)."""
+
+    def __init__(self, model: nn.Module, batches: list[_Batch], replay: _ReplayState | None = None):
+        super().__init__(model)
+        self.batches, self.replay = batches, replay
+
+    def run(self, j: int) -> object:
+        if self.replay is not None:
+            self.replay.current = j
+        return self.root(self.batches[j].x)
+
+
+class _BlockNet(_Net):
+    """One block of the model's chain fed its cached inputs ``(args, kwargs)`` for batch ``j``."""
+
+    def __init__(self, block: nn.Module, prefix: str, inputs: list[tuple[tuple, dict]]):
+        super().__init__(block, prefix)
+        self.inputs = inputs
+
+    def run(self, j: int) -> object:
+        args, kwargs = self.inputs[j]
+        return self.root(*args, **kwargs)
+
+
+def _run_until(net: _Net, j: int) -> None:
     try:
         with _no_mha_fastpath():
-            model(x)
+            net.run(j)
     except _StopForward:
         pass
 
@@ -254,11 +313,11 @@ class _no_mha_fastpath:
         torch.backends.mha.set_fastpath_enabled(self.before)
 
 
-def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return _capture_args(model, layer, x)[0]
+def _capture_input(net: _Net, layer: nn.Module, j: int) -> torch.Tensor:
+    return _capture_args(net, layer, j)[0]
 
 
-def _capture_args(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> list:
+def _capture_args(net: _Net, layer: nn.Module, j: int) -> list:
     captured: list = []
 
     def hook(_module, args, kwargs):
@@ -270,7 +329,7 @@ def _capture_args(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> list:
 
     handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        _run_until(model, x)
+        _run_until(net, j)
     finally:
         handle.remove()
     if not captured:
@@ -279,7 +338,7 @@ def _capture_args(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> list:
 
 
 @torch.no_grad()
-def _capture_mha_output(model: nn.Module, mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+def _capture_mha_output(net: _Net, mha: nn.MultiheadAttention, j: int) -> torch.Tensor:
     """The attention output that enters ``mha.out_proj`` (set to the identity for this pass)."""
     captured: list[torch.Tensor] = []
     w, b = (
@@ -293,10 +352,10 @@ def _capture_mha_output(model: nn.Module, mha: nn.MultiheadAttention, x: torch.T
 
     handle = mha.register_forward_hook(hook)
     try:
-        mha.out_proj.weight.copy_(torch.eye(w.shape[0], w.shape[1], dtype=w.dtype))
+        mha.out_proj.weight.copy_(torch.eye(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device))
         if b is not None:
             mha.out_proj.bias.zero_()
-        _run_until(model, x)
+        _run_until(net, j)
     finally:
         handle.remove()
         mha.out_proj.weight.copy_(w)
@@ -414,26 +473,31 @@ def _resolve_unit(model: nn.Module, key: str, modules: dict[str, nn.Module]) -> 
     )
 
 
-def _capture_rows(model: nn.Module, unit: _Unit, xb: torch.Tensor, blocks: int) -> list[torch.Tensor]:
-    """The unit's inputs on batch ``xb`` as rows, one matrix per weight block."""
-    layer = model.get_submodule(unit.owner)
+def _capture_rows(net: _Net, unit: _Unit, j: int, blocks: int, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The unit's inputs on batch ``j`` as rows, one matrix per weight block (a Linear's
+    padding positions dropped when ``mask`` marks them)."""
+    layer = net.layer(unit.owner)
     if unit.kind == "module":
-        inp = _capture_input(model, layer, xb)
+        from compress.padding import valid_rows
+
+        inp = _capture_input(net, layer, j)
+        if mask is not None and isinstance(layer, nn.Linear):
+            return [valid_rows(inp, mask)]
         if blocks > 1:  # grouped conv: each group sees its own input channels
             c = inp.shape[1] // blocks
             return [layer_rows(layer, inp[:, g * c : (g + 1) * c]) for g in range(blocks)]
         return [layer_rows(layer, inp)]
     if unit.kind == "mha_in":
-        q, k, v = _capture_args(model, layer, xb)[:3]
+        q, k, v = _capture_args(net, layer, j)[:3]
         by_attr = {"q_proj_weight": [q], "k_proj_weight": [k], "v_proj_weight": [v], "in_proj_weight": [q, k, v]}
         return [t.reshape(-1, t.shape[-1]) for t in by_attr[unit.attr]]
     if unit.kind == "mha_out":
         # _resolve_unit makes an "mha_out" unit only for the out_proj of a MultiheadAttention.
-        parent = cast(nn.MultiheadAttention, model.get_submodule(unit.owner.rpartition(".")[0]))
-        out = _capture_mha_output(model, parent, xb)
+        parent = cast(nn.MultiheadAttention, net.layer(unit.owner.rpartition(".")[0]))
+        out = _capture_mha_output(net, parent, j)
         return [out.reshape(-1, out.shape[-1])]
     if unit.kind == "rnn_in":
-        inp = _capture_input(model, layer, xb)
+        inp = _capture_input(net, layer, j)
         if not isinstance(inp, torch.Tensor):
             raise _NoStatistics(f"{unit.owner} gets a {type(inp).__name__}, not a tensor")
         return [inp.reshape(-1, inp.shape[-1])]
@@ -530,53 +594,43 @@ class LayerPlan:
 
 @torch.no_grad()
 def collect_stats(
-    float_model: nn.Module,
-    quant_model: nn.Module,
-    unit: _Unit | nn.Module,
-    quant_layer: nn.Module | None,
-    batches: Iterable[torch.Tensor],
-    total: int,
+    float_net: _Net,
+    quant_net: _Net,
+    unit: _Unit,
+    batches: list[_Batch],
+    part: list[int],
     max_patches: int,
     generator: torch.Generator,
     n_blocks: int = 1,
-) -> list[LayerStats] | LayerStats:
+) -> list[LayerStats]:
     """Accumulate a unit's ``LayerStats`` (one per weight block) batch by batch (memory: one
     batch's activations).
 
+    ``part`` lists the indices of the batches (in ``batches``) to accumulate over.
     Convolution patches (and tokens) are subsampled (the same positions for both networks)
     so that at most about ``max_patches`` rows enter the statistics. A Linear layer of a
     model that defines ``token_mask(x)`` (``compress.padding``) sees only the data
-    positions, not the padding. ``unit`` may be a layer of ``float_model`` (with
-    ``quant_layer`` its twin): the statistics of that layer's input, as one ``LayerStats``.
+    positions, not the padding.
     """
-    from compress.padding import token_mask, valid_rows
-
-    single = isinstance(unit, nn.Module)
-    if isinstance(unit, nn.Module):
-        owner = next(n for n, m in float_model.named_modules() if m is unit)
-        unit = _Unit(owner, f"{owner}.weight", owner, "weight", "module")
+    total = sum(batches[j].x.shape[0] for j in part)
     stats: list[LayerStats] | None = None
-    for xb in batches:
-        xs = _capture_rows(float_model, unit, xb, n_blocks)
-        xts = _capture_rows(quant_model, unit, xb, n_blocks)
-        layer = quant_model.get_submodule(unit.owner)
-        mask = token_mask(quant_model, xb) if unit.kind == "module" and isinstance(layer, nn.Linear) else None
-        if mask is not None:
-            x_in = _capture_input(float_model, float_model.get_submodule(unit.owner), xb)
-            xt_in = _capture_input(quant_model, layer, xb)
-            xs, xts = [valid_rows(x_in, mask)], [valid_rows(xt_in, mask)]
+    for j in part:
+        batch = batches[j]
+        mask = batch.mask if unit.kind == "module" else None
+        xs = _capture_rows(float_net, unit, j, n_blocks, mask)
+        xts = _capture_rows(quant_net, unit, j, n_blocks, mask)
         if stats is None:
-            stats = [LayerStats(x.shape[1]) for x in xs]
+            stats = [LayerStats(x.shape[1], x.device) for x in xs]
         for st, x, xt in zip(stats, xs, xts):
-            if x.shape[0] > xb.shape[0]:  # several rows per sample: patches (or tokens)
-                budget = max(1, math.ceil(max_patches * xb.shape[0] / max(total, 1)))
+            if x.shape[0] > batch.x.shape[0]:  # several rows per sample: patches (or tokens)
+                budget = max(1, math.ceil(max_patches * batch.x.shape[0] / max(total, 1)))
                 if budget < x.shape[0]:
-                    idx = torch.randperm(x.shape[0], generator=generator)[:budget]
+                    idx = torch.randperm(x.shape[0], generator=generator)[:budget].to(x.device)
                     x, xt = x[idx], xt[idx]
             st.add(x, xt)
     if stats is None:
         raise ValueError("GPFQ needs calibration data, got no batches")
-    return stats[0] if single else stats
+    return stats
 
 
 # The step-size constants C that scale_factor="auto" tries per layer (1.16: the paper's
@@ -627,16 +681,28 @@ def gpfq_quantize_model(
     seed: int = 0,
     auto_holdout: float = 0.0,
     activation_spec: dict | None = None,
+    streaming: bool = True,
 ) -> tuple[dict[str, QuantizedTensor], dict[str, dict]]:
     """Quantize ``model``'s planned weights with GPFQ, in network order, in place.
 
     Each weight is replaced by its dequantized value as soon as it is quantized, so later
-    weights see the quantized network's inputs ``X̃``; a deep copy taken first provides the
-    float network's inputs ``X``.
+    weights see the quantized network's inputs ``X̃``; a float copy provides the float
+    network's inputs ``X``.
+
+    A model built as a chain of repeated blocks (a transformer's layers: ``find_block_chain``)
+    is quantized block by block: both networks' inputs to the current block are cached over
+    the calibration data, the block's weights are quantized by running that block alone (a
+    float copy of it on the float cache, the block itself on the quantized cache), then both
+    caches move through the block. Memory is the two caches, one block copy and one weight's
+    statistics; time grows linearly with depth. Weights outside the chain (before it, or a
+    head after it) and models without a chain take the whole-model path (a float copy of the
+    model, each weight's inputs captured by running it from the input). Both paths give the
+    same codes.
 
     Args:
         model: evaluated in eval mode; its planned weights are overwritten (and their
-            biases, with ``bias_correction``).
+            biases, with ``bias_correction``). Its parameters keep their dtype (bf16/fp16
+            models are quantized with fp32/fp64 math); statistics live on its device.
         calibration: calibration inputs (batch first).
         plans: layer name (for ``<layer>.weight``) or parameter name (``attn.in_proj_weight``,
             ``rnn.weight_ih_l0``) → ``LayerPlan``; weights not named stay as they are.
@@ -652,21 +718,27 @@ def gpfq_quantize_model(
             codes are refit on all samples with that C.
         activation_spec: ``state.extras["activation_quantization"]``: while quantizing, the
             quantized network's layers see 8-bit inputs, so X̃ carries the activation error.
+        streaming: use the block-by-block path when the model has a chain of blocks (False:
+            always the whole-model path; same codes, for tests and comparisons).
 
     Returns:
         ``{"<param>": QuantizedTensor}`` and per-weight facts keyed like ``plans``
         (``bits``, ``granularity``, ``algorithm``, ``output_rel_error``,
         ``rtn_output_rel_error``, ``weight_rel_error``, ``scale_factor``).
     """
+    from compress.padding import token_mask
+
     was_training = model.training
     model.eval()
-    float_model = copy.deepcopy(model).eval()
     modules = dict(model.named_modules())
     units = {key: _resolve_unit(model, key, modules) for key in plans}
+    example = calibration[:2].to(_device_of(model))
+    chain = find_block_chain(model, example) if streaming else None
     owners = {u.owner for u in units.values()} | {
         u.owner.rpartition(".")[0] for u in units.values() if u.kind == "mha_out"
     }
-    called = unit_order(model, calibration[:2], owners)
+    block_names = [] if chain is None else chain.block_names
+    called = unit_order(model, example, owners | set(block_names))
     rank = {n: i for i, n in enumerate(called)}
 
     def position(u: _Unit) -> tuple:
@@ -678,6 +750,10 @@ def gpfq_quantize_model(
     if missing:
         raise ValueError(f"layers {sorted(missing)} are not called in the model's forward pass")
     order = sorted(units.values(), key=position)
+    phases = None if chain is None else _chain_phases(chain, order, rank)
+    if chain is not None and phases is None:
+        log.info("gpfq: a planned weight outside %s is called between its blocks: whole-model path", chain.prefix)
+
     gen = torch.Generator().manual_seed(seed)
     total = len(calibration)
     factors = scale_factor if isinstance(scale_factor, tuple) else (scale_factor,)
@@ -686,77 +762,389 @@ def gpfq_quantize_model(
         n_hold = 0
     if n_hold:
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 1))
-        parts = [calibration[perm[n_hold:]], calibration[perm[:n_hold]]]
+        parts_x = [calibration[perm[n_hold:]], calibration[perm[:n_hold]]]
     else:
-        parts = [calibration]
-    quant: dict[str, QuantizedTensor] = {}
-    report: dict[str, dict] = {}
+        parts_x = [calibration]
+    device = _device_of(model)
+    batches: list[_Batch] = []
+    parts: list[list[int]] = []
+    for part in parts_x:
+        parts.append([])
+        for i in range(0, len(part), batch_size):
+            xb = part[i : i + batch_size].to(device)
+            parts[-1].append(len(batches))
+            batches.append(_Batch(xb, token_mask(model, xb)))
+
     from compress.quantize.activations import quantized_inputs
 
-    # After the deep copy: the float network stays float, the quantized one sees 8-bit inputs.
-    with quantized_inputs(model, activation_spec):
-        _gpfq_units(
-            model,
-            float_model,
-            modules,
-            order,
-            plans,
-            parts,
-            gen,
-            quant,
-            report,
-            factors=factors,
-            range_quantile=range_quantile,
-            sparsity=sparsity,
-            sparsity_lambda=sparsity_lambda,
-            bias_correction=bias_correction,
-            batch_size=batch_size,
-            max_patches=max_patches,
-            block_size=block_size,
-            calibration=calibration,
-        )
+    loop = _UnitLoop(
+        modules,
+        plans,
+        parts,
+        batches,
+        gen,
+        factors=factors,
+        range_quantile=range_quantile,
+        sparsity=sparsity,
+        sparsity_lambda=sparsity_lambda,
+        bias_correction=bias_correction,
+        max_patches=max_patches,
+        block_size=block_size,
+    )
+    if phases is None:
+        float_model = copy.deepcopy(model).eval()
+        # After the deep copy: the float network stays float, the quantized one sees 8-bit inputs.
+        with quantized_inputs(model, activation_spec):
+            loop.group_of = _group_of(model, example)
+            float_net, quant_net = _ModelNet(float_model, batches), _ModelNet(model, batches)
+            for unit in order:
+                loop.run(unit, float_net, quant_net)
+        del float_model
+    else:
+        assert chain is not None
+        _stream_chain(model, chain, phases, loop, batches, activation_spec, example)
     model.train(was_training)
-    return quant, report
+    return loop.quant, loop.report
 
 
-def _gpfq_units(
-    model,
-    float_model,
-    modules,
-    order,
-    plans,
-    parts,
-    gen,
-    quant,
-    report,
-    *,
-    factors,
-    range_quantile,
-    sparsity,
-    sparsity_lambda,
-    bias_correction,
-    batch_size,
-    max_patches,
-    block_size,
-    calibration,
-) -> None:
-    """The weight loop of ``gpfq_quantize_model`` (fills ``quant`` and ``report``).
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
 
-    ``parts`` is ``[calibration]`` or ``[fit rows, held-out rows]``: with a hold-out, each
-    candidate alphabet is fit on the first and judged on the second, and the chosen one is
-    refit on both.
+
+def _group_of(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Layer → index of its shared-input group (q/k/v fed one tensor), for groups of two or more."""
+    return {n: i for i, g in enumerate(shared_input_groups(model, example)) for n in g if len(g) > 1}
+
+
+# --- the chain of blocks -----------------------------------------------------------------
+#
+# A transformer is embeddings, a chain of identical blocks (each fed the previous block's
+# hidden state plus the same side inputs: attention mask, position embeddings) and a head.
+# Found generically on two samples with hooks, then checked: replaying the blocks one by
+# one from the first block's captured inputs must reproduce the last block's output exactly.
+
+# Keyword arguments holding decoding state (a KV cache): replaying a block must not grow it.
+_STATE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+@dataclass
+class BlockChain:
+    """A container whose children run one after the other, each on its predecessor's output."""
+
+    prefix: str  # the container's module name ("" for the model itself)
+    names: list[str]  # its children, in call (= index) order
+    tuple_tail: int | None  # None: blocks return the hidden state; k: a tuple of it and k Nones
+
+    @property
+    def block_names(self) -> list[str]:
+        return [f"{self.prefix}.{n}" if self.prefix else n for n in self.names]
+
+    def output(self, hidden: torch.Tensor) -> object:
+        """A block's return value carrying ``hidden``."""
+        return hidden if self.tuple_tail is None else (hidden, *([None] * self.tuple_tail))
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    h = kwargs.get("hidden_states")
+    return h if isinstance(h, torch.Tensor) else None
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args and isinstance(args[0], torch.Tensor):
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _hidden_out(out: object) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def _stateless(kwargs: dict) -> dict:
+    """A block's keyword arguments without decoding state (no KV cache, ``use_cache`` off)."""
+    out = {k: (None if k in _STATE_KWARGS else v) for k, v in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def find_block_chain(model: nn.Module, example: torch.Tensor) -> BlockChain | None:
+    """The model's chain of repeated blocks, or None.
+
+    Candidates are ``nn.ModuleList``/``nn.Sequential`` containers of two or more children of
+    one class, each a module with submodules (a block, not a bare layer). On ``example`` each
+    child must be called exactly once, in index order, child ``i``'s output (or its first
+    element) being child ``i+1``'s first input, and a replay of the children from the first
+    one's captured arguments must reproduce the last one's output bit for bit. The largest
+    such container (by parameters) wins.
     """
-    # Consecutive Linear layers fed the very same tensor (q/k/v projections) share statistics:
-    # quantizing one cannot change the others' input.
-    group_of = {n: i for i, g in enumerate(shared_input_groups(model, calibration[:2])) for n in g if len(g) > 1}
-    last: tuple = (None, None)
-    for unit in order:
-        plan = plans[unit.key]
-        layer = modules[unit.owner]
+    containers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.ModuleList, nn.Sequential))
+        and len(m) >= 2
+        and len({type(c) for c in m}) == 1
+        and all(next(c.children(), None) is not None for c in m)
+    }
+    if not containers:
+        return None
+    calls: dict[str, list] = {n: [] for n in containers}
+    handles = []
+    for cname, cont in containers.items():
+        for idx, child in enumerate(cont):
+
+            def pre(_m, args, kwargs, rec=calls[cname], idx=idx):
+                rec.append(("in", idx, args, kwargs))
+
+            def post(_m, _args, _kwargs, out, rec=calls[cname], idx=idx):
+                rec.append(("out", idx, out, None))
+
+            handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(child.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad(), _no_mha_fastpath():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    found: list[tuple[int, str, BlockChain]] = []
+    for cname, rec in calls.items():
+        cont = containers[cname]
+        n = len(cont)
+        if [(r[0], r[1]) for r in rec] != [(k, i) for i in range(n) for k in ("in", "out")]:
+            continue
+        ins = [_hidden_in(rec[2 * i][2], rec[2 * i][3]) for i in range(n)]
+        outs = [rec[2 * i + 1][2] for i in range(n)]
+        if ins[0] is None or any(
+            _hidden_out(outs[i]) is None or _hidden_out(outs[i]) is not ins[i + 1] for i in range(n - 1)
+        ):
+            continue
+        last = outs[-1]
+        if isinstance(last, torch.Tensor):
+            tail = None
+        elif isinstance(last, tuple) and isinstance(last[0], torch.Tensor) and all(x is None for x in last[1:]):
+            tail = len(last) - 1
+        else:
+            continue
+        chain = BlockChain(cname, [name for name, _ in cont.named_children()], tail)
+        # The replay check: the blocks depend on nothing but their first input and the side inputs.
+        args, kwargs = rec[0][2], _stateless(rec[0][3])
+        try:
+            with torch.no_grad(), _no_mha_fastpath():
+                for child in cont:
+                    h = _hidden_out(child(*args, **kwargs))
+                    if h is None:
+                        raise TypeError("a block returned no tensor")
+                    args, kwargs = _with_hidden(args, kwargs, h)
+        except Exception as err:  # any failure: not a chain that can be replayed
+            log.debug("gpfq: %s is not a replayable chain (%s)", cname, err)
+            continue
+        if h.shape != _hidden_out(last).shape or not torch.equal(h, _hidden_out(last)):
+            log.debug("gpfq: replaying %s does not reproduce its output", cname)
+            continue
+        found.append((sum(p.numel() for p in cont.parameters()), cname, chain))
+    if not found:
+        return None
+    return max(found, key=lambda f: f[0])[2]
+
+
+@dataclass
+class _Phases:
+    """The planned weights split by where they run: before the chain, in block i, after it."""
+
+    before: list[_Unit]
+    blocks: list[list[_Unit]]
+    after: list[_Unit]
+
+
+def _chain_phases(chain: BlockChain, order: list[_Unit], rank: dict[str, int]) -> _Phases | None:
+    """``order`` split around the chain, or None when it does not split cleanly (a weight
+    outside the blocks called between them)."""
+    names = chain.block_names
+    first, last = rank[names[0]], rank[names[-1]]
+    phases = _Phases([], [[] for _ in names], [])
+    sequence = []
+    for u in order:
+        owner = u.owner.rpartition(".")[0] if u.kind == "mha_out" else u.owner
+        inside = next((i for i, b in enumerate(names) if owner == b or owner.startswith(b + ".")), None)
+        if inside is not None:
+            phases.blocks[inside].append(u)
+            sequence.append(inside)
+        elif rank[owner] < first:
+            phases.before.append(u)
+            sequence.append(-1)
+        elif rank[owner] > last:
+            phases.after.append(u)
+            sequence.append(len(names))
+        else:
+            return None
+    if sequence != sorted(sequence):
+        return None
+    return phases
+
+
+class _ReplayState:
+    """The chain's final hidden state per calibration batch, and the batch being run."""
+
+    def __init__(self):
+        self.hidden: list[torch.Tensor] = []
+        self.current = 0
+
+
+class _Replay(nn.Module):
+    """Stands in for a block of the chain: returns the chain's cached output for the batch
+    being run, so a head after the chain runs without running the blocks."""
+
+    def __init__(self, state: _ReplayState, chain: BlockChain):
+        super().__init__()
+        self.state, self.chain = state, chain
+
+    def forward(self, *args, **kwargs):
+        return self.chain.output(self.state.hidden[self.state.current])
+
+
+class _blocks_replaced:
+    """While active, the chain's blocks in ``model`` are ``_Replay`` modules over ``state``."""
+
+    def __init__(self, model: nn.Module, chain: BlockChain, state: _ReplayState):
+        self.container = model.get_submodule(chain.prefix)
+        self.chain, self.state = chain, state
+
+    def __enter__(self):
+        self.saved = dict(self.container._modules)
+        for name in self.chain.names:
+            self.container._modules[name] = _Replay(self.state, self.chain)
+
+    def __exit__(self, *exc):
+        for name, m in self.saved.items():
+            self.container._modules[name] = m
+
+
+def _stream_chain(
+    model: nn.Module,
+    chain: BlockChain,
+    phases: _Phases,
+    loop: _UnitLoop,
+    batches: list[_Batch],
+    activation_spec: dict | None,
+    example: torch.Tensor,
+) -> None:
+    """The block-by-block path of ``gpfq_quantize_model`` (see there)."""
+    from compress.quantize.activations import quantized_inputs
+
+    float_replay, quant_replay = _ReplayState(), _ReplayState()
+    # The float network outside the chain: a copy of the model without its blocks.
+    with _blocks_replaced(model, chain, float_replay):
+        skeleton = copy.deepcopy(model).eval()
+    for m in skeleton.get_submodule(chain.prefix).children():
+        cast(_Replay, m).state = float_replay
+    js = range(len(batches))
+
+    def capture_first(net: _Net, j: int) -> tuple[tuple, dict]:
+        got: list = []
+
+        def hook(_m, args, kwargs):
+            got.append((args, _stateless(kwargs)))
+            raise _StopForward
+
+        handle = net.layer(chain.block_names[0]).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            _run_until(net, j)
+        finally:
+            handle.remove()
+        return got[0]
+
+    with quantized_inputs(model, activation_spec):
+        loop.group_of = _group_of(model, example)
+        float_model_net, quant_model_net = _ModelNet(skeleton, batches, float_replay), _ModelNet(model, batches)
+        for unit in phases.before:
+            loop.run(unit, float_model_net, quant_model_net)
+        quant_in = [capture_first(quant_model_net, j) for j in js]
+    # Up to the first block the networks differ only if a weight before it was quantized.
+    float_in = [capture_first(float_model_net, j) for j in js] if phases.before else quant_in
+    # Activation quantization inside a block makes the two networks differ even without weights.
+    acts = bool(activation_spec) and activation_spec.get("mode", "none") != "none"
+    for name, units in zip(chain.block_names, phases.blocks):
+        block = model.get_submodule(name)
+        identical = float_in is quant_in and not units and not acts
+        # Copied outside quantized_inputs, so the float copy carries none of its hooks.
+        float_block = copy.deepcopy(block) if units else block
+        if units:
+            float_net, quant_net = _BlockNet(float_block, name, float_in), _BlockNet(block, name, quant_in)
+            with quantized_inputs(model, activation_spec):
+                for unit in units:
+                    loop.run(unit, float_net, quant_net)
+        with _no_mha_fastpath():
+            with quantized_inputs(model, activation_spec):
+                quant_in = [_with_hidden(a, kw, _hidden_out(block(*a, **kw))) for a, kw in quant_in]
+            if identical:
+                float_in = quant_in
+            else:
+                float_in = [_with_hidden(a, kw, _hidden_out(float_block(*a, **kw))) for a, kw in float_in]
+        del float_block
+        log.debug("gpfq: block %s done (%d weights)", name, len(units))
+    if phases.after:
+        float_replay.hidden = [_hidden_in(a, kw) for a, kw in float_in]
+        quant_replay.hidden = [_hidden_in(a, kw) for a, kw in quant_in]
+        del float_in, quant_in
+        with _blocks_replaced(model, chain, quant_replay), quantized_inputs(model, activation_spec):
+            quant_model_net = _ModelNet(model, batches, quant_replay)
+            for unit in phases.after:
+                loop.run(unit, float_model_net, quant_model_net)
+
+
+class _UnitLoop:
+    """Quantizes planned weights one at a time from captured statistics (fills ``quant`` and
+    ``report``); the networks it captures from are given per weight.
+
+    ``parts`` is ``[calibration]`` or ``[fit rows, held-out rows]`` (lists of batch
+    indices): with a hold-out, each candidate alphabet is fit on the first and judged on the
+    second, and the chosen one is refit on both.
+    """
+
+    def __init__(
+        self,
+        modules,
+        plans,
+        parts,
+        batches,
+        gen,
+        *,
+        factors,
+        range_quantile,
+        sparsity,
+        sparsity_lambda,
+        bias_correction,
+        max_patches,
+        block_size,
+    ):
+        self.modules, self.plans, self.parts, self.batches, self.gen = modules, plans, parts, batches, gen
+        self.factors, self.range_quantile = factors, range_quantile
+        self.sparsity, self.sparsity_lambda = sparsity, sparsity_lambda
+        self.bias_correction, self.max_patches, self.block_size = bias_correction, max_patches, block_size
+        self.quant: dict[str, QuantizedTensor] = {}
+        self.report: dict[str, dict] = {}
+        # Consecutive Linear layers fed the very same tensor (q/k/v projections) share
+        # statistics: quantizing one cannot change the others' input.
+        self.group_of: dict[str, int] = {}
+        self.last: tuple = (None, None)
+
+    def run(self, unit: _Unit, float_net: _Net, quant_net: _Net) -> None:
+        """Quantize ``unit``'s weight in place, its statistics captured from the two networks."""
+        plan = self.plans[unit.key]
+        layer = self.modules[unit.owner]
         param = getattr(layer, unit.attr)
         w2d = as_matrix(param.detach()).float()
         rows, cols = w2d.shape
         blocks = unit.blocks(layer, rows)
+        sparsity, sparsity_lambda, block_size = self.sparsity, self.sparsity_lambda, self.block_size
+        range_quantile, factors = self.range_quantile, self.factors
 
         def grid(factor, w2d=w2d, plan=plan):
             if factor == RTN_GRID:
@@ -776,33 +1164,34 @@ def _gpfq_units(
 
         stats = parts_stats = None
         algorithm = "gpfq"
+        group = self.group_of.get(unit.owner)
         if unit.kind != "rtn":
             try:
-                shared = unit.kind == "module" and len(blocks) == 1 and group_of.get(unit.owner) is not None
-                parts_stats = last[1] if shared and last[0] == group_of[unit.owner] else None
+                shared = unit.kind == "module" and len(blocks) == 1 and group is not None
+                parts_stats = self.last[1] if shared and self.last[0] == group else None
                 if parts_stats is None:
                     parts_stats = [
                         collect_stats(
-                            float_model,
-                            model,
+                            float_net,
+                            quant_net,
                             unit,
-                            None,
-                            (part[i : i + batch_size] for i in range(0, len(part), batch_size)),
-                            len(part),
-                            max_patches,
-                            gen,
+                            self.batches,
+                            part,
+                            self.max_patches,
+                            self.gen,
                             n_blocks=len(blocks),
                         )
-                        for part in parts
+                        for part in self.parts
                     ]
             except _NoStatistics as err:
                 unit = _Unit(unit.key, unit.param, unit.owner, unit.attr, "rtn", str(err) + ", rounded to nearest")
+        mask = None if plan.mask is None else as_matrix(plan.mask).to(w2d.device)
         if parts_stats is None:
             # No inputs to follow: round to nearest on RTN's grid (the report says why).
             scale, zp = grid(RTN_GRID)
             codes = round_to_grid(w2d, scale, zp, plan.bits)
-            if plan.mask is not None:
-                codes = torch.where(as_matrix(plan.mask).bool(), codes, zero_codes(zp, rows, cols))
+            if mask is not None:
+                codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols).to(codes.device))
             algorithm = f"rtn ({unit.reason})"
             log.info("gpfq: %s", algorithm)
             chosen_factor = RTN_GRID
@@ -811,7 +1200,6 @@ def _gpfq_units(
             # the held-out part, fit on the first, the final codes and report on all rows.
             fit_stats, val_stats = parts_stats[0], parts_stats[-1]
             all_stats = fit_stats if len(parts_stats) == 1 else [a.merged(b) for a, b in zip(fit_stats, val_stats)]
-            mask = None if plan.mask is None else as_matrix(plan.mask)
             best = None
 
             def blockwise_codes(scale, zp, stats_of_blocks, w2d=w2d, plan=plan, mask=mask, blocks=blocks):
@@ -843,7 +1231,7 @@ def _gpfq_units(
                 if how == "round":
                     codes = round_to_grid(w2d, scale, zp, plan.bits)
                     if mask is not None:
-                        codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols))
+                        codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols).to(codes.device))
                 else:
                     codes = blockwise_codes(scale, zp, fit_stats)
                 if len(candidates) > 1:
@@ -860,10 +1248,15 @@ def _gpfq_units(
             else:
                 chosen_factor = factors[0]
             stats = all_stats
+        # The stored codes live on the host whatever the model's device.
         qt = UniformTensor(
-            codes=codes.reshape(param.shape).contiguous(), bits=plan.bits, scale=scale, zero_point=zp, method="gpfq"
+            codes=codes.reshape(param.shape).contiguous().cpu(),
+            bits=plan.bits,
+            scale=scale.cpu(),
+            zero_point=None if zp is None else zp.cpu(),
+            method="gpfq",
         )
-        q2d = as_matrix(qt.dequantize())
+        q2d = as_matrix(qt.dequantize()).to(w2d.device)
         info: dict = {
             "bits": plan.bits,
             "granularity": qt.granularity,
@@ -883,17 +1276,17 @@ def _gpfq_units(
             rerr, _ = _abs_error(w2d, rtn * expand_to_columns(rtn_scale, rows, cols), blocks, stats)
             info["rtn_output_rel_error"] = rerr / max(ref, 1e-300)
             bias = _bias_of(layer, unit.attr)
-            if bias_correction and bias is not None:
+            if self.bias_correction and bias is not None:
                 # E[x]·w − E[x̃]·q per output: the mean shift the quantization introduced.
                 for sl, st in zip(blocks, stats):
                     mean_x = (st.sum_x / st.count).float()
                     mean_xt = (st.sum_xt / st.count).float()
-                    bias[sl].add_(w2d[sl] @ mean_x - q2d[sl] @ mean_xt)
+                    bias[sl].add_((w2d[sl] @ mean_x - q2d[sl] @ mean_xt).to(bias.dtype))
         param.copy_(q2d.reshape(param.shape).to(param.dtype))
-        quant[unit.param] = qt
-        report[unit.key] = info
+        self.quant[unit.param] = qt
+        self.report[unit.key] = info
         shares = unit.kind == "module" and len(blocks) == 1 and stats is not None
-        last = (group_of.get(unit.owner), parts_stats) if shares else (None, None)
+        self.last = (group, parts_stats) if shares else (None, None)
         log.debug("gpfq %s: %s", unit.key, info)
 
 

@@ -10,7 +10,9 @@ in the manifest; a SHA-256 in older containers) is checked while writing.
 * ``.safetensors`` - regions from the header's ``data_offsets`` (header kept verbatim).
 * ``.onnx`` - regions are the ``raw_data`` fields of initializers and of tensor
   attributes (e.g. ``Constant``), found by walking the protobuf wire format directly.
-  External-data files next to the model are not packed (logged).
+  A model over 2 GB keeps its weights in an external-data file beside it: that file is
+  packed into the same container, typed from the tensors that refer to it, and restored
+  beside the model (``_pack_external_data``).
 * ``.pt`` / ``.pth`` - torch.save zip archives: regions are the stored (uncompressed)
   ``data/<key>`` records, typed from the pickle's storage types (read without executing
   it). Restoration is byte-identical, not merely an equivalent state_dict.
@@ -262,8 +264,6 @@ def _onnx_regions(path: Path, f: BinaryIO, size: int) -> list[Region]:
                 raise ValueError("no graph field")
         except (ValueError, IndexError) as err:
             raise InputError(f"{path}: not a valid ONNX model ({err})") from None
-        if b"location" in buf[: min(size, 1 << 20)] and b"external" in buf[: min(size, 1 << 20)]:
-            log.info("%s may reference external data files; only the .onnx file itself is packed", path)
     return regions
 
 
@@ -569,6 +569,8 @@ def pack_file(
         raise InputError(f"{dst} is the input file; choose another output")
     t0 = time.perf_counter()
     size = src.stat().st_size
+    # ONNX external data: found and checked (present, long enough) before any work.
+    external = onnx_external_data(src) if fmt == "onnx" else {}
     with open(src, "rb") as f:
         parse = {"safetensors": _safetensors_regions, "onnx": _onnx_regions, "torch": _torch_regions}[fmt]
         regions = _clean_regions(parse(src, f, size), size, src)
@@ -613,6 +615,8 @@ def pack_file(
                 pos = r.offset + r.length
             add_gap(pos, size - pos)
             flush_skeleton()
+            if external:
+                meta["external_data"] = _pack_external_data(w, src.parent, external)
             for name, array in (extra_tensors or {}).items():
                 w.add_tensor(f"extra/{name}", np.ascontiguousarray(array))
             if extra_meta is not None:
@@ -622,7 +626,9 @@ def pack_file(
             w.meta = meta
             stats = list(w.stats)
     seconds = time.perf_counter() - t0
-    report = PackReport(src, dst, fmt, size, dst.stat().st_size, seconds, len(regions), stats)
+    size += sum(f["size"] for f in meta.get("external_data", []))
+    n_regions = len(regions) + sum(len(r) for r in external.values())
+    report = PackReport(src, dst, fmt, size, dst.stat().st_size, seconds, n_regions, stats)
     log.info("packed %s -> %s: %d -> %d bytes (ratio %.4f)", src, dst, size, report.packed_bytes, report.ratio)
     return report
 
@@ -685,6 +691,7 @@ def unpack_file(
         dst = Path(dst) if dst is not None else default_unpack_path(src, name if isinstance(name, str) else None)
         check_output_path(dst, force=force, sources=(src,))
         plan = _check_segments(src, r, segments, size)
+        companions = _external_data_plan(src, r, meta, dst.parent, force)
         hasher: Any = _SourceCheck() if _is_count(crc) else hashlib.sha256()  # older files: SHA-256
         written = 0
         with atomic_open(dst, size_hint=size) as out:
@@ -717,6 +724,8 @@ def unpack_file(
             if written != size or not same:
                 what = "CRC-32" if _is_count(crc) else "SHA-256"
                 raise CorruptArchiveError(f"{src}: restored file does not match the original's size/{what}")
+        for path, data_plan, data_size, data_crc in companions:
+            _restore_segments(src, r, data_plan, data_size, data_crc, path, threads)
     log.info("unpacked %s -> %s (%d bytes)", src, dst, written)
     return dst
 
@@ -745,3 +754,239 @@ def _check_segments(src: Path, r: ContainerReader, segments: list[Any], size: in
 
 def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+# ======================================================= ONNX external data (issue 17)
+#
+# Self-contained on purpose: pack_file and unpack_file call the three functions below and
+# are otherwise unchanged. A data file is coded like a model file: its tensors (typed from
+# the TensorProtos that point into it) as typed entries, the bytes between them (alignment
+# padding, untyped data) as blobs; the manifest's ``external_data`` lists each file's
+# name, size, SHA-256 and segments, and unpack restores it beside the model byte for byte.
+
+_ONNX_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+
+
+def _onnx_external_tensor(buf: mmap.mmap, start: int, end: int, out: list[tuple[str, Region | None]]) -> None:
+    dims: list[int] = []
+    dtype = 0
+    name = ""
+    location_field = 0
+    entries: dict[str, str] = {}
+    for fno, wt, a, b in _fields(buf, start, end):
+        if fno == 1 and wt == 0:
+            dims.append(a)
+        elif fno == 1 and wt == 2:
+            pos = a
+            while pos < b:
+                v, pos = _varint(buf, pos, b)
+                dims.append(v)
+        elif fno == 2 and wt == 0:
+            dtype = a
+        elif fno == 8 and wt == 2:
+            name = bytes(buf[a:b]).decode("utf-8", "replace")
+        elif fno == 13 and wt == 2:  # external_data: StringStringEntryProto {1: key, 2: value}
+            key = value = ""
+            for efno, ewt, ea, eb in _fields(buf, a, b):
+                if ewt == 2 and efno in (1, 2):
+                    text = bytes(buf[ea:eb]).decode("utf-8", "replace")
+                    key, value = (text, value) if efno == 1 else (key, text)
+            entries[key] = value
+        elif fno == 14 and wt == 0:
+            location_field = a
+    if location_field != _ONNX_EXTERNAL:
+        return
+    try:
+        offset = int(entries.get("offset", "0"))
+        length = int(entries["length"]) if "length" in entries else -1
+    except ValueError:
+        raise ValueError(f"tensor {name!r} has a malformed external-data offset/length") from None
+    label = name or "tensor"
+    out.append(
+        (entries.get("location", ""), Region(offset, length, _ONNX_DTYPES.get(dtype, "uint8"), tuple(dims), label))
+    )
+
+
+def _onnx_external_graph(buf: mmap.mmap, start: int, end: int, out: list, depth: int) -> None:
+    if depth > 32:
+        raise ValueError("subgraphs nest too deep")
+    for fno, wt, a, b in _fields(buf, start, end):
+        if wt != 2:
+            continue
+        if fno == 5:
+            _onnx_external_tensor(buf, a, b, out)
+        elif fno == 1:
+            for afno, awt, aa, ab in _fields(buf, a, b):
+                if afno != 5 or awt != 2:
+                    continue
+                for tfno, twt, ta, tb in _fields(buf, aa, ab):
+                    if twt == 2 and tfno in (5, 10):
+                        _onnx_external_tensor(buf, ta, tb, out)
+                    elif twt == 2 and tfno in (6, 11):
+                        _onnx_external_graph(buf, ta, tb, out, depth + 1)
+
+
+def onnx_external_data(path: Path) -> dict[str, list[Region]]:
+    """The external-data files an ONNX model's tensors refer to, with each file's tensors.
+
+    Torch- and onnx-free (the protobuf wire format is walked directly), so ``compress
+    validate`` uses it on a device to check a model's data file before loading it.
+
+    Returns:
+        ``{file name: regions}``: file names are relative to the model's folder, regions
+        sorted by offset, with the lengths of regions that run to the end of the file
+        filled in. Empty for a model without external data.
+
+    Raises:
+        InputError: the model does not parse, a location is not a plain file name beside
+            the model, a data file is missing, or it is shorter than its tensors need (the
+            message names the file).
+    """
+    path = Path(path)
+    refs: list[tuple[str, Region | None]] = []
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: not an ONNX model (empty file)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            for fno, wt, a, b in _fields(buf, 0, size):
+                if fno == 7 and wt == 2:
+                    _onnx_external_graph(buf, a, b, refs, 0)
+        except (ValueError, IndexError) as err:
+            raise InputError(f"{path}: not a valid ONNX model ({err})") from None
+    files: dict[str, list[Region]] = {}
+    for location, region in refs:
+        assert region is not None
+        if not _plain_name(location):
+            raise InputError(
+                f"{path}: tensor {region.label!r} keeps its data in {location!r}, which is not a file "
+                "beside the model; only data files in the model's own folder are supported"
+            )
+        files.setdefault(location, []).append(region)
+    out: dict[str, list[Region]] = {}
+    for location, regions in files.items():
+        data = path.with_name(location)
+        if not data.is_file():
+            raise InputError(
+                f"{data}: missing; {path.name} keeps the weights of {len(regions)} tensors in this "
+                "external-data file (copy it next to the model)"
+            )
+        data_size = data.stat().st_size
+        fixed = []
+        for r in sorted(regions, key=lambda r: r.offset):
+            length = data_size - r.offset if r.length < 0 else r.length
+            if r.offset + length > data_size:
+                raise InputError(
+                    f"{data}: truncated ({data_size} bytes); tensor {r.label!r} of {path.name} needs bytes "
+                    f"{r.offset}..{r.offset + length}"
+                )
+            fixed.append(Region(r.offset, length, r.dtype, r.shape, r.label))
+        out[location] = fixed
+    return out
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _pack_external_data(w: ContainerWriter, folder: Path, files: dict[str, list[Region]]) -> list[dict[str, Any]]:
+    """Code each external-data file into ``w`` (entries ``external/<i>/...``); returns the
+    manifest records ``{"name", "size", "sha256", "segments"}``."""
+    return [
+        _pack_one_data_file(w, f"external/{i}", folder / name, found) for i, (name, found) in enumerate(files.items())
+    ]
+
+
+def _pack_one_data_file(w: ContainerWriter, prefix: str, path: Path, found: list[Region]) -> dict[str, Any]:
+    size = path.stat().st_size
+    regions = _clean_regions(found, size, path)
+    hasher = _SourceCheck()
+    segments: list[list[Any]] = []
+    with open(path, "rb") as f:
+        pad = bytearray()  # the bytes between tensors (alignment), gathered into few blobs
+        pad_count = 0
+
+        def add_gap(start: int, length: int) -> None:
+            nonlocal pad, pad_count
+            if length <= 0:
+                return
+            if len(pad) + length > SKELETON_FLUSH and pad:
+                w.add_blob(f"{prefix}/gap/{pad_count}", bytes(pad))
+                pad, pad_count = bytearray(), pad_count + 1
+            if length > SKELETON_FLUSH:
+                ename = f"{prefix}/gap/{pad_count}"
+                w.add_blob(ename, _read_range(f, start, length, hasher), size=length)
+                segments.append(["b", ename, 0, length])
+                pad_count += 1
+                return
+            segments.append(["b", f"{prefix}/gap/{pad_count}", len(pad), length])
+            for piece in _read_range(f, start, length, hasher):
+                pad += piece
+
+        pos = 0
+        for j, r in enumerate(regions):
+            add_gap(pos, r.offset - pos)
+            ename = f"{prefix}/t/{j}/{r.label}"[:C_MAX_NAME]
+            w.add_tensor_chunks(
+                ename, r.dtype, r.shape, _read_range(f, r.offset, r.length, hasher), meta={"label": r.label}
+            )
+            segments.append(["t", ename, 0, r.length])
+            pos = r.offset + r.length
+        add_gap(pos, size - pos)
+        if pad:
+            w.add_blob(f"{prefix}/gap/{pad_count}", bytes(pad))
+        return {"name": path.name, "size": size, "crc32": hasher.value, "segments": segments}
+
+
+def _external_data_plan(
+    src: Path, r: ContainerReader, meta: dict[str, Any], folder: Path, force: bool
+) -> list[tuple[Path, list[tuple[str, str, int, int]], int, int]]:
+    """Check a container's external-data records and their destinations before anything is written."""
+    from compress.artifacts import check_output_path
+
+    records = meta.get("external_data", [])
+    if not isinstance(records, list):
+        raise CorruptArchiveError(f"{src}: malformed external_data list")
+    out = []
+    for rec in records:
+        if not isinstance(rec, dict):
+            raise CorruptArchiveError(f"{src}: malformed external_data record")
+        name, size, crc, segments = rec.get("name"), rec.get("size"), rec.get("crc32"), rec.get("segments")
+        if not (isinstance(name, str) and _plain_name(name)):
+            raise CorruptArchiveError(f"{src}: external data file name {name!r} is not a plain file name")
+        if not (_is_count(size) and _is_count(crc) and isinstance(segments, list)):
+            raise CorruptArchiveError(f"{src}: the size/CRC-32/segments of external data file {name!r} are malformed")
+        path = folder / name
+        check_output_path(path, force=force, sources=(src,))
+        out.append((path, _check_segments(src, r, segments, size), size, crc))
+    return out
+
+
+def _restore_segments(
+    src: Path, r: ContainerReader, plan: list[tuple[str, str, int, int]], size: int, crc: int, dst: Path, threads
+) -> None:
+    """Write one restored file (atomic, CRC-32 checked), as unpack_file does for the model."""
+    from compress.artifacts import atomic_open
+
+    hasher = _SourceCheck()
+    written = 0
+    with atomic_open(dst, size_hint=size) as out:
+
+        def sink(buf: Any) -> None:
+            out.write(buf)
+            hasher.update(buf)
+
+        pipe = _Pipeline(sink)
+        try:
+            for kind, ename, start, length in plan:
+                pieces = r.iter_chunks(ename, threads) if kind == "t" else r.iter_range(ename, start, length)
+                for chunk in pieces:
+                    buf = chunk.data.cast("B") if chunk.flags.c_contiguous else chunk.tobytes()
+                    written += len(buf)
+                    if written > size:
+                        raise CorruptArchiveError(f"{src}: restored {dst.name} exceeds the declared {size} bytes")
+                    pipe.put(buf)
+        finally:
+            pipe.close()
+        if written != size or hasher.value != crc:
+            raise CorruptArchiveError(f"{src}: restored {dst.name} does not match the original's size/CRC-32")

@@ -216,3 +216,35 @@ def sentence_transformer():
     except ImportError as err:
         raise ImportError(f"sentence-transformers is not installed: {INSTALL_HINT}") from err
     return SentenceTransformer(str(model_dir()), device="cpu")
+
+
+def bert(
+    hidden_size: int = 384,
+    num_hidden_layers: int = 6,
+    num_attention_heads: int = 12,
+    intermediate_size: int = 1536,
+    vocab_size: int = 30522,
+    seed: int = 0,
+    attn_implementation: str = "eager",
+) -> MiniLMEmbedder:
+    """A random-initialised BERT encoder of any size in the MiniLM wrapper (mean-pooled,
+    normalised embeddings; the same inputs and ONNX signature). The defaults are MiniLM's
+    shape (22.7 M parameters); ``BertConfig()``'s defaults (hidden 768, 12 layers, 12 heads,
+    FFN 3072) give BERT-base. Used by ``benchmarks/scale.py``; nothing is downloaded.
+
+    Raises:
+        ImportError: ``transformers`` is not installed.
+    """
+    transformers = _transformers()
+    config = transformers.BertConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+    )
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MiniLMEmbedder(transformers.BertModel(config, add_pooling_layer=False))
+    return model.eval()
