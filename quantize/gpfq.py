@@ -30,6 +30,8 @@ from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 log = logging.getLogger(__name__)
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Columns per inner block of the greedy loop (see gpfq_codes).
+_INNER_BLOCK = 16
 
 
 @dataclass
@@ -151,28 +153,38 @@ def gpfq_codes(
     Qt = torch.zeros(n, rows, dtype=dtype, device=dev)  # dequantized values q_t
     codes = torch.zeros(n, rows, dtype=dtype, device=dev)
 
+    # Python numbers for the per-column scalars: no 0-d tensor kernels inside the loop.
+    dead_t = dead.tolist()
+    g_t, ih_t = diag_g.tolist(), inv_h.tolist()
+    # Two levels of blocks: rank-1 updates only inside a small inner block (they are memory
+    # bound), matrix products to the rest of the block and, once per block, to the columns after it.
+    inner = min(_INNER_BLOCK, block_size)
     for a in range(0, n, block_size):
         b = min(a + block_size, n)
-        for t in range(a, b):
-            w_t = Wt[t]
-            if dead[t]:
-                arg = w_t  # X̃_t is zero on the calibration data: any q_t fits it; keep w_t's nearest
-            else:
-                arg = (Vt[t] + w_t * diag_g[t]) * inv_h[t]
-            z = arg / St[t]
-            if sparsity == "l1":
-                z = torch.sign(z) * (z.abs() - sparsity_lambda).clamp_min(0)
-            elif sparsity == "l0":
-                z = torch.where(z.abs() > 0.5 + sparsity_lambda, z, torch.zeros_like(z))
-            c = (torch.round(z) + Zt[t]).clamp_(qmin, qmax)
-            if keep is not None:
-                c = torch.where(keep[t], c, Zt[t])
-            codes[t] = c
-            q_t = (c - Zt[t]) * St[t]
-            Qt[t] = q_t
-            if t + 1 < b:
-                # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the block
-                Vt[t + 1 : b].addr_(Gt[t, t + 1 : b], w_t).addr_(H[t, t + 1 : b], q_t, alpha=-1.0)
+        for c0 in range(a, b, inner):
+            d = min(c0 + inner, b)
+            for t in range(c0, d):
+                w_t = Wt[t]
+                if dead_t[t]:
+                    arg = w_t  # X̃_t is zero on the calibration data: any q_t fits it; keep w_t's nearest
+                else:
+                    arg = torch.add(Vt[t], w_t, alpha=g_t[t]).mul_(ih_t[t])
+                z = arg / St[t]
+                if sparsity == "l1":
+                    z = torch.sign(z) * (z.abs() - sparsity_lambda).clamp_min(0)
+                elif sparsity == "l0":
+                    z = torch.where(z.abs() > 0.5 + sparsity_lambda, z, torch.zeros_like(z))
+                c = (torch.round(z) + Zt[t]).clamp_(qmin, qmax)
+                if keep is not None:
+                    c = torch.where(keep[t], c, Zt[t])
+                codes[t] = c
+                q_t = (c - Zt[t]) * St[t]
+                Qt[t] = q_t
+                if t + 1 < d:
+                    # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the inner block
+                    Vt[t + 1 : d].addr_(Gt[t, t + 1 : d], w_t).addr_(H[t, t + 1 : d], q_t, alpha=-1.0)
+            if d < b:
+                Vt[d:b].addmm_(Gt[c0:d, d:b].T, Wt[c0:d]).addmm_(H[c0:d, d:b].T, Qt[c0:d], alpha=-1.0)
         if b < n:
             Vt[b:].addmm_(Gt[a:b, b:].T, Wt[a:b]).addmm_(H[a:b, b:].T, Qt[a:b], alpha=-1.0)
     return codes.T.contiguous().to(torch.int8)
@@ -640,18 +652,44 @@ AUTO_SCALE_FACTORS = (0.8, 0.9, 1.0, 1.16, 1.3)
 RTN_GRID = "rtn"
 
 
-def _abs_error(
-    w2d: torch.Tensor, q2d: torch.Tensor, blocks: list[slice], stats: list[LayerStats]
-) -> tuple[float, float]:
-    """Squared output error and squared output norm summed over the weight's blocks."""
-    err = ref = 0.0
+def _output_errors(
+    w2d: torch.Tensor, candidates: list[torch.Tensor], blocks: list[slice], stats: list[LayerStats]
+) -> tuple[list[float], float]:
+    """Squared output errors ``‖Xw − X̃q‖²`` of each candidate ``q`` (dequantized, like
+    ``w2d``) and the squared output norm ``‖Xw‖²``, summed over the weight's blocks.
+
+    Written around ``δ = q − w`` so that no large terms cancel (an int8 error is ~1e-5 of
+    the output): ``wᵀMw + 2δᵀ(H − G)w + δᵀHδ`` with ``M = (X − X̃)ᵀ(X − X̃) = F − G − Gᵀ + H``.
+    The terms in ``w`` alone are shared by all candidates; the quadratic form of the small
+    ``δ`` is one float32 product for all of them.
+    """
+    errors = [0.0] * len(candidates)
+    ref = 0.0
     for sl, st in zip(blocks, stats):
-        w, q = w2d[sl].double(), q2d[sl].double()
-        r = (w @ st.F * w).sum()
-        e = r - 2 * (q @ st.G * w).sum() + (q @ st.H * q).sum()
-        err += max(e.item(), 0.0)
-        ref += r.item()
-    return err, ref
+        w = w2d[sl].float()
+        n = w.shape[1]
+        # M and H − G are formed in float64 (they are small differences of large sums); the
+        # products with them carry no cancellation and run in float32, one matrix product.
+        side = torch.cat([st.F - st.G - st.G.T + st.H, st.F, (st.H - st.G).T], 1).float()
+        prod = (w @ side).double()
+        wd = w.double()
+        base = (prod[:, :n] * wd).sum().item()
+        ref += (prod[:, n : 2 * n] * wd).sum().item()
+        cross = prod[:, 2 * n :]  # row r: (H − G) w_r
+        deltas = torch.cat([q[sl].float() - w for q in candidates])
+        quad = ((deltas @ st.H.float()) * deltas).double().reshape(len(candidates), -1).sum(1)
+        r = w.shape[0]
+        for i in range(len(candidates)):
+            d = deltas[i * r : (i + 1) * r].double()
+            errors[i] += max(base + 2 * (d * cross).sum().item() + quad[i].item(), 0.0)
+    return errors, ref
+
+
+def _dequantized(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """``(codes − zero point) · scale`` as float32 ``(rows, cols)``."""
+    rows, cols = codes.shape
+    deq = codes.float() - (0 if zero_point is None else expand_to_columns(zero_point, rows, cols).float())
+    return deq * expand_to_columns(scale, rows, cols)
 
 
 @overload
@@ -1200,53 +1238,54 @@ class _UnitLoop:
             # the held-out part, fit on the first, the final codes and report on all rows.
             fit_stats, val_stats = parts_stats[0], parts_stats[-1]
             all_stats = fit_stats if len(parts_stats) == 1 else [a.merged(b) for a, b in zip(fit_stats, val_stats)]
-            best = None
 
-            def blockwise_codes(scale, zp, stats_of_blocks, w2d=w2d, plan=plan, mask=mask, blocks=blocks):
-                """GPFQ codes of every block of rows (a conv group, q/k/v) on its own statistics."""
-                return torch.cat(
-                    [
-                        gpfq_codes(
-                            w2d[sl],
-                            st,
-                            plan.bits,
-                            _rows_of(scale, sl),
-                            _rows_of(zp, sl),
-                            mask=None if mask is None else mask[sl],
-                            sparsity=sparsity,
-                            sparsity_lambda=sparsity_lambda,
-                            block_size=block_size,
-                        )
-                        for sl, st in zip(blocks, stats_of_blocks)
-                    ]
-                )
+            def codes_for(grids, stats_of_blocks, w2d=w2d, plan=plan, mask=mask, blocks=blocks):
+                """GPFQ codes on each ``(scale, zero point)`` of ``grids``: every block of rows
+                (a conv group, q/k/v) on its own statistics, all grids stacked as extra rows
+                of one pass of the greedy loop (rows are independent given the statistics)."""
+                k = len(grids)
+                per_grid: list[list[torch.Tensor]] = [[] for _ in grids]
+                for sl, st in zip(blocks, stats_of_blocks):
+                    w = w2d[sl]
+                    r = w.shape[0]
+                    zps = [z for _, z in grids]
+                    out = gpfq_codes(
+                        w.repeat(k, 1),
+                        st,
+                        plan.bits,
+                        torch.cat([_rows_of(sc, sl).expand(r, -1) for sc, _ in grids]),
+                        None if zps[0] is None else torch.cat([_rows_of(z, sl).expand(r, -1) for z in zps]),
+                        mask=None if mask is None else mask[sl].repeat(k, 1),
+                        sparsity=sparsity,
+                        sparsity_lambda=sparsity_lambda,
+                        block_size=block_size,
+                    )
+                    for i, chunk in enumerate(out.split(r)):
+                        per_grid[i].append(chunk)
+                return [torch.cat(chunks) for chunks in per_grid]
 
             # Several C: keep the alphabet whose GPFQ output error ‖Xw − X̃q‖ on the
             # calibration data is lowest (the statistics are shared, so each try is cheap).
-            candidates = [(f, "gpfq") for f in factors]
+            grids = [grid(f) for f in factors]
+            candidates = [(f, "gpfq", sc, z, c) for f, (sc, z), c in zip(factors, grids, codes_for(grids, fit_stats))]
             if RTN_GRID in factors:
-                candidates.append((RTN_GRID, "round"))
-            for factor, how in candidates:
-                scale, zp = grid(factor)
-                if how == "round":
-                    codes = round_to_grid(w2d, scale, zp, plan.bits)
-                    if mask is not None:
-                        codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols).to(codes.device))
-                else:
-                    codes = blockwise_codes(scale, zp, fit_stats)
-                if len(candidates) > 1:
-                    deq = codes.float() - (0 if zp is None else expand_to_columns(zp, rows, cols).float())
-                    out_err, _ = _abs_error(w2d, deq * expand_to_columns(scale, rows, cols), blocks, val_stats)
-                    if best is None or out_err < best[0]:
-                        best = (out_err, factor, how, scale, zp, codes)
-            if best is not None:
-                _, chosen_factor, how, scale, zp, codes = best
+                sc, z = grids[factors.index(RTN_GRID)]
+                codes = round_to_grid(w2d, sc, z, plan.bits)
+                if mask is not None:
+                    codes = torch.where(mask.bool(), codes, zero_codes(z, rows, cols).to(codes.device))
+                candidates.append((RTN_GRID, "round", sc, z, codes))
+            if len(candidates) > 1:
+                errors, _ = _output_errors(
+                    w2d, [_dequantized(c, sc, z) for _, _, sc, z, c in candidates], blocks, val_stats
+                )
+                best = min(range(len(candidates)), key=lambda i: (errors[i], i))
+                chosen_factor, how, scale, zp, codes = candidates[best]
                 if how == "round":
                     algorithm = "gpfq (plain rounding on RTN's grid had the lowest calibration error)"
                 elif all_stats is not fit_stats:  # refit on every sample with the chosen alphabet
-                    codes = blockwise_codes(scale, zp, all_stats)
+                    codes = codes_for([(scale, zp)], all_stats)[0]
             else:
-                chosen_factor = factors[0]
+                chosen_factor, _, scale, zp, codes = candidates[0]
             stats = all_stats
         # The stored codes live on the host whatever the model's device.
         qt = UniformTensor(
@@ -1267,13 +1306,10 @@ class _UnitLoop:
         if len(blocks) > 1:
             info["blocks"] = len(blocks)
         if stats is not None:
-            out_err, ref = _abs_error(w2d, q2d, blocks, stats)
-            info["output_rel_error"] = out_err / max(ref, 1e-300)
             rtn_scale, rtn_zp = grid(RTN_GRID)
-            rtn = round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits).float() - (
-                0 if rtn_zp is None else expand_to_columns(rtn_zp, rows, cols).float()
-            )
-            rerr, _ = _abs_error(w2d, rtn * expand_to_columns(rtn_scale, rows, cols), blocks, stats)
+            rtn = _dequantized(round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits), rtn_scale, rtn_zp)
+            (out_err, rerr), ref = _output_errors(w2d, [q2d, rtn], blocks, stats)
+            info["output_rel_error"] = out_err / max(ref, 1e-300)
             info["rtn_output_rel_error"] = rerr / max(ref, 1e-300)
             bias = _bias_of(layer, unit.attr)
             if self.bias_correction and bias is not None:
