@@ -1,6 +1,6 @@
 """GPFQ at scale: time, throughput and peak memory from MiniLM-sized to BERT-large-sized models.
 
-    python benchmarks/gpfq_scale.py [--quick] [--large] [--bits 8] [--threads 2]
+    python benchmarks/gpfq_scale.py [--quick] [--large] [--bits 8] [--threads 2] [--nproc N]
 
 Random-initialised BERT encoders (``transformers.BertConfig``, wrapped like the MiniLM
 model: ids stacked on attention masks, mean pooling) quantized with GPFQ (the quantize
@@ -9,7 +9,8 @@ calibration data: 64 sequences of 128 tokens (``--quick``: 16 of 64), a quarter 
 padded to half length. Each config runs in its own process; peak RSS is that process's
 high-water mark (``VmHWM``) over the GPFQ call, reset just before it (``/proc/self/clear_refs``),
 so it includes the model itself. Columns: parameters (all / the GPFQ-quantized weights),
-GPFQ seconds, quantized weights per second, peak RSS.
+GPFQ seconds, quantized weights per second, peak RSS. ``--nproc N`` runs each config on N
+gloo processes (``--threads`` each) doing exact data-parallel calibration (rank 0's time and RSS).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def _rss_peak_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_one(name: str, samples: int, tokens: int, bits: int) -> dict:
@@ -92,14 +101,24 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="torch threads per process")
     ap.add_argument("--configs", nargs="*", help="run only these configs")
+    ap.add_argument("--nproc", type=int, default=1, help="processes per config (gloo process group)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     samples, tokens = (16, 64) if args.quick else (64, 128)
     if args.worker:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(run_one(args.worker, samples, tokens, args.bits)))
+        if args.nproc > 1:
+            import torch.distributed as dist
+
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+            dist.init_process_group("gloo", rank=args.rank, world_size=args.nproc)
+        row = run_one(args.worker, samples, tokens, args.bits)
+        if args.rank == 0:
+            print(json.dumps(row | {"nproc": args.nproc}))
         return
     names = args.configs or [n for n in CONFIGS if args.large or n != "bert-large-335M"]
     rows = []
@@ -107,11 +126,25 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", name, "--bits", str(args.bits), "--threads", str(args.threads)]
         if args.quick:
             cmd.append("--quick")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ}).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        port = _free_port()
+        procs = [
+            subprocess.Popen(
+                [*cmd, "--nproc", str(args.nproc), "--rank", str(r), "--port", str(port)],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            )
+            for r in range(args.nproc)
+        ]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"{name}: a worker failed")
+        rows.append(json.loads(outs[0].strip().splitlines()[-1]))
         r = rows[-1]
         print(f"# {name}: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
-    print(f"GPFQ int{args.bits}, {samples} sequences x {tokens} tokens, {args.threads} threads")
+    print(
+        f"GPFQ int{args.bits}, {samples} sequences x {tokens} tokens, {args.nproc} process(es) x {args.threads} threads"
+    )
     print(f"{'config':<18}{'params':>10}{'quantized':>11}{'GPFQ s':>9}{'params/s':>11}{'peak RSS':>11}")
     for r in rows:
         print(

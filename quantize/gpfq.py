@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.distributed import split_range
 from compress.grid import as_matrix, expand_to_columns, round_to_grid, uniform_scale, zero_codes
 from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 
@@ -66,6 +67,12 @@ class LayerStats:
         self.sum_x += x.sum(0)
         self.sum_xt += xt.sum(0)
         self.count += x.shape[0]
+
+    def add_stats(self, other: LayerStats) -> None:
+        """Add ``other``'s sums into these (in place)."""
+        for key in ("G", "H", "F", "sum_x", "sum_xt"):
+            getattr(self, key).add_(getattr(other, key))
+        self.count += other.count
 
     def merged(self, other: LayerStats) -> LayerStats:
         """The statistics of both sets of rows (sums are additive)."""
@@ -297,7 +304,7 @@ class _ModelNet(_Net):
 class _BlockNet(_Net):
     """One block of the model's chain fed its cached inputs ``(args, kwargs)`` for batch ``j``."""
 
-    def __init__(self, block: nn.Module, prefix: str, inputs: list[tuple[tuple, dict]]):
+    def __init__(self, block: nn.Module, prefix: str, inputs: dict[int, tuple[tuple, dict]]):
         super().__init__(block, prefix)
         self.inputs = inputs
 
@@ -610,39 +617,124 @@ def collect_stats(
     quant_net: _Net,
     unit: _Unit,
     batches: list[_Batch],
-    part: list[int],
+    shards: list[list[int]],
     max_patches: int,
-    generator: torch.Generator,
-    n_blocks: int = 1,
+    seed: int,
+    sizes: list[int],
+    device: torch.device,
 ) -> list[LayerStats]:
     """Accumulate a unit's ``LayerStats`` (one per weight block) batch by batch (memory: one
     batch's activations).
 
-    ``part`` lists the indices of the batches (in ``batches``) to accumulate over.
+    ``shards`` lists the batches (indices into ``batches``) of one calibration part in
+    contiguous shards. Each shard is summed on its own and the shards are added in order,
+    so the sums are the same floats whether one process does every shard or each rank of a
+    process group does its own (``_owned_shards``): codes are identical under ``--nproc``.
     Convolution patches (and tokens) are subsampled (the same positions for both networks)
-    so that at most about ``max_patches`` rows enter the statistics. A Linear layer of a
+    so that at most about ``max_patches`` rows enter the statistics; the positions of batch
+    ``j`` come from ``(seed, j)`` alone, not from the batches before it. A Linear layer of a
     model that defines ``token_mask(x)`` (``compress.padding``) sees only the data
     positions, not the padding.
     """
-    total = sum(batches[j].x.shape[0] for j in part)
-    stats: list[LayerStats] | None = None
-    for j in part:
-        batch = batches[j]
-        mask = batch.mask if unit.kind == "module" else None
-        xs = _capture_rows(float_net, unit, j, n_blocks, mask)
-        xts = _capture_rows(quant_net, unit, j, n_blocks, mask)
-        if stats is None:
-            stats = [LayerStats(x.shape[1], x.device) for x in xs]
-        for st, x, xt in zip(stats, xs, xts):
-            if x.shape[0] > batch.x.shape[0]:  # several rows per sample: patches (or tokens)
-                budget = max(1, math.ceil(max_patches * batch.x.shape[0] / max(total, 1)))
-                if budget < x.shape[0]:
-                    idx = torch.randperm(x.shape[0], generator=generator)[:budget].to(x.device)
-                    x, xt = x[idx], xt[idx]
-            st.add(x, xt)
-    if stats is None:
+    from compress.distributed import rank_and_world
+
+    n_blocks = len(sizes)
+    total = sum(batches[j].x.shape[0] for shard in shards for j in shard)
+    mine = _owned_shards(len(shards))
+    per_shard: list[list[LayerStats] | None] = []
+    for s, shard in enumerate(shards):
+        if s not in mine:
+            per_shard.append(None)
+            continue
+        stats: list[LayerStats] | None = None
+        for j in shard:
+            batch = batches[j]
+            mask = batch.mask if unit.kind == "module" else None
+            xs = _capture_rows(float_net, unit, j, n_blocks, mask)
+            xts = _capture_rows(quant_net, unit, j, n_blocks, mask)
+            if stats is None:
+                stats = [LayerStats(x.shape[1], x.device) for x in xs]
+            generator = None
+            for st, x, xt in zip(stats, xs, xts):
+                if x.shape[0] > batch.x.shape[0]:  # several rows per sample: patches (or tokens)
+                    budget = max(1, math.ceil(max_patches * batch.x.shape[0] / max(total, 1)))
+                    if budget < x.shape[0]:
+                        if generator is None:
+                            generator = torch.Generator().manual_seed(_mix(seed, j))
+                        idx = torch.randperm(x.shape[0], generator=generator)[:budget].to(x.device)
+                        x, xt = x[idx], xt[idx]
+                st.add(x, xt)
+        per_shard.append(stats)
+    _, world = rank_and_world()
+    if world > 1:
+        # Every rank gets every shard's sums (float64, counts too), then adds them in order.
+        per_shard = _gather_shards(per_shard, sizes, device)
+    done = [st for st in per_shard if st is not None]
+    if not done:
         raise ValueError("GPFQ needs calibration data, got no batches")
-    return stats
+    out = done[0]
+    for other in done[1:]:
+        for a, b in zip(out, other):
+            a.add_stats(b)
+    return out
+
+
+def _gather_shards(
+    per_shard: list[list[LayerStats] | None], sizes: list[int], device: torch.device
+) -> list[list[LayerStats] | None]:
+    """Each rank's shard statistics (``sizes``: inputs per weight block), on every rank."""
+    from compress.distributed import all_gather_same, rank_and_world
+
+    rank, _world = rank_and_world()
+    mine = per_shard[rank] if rank < len(per_shard) else None
+    if mine is None:  # an empty shard: zero sums keep the collective's shapes
+        mine = [LayerStats(n, device) for n in sizes]
+    flat = torch.cat(
+        [
+            torch.cat(
+                [st.G.reshape(-1), st.H.reshape(-1), st.F.reshape(-1), st.sum_x, st.sum_xt, st.G.new_tensor([st.count])]
+            )
+            for st in mine
+        ]
+    )
+    out: list[list[LayerStats] | None] = []
+    for got in all_gather_same(flat):
+        stats, at = [], 0
+        for n in sizes:
+            st = LayerStats(n, device)
+            for key, size in (("G", n * n), ("H", n * n), ("F", n * n), ("sum_x", n), ("sum_xt", n)):
+                setattr(st, key, got[at : at + size].reshape(getattr(st, key).shape).clone())
+                at += size
+            st.count = int(got[at].item())
+            at += 1
+            stats.append(st)
+        out.append(stats)
+    return out
+
+
+def _owned_shards(n_shards: int) -> set[int]:
+    """The shards of a calibration part this process sums: all of them in one process, shard
+    ``s`` on rank ``s`` in a process group (one shard per rank)."""
+    from compress.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    return set(range(n_shards)) if world == 1 else {rank}
+
+
+def _shards_per_part() -> int:
+    """Shards per calibration part: 2 for 1 or 2 processes (so both add the same two partial
+    sums), else one per rank."""
+    from compress.distributed import rank_and_world
+
+    return max(2, rank_and_world()[1])
+
+
+def _mix(seed: int, *keys: int) -> int:
+    """A 63-bit generator seed from ``seed`` and ``keys`` (stable across processes and runs)."""
+    import hashlib
+
+    digest = hashlib.blake2b("/".join(map(str, (seed, *keys))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 # The step-size constants C that scale_factor="auto" tries per layer (1.16: the paper's
@@ -792,7 +884,6 @@ def gpfq_quantize_model(
     if chain is not None and phases is None:
         log.info("gpfq: a planned weight outside %s is called between its blocks: whole-model path", chain.prefix)
 
-    gen = torch.Generator().manual_seed(seed)
     total = len(calibration)
     factors = scale_factor if isinstance(scale_factor, tuple) else (scale_factor,)
     n_hold = round(total * auto_holdout) if len(factors) > 1 else 0
@@ -804,14 +895,20 @@ def gpfq_quantize_model(
     else:
         parts_x = [calibration]
     device = _device_of(model)
+    # Batches do not depend on the number of processes (each part is cut into at least one
+    # batch per shard), so every process computes the same floats for the batches it owns.
+    n_shards = _shards_per_part()
     batches: list[_Batch] = []
-    parts: list[list[int]] = []
+    parts: list[list[list[int]]] = []  # part -> shard -> batch indices
     for part in parts_x:
-        parts.append([])
-        for i in range(0, len(part), batch_size):
-            xb = part[i : i + batch_size].to(device)
-            parts[-1].append(len(batches))
+        n_batches = max(math.ceil(len(part) / batch_size), min(n_shards, len(part)))
+        ids = []
+        for rows in split_range(len(part), n_batches):
+            xb = part[rows.start : rows.stop].to(device)
+            ids.append(len(batches))
             batches.append(_Batch(xb, token_mask(model, xb)))
+        parts.append([[ids[i] for i in r] for r in split_range(len(ids), n_shards)])
+    owned = sorted(j for part in parts for s in _owned_shards(n_shards) for j in part[s])
 
     from compress.quantize.activations import quantized_inputs
 
@@ -820,7 +917,7 @@ def gpfq_quantize_model(
         plans,
         parts,
         batches,
-        gen,
+        seed,
         factors=factors,
         range_quantile=range_quantile,
         sparsity=sparsity,
@@ -840,7 +937,7 @@ def gpfq_quantize_model(
         del float_model
     else:
         assert chain is not None
-        _stream_chain(model, chain, phases, loop, batches, activation_spec, example)
+        _stream_chain(model, chain, phases, loop, batches, owned, activation_spec, example)
     model.train(was_training)
     return loop.quant, loop.report
 
@@ -1031,7 +1128,7 @@ class _ReplayState:
     """The chain's final hidden state per calibration batch, and the batch being run."""
 
     def __init__(self):
-        self.hidden: list[torch.Tensor] = []
+        self.hidden: dict[int, torch.Tensor] = {}
         self.current = 0
 
 
@@ -1070,10 +1167,12 @@ def _stream_chain(
     phases: _Phases,
     loop: _UnitLoop,
     batches: list[_Batch],
+    owned: list[int],
     activation_spec: dict | None,
     example: torch.Tensor,
 ) -> None:
-    """The block-by-block path of ``gpfq_quantize_model`` (see there)."""
+    """The block-by-block path of ``gpfq_quantize_model`` (see there). Only the batches in
+    ``owned`` (this rank's shards) are cached and run."""
     from compress.quantize.activations import quantized_inputs
 
     float_replay, quant_replay = _ReplayState(), _ReplayState()
@@ -1082,7 +1181,7 @@ def _stream_chain(
         skeleton = copy.deepcopy(model).eval()
     for m in skeleton.get_submodule(chain.prefix).children():
         cast(_Replay, m).state = float_replay
-    js = range(len(batches))
+    js = owned
 
     def capture_first(net: _Net, j: int) -> tuple[tuple, dict]:
         got: list = []
@@ -1103,9 +1202,9 @@ def _stream_chain(
         float_model_net, quant_model_net = _ModelNet(skeleton, batches, float_replay), _ModelNet(model, batches)
         for unit in phases.before:
             loop.run(unit, float_model_net, quant_model_net)
-        quant_in = [capture_first(quant_model_net, j) for j in js]
+        quant_in = {j: capture_first(quant_model_net, j) for j in js}
     # Up to the first block the networks differ only if a weight before it was quantized.
-    float_in = [capture_first(float_model_net, j) for j in js] if phases.before else quant_in
+    float_in = {j: capture_first(float_model_net, j) for j in js} if phases.before else quant_in
     # Activation quantization inside a block makes the two networks differ even without weights.
     acts = bool(activation_spec) and activation_spec.get("mode", "none") != "none"
     for name, units in zip(chain.block_names, phases.blocks):
@@ -1120,16 +1219,18 @@ def _stream_chain(
                     loop.run(unit, float_net, quant_net)
         with _no_mha_fastpath():
             with quantized_inputs(model, activation_spec):
-                quant_in = [_with_hidden(a, kw, _hidden_out(block(*a, **kw))) for a, kw in quant_in]
+                quant_in = {j: _with_hidden(a, kw, _hidden_out(block(*a, **kw))) for j, (a, kw) in quant_in.items()}
             if identical:
                 float_in = quant_in
             else:
-                float_in = [_with_hidden(a, kw, _hidden_out(float_block(*a, **kw))) for a, kw in float_in]
+                float_in = {
+                    j: _with_hidden(a, kw, _hidden_out(float_block(*a, **kw))) for j, (a, kw) in float_in.items()
+                }
         del float_block
         log.debug("gpfq: block %s done (%d weights)", name, len(units))
     if phases.after:
-        float_replay.hidden = [_hidden_in(a, kw) for a, kw in float_in]
-        quant_replay.hidden = [_hidden_in(a, kw) for a, kw in quant_in]
+        float_replay.hidden = {j: _hidden_in(a, kw) for j, (a, kw) in float_in.items()}
+        quant_replay.hidden = {j: _hidden_in(a, kw) for j, (a, kw) in quant_in.items()}
         del float_in, quant_in
         with _blocks_replaced(model, chain, quant_replay), quantized_inputs(model, activation_spec):
             quant_model_net = _ModelNet(model, batches, quant_replay)
@@ -1152,7 +1253,7 @@ class _UnitLoop:
         plans,
         parts,
         batches,
-        gen,
+        seed,
         *,
         factors,
         range_quantile,
@@ -1162,7 +1263,8 @@ class _UnitLoop:
         max_patches,
         block_size,
     ):
-        self.modules, self.plans, self.parts, self.batches, self.gen = modules, plans, parts, batches, gen
+        self.modules, self.plans, self.parts, self.batches, self.seed = modules, plans, parts, batches, seed
+        self.units_done = 0  # seeds each weight's patch subsampling
         self.factors, self.range_quantile = factors, range_quantile
         self.sparsity, self.sparsity_lambda = sparsity, sparsity_lambda
         self.bias_correction, self.max_patches, self.block_size = bias_correction, max_patches, block_size
@@ -1175,6 +1277,9 @@ class _UnitLoop:
 
     def run(self, unit: _Unit, float_net: _Net, quant_net: _Net) -> None:
         """Quantize ``unit``'s weight in place, its statistics captured from the two networks."""
+        from compress.distributed import all_gather_rows, rank_and_world
+
+        rank, world = rank_and_world()
         plan = self.plans[unit.key]
         layer = self.modules[unit.owner]
         param = getattr(layer, unit.attr)
@@ -1216,8 +1321,9 @@ class _UnitLoop:
                             self.batches,
                             part,
                             self.max_patches,
-                            self.gen,
-                            n_blocks=len(blocks),
+                            _mix(self.seed, self.units_done),
+                            sizes=[cols] * len(blocks),
+                            device=w2d.device,
                         )
                         for part in self.parts
                     ]
@@ -1249,17 +1355,22 @@ class _UnitLoop:
                     w = w2d[sl]
                     r = w.shape[0]
                     zps = [z for _, z in grids]
-                    out = gpfq_codes(
-                        w.repeat(k, 1),
+                    # Rows are independent given the statistics: in a process group each rank
+                    # runs the greedy loop on its slice of them.
+                    mine = split_range(k * r, world)[rank]
+                    rows_of = slice(mine.start, mine.stop)
+                    piece = gpfq_codes(
+                        w.repeat(k, 1)[rows_of],
                         st,
                         plan.bits,
-                        torch.cat([_rows_of(sc, sl).expand(r, -1) for sc, _ in grids]),
-                        None if zps[0] is None else torch.cat([_rows_of(z, sl).expand(r, -1) for z in zps]),
-                        mask=None if mask is None else mask[sl].repeat(k, 1),
+                        torch.cat([_rows_of(sc, sl).expand(r, -1) for sc, _ in grids])[rows_of],
+                        None if zps[0] is None else torch.cat([_rows_of(z, sl).expand(r, -1) for z in zps])[rows_of],
+                        mask=None if mask is None else mask[sl].repeat(k, 1)[rows_of],
                         sparsity=sparsity,
                         sparsity_lambda=sparsity_lambda,
                         block_size=block_size,
                     )
+                    out = all_gather_rows(piece, k * r)
                     for i, chunk in enumerate(out.split(r)):
                         per_grid[i].append(chunk)
                 return [torch.cat(chunks) for chunks in per_grid]
@@ -1323,6 +1434,7 @@ class _UnitLoop:
         self.report[unit.key] = info
         shares = unit.kind == "module" and len(blocks) == 1 and stats is not None
         self.last = (group, parts_stats) if shares else (None, None)
+        self.units_done += 1
         log.debug("gpfq %s: %s", unit.key, info)
 
 
