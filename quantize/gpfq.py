@@ -149,16 +149,15 @@ def gpfq_codes(
     # Column-major working copies (one row per input column t): every access in the loop
     # below (column t, the columns of a block) is then a contiguous slice.
     Wt = w2d.detach().to(dtype).T.contiguous()
-    St = expand_to_columns(scale.to(dev, dtype), rows, n).T.contiguous()
-    Zt = (
-        expand_to_columns(zero_point.to(dev, dtype), rows, n).T.contiguous()
-        if zero_point is not None
-        else torch.zeros(n, rows, dtype=dtype, device=dev)
-    )
+    # Scales and zero points per column group, not per column: (groups, rows) each.
+    groups = scale.shape[1]
+    per_group = n // groups
+    Sg = scale.to(dev, dtype).expand(rows, groups).T.contiguous()
+    Zg = None if zero_point is None else zero_point.to(dev, dtype).expand(rows, groups).T.contiguous()
     keep = None if mask is None else mask.reshape(rows, n).to(dev).bool().T.contiguous()
     Vt = torch.zeros(n, rows, dtype=dtype, device=dev)  # Vt[i] = <X̃_i, u> for every neuron
     Qt = torch.zeros(n, rows, dtype=dtype, device=dev)  # dequantized values q_t
-    codes = torch.zeros(n, rows, dtype=dtype, device=dev)
+    codes = torch.zeros(n, rows, dtype=torch.int8, device=dev)
 
     # Python numbers for the per-column scalars: no 0-d tensor kernels inside the loop.
     dead_t = dead.tolist()
@@ -176,16 +175,25 @@ def gpfq_codes(
                     arg = w_t  # X̃_t is zero on the calibration data: any q_t fits it; keep w_t's nearest
                 else:
                     arg = torch.add(Vt[t], w_t, alpha=g_t[t]).mul_(ih_t[t])
-                z = arg / St[t]
+                s_t = Sg[t // per_group]
+                z = arg / s_t
                 if sparsity == "l1":
                     z = torch.sign(z) * (z.abs() - sparsity_lambda).clamp_min(0)
                 elif sparsity == "l0":
                     z = torch.where(z.abs() > 0.5 + sparsity_lambda, z, torch.zeros_like(z))
-                c = (torch.round(z) + Zt[t]).clamp_(qmin, qmax)
-                if keep is not None:
-                    c = torch.where(keep[t], c, Zt[t])
+                c = torch.round(z)
+                if Zg is not None:
+                    z_t = Zg[t // per_group]
+                    c = c.add_(z_t).clamp_(qmin, qmax)
+                    if keep is not None:
+                        c = torch.where(keep[t], c, z_t)
+                    q_t = (c - z_t).mul_(s_t)
+                else:
+                    c = c.clamp_(qmin, qmax)
+                    if keep is not None:
+                        c = torch.where(keep[t], c, 0.0)
+                    q_t = c * s_t
                 codes[t] = c
-                q_t = (c - Zt[t]) * St[t]
                 Qt[t] = q_t
                 if t + 1 < d:
                     # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the inner block
@@ -194,7 +202,7 @@ def gpfq_codes(
                 Vt[d:b].addmm_(Gt[c0:d, d:b].T, Wt[c0:d]).addmm_(H[c0:d, d:b].T, Qt[c0:d], alpha=-1.0)
         if b < n:
             Vt[b:].addmm_(Gt[a:b, b:].T, Wt[a:b]).addmm_(H[a:b, b:].T, Qt[a:b], alpha=-1.0)
-    return codes.T.contiguous().to(torch.int8)
+    return codes.T.contiguous()
 
 
 def gpfq_quantize_matrix(
@@ -759,15 +767,12 @@ def _output_errors(
     ref = 0.0
     for sl, st in zip(blocks, stats):
         w = w2d[sl].float()
-        n = w.shape[1]
-        # M and H − G are formed in float64 (they are small differences of large sums); the
-        # products with them carry no cancellation and run in float32, one matrix product.
-        side = torch.cat([st.F - st.G - st.G.T + st.H, st.F, (st.H - st.G).T], 1).float()
-        prod = (w @ side).double()
         wd = w.double()
-        base = (prod[:, :n] * wd).sum().item()
-        ref += (prod[:, n : 2 * n] * wd).sum().item()
-        cross = prod[:, 2 * n :]  # row r: (H − G) w_r
+        # M and H − G are formed in float64 (they are small differences of large sums); the
+        # products with them carry no cancellation and run in float32, one operand at a time.
+        base = ((w @ (st.F - st.G - st.G.T + st.H).float()).double() * wd).sum().item()
+        ref += ((w @ st.F.float()).double() * wd).sum().item()
+        cross = (w @ (st.H - st.G).T.float()).double()  # row r: (H − G) w_r
         deltas = torch.cat([q[sl].float() - w for q in candidates])
         quad = ((deltas @ st.H.float()) * deltas).double().reshape(len(candidates), -1).sum(1)
         r = w.shape[0]
