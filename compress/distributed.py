@@ -101,6 +101,15 @@ def all_gather_same(tensor: Any) -> list:
     return out
 
 
+def all_reduce_sum_(tensor: Any) -> Any:
+    """``tensor`` summed over all ranks, in place (a no-op in one process)."""
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def all_gather_rows(piece: Any, rows: int) -> Any:
     """The ``rows``-row tensor whose slice ``split_range(rows, world)[rank]`` each rank holds as
     ``piece``: the slices gathered and joined in order (padded to one size for the collective)."""

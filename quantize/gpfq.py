@@ -690,8 +690,10 @@ def collect_stats(
 def _gather_shards(
     per_shard: list[list[LayerStats] | None], sizes: list[int], device: torch.device
 ) -> list[list[LayerStats] | None]:
-    """Each rank's shard statistics (``sizes``: inputs per weight block), on every rank."""
-    from compress.distributed import all_gather_same, rank_and_world
+    """The sum of every rank's shard statistics (``sizes``: inputs per weight block), on every
+    rank, by one all-reduce (float64, counts too). With two ranks this is ``A + B``, the very
+    sum one process forms from its two shards (float addition commutes)."""
+    from compress.distributed import all_reduce_sum_, rank_and_world
 
     rank, _world = rank_and_world()
     mine = per_shard[rank] if rank < len(per_shard) else None
@@ -705,19 +707,15 @@ def _gather_shards(
             for st in mine
         ]
     )
-    out: list[list[LayerStats] | None] = []
-    for got in all_gather_same(flat):
-        stats, at = [], 0
-        for n in sizes:
-            st = LayerStats(n, device)
-            for key, size in (("G", n * n), ("H", n * n), ("F", n * n), ("sum_x", n), ("sum_xt", n)):
-                setattr(st, key, got[at : at + size].reshape(getattr(st, key).shape).clone())
-                at += size
-            st.count = int(got[at].item())
-            at += 1
-            stats.append(st)
-        out.append(stats)
-    return out
+    all_reduce_sum_(flat)
+    at = 0
+    for n, st in zip(sizes, mine):  # the sums go back into this rank's own statistics
+        for key, size in (("G", n * n), ("H", n * n), ("F", n * n), ("sum_x", n), ("sum_xt", n)):
+            getattr(st, key).copy_(flat[at : at + size].reshape(getattr(st, key).shape))
+            at += size
+        st.count = int(flat[at].item())
+        at += 1
+    return [mine]
 
 
 def _owned_shards(n_shards: int) -> set[int]:
