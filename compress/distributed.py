@@ -104,3 +104,51 @@ def all_gather_tensor(t: Any) -> list[Any]:
     out = [torch.empty_like(src) for _ in range(dist.get_world_size())]
     dist.all_gather(out, src)
     return [o.to(t.device) for o in out]
+
+
+def split_range(n: int, parts: int) -> list[range]:
+    """``range(n)`` cut into ``parts`` contiguous pieces, sizes differing by at most one."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + base + (i < extra)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+def all_gather_same(tensor: Any) -> list:
+    """Every rank's ``tensor`` (same shape and dtype on all ranks), in rank order."""
+    _rank, world = rank_and_world()
+    if world == 1:
+        return [tensor]
+    import torch.distributed as dist
+
+    out = [tensor.new_empty(tensor.shape) for _ in range(world)]
+    dist.all_gather(out, tensor.contiguous())
+    return out
+
+
+def all_reduce_sum_(tensor: Any) -> Any:
+    """``tensor`` summed over all ranks, in place (a no-op in one process)."""
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_rows(piece: Any, rows: int) -> Any:
+    """The ``rows``-row tensor whose slice ``split_range(rows, world)[rank]`` each rank holds as
+    ``piece``: the slices gathered and joined in order (padded to one size for the collective)."""
+    _rank, world = rank_and_world()
+    if world == 1:
+        return piece
+    import torch
+
+    slices = split_range(rows, world)
+    longest = max(len(s) for s in slices)
+    padded = piece.new_zeros((longest, *piece.shape[1:]))
+    padded[: piece.shape[0]] = piece
+    gathered = all_gather_same(padded)
+    return torch.cat([g[: len(s)] for g, s in zip(gathered, slices)])

@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.distributed import split_range
 from compress.grid import as_matrix, expand_to_columns, round_to_grid, uniform_scale, zero_codes
 from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 
 log = logging.getLogger(__name__)
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Columns per inner block of the greedy loop (see gpfq_codes).
+_INNER_BLOCK = 16
 
 
 @dataclass
@@ -64,6 +67,12 @@ class LayerStats:
         self.sum_x += x.sum(0)
         self.sum_xt += xt.sum(0)
         self.count += x.shape[0]
+
+    def add_stats(self, other: LayerStats) -> None:
+        """Add ``other``'s sums into these (in place)."""
+        for key in ("G", "H", "F", "sum_x", "sum_xt"):
+            getattr(self, key).add_(getattr(other, key))
+        self.count += other.count
 
     def merged(self, other: LayerStats) -> LayerStats:
         """The statistics of both sets of rows (sums are additive)."""
@@ -140,42 +149,60 @@ def gpfq_codes(
     # Column-major working copies (one row per input column t): every access in the loop
     # below (column t, the columns of a block) is then a contiguous slice.
     Wt = w2d.detach().to(dtype).T.contiguous()
-    St = expand_to_columns(scale.to(dev, dtype), rows, n).T.contiguous()
-    Zt = (
-        expand_to_columns(zero_point.to(dev, dtype), rows, n).T.contiguous()
-        if zero_point is not None
-        else torch.zeros(n, rows, dtype=dtype, device=dev)
-    )
+    # Scales and zero points per column group, not per column: (groups, rows) each.
+    groups = scale.shape[1]
+    per_group = n // groups
+    Sg = scale.to(dev, dtype).expand(rows, groups).T.contiguous()
+    Zg = None if zero_point is None else zero_point.to(dev, dtype).expand(rows, groups).T.contiguous()
     keep = None if mask is None else mask.reshape(rows, n).to(dev).bool().T.contiguous()
     Vt = torch.zeros(n, rows, dtype=dtype, device=dev)  # Vt[i] = <X̃_i, u> for every neuron
     Qt = torch.zeros(n, rows, dtype=dtype, device=dev)  # dequantized values q_t
-    codes = torch.zeros(n, rows, dtype=dtype, device=dev)
+    codes = torch.zeros(n, rows, dtype=torch.int8, device=dev)
 
+    # Python numbers for the per-column scalars: no 0-d tensor kernels inside the loop.
+    dead_t = dead.tolist()
+    g_t, ih_t = diag_g.tolist(), inv_h.tolist()
+    # Two levels of blocks: rank-1 updates only inside a small inner block (they are memory
+    # bound), matrix products to the rest of the block and, once per block, to the columns after it.
+    inner = min(_INNER_BLOCK, block_size)
     for a in range(0, n, block_size):
         b = min(a + block_size, n)
-        for t in range(a, b):
-            w_t = Wt[t]
-            if dead[t]:
-                arg = w_t  # X̃_t is zero on the calibration data: any q_t fits it; keep w_t's nearest
-            else:
-                arg = (Vt[t] + w_t * diag_g[t]) * inv_h[t]
-            z = arg / St[t]
-            if sparsity == "l1":
-                z = torch.sign(z) * (z.abs() - sparsity_lambda).clamp_min(0)
-            elif sparsity == "l0":
-                z = torch.where(z.abs() > 0.5 + sparsity_lambda, z, torch.zeros_like(z))
-            c = (torch.round(z) + Zt[t]).clamp_(qmin, qmax)
-            if keep is not None:
-                c = torch.where(keep[t], c, Zt[t])
-            codes[t] = c
-            q_t = (c - Zt[t]) * St[t]
-            Qt[t] = q_t
-            if t + 1 < b:
-                # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the block
-                Vt[t + 1 : b].addr_(Gt[t, t + 1 : b], w_t).addr_(H[t, t + 1 : b], q_t, alpha=-1.0)
+        for c0 in range(a, b, inner):
+            d = min(c0 + inner, b)
+            for t in range(c0, d):
+                w_t = Wt[t]
+                if dead_t[t]:
+                    arg = w_t  # X̃_t is zero on the calibration data: any q_t fits it; keep w_t's nearest
+                else:
+                    arg = torch.add(Vt[t], w_t, alpha=g_t[t]).mul_(ih_t[t])
+                s_t = Sg[t // per_group]
+                z = arg / s_t
+                if sparsity == "l1":
+                    z = torch.sign(z) * (z.abs() - sparsity_lambda).clamp_min(0)
+                elif sparsity == "l0":
+                    z = torch.where(z.abs() > 0.5 + sparsity_lambda, z, torch.zeros_like(z))
+                c = torch.round(z)
+                if Zg is not None:
+                    z_t = Zg[t // per_group]
+                    c = c.add_(z_t).clamp_(qmin, qmax)
+                    if keep is not None:
+                        c = torch.where(keep[t], c, z_t)
+                    q_t = (c - z_t).mul_(s_t)
+                else:
+                    c = c.clamp_(qmin, qmax)
+                    if keep is not None:
+                        c = torch.where(keep[t], c, 0.0)
+                    q_t = c * s_t
+                codes[t] = c
+                Qt[t] = q_t
+                if t + 1 < d:
+                    # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the inner block
+                    Vt[t + 1 : d].addr_(Gt[t, t + 1 : d], w_t).addr_(H[t, t + 1 : d], q_t, alpha=-1.0)
+            if d < b:
+                Vt[d:b].addmm_(Gt[c0:d, d:b].T, Wt[c0:d]).addmm_(H[c0:d, d:b].T, Qt[c0:d], alpha=-1.0)
         if b < n:
             Vt[b:].addmm_(Gt[a:b, b:].T, Wt[a:b]).addmm_(H[a:b, b:].T, Qt[a:b], alpha=-1.0)
-    return codes.T.contiguous().to(torch.int8)
+    return codes.T.contiguous()
 
 
 def gpfq_quantize_matrix(
@@ -285,7 +312,7 @@ class _ModelNet(_Net):
 class _BlockNet(_Net):
     """One block of the model's chain fed its cached inputs ``(args, kwargs)`` for batch ``j``."""
 
-    def __init__(self, block: nn.Module, prefix: str, inputs: list[tuple[tuple, dict]]):
+    def __init__(self, block: nn.Module, prefix: str, inputs: dict[int, tuple[tuple, dict]]):
         super().__init__(block, prefix)
         self.inputs = inputs
 
@@ -598,39 +625,122 @@ def collect_stats(
     quant_net: _Net,
     unit: _Unit,
     batches: list[_Batch],
-    part: list[int],
+    shards: list[list[int]],
     max_patches: int,
-    generator: torch.Generator,
-    n_blocks: int = 1,
+    seed: int,
+    sizes: list[int],
+    device: torch.device,
 ) -> list[LayerStats]:
     """Accumulate a unit's ``LayerStats`` (one per weight block) batch by batch (memory: one
     batch's activations).
 
-    ``part`` lists the indices of the batches (in ``batches``) to accumulate over.
+    ``shards`` lists the batches (indices into ``batches``) of one calibration part in
+    contiguous shards. Each shard is summed on its own and the shards are added in order,
+    so the sums are the same floats whether one process does every shard or each rank of a
+    process group does its own (``_owned_shards``): codes are identical under ``--nproc``.
     Convolution patches (and tokens) are subsampled (the same positions for both networks)
-    so that at most about ``max_patches`` rows enter the statistics. A Linear layer of a
+    so that at most about ``max_patches`` rows enter the statistics; the positions of batch
+    ``j`` come from ``(seed, j)`` alone, not from the batches before it. A Linear layer of a
     model that defines ``token_mask(x)`` (``compress.padding``) sees only the data
     positions, not the padding.
     """
-    total = sum(batches[j].x.shape[0] for j in part)
-    stats: list[LayerStats] | None = None
-    for j in part:
-        batch = batches[j]
-        mask = batch.mask if unit.kind == "module" else None
-        xs = _capture_rows(float_net, unit, j, n_blocks, mask)
-        xts = _capture_rows(quant_net, unit, j, n_blocks, mask)
-        if stats is None:
-            stats = [LayerStats(x.shape[1], x.device) for x in xs]
-        for st, x, xt in zip(stats, xs, xts):
-            if x.shape[0] > batch.x.shape[0]:  # several rows per sample: patches (or tokens)
-                budget = max(1, math.ceil(max_patches * batch.x.shape[0] / max(total, 1)))
-                if budget < x.shape[0]:
-                    idx = torch.randperm(x.shape[0], generator=generator)[:budget].to(x.device)
-                    x, xt = x[idx], xt[idx]
-            st.add(x, xt)
-    if stats is None:
+    from compress.distributed import rank_and_world
+
+    n_blocks = len(sizes)
+    total = sum(batches[j].x.shape[0] for shard in shards for j in shard)
+    mine = _owned_shards(len(shards))
+    per_shard: list[list[LayerStats] | None] = []
+    for s, shard in enumerate(shards):
+        if s not in mine:
+            per_shard.append(None)
+            continue
+        stats: list[LayerStats] | None = None
+        for j in shard:
+            batch = batches[j]
+            mask = batch.mask if unit.kind == "module" else None
+            xs = _capture_rows(float_net, unit, j, n_blocks, mask)
+            xts = _capture_rows(quant_net, unit, j, n_blocks, mask)
+            if stats is None:
+                stats = [LayerStats(x.shape[1], x.device) for x in xs]
+            generator = None
+            for st, x, xt in zip(stats, xs, xts):
+                if x.shape[0] > batch.x.shape[0]:  # several rows per sample: patches (or tokens)
+                    budget = max(1, math.ceil(max_patches * batch.x.shape[0] / max(total, 1)))
+                    if budget < x.shape[0]:
+                        if generator is None:
+                            generator = torch.Generator().manual_seed(_mix(seed, j))
+                        idx = torch.randperm(x.shape[0], generator=generator)[:budget].to(x.device)
+                        x, xt = x[idx], xt[idx]
+                st.add(x, xt)
+        per_shard.append(stats)
+    _, world = rank_and_world()
+    if world > 1:
+        # Every rank gets every shard's sums (float64, counts too), then adds them in order.
+        per_shard = _gather_shards(per_shard, sizes, device)
+    done = [st for st in per_shard if st is not None]
+    if not done:
         raise ValueError("GPFQ needs calibration data, got no batches")
-    return stats
+    out = done[0]
+    for other in done[1:]:
+        for a, b in zip(out, other):
+            a.add_stats(b)
+    return out
+
+
+def _gather_shards(
+    per_shard: list[list[LayerStats] | None], sizes: list[int], device: torch.device
+) -> list[list[LayerStats] | None]:
+    """The sum of every rank's shard statistics (``sizes``: inputs per weight block), on every
+    rank, by one all-reduce (float64, counts too). With two ranks this is ``A + B``, the very
+    sum one process forms from its two shards (float addition commutes)."""
+    from compress.distributed import all_reduce_sum_, rank_and_world
+
+    rank, _world = rank_and_world()
+    mine = per_shard[rank] if rank < len(per_shard) else None
+    if mine is None:  # an empty shard: zero sums keep the collective's shapes
+        mine = [LayerStats(n, device) for n in sizes]
+    flat = torch.cat(
+        [
+            torch.cat(
+                [st.G.reshape(-1), st.H.reshape(-1), st.F.reshape(-1), st.sum_x, st.sum_xt, st.G.new_tensor([st.count])]
+            )
+            for st in mine
+        ]
+    )
+    all_reduce_sum_(flat)
+    at = 0
+    for n, st in zip(sizes, mine):  # the sums go back into this rank's own statistics
+        for key, size in (("G", n * n), ("H", n * n), ("F", n * n), ("sum_x", n), ("sum_xt", n)):
+            getattr(st, key).copy_(flat[at : at + size].reshape(getattr(st, key).shape))
+            at += size
+        st.count = int(flat[at].item())
+        at += 1
+    return [mine]
+
+
+def _owned_shards(n_shards: int) -> set[int]:
+    """The shards of a calibration part this process sums: all of them in one process, shard
+    ``s`` on rank ``s`` in a process group (one shard per rank)."""
+    from compress.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    return set(range(n_shards)) if world == 1 else {rank}
+
+
+def _shards_per_part() -> int:
+    """Shards per calibration part: 2 for 1 or 2 processes (so both add the same two partial
+    sums), else one per rank."""
+    from compress.distributed import rank_and_world
+
+    return max(2, rank_and_world()[1])
+
+
+def _mix(seed: int, *keys: int) -> int:
+    """A 63-bit generator seed from ``seed`` and ``keys`` (stable across processes and runs)."""
+    import hashlib
+
+    digest = hashlib.blake2b("/".join(map(str, (seed, *keys))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 # The step-size constants C that scale_factor="auto" tries per layer (1.16: the paper's
@@ -640,18 +750,41 @@ AUTO_SCALE_FACTORS = (0.8, 0.9, 1.0, 1.16, 1.3)
 RTN_GRID = "rtn"
 
 
-def _abs_error(
-    w2d: torch.Tensor, q2d: torch.Tensor, blocks: list[slice], stats: list[LayerStats]
-) -> tuple[float, float]:
-    """Squared output error and squared output norm summed over the weight's blocks."""
-    err = ref = 0.0
+def _output_errors(
+    w2d: torch.Tensor, candidates: list[torch.Tensor], blocks: list[slice], stats: list[LayerStats]
+) -> tuple[list[float], float]:
+    """Squared output errors ``‖Xw − X̃q‖²`` of each candidate ``q`` (dequantized, like
+    ``w2d``) and the squared output norm ``‖Xw‖²``, summed over the weight's blocks.
+
+    Written around ``δ = q − w`` so that no large terms cancel (an int8 error is ~1e-5 of
+    the output): ``wᵀMw + 2δᵀ(H − G)w + δᵀHδ`` with ``M = (X − X̃)ᵀ(X − X̃) = F − G − Gᵀ + H``.
+    The terms in ``w`` alone are shared by all candidates; the quadratic form of the small
+    ``δ`` is one float32 product for all of them.
+    """
+    errors = [0.0] * len(candidates)
+    ref = 0.0
     for sl, st in zip(blocks, stats):
-        w, q = w2d[sl].double(), q2d[sl].double()
-        r = (w @ st.F * w).sum()
-        e = r - 2 * (q @ st.G * w).sum() + (q @ st.H * q).sum()
-        err += max(e.item(), 0.0)
-        ref += r.item()
-    return err, ref
+        w = w2d[sl].float()
+        wd = w.double()
+        # M and H − G are formed in float64 (they are small differences of large sums); the
+        # products with them carry no cancellation and run in float32, one operand at a time.
+        base = ((w @ (st.F - st.G - st.G.T + st.H).float()).double() * wd).sum().item()
+        ref += ((w @ st.F.float()).double() * wd).sum().item()
+        cross = (w @ (st.H - st.G).T.float()).double()  # row r: (H − G) w_r
+        deltas = torch.cat([q[sl].float() - w for q in candidates])
+        quad = ((deltas @ st.H.float()) * deltas).double().reshape(len(candidates), -1).sum(1)
+        r = w.shape[0]
+        for i in range(len(candidates)):
+            d = deltas[i * r : (i + 1) * r].double()
+            errors[i] += max(base + 2 * (d * cross).sum().item() + quad[i].item(), 0.0)
+    return errors, ref
+
+
+def _dequantized(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """``(codes − zero point) · scale`` as float32 ``(rows, cols)``."""
+    rows, cols = codes.shape
+    deq = codes.float() - (0 if zero_point is None else expand_to_columns(zero_point, rows, cols).float())
+    return deq * expand_to_columns(scale, rows, cols)
 
 
 @overload
@@ -754,7 +887,6 @@ def gpfq_quantize_model(
     if chain is not None and phases is None:
         log.info("gpfq: a planned weight outside %s is called between its blocks: whole-model path", chain.prefix)
 
-    gen = torch.Generator().manual_seed(seed)
     total = len(calibration)
     factors = scale_factor if isinstance(scale_factor, tuple) else (scale_factor,)
     n_hold = round(total * auto_holdout) if len(factors) > 1 else 0
@@ -766,14 +898,20 @@ def gpfq_quantize_model(
     else:
         parts_x = [calibration]
     device = _device_of(model)
+    # Batches do not depend on the number of processes (each part is cut into at least one
+    # batch per shard), so every process computes the same floats for the batches it owns.
+    n_shards = _shards_per_part()
     batches: list[_Batch] = []
-    parts: list[list[int]] = []
+    parts: list[list[list[int]]] = []  # part -> shard -> batch indices
     for part in parts_x:
-        parts.append([])
-        for i in range(0, len(part), batch_size):
-            xb = part[i : i + batch_size].to(device)
-            parts[-1].append(len(batches))
+        n_batches = max(math.ceil(len(part) / batch_size), min(n_shards, len(part)))
+        ids = []
+        for rows in split_range(len(part), n_batches):
+            xb = part[rows.start : rows.stop].to(device)
+            ids.append(len(batches))
             batches.append(_Batch(xb, token_mask(model, xb)))
+        parts.append([[ids[i] for i in r] for r in split_range(len(ids), n_shards)])
+    owned = sorted(j for part in parts for s in _owned_shards(n_shards) for j in part[s])
 
     from compress.quantize.activations import quantized_inputs
 
@@ -782,7 +920,7 @@ def gpfq_quantize_model(
         plans,
         parts,
         batches,
-        gen,
+        seed,
         factors=factors,
         range_quantile=range_quantile,
         sparsity=sparsity,
@@ -802,7 +940,7 @@ def gpfq_quantize_model(
         del float_model
     else:
         assert chain is not None
-        _stream_chain(model, chain, phases, loop, batches, activation_spec, example)
+        _stream_chain(model, chain, phases, loop, batches, owned, activation_spec, example)
     model.train(was_training)
     return loop.quant, loop.report
 
@@ -993,7 +1131,7 @@ class _ReplayState:
     """The chain's final hidden state per calibration batch, and the batch being run."""
 
     def __init__(self):
-        self.hidden: list[torch.Tensor] = []
+        self.hidden: dict[int, torch.Tensor] = {}
         self.current = 0
 
 
@@ -1032,10 +1170,12 @@ def _stream_chain(
     phases: _Phases,
     loop: _UnitLoop,
     batches: list[_Batch],
+    owned: list[int],
     activation_spec: dict | None,
     example: torch.Tensor,
 ) -> None:
-    """The block-by-block path of ``gpfq_quantize_model`` (see there)."""
+    """The block-by-block path of ``gpfq_quantize_model`` (see there). Only the batches in
+    ``owned`` (this rank's shards) are cached and run."""
     from compress.quantize.activations import quantized_inputs
 
     float_replay, quant_replay = _ReplayState(), _ReplayState()
@@ -1044,7 +1184,7 @@ def _stream_chain(
         skeleton = copy.deepcopy(model).eval()
     for m in skeleton.get_submodule(chain.prefix).children():
         cast(_Replay, m).state = float_replay
-    js = range(len(batches))
+    js = owned
 
     def capture_first(net: _Net, j: int) -> tuple[tuple, dict]:
         got: list = []
@@ -1065,9 +1205,9 @@ def _stream_chain(
         float_model_net, quant_model_net = _ModelNet(skeleton, batches, float_replay), _ModelNet(model, batches)
         for unit in phases.before:
             loop.run(unit, float_model_net, quant_model_net)
-        quant_in = [capture_first(quant_model_net, j) for j in js]
+        quant_in = {j: capture_first(quant_model_net, j) for j in js}
     # Up to the first block the networks differ only if a weight before it was quantized.
-    float_in = [capture_first(float_model_net, j) for j in js] if phases.before else quant_in
+    float_in = {j: capture_first(float_model_net, j) for j in js} if phases.before else quant_in
     # Activation quantization inside a block makes the two networks differ even without weights.
     acts = bool(activation_spec) and activation_spec.get("mode", "none") != "none"
     for name, units in zip(chain.block_names, phases.blocks):
@@ -1082,16 +1222,18 @@ def _stream_chain(
                     loop.run(unit, float_net, quant_net)
         with _no_mha_fastpath():
             with quantized_inputs(model, activation_spec):
-                quant_in = [_with_hidden(a, kw, _hidden_out(block(*a, **kw))) for a, kw in quant_in]
+                quant_in = {j: _with_hidden(a, kw, _hidden_out(block(*a, **kw))) for j, (a, kw) in quant_in.items()}
             if identical:
                 float_in = quant_in
             else:
-                float_in = [_with_hidden(a, kw, _hidden_out(float_block(*a, **kw))) for a, kw in float_in]
+                float_in = {
+                    j: _with_hidden(a, kw, _hidden_out(float_block(*a, **kw))) for j, (a, kw) in float_in.items()
+                }
         del float_block
         log.debug("gpfq: block %s done (%d weights)", name, len(units))
     if phases.after:
-        float_replay.hidden = [_hidden_in(a, kw) for a, kw in float_in]
-        quant_replay.hidden = [_hidden_in(a, kw) for a, kw in quant_in]
+        float_replay.hidden = {j: _hidden_in(a, kw) for j, (a, kw) in float_in.items()}
+        quant_replay.hidden = {j: _hidden_in(a, kw) for j, (a, kw) in quant_in.items()}
         del float_in, quant_in
         with _blocks_replaced(model, chain, quant_replay), quantized_inputs(model, activation_spec):
             quant_model_net = _ModelNet(model, batches, quant_replay)
@@ -1114,7 +1256,7 @@ class _UnitLoop:
         plans,
         parts,
         batches,
-        gen,
+        seed,
         *,
         factors,
         range_quantile,
@@ -1124,7 +1266,8 @@ class _UnitLoop:
         max_patches,
         block_size,
     ):
-        self.modules, self.plans, self.parts, self.batches, self.gen = modules, plans, parts, batches, gen
+        self.modules, self.plans, self.parts, self.batches, self.seed = modules, plans, parts, batches, seed
+        self.units_done = 0  # seeds each weight's patch subsampling
         self.factors, self.range_quantile = factors, range_quantile
         self.sparsity, self.sparsity_lambda = sparsity, sparsity_lambda
         self.bias_correction, self.max_patches, self.block_size = bias_correction, max_patches, block_size
@@ -1137,6 +1280,9 @@ class _UnitLoop:
 
     def run(self, unit: _Unit, float_net: _Net, quant_net: _Net) -> None:
         """Quantize ``unit``'s weight in place, its statistics captured from the two networks."""
+        from compress.distributed import all_gather_rows, rank_and_world
+
+        rank, world = rank_and_world()
         plan = self.plans[unit.key]
         layer = self.modules[unit.owner]
         param = getattr(layer, unit.attr)
@@ -1178,8 +1324,9 @@ class _UnitLoop:
                             self.batches,
                             part,
                             self.max_patches,
-                            self.gen,
-                            n_blocks=len(blocks),
+                            _mix(self.seed, self.units_done),
+                            sizes=[cols] * len(blocks),
+                            device=w2d.device,
                         )
                         for part in self.parts
                     ]
@@ -1199,55 +1346,73 @@ class _UnitLoop:
             # parts_stats: one list of per-block statistics per part (fit, held-out); judged on
             # the held-out part, fit on the first, the final codes and report on all rows.
             fit_stats, val_stats = parts_stats[0], parts_stats[-1]
-            all_stats = fit_stats if len(parts_stats) == 1 else [a.merged(b) for a, b in zip(fit_stats, val_stats)]
-            best = None
+            held_out = len(parts_stats) > 1
 
-            def blockwise_codes(scale, zp, stats_of_blocks, w2d=w2d, plan=plan, mask=mask, blocks=blocks):
-                """GPFQ codes of every block of rows (a conv group, q/k/v) on its own statistics."""
-                return torch.cat(
-                    [
-                        gpfq_codes(
-                            w2d[sl],
-                            st,
-                            plan.bits,
-                            _rows_of(scale, sl),
-                            _rows_of(zp, sl),
-                            mask=None if mask is None else mask[sl],
-                            sparsity=sparsity,
-                            sparsity_lambda=sparsity_lambda,
-                            block_size=block_size,
-                        )
-                        for sl, st in zip(blocks, stats_of_blocks)
-                    ]
-                )
+            def all_rows():
+                """The statistics of every sample. A weight whose statistics its group's next
+                member reuses gets a new sum; any other adds the held-out rows into the fitting
+                ones in place (one N × N triple less at the peak)."""
+                if not held_out:
+                    return fit_stats
+                if group is not None:
+                    return [a.merged(b) for a, b in zip(fit_stats, val_stats)]
+                for a, b in zip(fit_stats, val_stats):
+                    a.add_stats(b)
+                return fit_stats
+
+            def codes_for(grids, stats_of_blocks, w2d=w2d, plan=plan, mask=mask, blocks=blocks):
+                """GPFQ codes on each ``(scale, zero point)`` of ``grids``: every block of rows
+                (a conv group, q/k/v) on its own statistics, all grids stacked as extra rows
+                of one pass of the greedy loop (rows are independent given the statistics)."""
+                k = len(grids)
+                per_grid: list[list[torch.Tensor]] = [[] for _ in grids]
+                for sl, st in zip(blocks, stats_of_blocks):
+                    w = w2d[sl]
+                    r = w.shape[0]
+                    zps = [z for _, z in grids]
+                    # Rows are independent given the statistics: in a process group each rank
+                    # runs the greedy loop on its slice of them.
+                    mine = split_range(k * r, world)[rank]
+                    rows_of = slice(mine.start, mine.stop)
+                    piece = gpfq_codes(
+                        w.repeat(k, 1)[rows_of],
+                        st,
+                        plan.bits,
+                        torch.cat([_rows_of(sc, sl).expand(r, -1) for sc, _ in grids])[rows_of],
+                        None if zps[0] is None else torch.cat([_rows_of(z, sl).expand(r, -1) for z in zps])[rows_of],
+                        mask=None if mask is None else mask[sl].repeat(k, 1)[rows_of],
+                        sparsity=sparsity,
+                        sparsity_lambda=sparsity_lambda,
+                        block_size=block_size,
+                    )
+                    out = all_gather_rows(piece, k * r)
+                    for i, chunk in enumerate(out.split(r)):
+                        per_grid[i].append(chunk)
+                return [torch.cat(chunks) for chunks in per_grid]
 
             # Several C: keep the alphabet whose GPFQ output error ‖Xw − X̃q‖ on the
             # calibration data is lowest (the statistics are shared, so each try is cheap).
-            candidates = [(f, "gpfq") for f in factors]
+            grids = [grid(f) for f in factors]
+            candidates = [(f, "gpfq", sc, z, c) for f, (sc, z), c in zip(factors, grids, codes_for(grids, fit_stats))]
             if RTN_GRID in factors:
-                candidates.append((RTN_GRID, "round"))
-            for factor, how in candidates:
-                scale, zp = grid(factor)
-                if how == "round":
-                    codes = round_to_grid(w2d, scale, zp, plan.bits)
-                    if mask is not None:
-                        codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols).to(codes.device))
-                else:
-                    codes = blockwise_codes(scale, zp, fit_stats)
-                if len(candidates) > 1:
-                    deq = codes.float() - (0 if zp is None else expand_to_columns(zp, rows, cols).float())
-                    out_err, _ = _abs_error(w2d, deq * expand_to_columns(scale, rows, cols), blocks, val_stats)
-                    if best is None or out_err < best[0]:
-                        best = (out_err, factor, how, scale, zp, codes)
-            if best is not None:
-                _, chosen_factor, how, scale, zp, codes = best
+                sc, z = grids[factors.index(RTN_GRID)]
+                codes = round_to_grid(w2d, sc, z, plan.bits)
+                if mask is not None:
+                    codes = torch.where(mask.bool(), codes, zero_codes(z, rows, cols).to(codes.device))
+                candidates.append((RTN_GRID, "round", sc, z, codes))
+            if len(candidates) > 1:
+                errors, _ = _output_errors(
+                    w2d, [_dequantized(c, sc, z) for _, _, sc, z, c in candidates], blocks, val_stats
+                )
+                best = min(range(len(candidates)), key=lambda i: (errors[i], i))
+                chosen_factor, how, scale, zp, codes = candidates[best]
                 if how == "round":
                     algorithm = "gpfq (plain rounding on RTN's grid had the lowest calibration error)"
-                elif all_stats is not fit_stats:  # refit on every sample with the chosen alphabet
-                    codes = blockwise_codes(scale, zp, all_stats)
             else:
-                chosen_factor = factors[0]
-            stats = all_stats
+                chosen_factor, how, scale, zp, codes = candidates[0]
+            stats = all_rows()
+            if held_out and how != "round":  # refit on every sample with the chosen alphabet
+                codes = codes_for([(scale, zp)], stats)[0]
         # The stored codes live on the host whatever the model's device.
         qt = UniformTensor(
             codes=codes.reshape(param.shape).contiguous().cpu(),
@@ -1267,13 +1432,10 @@ class _UnitLoop:
         if len(blocks) > 1:
             info["blocks"] = len(blocks)
         if stats is not None:
-            out_err, ref = _abs_error(w2d, q2d, blocks, stats)
-            info["output_rel_error"] = out_err / max(ref, 1e-300)
             rtn_scale, rtn_zp = grid(RTN_GRID)
-            rtn = round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits).float() - (
-                0 if rtn_zp is None else expand_to_columns(rtn_zp, rows, cols).float()
-            )
-            rerr, _ = _abs_error(w2d, rtn * expand_to_columns(rtn_scale, rows, cols), blocks, stats)
+            rtn = _dequantized(round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits), rtn_scale, rtn_zp)
+            (out_err, rerr), ref = _output_errors(w2d, [q2d, rtn], blocks, stats)
+            info["output_rel_error"] = out_err / max(ref, 1e-300)
             info["rtn_output_rel_error"] = rerr / max(ref, 1e-300)
             bias = _bias_of(layer, unit.attr)
             if self.bias_correction and bias is not None:
@@ -1287,6 +1449,7 @@ class _UnitLoop:
         self.report[unit.key] = info
         shares = unit.kind == "module" and len(blocks) == 1 and stats is not None
         self.last = (group, parts_stats) if shares else (None, None)
+        self.units_done += 1
         log.debug("gpfq %s: %s", unit.key, info)
 
 

@@ -162,7 +162,9 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
             assert calib is not None
             smooth_report = smooth_model(module, layers, calib, smoothing, batch_size=getattr(config, "batch_size", 64))
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
+    method_start = time.perf_counter()
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
+    method_seconds = time.perf_counter() - method_start
     embedding_bits = getattr(config, "embedding_bits", None)
     if embedding_bits is not None:
         from compress.quantize.activations import quantize_embeddings
@@ -210,6 +212,9 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
         "seconds": time.perf_counter() - start,
         "layers": report,
         "quantized_weights": quantized,
+        # The method alone (GPFQ's calibration and codes), without folding and bookkeeping.
+        "method_seconds": method_seconds,
+        "params_per_second": quantized / method_seconds if method_seconds > 0 else float("nan"),
         "bits_per_weight": stored / quantized if quantized else float("nan"),
         "float_layers": sorted(t.key for p, t in all_targets.items() if p not in state.quant),
         "batchnorm_folded": batchnorm["folded"],
