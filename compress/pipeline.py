@@ -594,7 +594,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
 def _data_files_hash(recipe: Recipe, base_dir: Path) -> str:
     parts = []
     for _, s in recipe.doc.data.splits():
-        if s.source in ("file", "text"):
+        if s.source in ("file", "text") and s.path:
             p = Path(s.path) if Path(s.path).is_absolute() else base_dir / s.path
             parts.append(file_hash(p) if p.is_file() else "missing")
     return text_hash(*parts)

@@ -1004,6 +1004,14 @@ def _hidden_out(out: object) -> torch.Tensor | None:
     return None
 
 
+def _hidden_of(out: object) -> torch.Tensor:
+    """A replayable block's hidden state (the chain check guarantees it returns one)."""
+    h = _hidden_out(out)
+    if h is None:
+        raise TypeError("a block returned no tensor")
+    return h
+
+
 def _stateless(kwargs: dict) -> dict:
     """A block's keyword arguments without decoding state (no KV cache, ``use_cache`` off)."""
     out = {k: (None if k in _STATE_KWARGS else v) for k, v in kwargs.items()}
@@ -1076,14 +1084,13 @@ def find_block_chain(model: nn.Module, example: torch.Tensor) -> BlockChain | No
         try:
             with torch.no_grad(), _no_mha_fastpath():
                 for child in cont:
-                    h = _hidden_out(child(*args, **kwargs))
-                    if h is None:
-                        raise TypeError("a block returned no tensor")
-                    args, kwargs = _with_hidden(args, kwargs, h)
+                    hidden = _hidden_of(child(*args, **kwargs))
+                    args, kwargs = _with_hidden(args, kwargs, hidden)
+            expected = _hidden_of(last)
         except Exception as err:  # any failure: not a chain that can be replayed
             log.debug("gpfq: %s is not a replayable chain (%s)", cname, err)
             continue
-        if h.shape != _hidden_out(last).shape or not torch.equal(h, _hidden_out(last)):
+        if hidden.shape != expected.shape or not torch.equal(hidden, expected):
             log.debug("gpfq: replaying %s does not reproduce its output", cname)
             continue
         found.append((sum(p.numel() for p in cont.parameters()), cname, chain))
@@ -1209,7 +1216,7 @@ def _stream_chain(
     # Up to the first block the networks differ only if a weight before it was quantized.
     float_in = {j: capture_first(float_model_net, j) for j in js} if phases.before else quant_in
     # Activation quantization inside a block makes the two networks differ even without weights.
-    acts = bool(activation_spec) and activation_spec.get("mode", "none") != "none"
+    acts = activation_spec is not None and activation_spec.get("mode", "none") != "none"
     for name, units in zip(chain.block_names, phases.blocks):
         block = model.get_submodule(name)
         identical = float_in is quant_in and not units and not acts
@@ -1222,18 +1229,18 @@ def _stream_chain(
                     loop.run(unit, float_net, quant_net)
         with _no_mha_fastpath():
             with quantized_inputs(model, activation_spec):
-                quant_in = {j: _with_hidden(a, kw, _hidden_out(block(*a, **kw))) for j, (a, kw) in quant_in.items()}
+                quant_in = {j: _with_hidden(a, kw, _hidden_of(block(*a, **kw))) for j, (a, kw) in quant_in.items()}
             if identical:
                 float_in = quant_in
             else:
                 float_in = {
-                    j: _with_hidden(a, kw, _hidden_out(float_block(*a, **kw))) for j, (a, kw) in float_in.items()
+                    j: _with_hidden(a, kw, _hidden_of(float_block(*a, **kw))) for j, (a, kw) in float_in.items()
                 }
         del float_block
         log.debug("gpfq: block %s done (%d weights)", name, len(units))
     if phases.after:
-        float_replay.hidden = {j: _hidden_in(a, kw) for j, (a, kw) in float_in.items()}
-        quant_replay.hidden = {j: _hidden_in(a, kw) for j, (a, kw) in quant_in.items()}
+        float_replay.hidden = {j: _hidden_of(_hidden_in(a, kw)) for j, (a, kw) in float_in.items()}
+        quant_replay.hidden = {j: _hidden_of(_hidden_in(a, kw)) for j, (a, kw) in quant_in.items()}
         del float_in, quant_in
         with _blocks_replaced(model, chain, quant_replay), quantized_inputs(model, activation_spec):
             quant_model_net = _ModelNet(model, batches, quant_replay)

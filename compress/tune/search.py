@@ -403,9 +403,7 @@ def _prefix_state(plan: _Plan, level: float | None, model_path: Path, workdir: P
         module = loaded.rebuild() if scripted else copy.deepcopy(loaded.module)
         state = ModelState(module=module, input_shape=tuple(spec.model.input_shape))
     base_dir = recipe.path.parent if recipe.path else Path.cwd()
-    data = DataBundle(
-        {n: load_split(n, s, base_dir, tuple(spec.model.input_shape)) for n, s in spec.data.splits()}
-    )
+    data = DataBundle({n: load_split(n, s, base_dir, tuple(spec.model.input_shape)) for n, s in spec.data.splits()})
     reference = loaded.module.eval()
     for p in reference.parameters():
         p.requires_grad_(False)
