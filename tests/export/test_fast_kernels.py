@@ -133,7 +133,17 @@ def test_static_ranges_minmax_cover_percentile():
 def test_gpfq_sees_quantized_activations(trained):  # noqa: F811
     """With activations quantized, X̃ differs from the float inputs even before any weight moves."""
     from compress.quantize.activations import activation_spec, quantized_inputs
-    from compress.quantize.gpfq import _capture_input
+
+    def _capture_input(model, layer, x):
+        """What ``layer`` receives (after every pre-hook, as GPFQ's capture sees it)."""
+        seen = []
+        handle = layer.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            handle.remove()
+        return seen[0]
 
     model, calib, _ = trained["digits_mlp"]
     m = copy.deepcopy(model)
