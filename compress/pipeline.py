@@ -807,6 +807,8 @@ def _check_gates(gates, rows: list[StageRow], outputs: StageOutputs) -> list[Che
             add(f"min_agreement{suffix}", q1.get("agreement"), gates.min_agreement, lambda m, lim: m >= lim)
         if gates.min_cosine is not None:
             add(f"min_cosine{suffix}", q1.get("cosine"), gates.min_cosine, lambda m, lim: m >= lim)
+        if gates.min_cosine_p05 is not None:
+            add(f"min_cosine_p05{suffix}", q1.get("cosine_p05"), gates.min_cosine_p05, lambda m, lim: m >= lim)
     if gates.max_size_bytes is not None:
         size = final.final_size_bytes if final.final_size_bytes is not None else final.size_bytes
         add("max_size_bytes", size, gates.max_size_bytes, lambda m, lim: m <= lim)

@@ -174,6 +174,13 @@ class Gates(_Strict):
     min_cosine: float | None = Field(
         None, ge=-1, le=1, description="Smallest allowed mean cosine similarity to the input model's outputs on eval."
     )
+    min_cosine_p05: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="Smallest allowed 5th-percentile per-sample cosine similarity to the input model's outputs on "
+        "eval (the worst 5% of samples, which a mean hides).",
+    )
     max_size_bytes: int | None = Field(
         None,
         ge=1,
@@ -298,7 +305,7 @@ class Recipe(BaseModel):
             )
         needs_eval = [
             g
-            for g in ("max_accuracy_drop", "min_accuracy", "min_agreement", "min_cosine")
+            for g in ("max_accuracy_drop", "min_accuracy", "min_agreement", "min_cosine", "min_cosine_p05")
             if getattr(gates, g) is not None
         ]
         if needs_eval and "eval" not in present:

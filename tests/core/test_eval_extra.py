@@ -63,3 +63,14 @@ def test_bad_extra_sets_are_refused_before_running(cli, tmp_path, digits_mlp_pat
     recipe = _write(tmp_path, "gone: {source: file, path: missing.npz}")
     code, _, err = cli("run", recipe, digits_mlp_path, "-o", tmp_path / "o2")
     assert code == 2 and "missing.npz" in err
+
+
+def test_min_cosine_p05_gate_reads_the_worst_samples(cli, tmp_path, digits_mlp_path):
+    recipe = _write(tmp_path, "clean: {source: file, path: same.npz}")
+    text = recipe.read_text().replace("  min_accuracy: 0.5\n", "  min_cosine_p05: 0.9999999\n")
+    recipe.write_text(text.replace("bits: 8", "bits: 2"))  # 2-bit weights: some samples drift
+    code, out, _err = cli("run", recipe, digits_mlp_path, "-o", tmp_path / "o", "--json")
+    checks = {c["gate"]: c for c in json.loads(out)["gates"]}
+    assert code == 1 and not checks["min_cosine_p05"]["passed"] and not checks["min_cosine_p05[clean]"]["passed"]
+    final = json.loads(out)["stages"][-1]
+    assert checks["min_cosine_p05"]["measured"] == final["cosine_p05"] < final["cosine"]
