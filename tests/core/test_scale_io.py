@@ -135,7 +135,8 @@ def test_stage_rows_carry_peak_rss_of_their_own_step(tmp_path, probe_stage, prob
         pytest.skip(f"the peak mark cannot be reset here (measured by {rows[1]['peak_rss_method']})")
     big, small = rows[1], rows[2]
     # the stage's own 200 MB, plus at most the measuring and saving of a 2.4k-parameter MLP
-    assert 200 * MB <= big["peak_rss_bytes"] - big["metrics"]["rss_start"] <= 260 * MB
+    # (pages freed earlier in the process may be reused: 5% slack below)
+    assert 190 * MB <= big["peak_rss_bytes"] - big["metrics"]["rss_start"] <= 260 * MB
     # the mark is reset per stage: the next stage does not inherit the 200 MB peak
     assert small["peak_rss_bytes"] - small["metrics"]["rss_start"] < 60 * MB
     assert rows[0]["seconds"] > 0  # the input row times the load step
