@@ -15,6 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+# The state.extras key the quantize stage writes the activation quantization under.
+ACTIVATIONS_KEY = "activation_quantization"
+
 
 def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
     """Scale and zero point of the unsigned 8-bit grid over ``[lo, hi]`` (widened to hold 0)."""

@@ -40,6 +40,7 @@ from compress.errors import (
     RecipeError,
     StageError,
 )
+from compress.fake_quant import ACTIVATIONS_KEY, quantized_inputs
 from compress.logs import captured_warnings
 from compress.metrics import PeakRSS, evaluate, model_size, predict, score_outputs
 from compress.model_io import (
@@ -719,12 +720,16 @@ def _measure(
         weight_bits=size["weight_bits"],
         quantized_fraction=size["quantized_fraction"],
     )
-    if data.has("eval"):
-        split = data["eval"]
-        row.quality = evaluate(state.module, split.x, split.y, reference_out, split.batch_size)
-    for key, ref in (extra_references or {}).items():
-        split = data[key]
-        row.eval_extra[key[len(EXTRA_PREFIX) :]] = evaluate(state.module, split.x, split.y, ref, split.batch_size)
+    # Measured as the model ships: with quantized activations (state.extras), the layers see
+    # 8-bit inputs rounded as onnxruntime rounds them, so accuracy and fidelity gates judge
+    # the deployed model, not its float-activation twin.
+    with quantized_inputs(state.module, state.extras.get(ACTIVATIONS_KEY)):
+        if data.has("eval"):
+            split = data["eval"]
+            row.quality = evaluate(state.module, split.x, split.y, reference_out, split.batch_size)
+        for key, ref in (extra_references or {}).items():
+            split = data[key]
+            row.eval_extra[key[len(EXTRA_PREFIX) :]] = evaluate(state.module, split.x, split.y, ref, split.batch_size)
     return row
 
 

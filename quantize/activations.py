@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from compress.fake_quant import (  # noqa: F401  (re-exported: the quantize stage's activation API)
+    ACTIVATIONS_KEY,
     fake_quantize_dynamic,
     fake_quantize_static,
     quantized_inputs,
@@ -31,7 +32,7 @@ from compress.qtensor import QuantizedTensor, UniformTensor
 
 log = logging.getLogger(__name__)
 
-EXTRAS_KEY = "activation_quantization"
+EXTRAS_KEY = ACTIVATIONS_KEY
 ACTIVATION_BITS = 8
 # Values kept per layer and batch for percentile calibration: bounds memory on conv feature maps.
 PERCENTILE_SAMPLE = 1 << 16
