@@ -66,6 +66,21 @@ class _RangeObserver:
 
 
 @torch.no_grad()
+def run_with_hooks(model: nn.Module, calibration: torch.Tensor, batch_size: int, handles: list) -> None:
+    """Run ``model`` in eval mode over ``calibration`` in batches, then remove the observer
+    ``handles`` and restore its training mode (also when the forward fails)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(calibration), batch_size):
+            model(calibration[i : i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
 def calibrate_ranges(
     model: nn.Module,
     layers: list[str],
@@ -103,15 +118,7 @@ def calibrate_ranges(
             obs_out.observe(out)
 
         handles.append(modules[name].register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(calibration), batch_size):
-            model(calibration[i : i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_with_hooks(model, calibration, batch_size, handles)
     return {f"{n}.weight": {"input": o[0].range(), "output": o[1].range()} for n, o in observers.items()}
 
 

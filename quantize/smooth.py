@@ -19,6 +19,8 @@ import logging
 import torch
 from torch import nn
 
+from compress.quantize.activations import run_with_hooks
+from compress.quantize.gpfq import shared_input_groups
 from compress.smoothing import smooth_linear
 
 log = logging.getLogger(__name__)
@@ -43,15 +45,7 @@ def input_channel_absmax(
             amax[name] = torch.maximum(amax[name], m) if name in amax else m
 
         handles.append(modules[name].register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(calibration), batch_size):
-            model(calibration[i : i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_with_hooks(model, calibration, batch_size, handles)
     missing = [n for n in layers if n not in amax]
     if missing:
         raise ValueError(f"smoothing: layers {missing} were not called on the calibration data")
@@ -67,34 +61,6 @@ def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: floa
     live = (a > 0) & (w > 0)
     s = torch.where(live, a.clamp_min(1e-30) ** alpha / w.clamp_min(1e-30) ** (1 - alpha), torch.ones_like(a))
     return s.clamp(*SCALE_RANGE).float()
-
-
-@torch.no_grad()
-def shared_input_groups(model: nn.Module, layers: list[str], example: torch.Tensor) -> list[list[str]]:
-    """``layers`` grouped by the very tensor they read (a transformer's q/k/v projections)."""
-    modules = dict(model.named_modules())
-    seen: dict[str, int] = {}
-    alive: list[torch.Tensor] = []  # held so that no id is reused during the forward
-    handles = []
-    for name in layers:
-
-        def hook(_m, args, name=name):
-            alive.append(args[0])
-            seen.setdefault(name, id(args[0]))
-
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    groups: dict[int, list[str]] = {}
-    for name in layers:
-        groups.setdefault(seen.get(name, -1 - len(groups)), []).append(name)
-    return list(groups.values())
 
 
 def smooth_model(
@@ -120,7 +86,8 @@ def smooth_model(
     amax = input_channel_absmax(model, chosen, calibration, batch_size)
     spread = {}
     # Layers reading one tensor (q/k/v) share one scale, so the export quantizes that input once.
-    groups = shared_input_groups(model, chosen, calibration[:2])
+    wanted = set(chosen)
+    groups = [g for g in ([n for n in grp if n in wanted] for grp in shared_input_groups(model, calibration[:2])) if g]
     for group in groups:
         weights = torch.cat([modules[n].weight.detach() for n in group])
         s = smoothing_scales(amax[group[0]], weights, alpha)
