@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch
@@ -140,26 +141,20 @@ def compare_with_torch_prune(model: torch.nn.Module, amount: float, repeat: int 
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mnist1d_mlp", choices=["mnist1d_mlp", "mnist1d_cnn"])
-    ap.add_argument("--epochs", type=int, default=20, help="training epochs of the dense model")
-    ap.add_argument("--no-lottery", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-
-    data = data_bundle()
+def run_cases(args: argparse.Namespace, data: DataBundle, seed: int) -> list[dict]:
+    """Every method at one seed; the first row carries the dense model (for the mask comparison)."""
+    print(f"seed {seed}", file=sys.stderr, flush=True)
     factory = ZOO[args.model][0]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     dense = factory()
-    fit(dense, data["train"].x, data["train"].y, TrainConfig(epochs=args.epochs, lr=3e-3))
+    fit(dense, data["train"].x, data["train"].y, TrainConfig(epochs=args.epochs, lr=3e-3, seed=seed))
     dense.eval()
     reference = copy.deepcopy(dense)
     for p in reference.parameters():
         p.requires_grad_(False)
     example = data["eval"].x[:1]
 
-    rows = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for label, cfg in cases(not args.no_lottery and args.model == "mnist1d_mlp"):
@@ -169,7 +164,7 @@ def main() -> None:
                 out_dir=folder / label.replace(" ", "_"),
                 device=torch.device("cpu"),
                 reference=reference,
-                seed=0,
+                seed=seed,
             )
             t0 = time.perf_counter()
             if cfg is not None:
@@ -203,14 +198,48 @@ def main() -> None:
                 row["note"] = ""
             rows.append(row)
             print(f"  done: {label} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+    rows[0]["dense"] = dense
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """One method over the seeds: median of the accuracies and the time, the range of the final
+    accuracy; the rest from the first seed."""
+    out = dict(rows[0])
+    for key in ("acc_in", "acc_pruned", "acc_final", "seconds"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = median(values) if values else None
+    finals = sorted(r["acc_final"] for r in rows)
+    out["range"] = f"{finals[0]:.3f}-{finals[-1]:.3f}" if len(rows) > 1 else ""
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="mnist1d_mlp", choices=["mnist1d_mlp", "mnist1d_cnn"])
+    ap.add_argument("--epochs", type=int, default=20, help="training epochs of the dense model")
+    ap.add_argument("--no-lottery", action="store_true")
+    ap.add_argument(
+        "--seeds", type=int, default=1, help="seeds (dense training, pruning, fine-tuning); median reported"
+    )
+    args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
+    torch.set_num_threads(1)
+
+    data = data_bundle()
+    runs = [run_cases(args, data, seed) for seed in range(args.seeds)]
+    rows = [aggregate([run[i] for run in runs]) for i in range(len(runs[0]))]
+    dense = runs[0][0]["dense"]
 
     print(
         f"\nPruning on MNIST-1D, {args.model} trained {args.epochs} epochs; fine-tuning {FT.epochs} epochs "
+        f"({args.seeds} seed(s): median accuracies, final-accuracy range) "
         f"(distillation from the dense model); 'pruned' = right after pruning (before fine-tuning)\n"
     )
     head = (
         f"| {'method':36} | {'acc in':>6} | {'pruned':>6} | {'final':>6} | {'params':>7} | {'nonzero':>7} "
-        f"| {'ONNX KB':>7} | {'zstd KB':>7} | {'ORT p50 us':>10} | {'s':>5} |"
+        f"| {'final range':>11} | {'ONNX KB':>7} | {'zstd KB':>7} | {'ORT p50 us':>10} | {'s':>5} |"
     )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -218,7 +247,7 @@ def main() -> None:
     for r in rows:
         print(
             f"| {r['method']:36} | {fmt(r['acc_in'])} | {fmt(r['acc_pruned'])} | {fmt(r['acc_final'])} "
-            f"| {r['params']:7d} | {r['nonzeros']:7d} | {r['onnx_kb']:7.1f} | {r['zst_kb']:7.1f} "
+            f"| {r['params']:7d} | {r['nonzeros']:7d} | {r['range']:>11} | {r['onnx_kb']:7.1f} | {r['zst_kb']:7.1f} "
             f"| {r['p50_us']:10.1f} | {r['seconds']:5.1f} |"
         )
     print()

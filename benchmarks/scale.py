@@ -54,7 +54,22 @@ CONFIGS: dict[str, dict] = {
         "kwargs": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
     },
     "llama-1.1b": {"factory": "compress.models.llama:llama_1b", "kwargs": {}, "decoder": True, "bf16": True},
-    # not a benchmark row: the same path at a size that runs in a minute (checks the script)
+    # not benchmark rows: the 1.1 B widths with 2 of its 22 blocks (per-block time and memory
+    # in minutes, to extrapolate), and the same path at a size that runs in a minute
+    "llama-1.1b-2l": {
+        "factory": "compress.models.llama:llama",
+        "kwargs": {
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "vocab_size": 32000,
+            "tie_word_embeddings": True,
+        },
+        "decoder": True,
+        "bf16": True,
+    },
     "llama-tiny": {"factory": "compress.models.llama:llama", "kwargs": {"vocab_size": 32000}, "decoder": True},
 }
 DEFAULT = ["bert-22m", "bert-110m"]

@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,3 +148,11 @@ def render_in_chromium(url: str, screenshot: Path, window: str = "1200,1600", ti
         timeout=timeout,
         check=False,
     )
+
+
+def run_cli(recipe: Path, model: Path, out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``compress run RECIPE MODEL -o OUT --json [extra...]`` as a separate process (how CI and
+    torchrun see it: its own interpreter, exit code and stdout), with this checkout importable."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "compress", "run", str(recipe), str(model), "-o", str(out), "--json", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

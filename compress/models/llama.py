@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.models.minilm import split_ids_mask
-from compress.onnx_signature import OnnxSignature
+from compress.models.text import TokenModel
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ LLAMA_1B: dict[str, Any] = {
 }
 
 
-class LlamaDecoder(nn.Module):
+class LlamaDecoder(TokenModel):
     """``LlamaForCausalLM`` → next-token logits at each sequence's last real token.
 
     ``forward(x)`` takes the pipeline's ``(batch, 2, L)`` int64 ids-on-mask; ``logits(input_ids,
@@ -63,40 +62,7 @@ class LlamaDecoder(nn.Module):
         index = last.view(-1, 1, 1).expand(-1, 1, states.shape[-1])
         return self.lm.lm_head(torch.gather(states, 1, index).squeeze(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_ids, attention_mask = split_ids_mask(_trim_padding(x))
-        return self.logits(input_ids, attention_mask)
-
-    def token_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """The positions that hold tokens, as ``forward`` sees them (``compress.padding``)."""
-        return split_ids_mask(_trim_padding(x))[1].bool()
-
-    def onnx_signature(self) -> OnnxSignature:
-        axes = {0: "batch", 1: "sequence"}
-        return OnnxSignature(
-            module=_NamedInputs(self),
-            input_names=["input_ids", "attention_mask"],
-            dynamic_axes={"input_ids": dict(axes), "attention_mask": dict(axes)},
-            split=split_ids_mask,
-        )
-
-
-def _trim_padding(x: torch.Tensor) -> torch.Tensor:
-    """Drop trailing positions that are padding in every sample (exact: causal attention never
-    lets a later position reach an earlier one, and the output reads the last real token)."""
-    longest = int(x[:, 1].sum(1).max()) if x.shape[0] else 0
-    return x[..., : max(longest, 1)] if longest < x.shape[-1] else x
-
-
-class _NamedInputs(nn.Module):
-    """``(input_ids, attention_mask) -> logits``: the exported form; shares the parameters."""
-
-    def __init__(self, decoder: LlamaDecoder):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.decoder.logits(input_ids, attention_mask)
+    from_ids = logits
 
 
 def llama(

@@ -21,14 +21,13 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.onnx_signature import OnnxSignature
+from compress.models.text import TokenModel
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +102,6 @@ def tokenize(texts: Sequence[str], max_length: int = 64) -> np.ndarray:
     return np.stack([enc["input_ids"], enc["attention_mask"]], axis=1).astype(np.int64)
 
 
-def split_ids_mask(x: Any) -> tuple[Any, Any]:
-    """``(input_ids, attention_mask)`` of a ``(batch, 2, L)`` batch (torch or numpy)."""
-    if x.ndim != 3 or x.shape[1] != 2:
-        raise ValueError(f"expected (batch, 2, sequence) token ids stacked on masks, got shape {tuple(x.shape)}")
-    return x[:, 0], x[:, 1]
-
-
 def mean_pool(token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token states over the mask, L2-normalised (sentence-transformers' pooling)."""
     mask = attention_mask.unsqueeze(-1).to(token_states.dtype)
@@ -118,7 +110,7 @@ def mean_pool(token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return F.normalize(pooled, p=2, dim=1)
 
 
-class MiniLMEmbedder(nn.Module):
+class MiniLMEmbedder(TokenModel):
     """BERT encoder + masked mean pooling + L2 normalisation.
 
     ``forward(x)`` takes the pipeline's single input, ``(batch, 2, L)`` int64 (ids stacked on
@@ -133,46 +125,7 @@ class MiniLMEmbedder(nn.Module):
         states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return mean_pool(states, attention_mask)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_ids, attention_mask = split_ids_mask(_trim_padding(x))
-        return self.embed(input_ids, attention_mask)
-
-    def token_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Which token positions of the batch ``x`` hold text (``compress.padding``), as ``forward``
-        sees them: calibration statistics skip the padding."""
-        return split_ids_mask(_trim_padding(x))[1].bool()
-
-    def onnx_signature(self) -> OnnxSignature:
-        axes = {0: "batch", 1: "sequence"}
-        return OnnxSignature(
-            module=_NamedInputs(self),
-            input_names=["input_ids", "attention_mask"],
-            dynamic_axes={"input_ids": dict(axes), "attention_mask": dict(axes)},
-            split=split_ids_mask,
-        )
-
-
-def _trim_padding(x: torch.Tensor) -> torch.Tensor:
-    """Drop the trailing positions that are padding in every sample of the batch.
-
-    Exact: a padding position is masked out of attention and pooling, so it never changes
-    the embedding; dropping the all-padding tail only saves the work (data padded to a
-    fixed length is mostly padding). The exported graph takes the sequence length as a
-    dynamic axis instead and never trims.
-    """
-    longest = int(x[:, 1].sum(1).max()) if x.shape[0] else 0
-    return x[..., : max(longest, 1)] if longest < x.shape[-1] else x
-
-
-class _NamedInputs(nn.Module):
-    """``(input_ids, attention_mask) -> embeddings``: the exported form; shares the parameters."""
-
-    def __init__(self, embedder: MiniLMEmbedder):
-        super().__init__()
-        self.embedder = embedder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.embedder.embed(input_ids, attention_mask)
+    from_ids = embed
 
 
 def pretrained_state_dict() -> dict[str, torch.Tensor]:

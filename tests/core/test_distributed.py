@@ -10,20 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from compress.testing import run_cli
 from tests.conftest import DIGITS_RECIPE
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run(recipe: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "compress", "run", str(recipe), str(model), "-o", str(out), "--json", *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
 
 
 @pytest.mark.slow
@@ -35,9 +25,9 @@ def test_two_processes_match_one(tmp_path, digits_mlp_path):
             gates="  max_accuracy_drop: 0.5",
         )
     )
-    one = _run(recipe, digits_mlp_path, tmp_path / "one")
+    one = run_cli(recipe, digits_mlp_path, tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    two = _run(recipe, digits_mlp_path, tmp_path / "two", "--nproc", "2")
+    two = run_cli(recipe, digits_mlp_path, tmp_path / "two", "--nproc", "2")
     assert two.returncode == 0, two.stderr
     r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # only rank 0 printed a report
     assert abs(r1["stages"][-1]["accuracy"] - r2["stages"][-1]["accuracy"]) <= 0.01
@@ -51,7 +41,7 @@ def test_two_processes_match_one(tmp_path, digits_mlp_path):
 def test_gate_failure_exit_code_survives_torchrun(tmp_path, digits_mlp_path):
     recipe = tmp_path / "ft.yaml"
     recipe.write_text(DIGITS_RECIPE.format(stages="  - finetune: {train: {epochs: 1}}", gates="  min_accuracy: 1.0"))
-    two = _run(recipe, digits_mlp_path, tmp_path / "two", "--nproc", "2")
+    two = run_cli(recipe, digits_mlp_path, tmp_path / "two", "--nproc", "2")
     assert two.returncode == 1, two.stderr
 
 
@@ -65,9 +55,9 @@ def test_two_process_rerun_on_a_finished_folder(tmp_path, digits_mlp_path):
             gates="  {}",
         )
     )
-    first = _run(recipe, digits_mlp_path, tmp_path / "o", "--nproc", "2")
+    first = run_cli(recipe, digits_mlp_path, tmp_path / "o", "--nproc", "2")
     assert first.returncode == 0, first.stderr
-    again = _run(recipe, digits_mlp_path, tmp_path / "o", "--nproc", "2")
+    again = run_cli(recipe, digits_mlp_path, tmp_path / "o", "--nproc", "2")
     assert again.returncode == 0, again.stderr
     assert "FileNotFoundError" not in again.stderr
     report = json.loads(again.stdout)

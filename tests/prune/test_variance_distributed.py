@@ -4,9 +4,6 @@ the moments are merged exactly, so the pruned neurons are those of a one-process
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from compress.prune.variance import (
     select_pruned,
     variance_prune,
 )
+from compress.testing import run_cli
 from tests.conftest import DIGITS_RECIPE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,17 +111,6 @@ def test_chan_merge_of_shares_equals_one_stream():
     torch.testing.assert_close(merged.variance, data.var(0, unbiased=False), rtol=1e-9, atol=0)
 
 
-def _run_cli(recipe: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "compress", "run", str(recipe), str(model), "-o", str(out), "--json", *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-
-
 @pytest.mark.slow
 def test_nproc_2_variance_stage_matches_one_process(tmp_path, digits_mlp_path):
     recipe = tmp_path / "variance.yaml"
@@ -132,9 +119,9 @@ def test_nproc_2_variance_stage_matches_one_process(tmp_path, digits_mlp_path):
             "  eval:", "  calibration: {source: digits, split: train, batch_size: 100}\n  eval:"
         )
     )
-    one = _run_cli(recipe, digits_mlp_path, tmp_path / "one")
+    one = run_cli(recipe, digits_mlp_path, tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    two = _run_cli(recipe, digits_mlp_path, tmp_path / "two", "--nproc", "2")
+    two = run_cli(recipe, digits_mlp_path, tmp_path / "two", "--nproc", "2")
     assert two.returncode == 0, two.stderr
     r1, r2 = json.loads(one.stdout)["stages"][-1], json.loads(two.stdout)["stages"][-1]
     assert r1["metrics"]["blocks"] == r2["metrics"]["blocks"]
