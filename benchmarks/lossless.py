@@ -163,7 +163,7 @@ _PROBE = (
     # would report this process's size, since it survives exec
     "import runpy, sys, resource\n"
     "sys.argv = ['compress'] + sys.argv[1:]\n"
-    "try:\n    runpy.run_module('compress.cli', run_name='__main__')\n"
+    "try:\n    runpy.run_module('compress', run_name='__main__')\n"
     "finally:\n"
     "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
     "    sys.stderr.write(f'VMHWM {hwm}\\n')\n"
