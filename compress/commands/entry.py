@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,8 @@ def failure_exit_code(err: BaseException, debug: bool, echo: Callable[[str], Non
     Shared by the typer commands (:func:`compress.cli._guard`) and the fast path here, so
     both print the same words.
     """
+    import traceback
+
     from compress.errors import CompressError
 
     if isinstance(err, CompressError):

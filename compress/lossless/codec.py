@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -414,14 +414,19 @@ class _LiteralZstd:
 
     def _load(self):  # -> ctypes.CDLL
         import ctypes
-        import ctypes.util
         from pathlib import Path
 
-        candidates = [str(p) for p in sorted(Path(zstandard.__file__).parent.glob("_cffi*.so"))]
-        system = ctypes.util.find_library("zstd")
-        if system:
-            candidates.append(system)
-        for path in candidates:
+        def candidates() -> Iterator[str]:
+            yield from (str(p) for p in sorted(Path(zstandard.__file__).parent.glob("_cffi*.so")))
+            # the system's only when needed: find_library runs ldconfig in a subprocess,
+            # which cost a small `compress unpack` more wall time than its decoding
+            import ctypes.util
+
+            found = ctypes.util.find_library("zstd")
+            if found:
+                yield found
+
+        for path in candidates():
             try:
                 lib = ctypes.CDLL(path)
                 if lib.ZSTD_versionNumber() >= 10500:  # the parameter numbers used here

@@ -20,7 +20,6 @@ in the manifest; a SHA-256 in older containers) is checked while writing.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -41,6 +40,7 @@ import numpy as np
 from compress.errors import InputError
 from compress.lossless import codec as C
 from compress.lossless.container import (
+    AlignedWriter,
     ContainerReader,
     ContainerWriter,
     CorruptArchiveError,
@@ -435,89 +435,6 @@ class _SourceCheck:
         self.value = C.crc32(data, self.value)
 
 
-class _AlignedWriter:
-    """Writes a stream of buffers to a fresh file in large page-aligned blocks, bypassing
-    the page cache (``O_DIRECT``) where the file system allows it.
-
-    Buffered writes of a restored model cost the kernel a copy into the page cache and
-    the page-cache allocations (under memory pressure more CPU than decoding); direct
-    writes of 8 MiB blocks cost one copy into the aligned block. Where ``O_DIRECT`` is
-    refused (tmpfs, other systems) the plain file object is written instead.
-    """
-
-    BLOCK = 8 << 20
-    ALIGN = 4096
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.pos = 0  # bytes written through the direct descriptor
-        self.fill = 0
-        self.fd: int | None = None
-        flag = getattr(os, "O_DIRECT", 0)
-        path = f"/proc/self/fd/{f.fileno()}"
-        if flag and os.path.exists(path):
-            try:
-                self.fd = os.open(path, os.O_WRONLY | flag)
-            except OSError:
-                self.fd = None
-        if self.fd is not None:
-            self.block = mmap.mmap(-1, self.BLOCK)  # page-aligned, as O_DIRECT needs
-            self.view = np.frombuffer(self.block, np.uint8)
-
-    def write(self, data: Any) -> None:
-        if self.fd is None:
-            self.f.write(data)
-            return
-        src = np.frombuffer(data, np.uint8)
-        p = 0
-        while p < src.size:
-            take = min(self.BLOCK - self.fill, src.size - p)
-            self.view[self.fill : self.fill + take] = src[p : p + take]
-            self.fill += take
-            p += take
-            if self.fill == self.BLOCK:
-                self._flush(self.BLOCK)
-                if self.fd is None:  # fell back to plain writes
-                    self.f.write(src[p:].data)
-                    return
-
-    def _flush(self, length: int) -> None:
-        """Write the block's first ``length`` bytes (``fill`` rounded up to the alignment)."""
-        assert self.fd is not None
-        try:
-            done = 0
-            with memoryview(self.block) as mv:
-                while done < length:
-                    done += os.pwrite(self.fd, mv[done:length], self.pos + done)
-        except OSError as err:
-            if err.errno != errno.EINVAL or self.pos:
-                raise
-            # the file system took O_DIRECT at open but refuses the writes: write plainly
-            self._close_direct()
-            self.f.write(self.view[: self.fill].data)
-        self.pos += self.fill
-        self.fill = 0
-
-    def _close_direct(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def close(self) -> None:
-        """Write what is left (the last block padded to the alignment, then the file cut
-        to its true length) and release the direct descriptor; idempotent."""
-        if self.fd is None:
-            return
-        try:
-            if self.fill:
-                end = self.pos + self.fill
-                self._flush(-(-self.fill // self.ALIGN) * self.ALIGN)
-                if self.fd is not None:
-                    os.ftruncate(self.fd, end)
-        finally:
-            self._close_direct()
-
-
 def _read_range(f: BinaryIO, start: int, length: int, hasher: Any) -> Iterator[bytes]:
     f.seek(start)
     left = length
@@ -695,7 +612,7 @@ def unpack_file(
         hasher: Any = _SourceCheck() if _is_count(crc) else hashlib.sha256()  # older files: SHA-256
         written = 0
         with atomic_open(dst, size_hint=size) as out:
-            writer = _AlignedWriter(out)
+            writer = AlignedWriter(out)
 
             def sink(buf: Any) -> None:
                 writer.write(buf)
