@@ -1,10 +1,10 @@
 """The ``.czip`` container: coded tensors and opaque blobs, checksummed, randomly accessible.
 
-Byte layout, format version 2 (all integers little-endian; docs/container-format.md is
+Byte layout, format version 3 (all integers little-endian; docs/container-format.md is
 the full spec)::
 
     offset 0   8 bytes  magic  b"\\x89CZIP\\r\\n\\x1a"
-           8   u16      major version (2; readers refuse another major)
+           8   u16      major version (3; readers also read 2, refuse others)
           10   u16      minor version (additions a reader may ignore)
           12   u32      flags (must be 0)
           16   ...      chunk payloads, back to back, in manifest order
@@ -62,8 +62,12 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"\x89CZIP\r\n\x1a"
 END_MAGIC = b"CZIPEND\x00"
-VERSION_MAJOR = 2
+VERSION_MAJOR = 3
 VERSION_MINOR = 0
+# Version 3 adds paired int8 chunks (codec.py): a version-2 reader would refuse them by
+# their stream count, so the version says it first. Version-2 files hold a subset of what
+# version 3 may, and are read as they are.
+READ_MAJORS = (2, 3)
 HEADER = struct.Struct("<8sHHI")
 TRAILER = struct.Struct("<QQII32s8s")
 HEADER_SIZE = HEADER.size  # 16
@@ -701,12 +705,14 @@ class ContainerReader:
         magic, major, minor, flags = HEADER.unpack(head)
         if magic != MAGIC:
             raise self._err("not a czip container (bad magic)")
-        if major != VERSION_MAJOR:
+        if major not in READ_MAJORS:
             raise self._err(
-                f"container format version {major}.{minor} is not supported (this reader: {VERSION_MAJOR}.x)"
+                f"container format version {major}.{minor} is not supported (this reader: "
+                + " and ".join(f"{m}.x" for m in READ_MAJORS)
+                + ")"
                 + (
                     "; it was written by an older compress: unpack it with that version and re-pack"
-                    if major < VERSION_MAJOR
+                    if major < min(READ_MAJORS)
                     else ""
                 )
             )
@@ -836,20 +842,22 @@ class ContainerReader:
                 raise self._err(f"{cw}: malformed")
             n, crc, streams = ch
             sparse = layout in C.FLOAT_LAYOUTS and len(streams) == n_streams + 1
+            paired = layout == "bytes" and dtype == "int8" and len(streams) == 2
             if (
                 n <= 0
                 or n * item > MAX_CHUNK_RAW_BYTES
-                or not (len(streams) == n_streams or sparse)
+                or not (len(streams) == n_streams or sparse or paired)
                 or not 0 <= crc < 2**32
             ):
                 raise self._err(f"{cw}: invalid element count, stream count or checksum")
             expect = C.stream_sizes(layout, n, item)
-            if sparse:
-                # mask, then the non-zero elements' streams (k each, k <= n; checked on decode)
+            if sparse or paired:
+                # sparse: mask, then the non-zero elements' streams (k each); paired: the
+                # packed code pairs, then k escaped codes; k <= n, checked on decode
                 k = streams[1][1] if isinstance(streams[1], list) and len(streams[1]) == 3 else -1
                 if not (_is_int(k) and 0 <= k <= n):
-                    raise self._err(f"{cw}: invalid sparse chunk")
-                expect = [(n + 7) // 8] + C.stream_sizes(layout, k, item)
+                    raise self._err(f"{cw}: invalid {'sparse' if sparse else 'paired'} chunk")
+                expect = [(n + 7) // 8] + C.stream_sizes(layout, k, item) if sparse else [(n + 1) // 2, k]
             checked = []
             for si, s in enumerate(streams):
                 if not (isinstance(s, list) and len(s) == 3 and all(_is_int(v) for v in s)):
