@@ -284,8 +284,8 @@ def merge(layout: str, streams: Sequence[np.ndarray], n: int, item: int, out: np
         # Both codes of a packed byte land in one 16-bit lane (low nibble in the low byte):
         # x86 has 16-bit but no 8-bit shifts, and a table lookup converts its indices
         # first; this was 10x faster than either.
-        fits = out is not None and out.size == 2 * packed.size == n  # an odd n has no room
-        x = out.view(np.uint16) if fits else np.empty(packed.size, np.uint16)
+        into = out if out is not None and out.size == 2 * packed.size == n else None  # an odd n has no room
+        x = np.empty(packed.size, np.uint16) if into is None else into.view(np.uint16)
         t = _scratch(0, packed.size, np.uint16)
         np.copyto(x, packed, casting="safe")
         np.bitwise_and(x, 0x0F, out=t)

@@ -623,7 +623,7 @@ def unpack_file(
         check_output_path(dst, force=force, sources=(src,))
         plan = _check_segments(src, r, segments, size)
         companions = _external_data_plan(src, r, meta, dst.parent, force)
-        check = crc if _is_count(crc) else sha  # older files hold a SHA-256
+        check: int | str = crc if _is_count(crc) else str(sha)  # older files hold a SHA-256
         _restore_segments(src, r, plan, size, check, dst, threads)
         for path, data_plan, data_size, data_crc in companions:
             _restore_segments(src, r, data_plan, data_size, data_crc, path, threads)
