@@ -852,10 +852,10 @@ class ContainerReader:
                 raise self._err(f"{cw}: invalid element count, stream count or checksum")
             expect = C.stream_sizes(layout, n, item)
             if sparse or paired:
-                # sparse: mask, then the non-zero elements' streams (k each); paired: the
-                # packed code pairs, then k escaped codes; k <= n, checked on decode
+                # sparse: mask, then the non-zero elements' streams (k <= n each); paired:
+                # the packed code pairs, then k/5 escaped codes and their uint32 positions
                 k = streams[1][1] if isinstance(streams[1], list) and len(streams[1]) == 3 else -1
-                if not (_is_int(k) and 0 <= k <= n):
+                if not (_is_int(k) and 0 <= k <= n) if sparse else not (_is_int(k) and 0 <= k <= 5 * n and k % 5 == 0):
                     raise self._err(f"{cw}: invalid {'sparse' if sparse else 'paired'} chunk")
                 expect = [(n + 7) // 8] + C.stream_sizes(layout, k, item) if sparse else [(n + 1) // 2, k]
             checked = []

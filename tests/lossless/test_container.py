@@ -129,7 +129,7 @@ def manifest_body(good: bytes) -> bytes:
 def test_paired_chunks_only_for_int8_entries(tmp_path) -> None:
     """A paired chunk (two streams) in a uint8 entry is refused when the file opens."""
     path = tmp_path / "a.czip"
-    codes = np.clip(np.round(np.random.default_rng(0).standard_normal(5000)), -7, 7).astype(np.int8)
+    codes = np.clip(np.round(np.random.default_rng(0).standard_normal(5000) * 3), -8, 7).astype(np.int8)
     write_container(path, {"codes": codes}, threads=1)
     good = path.read_bytes()
     with ContainerReader(path) as r:
@@ -138,7 +138,7 @@ def test_paired_chunks_only_for_int8_entries(tmp_path) -> None:
     path.write_bytes(rewrite_manifest(good, lambda m: m["entries"][0].update(dtype="uint8")))
     with pytest.raises(CorruptArchiveError, match="invalid element count, stream count"):
         ContainerReader(path)
-    path.write_bytes(rewrite_manifest(good, lambda m: m["entries"][0]["chunks"][0][2][1].__setitem__(1, 5001)))
+    path.write_bytes(rewrite_manifest(good, lambda m: m["entries"][0]["chunks"][0][2][1].__setitem__(1, 7)))
     with pytest.raises(CorruptArchiveError, match="invalid paired chunk"):
         ContainerReader(path)
 
