@@ -734,9 +734,9 @@ def decode_ans(payload: bytes | memoryview, raw_len: int) -> np.ndarray:
     return _unsymbols(np.asarray(sym), w, raw_len)
 
 
-def encode_stream(stream: np.ndarray, level: int, order0: bool = False) -> EncodedStream:
+def encode_stream(stream: np.ndarray, level: int, order0: bool = False, ans: bool = True) -> EncodedStream:
     """Code one byte stream by the smallest of the methods tried (``order0``: the stream
-    is an order-0 source, see :func:`order0_streams`)."""
+    is an order-0 source, see :func:`order0_streams`; ``ans``: ANS may be tried)."""
     raw = np.ascontiguousarray(stream).data.cast("B")
     worth, sparse, entropy = _profile(stream) if stream.size else (False, False, 8.0)
     best: tuple[int, bytes] | None = None
@@ -757,7 +757,7 @@ def encode_stream(stream: np.ndarray, level: int, order0: bool = False) -> Encod
                 payload = alt if len(alt) < len(payload) else payload
         if len(payload) <= len(raw) * (1.0 - MIN_SAVING):
             best = (METHOD_ZSTD, payload)
-    if 0 < len(raw) <= ANS_MAX_BYTES:
+    if ans and 0 < len(raw) <= ANS_MAX_BYTES:
         # chosen by measured size: ANS wins on small alphabets and short streams, where
         # zstd's Huffman tables and whole-bit code lengths cost most
         ans = encode_ans(np.frombuffer(raw, np.uint8))
@@ -788,7 +788,10 @@ def encode_chunk(layout: str, data: np.ndarray, level: int = DEFAULT_LEVEL) -> E
     apart by the stream count (one more than the layout's).
     """
     streams = chunk_streams(layout, data, scratch=True)  # coded before this returns
-    return _chunk(int(data.size), streams, level, order0_streams(layout, data, len(streams)))
+    # A paired chunk's escapes (a few hundred bytes per MiB) skip ANS: trying it cost a
+    # tenth of the chunk's encode time to save 0.04% of its size.
+    ans = [True, False] if layout == "bytes" and len(streams) == 2 else None
+    return _chunk(int(data.size), streams, level, order0_streams(layout, data, len(streams)), ans)
 
 
 def chunk_streams(layout: str, data: np.ndarray, scratch: bool = False) -> list[np.ndarray]:
@@ -829,7 +832,7 @@ def _paired_streams(data: np.ndarray) -> list[np.ndarray] | None:
         return None
     t[escaped] = 8
     packed = np.empty(h, np.uint8)
-    np.left_shift(t[h:], 4, out=packed[: n - h])
+    np.multiply(t[h:], 16, out=packed[: n - h])  # a shift by 4, but SIMD for bytes (8x faster)
     packed[: n - h] |= t[: n - h]
     packed[n - h :] = t[n - h : h]  # the middle code of an odd chunk, alone in its byte
     esc = np.empty(5 * k, np.uint8)
@@ -838,8 +841,12 @@ def _paired_streams(data: np.ndarray) -> list[np.ndarray] | None:
     return [packed, esc]
 
 
-def _chunk(n: int, streams: list[np.ndarray], level: int, order0: list[bool]) -> EncodedChunk:
-    coded = tuple(encode_stream(s, level, o) for s, o in zip(streams, order0, strict=True))
+def _chunk(
+    n: int, streams: list[np.ndarray], level: int, order0: list[bool], ans: list[bool] | None = None
+) -> EncodedChunk:
+    coded = tuple(
+        encode_stream(s, level, o, a) for s, o, a in zip(streams, order0, ans or [True] * len(streams), strict=True)
+    )
     return EncodedChunk(n, coded, chunk_crc([s.payload for s in coded]))
 
 
