@@ -25,7 +25,7 @@ Layouts (``LAYOUTS``):
   streams): the codes packed two per byte (first half of the chunk in the low nibbles,
   second half in the high ones, biased by 8), then the *escaped* codes outside that range
   with their positions. A byte Huffman coder pays whole bits per symbol: on MiniLM's int8
-  codes (46% zeros) it ends 4.3% above their order-0 entropy, on pairs of codes 1.0%
+  codes (46% zeros) it ends 4.3% above their order-0 entropy, on pairs of codes 0.7%
   above, and there are half as many symbols to decode.
 
 Every function here reads its input through views and writes only to new arrays: the
