@@ -57,6 +57,10 @@ def seeds(folder: Path) -> list[bytes]:
             "p": np.where(rng.random(2000) < 0.7, 0, rng.standard_normal(2000)).astype(np.float32),
             "h": rng.standard_normal(500).astype(np.float16),
             "i": np.arange(33, dtype=np.int64),
+            # int8 codes in -8..7 with a few escapes: paired chunks (codec.py)
+            "q": np.where(
+                np.arange(3000) % 500 == 7, 100, np.clip(np.round(rng.standard_normal(3000) * 2), -8, 7)
+            ).astype(np.int8),
         },
         str(src),
     )

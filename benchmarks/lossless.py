@@ -146,13 +146,17 @@ def interleaved(codecs: list[Codec], repeat: int) -> dict[str, dict[str, float]]
 
 def entropy_bound(arr: np.ndarray, dtype: str, layout: str | None = None) -> float:
     """Order-0 bound of the streams the codec codes (per chunk, as the coder sees them:
-    after byte grouping, sparse splitting or int4 packing), as a ratio of the original size."""
+    after byte grouping, sparse splitting or int4 packing), as a ratio of the original size.
+    int8 codes are measured as codes, one symbol each, also where the codec codes them in
+    pairs: pairing is how the codec gets near that bound, not a different source."""
     layout = layout or C.ALLOWED_LAYOUTS[dtype][0]
     flat = arr.reshape(-1).view(C.numpy_view_dtype(dtype))
     step = C.chunk_elements(dtype, layout, C.DEFAULT_CHUNK_SIZE)
     bits = 0.0
     for i in range(0, flat.size, step):
-        for s in C.chunk_streams(layout, flat[i : i + step]):
+        piece = flat[i : i + step]
+        streams = [piece.view(np.uint8)] if dtype == "int8" and layout == "bytes" else C.chunk_streams(layout, piece)
+        for s in streams:
             bits += C.entropy_bits(s) * s.size
     orig = (arr.size + 1) // 2 if layout == "i4" else arr.nbytes
     return bits / 8 / orig
@@ -163,7 +167,7 @@ _PROBE = (
     # would report this process's size, since it survives exec
     "import runpy, sys, resource\n"
     "sys.argv = ['compress'] + sys.argv[1:]\n"
-    "try:\n    runpy.run_module('compress.cli', run_name='__main__')\n"
+    "try:\n    runpy.run_module('compress', run_name='__main__')\n"
     "finally:\n"
     "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
     "    sys.stderr.write(f'VMHWM {hwm}\\n')\n"

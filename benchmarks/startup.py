@@ -3,8 +3,9 @@
     python benchmarks/startup.py [--runs 5]
 
 Prints a table: `compress --help` (target < 0.5 s) next to `python -c "import torch"`
-(what any torch-importing CLI pays at start), then `compress run` on the quickstart with
-each stage's wall time, fresh (no cache) and re-run (cached).
+(what any torch-importing CLI pays at start), `compress pack` / `unpack` of a 16-value
+file (their fixed cost: they start without typer), then `compress run` on the quickstart
+with each stage's wall time, fresh (no cache) and re-run (cached).
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def main() -> None:
     print(f"{'compress --help':<40} {help_s:>9.3f}   (target < 0.5 s)")
     label = 'python -c "import torch"'
     print(f"{label:<40} {torch_s:>9.3f}   ({torch_s / help_s:.1f}x the help)")
+    with tempfile.TemporaryDirectory() as tmp:
+        # pack/unpack start without typer (compress/commands/entry.py): their fixed cost
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        tiny = Path(tmp) / "tiny.safetensors"
+        save_file({"w": np.zeros(16, np.float32)}, str(tiny))
+        pack_s = timed([py, "-m", "compress", "pack", str(tiny), "--force"], args.runs)
+        unpack_s = timed([py, "-m", "compress", "unpack", f"{tiny}.czip", str(tiny), "--force"], args.runs)
+        print(f"{'compress pack (16-value file)':<40} {pack_s:>9.3f}   ({pack_s / help_s:.2f}x the help)")
+        print(f"{'compress unpack (16-value file)':<40} {unpack_s:>9.3f}   ({unpack_s / help_s:.2f}x the help)")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "qs"
         cmd = [

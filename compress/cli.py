@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import typer
@@ -33,27 +32,16 @@ def _err(msg: str) -> None:
 
 @contextlib.contextmanager
 def _guard(debug: bool):
-    """Turn library errors into a message and an exit code."""
-    from compress.errors import CompressError
+    """Turn library errors into a message and an exit code (the words are
+    :func:`compress.commands.entry.failure_exit_code`'s, shared with the fast pack/unpack)."""
+    from compress.commands.entry import failure_exit_code
 
     try:
         yield
     except typer.Exit:
         raise
-    except CompressError as err:
-        if debug:
-            traceback.print_exc()
-        _err(f"error: {err}")
-        raise typer.Exit(err.exit_code) from None
-    except KeyboardInterrupt:
-        _err("interrupted: finished stages are kept and reused by a re-run; the unfinished one is not")
-        raise typer.Exit(130) from None
-    except Exception as err:  # an internal error: say so plainly
-        if debug:
-            traceback.print_exc()
-        else:
-            _err(f"internal error: {type(err).__name__}: {err}\n(re-run with --debug for the traceback)")
-        raise typer.Exit(EXIT_INTERNAL) from None
+    except (Exception, KeyboardInterrupt) as err:
+        raise typer.Exit(failure_exit_code(err, debug, _err)) from None
 
 
 def _setup_logging(verbose: bool, debug: bool) -> None:

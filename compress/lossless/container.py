@@ -1,10 +1,10 @@
 """The ``.czip`` container: coded tensors and opaque blobs, checksummed, randomly accessible.
 
-Byte layout, format version 2 (all integers little-endian; docs/container-format.md is
+Byte layout, format version 3 (all integers little-endian; docs/container-format.md is
 the full spec)::
 
     offset 0   8 bytes  magic  b"\\x89CZIP\\r\\n\\x1a"
-           8   u16      major version (2; readers refuse another major)
+           8   u16      major version (3; readers also read 2, refuse others)
           10   u16      minor version (additions a reader may ignore)
           12   u32      flags (must be 0)
           16   ...      chunk payloads, back to back, in manifest order
@@ -30,9 +30,12 @@ and the codec's own size rules before anything is allocated, and decoding holds 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 import zlib
@@ -59,8 +62,12 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"\x89CZIP\r\n\x1a"
 END_MAGIC = b"CZIPEND\x00"
-VERSION_MAJOR = 2
+VERSION_MAJOR = 3
 VERSION_MINOR = 0
+# Version 3 adds paired int8 chunks (codec.py): a version-2 reader would refuse them by
+# their stream count, so the version says it first. Version-2 files hold a subset of what
+# version 3 may, and are read as they are.
+READ_MAJORS = (2, 3)
 HEADER = struct.Struct("<8sHHI")
 TRAILER = struct.Struct("<QQII32s8s")
 HEADER_SIZE = HEADER.size  # 16
@@ -101,6 +108,131 @@ def _numel(shape: Iterable[int]) -> int:
 
 
 # =============================================================================== writer
+
+
+class AlignedWriter:
+    """Writes a stream of buffers to a fresh file in large page-aligned blocks, bypassing
+    the page cache (``O_DIRECT``) where the file system allows it.
+
+    Buffered writes cost the kernel a copy into the page cache and the page-cache
+    allocations (under memory pressure more CPU than decoding), and the final ``fsync``
+    of a freshly written large file then waits for all of it (measured: 119 MB/s for
+    512 MiB buffered + fsync, 1.1 GB/s direct, on this project's build machine). Direct
+    writes of 8 MiB blocks cost one copy into the aligned block. Full blocks are written
+    by a background thread while the next one fills (two blocks), so the device's time
+    overlaps the caller's coding; a write error surfaces on a later :meth:`write` or on
+    :meth:`close`. Where ``O_DIRECT`` is refused (tmpfs, other systems) the plain file
+    object is written instead. The caller closes (or aborts) this writer before the file.
+    """
+
+    BLOCK = 8 << 20
+    ALIGN = 4096
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.pos = 0  # bytes written (or being written) through the direct descriptor
+        self.fill = 0
+        self.fd: int | None = None
+        self._pending: Future | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._spare: mmap.mmap | None = None
+        flag = getattr(os, "O_DIRECT", 0)
+        path = f"/proc/self/fd/{f.fileno()}"
+        if flag and os.path.exists(path):
+            try:
+                self.fd = os.open(path, os.O_WRONLY | flag)
+            except OSError:
+                self.fd = None
+        if self.fd is not None:
+            self.block = mmap.mmap(-1, self.BLOCK)  # page-aligned, as O_DIRECT needs
+            self.view = np.frombuffer(self.block, np.uint8)
+
+    def write(self, data: Any) -> None:
+        if self.fd is None:
+            self.f.write(data)
+            return
+        src = np.frombuffer(data, np.uint8)
+        p = 0
+        while p < src.size:
+            take = min(self.BLOCK - self.fill, src.size - p)
+            self.view[self.fill : self.fill + take] = src[p : p + take]
+            self.fill += take
+            p += take
+            if self.fill == self.BLOCK:
+                self._flush_full()
+                if self.fd is None:  # fell back to plain writes
+                    self.f.write(src[p:].data)
+                    return
+
+    def _pwrite(self, block: mmap.mmap, length: int, at: int) -> None:
+        assert self.fd is not None
+        done = 0
+        with memoryview(block) as mv:
+            while done < length:
+                done += os.pwrite(self.fd, mv[done:length], at + done)
+
+    def _flush_full(self) -> None:
+        if self.pos == 0:
+            # the first block synchronously: a file system that takes O_DIRECT at open
+            # but refuses the writes says so here, and the block is written plainly
+            self._write_sync(self.BLOCK)
+            return
+        self._wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="czip-write")
+            self._spare = mmap.mmap(-1, self.BLOCK)
+        self._pending = self._pool.submit(self._pwrite, self.block, self.BLOCK, self.pos)
+        assert self._spare is not None
+        self.block, self._spare = self._spare, self.block
+        self.view = np.frombuffer(self.block, np.uint8)
+        self.pos += self.BLOCK
+        self.fill = 0
+
+    def _write_sync(self, length: int) -> None:
+        """Write the block's first ``length`` bytes (``fill`` rounded up to the alignment)."""
+        try:
+            self._pwrite(self.block, length, self.pos)
+        except OSError as err:
+            if err.errno != errno.EINVAL or self.pos:
+                raise
+            self._close_direct()
+            self.f.write(self.view[: self.fill].data)
+        self.pos += self.fill
+        self.fill = 0
+
+    def _wait(self) -> None:
+        fut, self._pending = self._pending, None
+        if fut is not None:
+            fut.result()
+
+    def _close_direct(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def close(self) -> None:
+        """Write what is left (the last block padded to the alignment, then the file cut
+        to its true length) and release the direct descriptor; idempotent."""
+        if self.fd is None:
+            return
+        try:
+            self._wait()
+            if self.fill:
+                end = self.pos + self.fill
+                self._write_sync(-(-self.fill // self.ALIGN) * self.ALIGN)
+                if self.fd is not None:
+                    os.ftruncate(self.fd, end)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop without writing what is buffered (the file is being discarded)."""
+        with contextlib.suppress(OSError):
+            self._wait()
+        self._close_direct()
 
 
 @dataclass
@@ -155,6 +287,7 @@ class ContainerWriter:
         self._names: dict[str, dict[str, Any]] = {}
         self._f: BinaryIO | None = None
         self._f, self.tmp = open_temp(self.path)
+        self._out = AlignedWriter(self._f)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._pos = 0
         self._closed = False
@@ -164,7 +297,7 @@ class ContainerWriter:
     def _write(self, data: bytes | memoryview) -> None:
         assert self._f is not None
         try:
-            self._f.write(data)
+            self._out.write(data)
         except OSError as err:
             raise OutputError(describe_os_error(self.path, err, self._pos + len(data))) from None
         self._pos += len(data)
@@ -183,6 +316,7 @@ class ContainerWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._out.abort()
         f, self._f = self._f, None
         discard_temp(f, self.tmp)
         self._closed = True
@@ -438,6 +572,10 @@ class ContainerWriter:
             self._write(stored)
             digest = hashlib.sha256(HEADER.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, 0) + stored).digest()
             self._write(TRAILER.pack(offset, len(stored), zlib.crc32(stored), raw_len, digest, END_MAGIC))
+            try:
+                self._out.close()
+            except OSError as err:
+                raise OutputError(describe_os_error(self.path, err, self._pos)) from None
             f, self._f = self._f, None
             assert f is not None
             publish_temp(f, self.tmp, self.path, self._pos)
@@ -567,12 +705,14 @@ class ContainerReader:
         magic, major, minor, flags = HEADER.unpack(head)
         if magic != MAGIC:
             raise self._err("not a czip container (bad magic)")
-        if major != VERSION_MAJOR:
+        if major not in READ_MAJORS:
             raise self._err(
-                f"container format version {major}.{minor} is not supported (this reader: {VERSION_MAJOR}.x)"
+                f"container format version {major}.{minor} is not supported (this reader: "
+                + " and ".join(f"{m}.x" for m in READ_MAJORS)
+                + ")"
                 + (
                     "; it was written by an older compress: unpack it with that version and re-pack"
-                    if major < VERSION_MAJOR
+                    if major < min(READ_MAJORS)
                     else ""
                 )
             )
@@ -702,20 +842,22 @@ class ContainerReader:
                 raise self._err(f"{cw}: malformed")
             n, crc, streams = ch
             sparse = layout in C.FLOAT_LAYOUTS and len(streams) == n_streams + 1
+            paired = layout == "bytes" and dtype == "int8" and len(streams) == 2
             if (
                 n <= 0
                 or n * item > MAX_CHUNK_RAW_BYTES
-                or not (len(streams) == n_streams or sparse)
+                or not (len(streams) == n_streams or sparse or paired)
                 or not 0 <= crc < 2**32
             ):
                 raise self._err(f"{cw}: invalid element count, stream count or checksum")
             expect = C.stream_sizes(layout, n, item)
-            if sparse:
-                # mask, then the non-zero elements' streams (k each, k <= n; checked on decode)
+            if sparse or paired:
+                # sparse: mask, then the non-zero elements' streams (k <= n each); paired:
+                # the packed code pairs, then k/5 escaped codes and their uint32 positions
                 k = streams[1][1] if isinstance(streams[1], list) and len(streams[1]) == 3 else -1
-                if not (_is_int(k) and 0 <= k <= n):
-                    raise self._err(f"{cw}: invalid sparse chunk")
-                expect = [(n + 7) // 8] + C.stream_sizes(layout, k, item)
+                if not (_is_int(k) and 0 <= k <= n) if sparse else not (_is_int(k) and 0 <= k <= 5 * n and k % 5 == 0):
+                    raise self._err(f"{cw}: invalid {'sparse' if sparse else 'paired'} chunk")
+                expect = [(n + 7) // 8] + C.stream_sizes(layout, k, item) if sparse else [(n + 1) // 2, k]
             checked = []
             for si, s in enumerate(streams):
                 if not (isinstance(s, list) and len(s) == 3 and all(_is_int(v) for v in s)):

@@ -20,7 +20,6 @@ in the manifest; a SHA-256 in older containers) is checked while writing.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -41,6 +40,7 @@ import numpy as np
 from compress.errors import InputError
 from compress.lossless import codec as C
 from compress.lossless.container import (
+    AlignedWriter,
     ContainerReader,
     ContainerWriter,
     CorruptArchiveError,
@@ -435,89 +435,6 @@ class _SourceCheck:
         self.value = C.crc32(data, self.value)
 
 
-class _AlignedWriter:
-    """Writes a stream of buffers to a fresh file in large page-aligned blocks, bypassing
-    the page cache (``O_DIRECT``) where the file system allows it.
-
-    Buffered writes of a restored model cost the kernel a copy into the page cache and
-    the page-cache allocations (under memory pressure more CPU than decoding); direct
-    writes of 8 MiB blocks cost one copy into the aligned block. Where ``O_DIRECT`` is
-    refused (tmpfs, other systems) the plain file object is written instead.
-    """
-
-    BLOCK = 8 << 20
-    ALIGN = 4096
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.pos = 0  # bytes written through the direct descriptor
-        self.fill = 0
-        self.fd: int | None = None
-        flag = getattr(os, "O_DIRECT", 0)
-        path = f"/proc/self/fd/{f.fileno()}"
-        if flag and os.path.exists(path):
-            try:
-                self.fd = os.open(path, os.O_WRONLY | flag)
-            except OSError:
-                self.fd = None
-        if self.fd is not None:
-            self.block = mmap.mmap(-1, self.BLOCK)  # page-aligned, as O_DIRECT needs
-            self.view = np.frombuffer(self.block, np.uint8)
-
-    def write(self, data: Any) -> None:
-        if self.fd is None:
-            self.f.write(data)
-            return
-        src = np.frombuffer(data, np.uint8)
-        p = 0
-        while p < src.size:
-            take = min(self.BLOCK - self.fill, src.size - p)
-            self.view[self.fill : self.fill + take] = src[p : p + take]
-            self.fill += take
-            p += take
-            if self.fill == self.BLOCK:
-                self._flush(self.BLOCK)
-                if self.fd is None:  # fell back to plain writes
-                    self.f.write(src[p:].data)
-                    return
-
-    def _flush(self, length: int) -> None:
-        """Write the block's first ``length`` bytes (``fill`` rounded up to the alignment)."""
-        assert self.fd is not None
-        try:
-            done = 0
-            with memoryview(self.block) as mv:
-                while done < length:
-                    done += os.pwrite(self.fd, mv[done:length], self.pos + done)
-        except OSError as err:
-            if err.errno != errno.EINVAL or self.pos:
-                raise
-            # the file system took O_DIRECT at open but refuses the writes: write plainly
-            self._close_direct()
-            self.f.write(self.view[: self.fill].data)
-        self.pos += self.fill
-        self.fill = 0
-
-    def _close_direct(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def close(self) -> None:
-        """Write what is left (the last block padded to the alignment, then the file cut
-        to its true length) and release the direct descriptor; idempotent."""
-        if self.fd is None:
-            return
-        try:
-            if self.fill:
-                end = self.pos + self.fill
-                self._flush(-(-self.fill // self.ALIGN) * self.ALIGN)
-                if self.fd is not None:
-                    os.ftruncate(self.fd, end)
-        finally:
-            self._close_direct()
-
-
 def _read_range(f: BinaryIO, start: int, length: int, hasher: Any) -> Iterator[bytes]:
     f.seek(start)
     left = length
@@ -528,6 +445,57 @@ def _read_range(f: BinaryIO, start: int, length: int, hasher: Any) -> Iterator[b
         hasher.update(piece)
         left -= len(piece)
         yield piece
+
+
+def _pack_segments(
+    w: ContainerWriter, f: BinaryIO, regions: list[Region], size: int, hasher: _SourceCheck, prefix: str = ""
+) -> list[list[Any]]:
+    """Code one file of ``size`` bytes into ``w``; return the segments that rebuild it.
+
+    Each region becomes a tensor entry ``<prefix>t/<i>/<label>``; the bytes between
+    regions are gathered into blobs ``<prefix>skeleton/<k>`` of at most
+    ``SKELETON_FLUSH`` bytes, and a gap at least that long is a blob of its own,
+    ``<prefix>gap/<offset>``, streamed. Every byte is read once, in file order, and
+    passes through ``hasher``. Used for model files (no prefix) and for ONNX external
+    data files (``external/<i>/``); :func:`_restore_segments` is the inverse.
+    """
+    segments: list[list[Any]] = []
+    skel = bytearray()
+    skel_count = 0
+
+    def flush_skeleton() -> None:
+        nonlocal skel, skel_count
+        if skel:
+            w.add_blob(f"{prefix}skeleton/{skel_count}", bytes(skel))
+            skel_count += 1
+            skel = bytearray()
+
+    def add_gap(start: int, length: int) -> None:
+        nonlocal skel
+        if length <= 0:
+            return
+        if length >= SKELETON_FLUSH:
+            flush_skeleton()
+            name = f"{prefix}gap/{start}"
+            w.add_blob(name, _read_range(f, start, length, hasher), size=length)
+            segments.append(["b", name, 0, length])
+            return
+        if len(skel) + length > SKELETON_FLUSH:
+            flush_skeleton()
+        segments.append(["b", f"{prefix}skeleton/{skel_count}", len(skel), length])
+        for piece in _read_range(f, start, length, hasher):
+            skel += piece
+
+    pos = 0
+    for i, r in enumerate(regions):
+        add_gap(pos, r.offset - pos)
+        name = f"{prefix}t/{i}/{r.label}"[:C_MAX_NAME]
+        w.add_tensor_chunks(name, r.dtype, r.shape, _read_range(f, r.offset, r.length, hasher), meta={"label": r.label})
+        segments.append(["t", name, 0, r.length])
+        pos = r.offset + r.length
+    add_gap(pos, size - pos)
+    flush_skeleton()
+    return segments
 
 
 def pack_file(
@@ -575,46 +543,9 @@ def pack_file(
         parse = {"safetensors": _safetensors_regions, "onnx": _onnx_regions, "torch": _torch_regions}[fmt]
         regions = _clean_regions(parse(src, f, size), size, src)
         hasher = _SourceCheck()  # one pass over the source, as it is read for coding
-        segments: list[list[Any]] = []
         meta: dict[str, Any] = {"kind": "file", "source": {"format": fmt, "name": src.name, "size": size}}
         with ContainerWriter(dst, level=level, chunk_size=chunk_size, threads=threads, meta=meta) as w:
-            skel = bytearray()
-            skel_count = 0
-
-            def flush_skeleton() -> None:
-                nonlocal skel, skel_count
-                if skel:
-                    w.add_blob(f"skeleton/{skel_count}", bytes(skel))
-                    skel_count += 1
-                    skel = bytearray()
-
-            def add_gap(start: int, length: int) -> None:
-                nonlocal skel
-                if length <= 0:
-                    return
-                if length >= SKELETON_FLUSH:
-                    flush_skeleton()
-                    name = f"gap/{start}"
-                    w.add_blob(name, _read_range(f, start, length, hasher), size=length)
-                    segments.append(["b", name, 0, length])
-                    return
-                if len(skel) + length > SKELETON_FLUSH:
-                    flush_skeleton()
-                segments.append(["b", f"skeleton/{skel_count}", len(skel), length])
-                for piece in _read_range(f, start, length, hasher):
-                    skel += piece
-
-            pos = 0
-            for i, r in enumerate(regions):
-                add_gap(pos, r.offset - pos)
-                name = f"t/{i}/{r.label}"[:C_MAX_NAME]
-                w.add_tensor_chunks(
-                    name, r.dtype, r.shape, _read_range(f, r.offset, r.length, hasher), meta={"label": r.label}
-                )
-                segments.append(["t", name, 0, r.length])
-                pos = r.offset + r.length
-            add_gap(pos, size - pos)
-            flush_skeleton()
+            segments = _pack_segments(w, f, regions, size, hasher)
             if external:
                 meta["external_data"] = _pack_external_data(w, src.parent, external)
             for name, array in (extra_tensors or {}).items():
@@ -671,7 +602,7 @@ def unpack_file(
         InputError: missing file, unusable destination. CorruptArchiveError: damaged
         container or hash mismatch. OutputError: the output cannot be written.
     """
-    from compress.artifacts import atomic_open, check_output_path
+    from compress.artifacts import check_output_path
 
     src = Path(src)
     if src.is_dir():
@@ -692,41 +623,11 @@ def unpack_file(
         check_output_path(dst, force=force, sources=(src,))
         plan = _check_segments(src, r, segments, size)
         companions = _external_data_plan(src, r, meta, dst.parent, force)
-        hasher: Any = _SourceCheck() if _is_count(crc) else hashlib.sha256()  # older files: SHA-256
-        written = 0
-        with atomic_open(dst, size_hint=size) as out:
-            writer = _AlignedWriter(out)
-
-            def sink(buf: Any) -> None:
-                writer.write(buf)
-                hasher.update(buf)
-
-            # writing and hashing run behind the decoding (one chunk or a few in flight)
-            pipe = _Pipeline(sink)
-            try:
-                for kind, ename, start, length in plan:
-                    if kind == "t":
-                        pieces = r.iter_chunks(ename, threads)
-                    else:  # a byte range of a blob: decode only the chunks it covers
-                        pieces = r.iter_range(ename, start, length)
-                    for chunk in pieces:
-                        buf = chunk.data.cast("B") if chunk.flags.c_contiguous else chunk.tobytes()
-                        written += len(buf)
-                        if written > size:
-                            raise CorruptArchiveError(f"{src}: restored data exceeds the declared {size} bytes")
-                        pipe.put(buf)
-            finally:
-                try:
-                    pipe.close()
-                finally:
-                    writer.close()
-            same = hasher.value == crc if _is_count(crc) else hasher.hexdigest() == sha
-            if written != size or not same:
-                what = "CRC-32" if _is_count(crc) else "SHA-256"
-                raise CorruptArchiveError(f"{src}: restored file does not match the original's size/{what}")
+        check: int | str = crc if _is_count(crc) else str(sha)  # older files hold a SHA-256
+        _restore_segments(src, r, plan, size, check, dst, threads)
         for path, data_plan, data_size, data_crc in companions:
             _restore_segments(src, r, data_plan, data_size, data_crc, path, threads)
-    log.info("unpacked %s -> %s (%d bytes)", src, dst, written)
+    log.info("unpacked %s -> %s (%d bytes)", src, dst, size)
     return dst
 
 
@@ -758,11 +659,11 @@ def _is_count(x: Any) -> TypeGuard[int]:
 
 # ======================================================= ONNX external data (issue 17)
 #
-# Self-contained on purpose: pack_file and unpack_file call the three functions below and
-# are otherwise unchanged. A data file is coded like a model file: its tensors (typed from
-# the TensorProtos that point into it) as typed entries, the bytes between them (alignment
-# padding, untyped data) as blobs; the manifest's ``external_data`` lists each file's
-# name, size, SHA-256 and segments, and unpack restores it beside the model byte for byte.
+# A data file is coded like a model file, by the same segment writer and reader
+# (_pack_segments, _restore_segments): its tensors (typed from the TensorProtos that point
+# into it) as typed entries, the bytes between them (alignment padding, untyped data) as
+# blobs, under ``external/<i>/``; the manifest's ``external_data`` lists each file's name,
+# size, CRC-32 and segments, and unpack restores it beside the model byte for byte.
 
 _ONNX_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
@@ -901,41 +802,9 @@ def _pack_one_data_file(w: ContainerWriter, prefix: str, path: Path, found: list
     size = path.stat().st_size
     regions = _clean_regions(found, size, path)
     hasher = _SourceCheck()
-    segments: list[list[Any]] = []
     with open(path, "rb") as f:
-        pad = bytearray()  # the bytes between tensors (alignment), gathered into few blobs
-        pad_count = 0
-
-        def add_gap(start: int, length: int) -> None:
-            nonlocal pad, pad_count
-            if length <= 0:
-                return
-            if len(pad) + length > SKELETON_FLUSH and pad:
-                w.add_blob(f"{prefix}/gap/{pad_count}", bytes(pad))
-                pad, pad_count = bytearray(), pad_count + 1
-            if length > SKELETON_FLUSH:
-                ename = f"{prefix}/gap/{pad_count}"
-                w.add_blob(ename, _read_range(f, start, length, hasher), size=length)
-                segments.append(["b", ename, 0, length])
-                pad_count += 1
-                return
-            segments.append(["b", f"{prefix}/gap/{pad_count}", len(pad), length])
-            for piece in _read_range(f, start, length, hasher):
-                pad += piece
-
-        pos = 0
-        for j, r in enumerate(regions):
-            add_gap(pos, r.offset - pos)
-            ename = f"{prefix}/t/{j}/{r.label}"[:C_MAX_NAME]
-            w.add_tensor_chunks(
-                ename, r.dtype, r.shape, _read_range(f, r.offset, r.length, hasher), meta={"label": r.label}
-            )
-            segments.append(["t", ename, 0, r.length])
-            pos = r.offset + r.length
-        add_gap(pos, size - pos)
-        if pad:
-            w.add_blob(f"{prefix}/gap/{pad_count}", bytes(pad))
-        return {"name": path.name, "size": size, "crc32": hasher.value, "segments": segments}
+        segments = _pack_segments(w, f, regions, size, hasher, prefix + "/")
+    return {"name": path.name, "size": size, "crc32": hasher.value, "segments": segments}
 
 
 def _external_data_plan(
@@ -963,22 +832,37 @@ def _external_data_plan(
 
 
 def _restore_segments(
-    src: Path, r: ContainerReader, plan: list[tuple[str, str, int, int]], size: int, crc: int, dst: Path, threads
+    src: Path,
+    r: ContainerReader,
+    plan: list[tuple[str, str, int, int]],
+    size: int,
+    check: int | str,
+    dst: Path,
+    threads: int | None,
 ) -> None:
-    """Write one restored file (atomic, CRC-32 checked), as unpack_file does for the model."""
+    """Write one restored file from its checked segment plan: atomically, never more than
+    ``size`` bytes, and only if its checksum matches ``check`` (a CRC-32, or the SHA-256
+    hex digest of older containers). The inverse of :func:`_pack_segments`, for model
+    files and external data files alike.
+
+    Decoding runs here; writing (direct, in large aligned blocks) and checksumming run on
+    a pipeline thread behind it.
+    """
     from compress.artifacts import atomic_open
 
-    hasher = _SourceCheck()
+    hasher: Any = _SourceCheck() if isinstance(check, int) else hashlib.sha256()
     written = 0
     with atomic_open(dst, size_hint=size) as out:
+        writer = AlignedWriter(out)
 
         def sink(buf: Any) -> None:
-            out.write(buf)
+            writer.write(buf)
             hasher.update(buf)
 
-        pipe = _Pipeline(sink)
+        pipe = _Pipeline(sink)  # one chunk or a few in flight
         try:
             for kind, ename, start, length in plan:
+                # a byte range of a blob: decode only the chunks it covers
                 pieces = r.iter_chunks(ename, threads) if kind == "t" else r.iter_range(ename, start, length)
                 for chunk in pieces:
                     buf = chunk.data.cast("B") if chunk.flags.c_contiguous else chunk.tobytes()
@@ -987,6 +871,11 @@ def _restore_segments(
                         raise CorruptArchiveError(f"{src}: restored {dst.name} exceeds the declared {size} bytes")
                     pipe.put(buf)
         finally:
-            pipe.close()
-        if written != size or hasher.value != crc:
-            raise CorruptArchiveError(f"{src}: restored {dst.name} does not match the original's size/CRC-32")
+            try:
+                pipe.close()
+            finally:
+                writer.close()
+        same = hasher.value == check if isinstance(check, int) else hasher.hexdigest() == check
+        if written != size or not same:
+            what = "CRC-32" if isinstance(check, int) else "SHA-256"
+            raise CorruptArchiveError(f"{src}: restored {dst.name} does not match the original's size/{what}")

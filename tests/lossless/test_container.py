@@ -94,9 +94,9 @@ def test_every_truncation_is_detected(tmp_path) -> None:
 def test_version_and_magic(tmp_path) -> None:
     path = tmp_path / "a.czip"
     good = bytearray(small_container(path))
-    good[8:10] = struct.pack("<H", 3)
+    good[8:10] = struct.pack("<H", 4)
     path.write_bytes(good)
-    with pytest.raises(CorruptArchiveError, match="version 3"):
+    with pytest.raises(CorruptArchiveError, match=r"version 4\.0 is not supported \(this reader: 2\.x and 3\.x\)$"):
         ContainerReader(path)
     good[8:10] = struct.pack("<H", 1)  # a format-1 file (before the compact manifest)
     path.write_bytes(good)
@@ -104,6 +104,42 @@ def test_version_and_magic(tmp_path) -> None:
         ContainerReader(path)
     path.write_bytes(b"PK\x03\x04" + bytes(200))
     with pytest.raises(CorruptArchiveError, match="not a czip"):
+        ContainerReader(path)
+
+
+def test_version_2_containers_are_read(tmp_path) -> None:
+    """Version 3 only added paired int8 chunks: a version-2 file (same bytes, header 2.0,
+    its trailer's SHA-256 over that header) reads as before."""
+    path = tmp_path / "a.czip"
+    good = small_container(path)
+    assert struct.unpack("<H", good[8:10])[0] == 3
+    old = bytearray(good)
+    old[8:10] = struct.pack("<H", 2)
+    path.write_bytes(with_manifest(bytes(old), manifest_body(good)))
+    with ContainerReader(path) as r:
+        r.verify()
+        assert r.read_blob("blob") == b"graph bytes " * 20
+
+
+def manifest_body(good: bytes) -> bytes:
+    off, length = TRAILER.unpack(good[-TRAILER_SIZE:])[:2]
+    return zstandard.ZstdDecompressor().decompress(good[off : off + length])
+
+
+def test_paired_chunks_only_for_int8_entries(tmp_path) -> None:
+    """A paired chunk (two streams) in a uint8 entry is refused when the file opens."""
+    path = tmp_path / "a.czip"
+    codes = np.clip(np.round(np.random.default_rng(0).standard_normal(5000) * 3), -8, 7).astype(np.int8)
+    write_container(path, {"codes": codes}, threads=1)
+    good = path.read_bytes()
+    with ContainerReader(path) as r:
+        assert len(r.entry("codes").chunks[0][2]) == 2
+        assert r.read_tensor("codes").tobytes() == codes.tobytes()
+    path.write_bytes(rewrite_manifest(good, lambda m: m["entries"][0].update(dtype="uint8")))
+    with pytest.raises(CorruptArchiveError, match="invalid element count, stream count"):
+        ContainerReader(path)
+    path.write_bytes(rewrite_manifest(good, lambda m: m["entries"][0]["chunks"][0][2][1].__setitem__(1, 7)))
+    with pytest.raises(CorruptArchiveError, match="invalid paired chunk"):
         ContainerReader(path)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from compress.commands.pack import pack, unpack
 from compress.errors import InputError
-from compress.lossless.container import ContainerReader, CorruptArchiveError
+from compress.lossless.container import ContainerReader, ContainerWriter, CorruptArchiveError
 from compress.lossless.files import pack_file, unpack_file
 
 
@@ -188,26 +188,28 @@ def test_unpack_checks_the_crc_and_still_reads_sha256_containers(tmp_path) -> No
 
 @pytest.mark.parametrize("direct_fails", [False, True])
 def test_aligned_writer_writes_exact_bytes(tmp_path, monkeypatch, direct_fails) -> None:
-    """Unpack's writer: pieces of any size, a last block that is not aligned (padded,
-    then cut), and the plain fallback where a file system refuses direct writes."""
+    """The container's and unpack's writer: pieces of any size, full blocks written in
+    the background, a last block that is not aligned (padded, then cut), and the plain
+    fallback where a file system refuses direct writes."""
     import errno
     import os
 
-    from compress.lossless import files
+    from compress.lossless import container
 
     if direct_fails:
 
         def refuse(*args):
             raise OSError(errno.EINVAL, "Invalid argument")
 
-        monkeypatch.setattr(files.os, "pwrite", refuse)
+        monkeypatch.setattr(container.os, "pwrite", refuse)
+    block = container.AlignedWriter.BLOCK
     rng = np.random.default_rng(0)
-    data = rng.integers(0, 256, files._AlignedWriter.BLOCK + 3 * 12_345, dtype=np.uint8)
+    data = rng.integers(0, 256, 3 * block + 3 * 12_345, dtype=np.uint8)
     path = tmp_path / "out.bin"
     with open(path, "wb") as f:
-        w = files._AlignedWriter(f)
+        w = container.AlignedWriter(f)
         pos = 0
-        for size in (1, 4095, 12_345, files._AlignedWriter.BLOCK, 10**9):
+        for size in (1, 4095, 12_345, block, block + 7, 10**9):
             w.write(memoryview(data[pos : pos + size]))
             pos += size
         w.close()
@@ -215,3 +217,28 @@ def test_aligned_writer_writes_exact_bytes(tmp_path, monkeypatch, direct_fails) 
         assert w.fd is None
     assert os.path.getsize(path) == data.size
     assert path.read_bytes() == data.tobytes()
+
+
+def test_a_background_write_error_fails_the_container(tmp_path, monkeypatch) -> None:
+    """A block written in the background that fails (a full disk) is reported by the
+    writer as an OutputError naming the file, and no file is left."""
+    import errno
+
+    from compress.artifacts import OutputError
+    from compress.lossless import container
+
+    real = container.os.pwrite
+
+    def full_after_first_block(fd, data, at):
+        if at >= container.AlignedWriter.BLOCK:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, at)
+
+    monkeypatch.setattr(container.os, "pwrite", full_after_first_block)
+    noise = np.random.default_rng(0).integers(0, 256, 5 * container.AlignedWriter.BLOCK, dtype=np.uint8)
+    with (
+        pytest.raises(OutputError, match=r"cannot write .*x\.czip: No space left on device"),
+        ContainerWriter(tmp_path / "x.czip", threads=1) as w,
+    ):
+        w.add_blob("noise", noise.tobytes())
+    assert list(tmp_path.iterdir()) == []

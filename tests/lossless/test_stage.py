@@ -144,3 +144,26 @@ def test_tied_output_of_a_quantized_embedding_is_stored_once(tmp_path):
     back = unpack_state_tensors(path)
     assert back["params"]["out.weight"] is not None
     assert torch.equal(back["params"]["out.weight"], model.out.weight.detach())
+
+
+def test_narrow_int8_codes_are_paired_under_a_mask_and_restored_exactly(tmp_path) -> None:
+    """8-bit codes that mostly lie in -8..7 (one scale for a tensor with a few large
+    weights) are coded in pairs, only where the mask is set; the restore is exact."""
+    from compress.lossless.container import ContainerReader
+
+    state = make_state()
+    w0 = state.module[0].weight.detach()
+    scale = torch.full((w0.shape[0], 1), float(w0.abs().max()) / 127)
+    codes = torch.round(w0 / scale / 20).to(torch.int8)  # as if most weights were small
+    mask = state.masks["0.weight"]
+    codes[~mask] = 0
+    codes.view(-1)[mask.view(-1).nonzero()[:3, 0]] = 100  # a few wide codes: escapes
+    state.quant["0.weight"] = UniformTensor(codes=codes, bits=8, scale=scale, method="rtn")
+    ctx = StageContext(data=None, out_dir=tmp_path, device=torch.device("cpu"), reference=state.module)
+    apply(state, CompressStageConfig(threads=1), ctx)
+    with ContainerReader(tmp_path / "weights.czip") as r:
+        e = r.entry("quant/0.weight/codes")
+        assert e.layout == "bytes" and e.mask == "mask/0.weight"
+        assert all(len(streams) == 2 for _, _, streams in e.chunks)  # paired
+    back = unpack_state_tensors(tmp_path / "weights.czip")
+    assert torch.equal(back["quant"]["0.weight"].codes, codes)
