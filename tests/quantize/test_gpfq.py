@@ -180,31 +180,35 @@ def test_layer_stats_merge_equals_stats_of_all_rows():
     x, xt = torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g)
     a, b = LayerStats.from_data(x[:25], xt[:25]), LayerStats.from_data(x[25:], xt[25:])
     whole, merged = LayerStats.from_data(x, xt), a.merged(b)
-    for key in ("G", "H", "F", "sum_x", "sum_xt"):  # float32 products, float64 sums
+    for key in ("G", "E", "K", "H", "F", "sum_x", "sum_xt"):  # float32 sums, float64 column sums
         torch.testing.assert_close(getattr(merged, key), getattr(whole, key), rtol=1e-5, atol=1e-5)
     assert merged.count == 40
 
 
 def test_layer_stats_keep_small_differences_at_relative_precision():
-    """G, H, F match float64 products; H − G and F − G − Gᵀ + H (what GPFQ's updates and error
-    terms use) keep float32's relative precision even when X̃ differs from X by 1e-4, where
-    differencing two float32 Gram matrices would leave nothing but rounding."""
+    """G, H, F match float64 products; H − G = X̃ᵀD and F − G − Gᵀ + H = DᵀD (what GPFQ's
+    updates and error terms use) are kept at float32's relative precision even when X̃
+    differs from X by 1e-5 of its size, where differencing two float32 Gram matrices would
+    leave nothing but rounding (checked: that naive form is off by more than 100%)."""
     from compress.quantize.gpfq import LayerStats
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 16, generator=g) * 10
     xt = x + 1e-4 * torch.randn(512, 16, generator=g)
     st = LayerStats.from_data(x, xt)
+    assert st.G.dtype == st.E.dtype == st.K.dtype == torch.float32  # half the memory of float64
     x64, xt64 = x.double(), xt.double()
     d64 = xt64 - x64
-    torch.testing.assert_close(st.G, xt64.T @ x64, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(st.G.double(), xt64.T @ x64, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(st.H, xt64.T @ xt64, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(st.F, x64.T @ x64, rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(st.H - st.G, xt64.T @ d64, rtol=1e-3, atol=1e-6)
-    k = st.F - st.G - st.G.T + st.H
-    torch.testing.assert_close(k, d64.T @ d64, rtol=1e-3, atol=1e-9)
-    same = LayerStats.from_data(x, x)  # X̃ = X: one product, H = G, F = Gᵀ exactly
-    assert torch.equal(same.H, same.G) and torch.equal(same.F, same.G.T)
+    torch.testing.assert_close(st.E.double(), xt64.T @ d64, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(st.K.double(), d64.T @ d64, rtol=1e-4, atol=1e-12)
+    naive = (x.T @ x) - (xt.T @ x) - (xt.T @ x).T + (xt.T @ xt)  # float32 Gram matrices differenced
+    assert (naive.double() - d64.T @ d64).abs().max() > (d64.T @ d64).abs().max()
+    same = LayerStats.from_data(x, x)  # X̃ = X: one product, E = K = 0
+    assert not same.E.any() and not same.K.any()
+    torch.testing.assert_close(same.H, same.F.T)
 
 
 def test_auto_scale_factor_chosen_on_held_out_samples_then_refit_on_all():
