@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,6 +28,13 @@ def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
         return 1.0, 0
     zero_point = round(-lo / scale)
     return scale, min(max(zero_point, 0), 255)
+
+
+def int32_bias_step(act_scale: float, weight_scale) -> np.ndarray:
+    """The step of a static layer's int32 bias, ``s_act · s_w`` per output channel (float32):
+    onnxruntime's QDQ form. The quantize stage rounds the bias onto it, so the export's int32
+    codes hold exactly the bias PyTorch runs."""
+    return (act_scale * np.asarray(weight_scale, np.float32).astype(np.float64)).astype(np.float32)
 
 
 def fake_quantize_static(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
-from compress.fake_quant import uint8_qparams
+from compress.fake_quant import int32_bias_step, uint8_qparams
 from compress.qtensor import QuantizedTensor, UniformTensor
 
 if TYPE_CHECKING:
@@ -397,7 +397,7 @@ class StaticQDQ:
             return
         name = node.input[2]
         bias = self.rw.values(self.rw.inits[name]).astype(np.float64)
-        scale = (act_scale * w_scale.astype(np.float64)).astype(np.float32)
+        scale = int32_bias_step(act_scale, w_scale)
         codes = np.clip(np.round(bias / np.maximum(scale, 1e-30)), -(2**31), 2**31 - 1).astype(np.int32)
         q_name, s_name = self.rw.fresh(f"{name}_int32"), self.rw.fresh(f"{name}_bias_scale")
         z_name = self.rw.fresh(f"{name}_bias_zero_point")

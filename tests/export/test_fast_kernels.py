@@ -301,3 +301,52 @@ def test_shared_activation_quantized_once_with_biases_fused(tmp_path, smoothing)
     with torch.no_grad(), quantized_inputs(state.module, state.extras["activation_quantization"]):
         sim = torch.cat([state.module(x[i : i + 1]) for i in range(64)]).reshape(64, -1).numpy()
     assert row_cosine(ort_one.reshape(64, -1), sim).min() > 0.999
+
+
+class _Residual1d(nn.Module):
+    """Residual blocks written as ``out + x`` in forward (no special module), MaxPool, head."""
+
+    def __init__(self, ch: int = 8):
+        super().__init__()
+        self.stem = nn.Conv1d(1, ch, 3, padding=1)
+        self.c = nn.ModuleList(nn.Conv1d(ch, ch, 3, padding=1) for _ in range(4))
+        self.head = nn.Linear(ch * 20, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x.unsqueeze(1)))
+        for i in (0, 2):
+            h = torch.relu(self.c[i + 1](torch.relu(self.c[i](h))) + h)
+        return self.head(nn.functional.max_pool1d(h, 2).flatten(1))
+
+
+def test_residual_adds_and_max_pool_run_on_uint8(tmp_path):
+    """Static activations: a residual ``Add`` of two quantized tensors becomes QLinearAdd and
+    MaxPool / Reshape run on uint8 (no float op left between the integer kernels), and the
+    PyTorch simulation rounds exactly where the QDQ graph does."""
+    import onnxruntime as ort
+
+    from compress.fake_quant import quantized_inputs
+    from compress.runtime import row_cosine
+
+    torch.manual_seed(0)
+    model = _Residual1d().eval()
+    calib, x_eval = torch.randn(256, 40), torch.randn(64, 40)
+    # 4-bit codes: the u8 x s8 kernel of a CPU without VNNI cannot saturate (see StaticQDQ.add).
+    state = _quantized_state(model, calib, _cfg(method="rtn", bits=4, activations="static"))
+    ops, _, ort_out, _ = _ops_and_outputs(state, tmp_path, x_eval)
+    assert ops["QLinearAdd"] == 2 and ops["QLinearConv"] == 5 and ops["QGemm"] == 1, ops
+    float_ops = {"Add", "Conv", "FusedConv", "Relu", "MaxPool", "Gemm", "DequantizeLinear"}
+    assert not float_ops & {k for k, v in ops.items() if v}, ops  # one DequantizeLinear: QGemm's output is float
+    with quantized_inputs(state.module, state.extras["activation_quantization"]), torch.no_grad():
+        sim = state.module(x_eval).numpy()
+    with torch.no_grad():
+        unrounded = state.module(x_eval).numpy()
+    # The unfused QDQ graph computes the rounding in float: it must match the simulation.
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(tmp_path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    qdq = ref.run(None, {"input": x_eval.numpy()})[0]
+    # (biases included: the quantize stage put them on their int32 grid)
+    assert np.abs(qdq - sim).max() < 1e-4, np.abs(qdq - sim).max()
+    assert np.abs(qdq - unrounded).max() > 1e-3  # the rounding is not negligible
+    assert row_cosine(ort_out, sim).min() > 0.999
