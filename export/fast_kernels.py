@@ -28,12 +28,15 @@ int16 pair sums saturate for codes beyond ±64 (see ``dynamic_matmul``).
 * **static** activations (``StaticQDQ``): QuantizeLinear/DequantizeLinear pairs on the
   layer's input (and on a Conv's output, a ReLU folded into its zero point), int8 weights and
   int32 bias behind DequantizeLinear: ORT's QDQ fusion runs QLinearConv / QGemm /
-  MatMulIntegerToFloat.
+  MatMulIntegerToFloat. Residual ``Add``s of two quantized tensors get a pair on their
+  output (``QLinearAdd``) and MaxPool / Reshape / Transpose keep their input's grid (run on
+  uint8), so no float op is left between the integer kernels of a ResNet.
 * **embeddings** (``gather_nodes``): an integer table read by ``Gather`` and scaled by the
   gathered per-row scale: only the rows a sequence uses are dequantized.
-* **weight-only** consumers without a fused kernel (``folded_dequantize_nodes``): ``Cast +
-  Mul`` instead of DequantizeLinear, which ORT constant-folds into a float weight at load, so
-  the model runs at float speed (never slower) with the integer file.
+* **weight-only** weights (``folded_dequantize_nodes``, the default for every consumer):
+  ``Cast + Mul`` instead of DequantizeLinear, which ORT constant-folds into a float weight at
+  load, so the model runs at float speed (never slower) with the integer file. The fused
+  N-bit MatMul rows of the table above are slower than float on this CPU.
 
 The weights are always our codes: nothing here re-rounds them.
 """
