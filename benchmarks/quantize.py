@@ -341,8 +341,9 @@ def fold_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-def interleaved_latency(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int = 5, runs: int = 20) -> dict:
-    """p50 ms of each model on ``x``, timed in interleaved rounds so machine load hits all alike."""
+def interleaved_latency(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int = 7, runs: int = 20) -> dict:
+    """Per-round p50 ms of each model on ``x``, timed in interleaved rounds so machine load
+    hits all alike (compare models by the median of their per-round ratios)."""
     from compress.export.quantized import ort_session
 
     sessions = {k: ort_session(p, threads=threads, exact=False, disabled_optimizers=()) for k, p in paths.items()}
@@ -351,11 +352,18 @@ def interleaved_latency(paths: dict[str, Path], x: np.ndarray, threads: int, rou
         s.run(None, {"input": x})
     for _ in range(rounds):
         for k, s in sessions.items():
+            one = []
             for _ in range(runs):
                 t0 = time.perf_counter()
                 s.run(None, {"input": x})
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+                one.append((time.perf_counter() - t0) * 1e3)
+            times[k].append(float(np.median(one)))
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> float:
+    """Median over rounds of ``a / b``: a load spike in one round moves one ratio, not the result."""
+    return float(np.median(a / b))
 
 
 def cnn_speed_rows(tmp: Path, threads_list=(1, 2)) -> list[dict]:
@@ -442,8 +450,8 @@ def cnn_speed_rows(tmp: Path, threads_list=(1, 2)) -> list[dict]:
             row = {"model": mname, "variant": k, "acc": accs[k], "kib": p.stat().st_size / 1024}
             for (t, b), d in lat.items():
                 peers = [v for n, v in d.items() if n.startswith("ORT")]
-                row[f"t{t}b{b}"] = d[k] / d["float"]
-                row[f"t{t}b{b}_peer"] = d[k] / min(peers)
+                row[f"t{t}b{b}"] = _ratio(d[k], d["float"])
+                row[f"t{t}b{b}_peer"] = max(_ratio(d[k], p) for p in peers)  # vs the fastest peer
             rows.append(row)
             print_cnn_rows([row], threads_list, header=len(rows) == 1)
     return rows
