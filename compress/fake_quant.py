@@ -10,6 +10,7 @@ unsigned 8-bit per tensor with a zero point, the range always holding 0.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -97,17 +98,17 @@ class _StaticRounding:
     """
 
     def __init__(self):
-        import weakref
-
-        self._weakref = weakref
         self.pending: dict[int, tuple] = {}  # id → (weakref, lo, hi, folds_relu)
         self.rounded: dict[int, tuple] = {}  # id → (weakref, rounded tensor)
         self.active = True
 
     def _track(self, table: dict, t: torch.Tensor, *value) -> None:
         key = id(t)
-        ref = self._weakref.ref(t, lambda _r, key=key, table=table: table.pop(key, None))
-        table[key] = (ref, *value)
+
+        def forget(_ref: weakref.ref) -> None:  # the tensor is freed: its id may be reused
+            table.pop(key, None)
+
+        table[key] = (weakref.ref(t, forget), *value)
 
     def _get(self, table: dict, t) -> tuple | None:
         if not isinstance(t, torch.Tensor):
