@@ -350,3 +350,38 @@ def test_residual_adds_and_max_pool_run_on_uint8(tmp_path):
     assert np.abs(qdq - sim).max() < 1e-4, np.abs(qdq - sim).max()
     assert np.abs(qdq - unrounded).max() > 1e-3  # the rounding is not negligible
     assert row_cosine(ort_out, sim).min() > 0.999
+
+
+def test_static_simulation_rounds_once_per_tensor():
+    """Conv → ReLU → Conv: the second Conv's input is rounded once, on its own grid (the ReLU is
+    folded into the first Conv's output quantizer); a Conv output read by anything else is
+    rounded on the Conv's output grid; reading a tensor's shape is not a use of its values."""
+    from compress.fake_quant import fake_quantize_static, quantized_inputs
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(1, 4, 3, padding=1), nn.Conv1d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            n = y.shape[0]  # metadata only
+            return self.b(torch.relu(y)).reshape(n, -1), y * 1.0
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(8, 1, 16)
+    spec = {
+        "mode": "static",
+        "layers": {
+            "a.weight": {"input": [-3.0, 3.0], "output": [-2.0, 2.5]},
+            "b.weight": {"input": [0.0, 1.7], "output": [-1.0, 1.0]},
+        },
+    }
+    seen = {}
+    net.b.register_forward_hook(lambda _m, args, _o: seen.__setitem__("b_in", args[0]))
+    with quantized_inputs(net, spec), torch.no_grad():
+        _, y_used = net(x)
+    with torch.no_grad():
+        y = net.a(fake_quantize_static(x, -3.0, 3.0))
+    torch.testing.assert_close(seen["b_in"], fake_quantize_static(torch.relu(y), 0.0, 1.7))
+    torch.testing.assert_close(y_used, fake_quantize_static(y, -2.0, 2.5))
