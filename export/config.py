@@ -47,6 +47,13 @@ class ExportConfig(BaseModel):
         "8 bits, as do the integer kernels of activations: dynamic/static; parity is then judged by cosine "
         "(fast_kernel_min_cosine) and top-1 agreement instead of atol/rtol. The device bundle carries the choice.",
     )
+    weight_only_kernel: Literal["folded", "matmul_nbits"] = Field(
+        "folded",
+        description="Quantized weights without integer activations: folded (default) stores the integer codes and "
+        "a Cast + Mul onnxruntime folds into a float weight at load (float speed, never slower); matmul_nbits lets "
+        "onnxruntime fuse Linears into MatMulNBits (4/8-bit weights in memory too; slower than float on CPUs "
+        "without int8 dot-product instructions).",
+    )
     fast_kernel_min_cosine: float = Field(
         0.99,
         ge=-1,

@@ -28,12 +28,15 @@ int16 pair sums saturate for codes beyond ±64 (see ``dynamic_matmul``).
 * **static** activations (``StaticQDQ``): QuantizeLinear/DequantizeLinear pairs on the
   layer's input (and on a Conv's output, a ReLU folded into its zero point), int8 weights and
   int32 bias behind DequantizeLinear: ORT's QDQ fusion runs QLinearConv / QGemm /
-  MatMulIntegerToFloat.
+  MatMulIntegerToFloat. Residual ``Add``s of two quantized tensors get a pair on their
+  output (``QLinearAdd``) and MaxPool / Reshape / Transpose keep their input's grid (run on
+  uint8), so no float op is left between the integer kernels of a ResNet.
 * **embeddings** (``gather_nodes``): an integer table read by ``Gather`` and scaled by the
   gathered per-row scale: only the rows a sequence uses are dequantized.
-* **weight-only** consumers without a fused kernel (``folded_dequantize_nodes``): ``Cast +
-  Mul`` instead of DequantizeLinear, which ORT constant-folds into a float weight at load, so
-  the model runs at float speed (never slower) with the integer file.
+* **weight-only** weights (``folded_dequantize_nodes``, the default for every consumer):
+  ``Cast + Mul`` instead of DequantizeLinear, which ORT constant-folds into a float weight at
+  load, so the model runs at float speed (never slower) with the integer file. The fused
+  N-bit MatMul rows of the table above are slower than float on this CPU.
 
 The weights are always our codes: nothing here re-rounds them.
 """
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
-from compress.fake_quant import uint8_qparams
+from compress.fake_quant import int32_bias_step, uint8_qparams
 from compress.qtensor import QuantizedTensor, UniformTensor
 
 if TYPE_CHECKING:
@@ -54,6 +57,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+# Ops that only move values (and MaxPool): onnxruntime runs them on uint8 between a
+# DequantizeLinear and a QuantizeLinear of the same grid. Rounding commutes with them, so
+# the PyTorch simulation rounds once, where a layer reads the tensor
+# (``compress.fake_quant.PASS_THROUGH_FUNCS``).
+PASS_THROUGH = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 
 
 def _need_ms_domain(model: onnx.ModelProto) -> None:
@@ -274,47 +282,82 @@ class StaticQDQ:
             ) from None
 
     def finish(self) -> None:
-        """Insert the activation QDQ pairs and the int32 biases."""
+        """Insert the activation QDQ pairs and the int32 biases.
+
+        Every tensor gets at most one uint8 grid, and every reader reads its rounded copy
+        (what ``compress.fake_quant.quantized_inputs`` simulates in PyTorch):
+
+        * a quantized layer's input: the layer's calibrated input range;
+        * a Conv's output, with a ReLU right after it folded into the zero point;
+        * a residual ``Add`` of two rounded tensors, so onnxruntime runs ``QLinearAdd``;
+        * the output of a pass-through op (``PASS_THROUGH``: MaxPool, Reshape, ...) of a
+          rounded tensor, on the same grid, so onnxruntime runs it on uint8.
+
+        A Conv or Add output takes the grid of the quantized layer that reads it, directly
+        or through pass-through ops (rounding commutes with them); else a Conv its own
+        calibrated output range, and an Add stays float.
+        """
         from onnx import helper, numpy_helper
 
         rw = self.rw
-        producers = {o: n for n in rw.nodes for o in n.output}
         graph_outputs = {o.name for o in rw.graph.output}
-        # Tensor → (lo, hi) to quantize it with, and which nodes read the quantized copy.
-        wanted: dict[str, tuple[list[float], list | None]] = {}
-        removed: list = []
-        in_scale: dict[int, float] = {}
+        layer_in: dict[str, list[float]] = {}
         for node, pname, _ in self.layers:
-            lo, hi = self._range(pname, "input")
-            readers = wanted.setdefault(node.input[0], ([lo, hi], []))[1]
-            # This loop stores reader lists only; None ("every reader") is stored by the next one.
-            assert readers is not None
-            readers.append(node)
-        for node, pname, _ in self.layers:
-            if node.op_type != "Conv":
-                continue  # QGemm / MatMulIntegerToFloat give float outputs: no output rounding
+            # The first layer reading a tensor sets its grid (the simulation rounds it once too).
+            layer_in.setdefault(node.input[0], self._range(pname, "input"))
+        wanted: dict[str, list[float]] = dict(layer_in)
+
+        def readers(name: str) -> list[tuple]:
+            return [(n, i) for n in rw.nodes for i, t in enumerate(n.input) if t == name]
+
+        def downstream(name: str) -> list[float] | None:
+            """The grid of the quantized layer reading ``name`` (through pass-through ops)."""
+            if name in layer_in:
+                return layer_in[name]
+            users = readers(name)
+            if not users or name in graph_outputs or any(n.op_type not in PASS_THROUGH or i for n, i in users):
+                return None
+            return next((r for r in (downstream(n.output[0]) for n, _ in users) if r is not None), None)
+
+        def quantize_output(node, own: list[float] | None) -> None:
             y = node.output[0]
-            users = [n for n in rw.nodes if y in n.input]
-            if len(users) == 1 and users[0].op_type == "Relu" and y not in graph_outputs:
-                relu = users[0]
+            users = readers(y)
+            if len(users) == 1 and users[0][0].op_type == "Relu" and y not in graph_outputs:
+                relu = users[0][0]
                 r = relu.output[0]
+                rng = downstream(r) or (own and [0.0, own[1]])
+                if rng is None:
+                    return
                 # A zero point of 0 clamps at 0: the ReLU is folded into the output quantizer.
-                rng = wanted[r][0] if r in wanted else [0.0, self._range(pname, "output")[1]]
-                rng = [0.0, max(rng[1], 0.0)]
-                wanted[r] = (rng, None)  # every reader of the ReLU output reads the quantized copy
-                removed.append(relu)
-                producers[r] = node
+                wanted[r] = [0.0, max(rng[1], 0.0)]
+                rw.nodes.remove(relu)
                 node.output[0] = r
             elif y not in wanted:
-                wanted[y] = (self._range(pname, "output"), None)
-        for relu in removed:
-            rw.nodes.remove(relu)
+                rng = downstream(y) or own
+                if rng is not None:
+                    wanted[y] = rng
+
+        for node, pname, _ in self.layers:
+            if node.op_type == "Conv":  # QGemm / MatMulIntegerToFloat give float outputs
+                quantize_output(node, self._range(pname, "output"))
+        quantized_adds = 0
+        for node in list(rw.nodes):  # topological: an Add's inputs are settled before it
+            ins = list(node.input)
+            if node.op_type == "Add" and len(ins) == 2 and all(t in wanted and t not in rw.inits for t in ins):
+                before = len(wanted)
+                quantize_output(node, None)
+                quantized_adds += len(wanted) > before
+            elif node.op_type in PASS_THROUGH and ins and ins[0] in wanted and node.output[0] not in graph_outputs:
+                wanted.setdefault(node.output[0], wanted[ins[0]])
+        log.debug("static QDQ: %d tensors rounded, %d residual Adds quantized", len(wanted), quantized_adds)
         readers_of: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
         for n in rw.nodes:
             for i, name in enumerate(n.input):
                 readers_of.setdefault(name, []).append((n, i))
+        producers = {o: n for n in rw.nodes for o in n.output}
+        in_scale: dict[int, float] = {}
         new_nodes = []
-        for tensor, (rng, readers) in wanted.items():
+        for tensor, rng in wanted.items():
             scale, zp = uint8_qparams(*rng)
             base = tensor.replace("/", "_")
             s_name, z_name = rw.fresh(f"{base}_act_scale"), rw.fresh(f"{base}_act_zero_point")
@@ -324,24 +367,15 @@ class StaticQDQ:
                     numpy_helper.from_array(np.asarray(zp, np.uint8), z_name),
                 ]
             )
-            q, dq = rw.fresh(f"{base}_quantized_act"), rw.fresh(f"{base}_dequantized_act")
-            targets = (
-                readers_of.get(tensor, [])
-                if readers is None
-                else [(n, i) for n, i in readers_of.get(tensor, []) if any(n is r for r in readers) and i == 0]
-            )
-            for n, i in targets:
-                n.input[i] = dq
+            q = rw.fresh(f"{base}_quantized_act")
             if tensor in graph_outputs:  # keep the graph's output name: the pair ends in it
                 prod = producers[tensor]
-                raw = rw.fresh(f"{base}_raw")
-                prod.output[list(prod.output).index(tensor)] = raw
-                for n, i in readers_of.get(tensor, []):
-                    if n.input[i] == tensor:
-                        n.input[i] = raw
-                src, dq = raw, tensor
+                src, dq = rw.fresh(f"{base}_raw"), tensor
+                prod.output[list(prod.output).index(tensor)] = src
             else:
-                src = tensor
+                src, dq = tensor, rw.fresh(f"{base}_dequantized_act")
+                for n, i in readers_of.get(tensor, []):
+                    n.input[i] = dq
             pair = [
                 helper.make_node("QuantizeLinear", [src, s_name, z_name], [q], name=rw.fresh(f"{base}_Quantize")),
                 helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=rw.fresh(f"{base}_Dequantize")),
@@ -366,7 +400,7 @@ class StaticQDQ:
             return
         name = node.input[2]
         bias = self.rw.values(self.rw.inits[name]).astype(np.float64)
-        scale = (act_scale * w_scale.astype(np.float64)).astype(np.float32)
+        scale = int32_bias_step(act_scale, w_scale)
         codes = np.clip(np.round(bias / np.maximum(scale, 1e-30)), -(2**31), 2**31 - 1).astype(np.int32)
         q_name, s_name = self.rw.fresh(f"{name}_int32"), self.rw.fresh(f"{name}_bias_scale")
         z_name = self.rw.fresh(f"{name}_bias_zero_point")

@@ -2,21 +2,26 @@
 
 For every parameter in ``state.quant`` the float initializer of the same name is replaced:
 
-* Linear (``Gemm(transB=1)``) with a uniform grid becomes ``DequantizeLinear → MatMul``
-  (``+ Add`` for the bias) on the transposed codes, the pattern onnxruntime fuses into
-  ``MatMulNBits`` (checked with ORT 1.32):
-  - bits ≤ 4: opset-21 blockwise ``DequantizeLinear`` over an ``INT4`` initializer (``UINT4``
-    plus ``UINT4`` zero points for asymmetric grids), axis 0; per-channel scales use one
-    block of a power of two ≥ max(16, in_features) (ORT fuses only power-of-two blocks ≥ 16);
-  - bits > 4: ``INT8`` (``UINT8`` with zero points) per output channel (``axis=1``) or
-    blockwise for per-group scales.
-* Other consumers (Conv, ...) get ``DequantizeLinear`` (per output channel, or blockwise
-  over the flattened input for per-group scales; INT4/UINT4 for bits ≤ 4) + ``Reshape``.
+* Uniform weights without an integer kernel (``activations: none``, or a layout the
+  integer kernels do not take) become ``Cast(codes) [− zero point] · scale`` + ``Reshape``
+  (``compress.export.fast_kernels.folded_dequantize_nodes``): onnxruntime constant-folds it
+  into the float weight at load, so the model runs exactly at float speed from an integer
+  file. Measured on this repo's AVX2 CPU without VNNI, the fused N-bit MatMul is slower than
+  float (``benchmarks/quantize.py --cnn-speed``); ``weight_only="matmul_nbits"`` still writes
+  it (4-/8-bit weights in memory, for CPUs where it is fast):
+  - a Linear (``Gemm(transB=1)``) becomes ``DequantizeLinear → MatMul`` (``+ Add`` for the
+    bias) on the transposed codes, the pattern onnxruntime fuses into ``MatMulNBits``: bits
+    ≤ 4 opset-21 blockwise over ``INT4`` (``UINT4`` plus zero points for asymmetric grids),
+    axis 0, per-channel scales as one power-of-two block ≥ max(16, in_features) (ORT fuses
+    only power-of-two blocks ≥ 16); bits > 4 ``INT8`` (``UINT8`` with zero points) per output
+    channel (``axis=1``) or blockwise for per-group scales;
+  - other consumers (Conv, ...) ``DequantizeLinear`` + ``Reshape``.
+* Integer kernels for quantized activations and embeddings: ``compress.export.fast_kernels``.
 * Codebooks: a ``UINT8`` (``UINT4`` for bits ≤ 4) index initializer → ``Cast(int32)`` →
   ``Gather`` from the codebook (``GatherElements`` over per-row tables for several codebooks).
   onnxruntime constant-folds this into a float weight at load: smaller file, same memory.
 
-The fused 4-/8-bit kernel quantizes activations to 8 bits by default; ``ort_session`` (and
+With ``matmul_nbits`` the fused kernel quantizes activations to 8 bits by default; ``ort_session`` (and
 ``session_config_for_exact_parity``) set ``session.qdq_matmulnbits_accuracy_level`` to 1
 (fp32 compute), which reproduces the dequantized PyTorch model exactly (measured: 0 error
 with levels 0 and 1, ~0.5% relative error with the default 4).
@@ -397,6 +402,7 @@ def quantize_onnx_model(
     names: dict[str, str] | None = None,
     activations: dict | None = None,
     base_dir: Path | None = None,
+    weight_only: str = "folded",
 ) -> onnx.ModelProto:
     """Replace the float initializers of the parameters in ``quant`` by integer initializers and dequantizing ops.
 
@@ -411,6 +417,13 @@ def quantize_onnx_model(
             ``static``): the listed layers get integer-kernel forms
             (``compress.export.fast_kernels``). Quantized embedding tables always become an
             integer Gather; weights without a fused kernel a load-time-folded Cast + Mul.
+        weight_only: the form of weight-only (no activation quantization) uniform weights.
+            ``folded`` (default): ``Cast + Mul`` that onnxruntime constant-folds into a float
+            weight at load, so the model runs exactly at float speed (the file stays
+            integer). ``matmul_nbits``: ``DequantizeLinear → MatMul`` for Linears, which
+            onnxruntime fuses into ``MatMulNBits`` (4-/8-bit weights in memory too, but
+            slower than float on CPUs without int8 dot-product instructions: measured in
+            ``benchmarks/quantize.py --cnn-speed``), ``DequantizeLinear`` for other consumers.
 
     Returns:
         A new model (opset ≥ 21 when INT4/UINT4 or blockwise scales are used) that computes
@@ -424,6 +437,9 @@ def quantize_onnx_model(
 
     from compress.export import fast_kernels as fk
 
+    if weight_only not in ("folded", "matmul_nbits"):
+        raise ValueError(f"weight_only must be 'folded' or 'matmul_nbits', got {weight_only!r}")
+    nbits = weight_only == "matmul_nbits"
     rw = _Rewriter(model, base_dir)
     names = names or {}
     mode = (activations or {}).get("mode", "none")
@@ -440,11 +456,12 @@ def quantize_onnx_model(
             # locate_by_value returns the "rows" layout only together with its permutation.
             assert perm is not None
             moved = permute_rows(qt, perm)
-            new_nodes = (
-                rw.codebook_nodes(init_name, moved, shape)
-                if isinstance(moved, CodebookTensor)
-                else rw.dequantize_generic(init_name, moved, shape)
-            )
+            if isinstance(moved, CodebookTensor):
+                new_nodes = rw.codebook_nodes(init_name, moved, shape)
+            elif nbits:
+                new_nodes = rw.dequantize_generic(init_name, moved, shape)
+            else:
+                new_nodes = fk.folded_dequantize_nodes(rw, init_name, moved, shape)
             rw.nodes[0:0] = new_nodes
             continue
         transposed = layout == "transposed"
@@ -463,18 +480,24 @@ def quantize_onnx_model(
             new_nodes = fast
         elif transposed:
             # The initializer holds Wᵀ (in, out): exactly the layout DequantizeLinear → MatMul wants.
-            if not isinstance(qt, CodebookTensor) and consumers and all(_is_matmul_by(n, init_name) for n in consumers):
+            if (
+                nbits
+                and not isinstance(qt, CodebookTensor)
+                and consumers
+                and all(_is_matmul_by(n, init_name) for n in consumers)
+            ):
                 w_t, dq = rw.dequantize_linear_matmul(init_name, qt)
                 new_nodes = [dq]
                 for mm in consumers:
                     mm.input[1] = w_t
             else:
                 plain = rw.fresh(f"{init_name}_untransposed")
-                new_nodes = (
-                    rw.codebook_nodes(plain, qt, list(qt.shape))
-                    if isinstance(qt, CodebookTensor)
-                    else rw.dequantize_generic(plain, qt, list(qt.shape))
-                )
+                if isinstance(qt, CodebookTensor):
+                    new_nodes = rw.codebook_nodes(plain, qt, list(qt.shape))
+                elif nbits:
+                    new_nodes = rw.dequantize_generic(plain, qt, list(qt.shape))
+                else:
+                    new_nodes = fk.folded_dequantize_nodes(rw, plain, qt, list(qt.shape))
                 new_nodes.append(
                     helper.make_node(
                         "Transpose", [plain], [init_name], perm=[1, 0], name=rw.fresh(f"{init_name}_Transpose")
@@ -482,7 +505,7 @@ def quantize_onnx_model(
                 )
         elif isinstance(qt, CodebookTensor):
             new_nodes = rw.codebook_nodes(init_name, qt, shape)
-        elif consumers and all(_is_plain_linear_gemm(n, init_name) for n in consumers):
+        elif nbits and consumers and all(_is_plain_linear_gemm(n, init_name) for n in consumers):
             w_t, dq = rw.dequantize_linear_matmul(init_name, qt)
             new_nodes = [dq]
             for gemm in consumers:

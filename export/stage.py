@@ -65,6 +65,7 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
                 _wrapped_names(state.module, signature),
                 activations=state.extras.get("activation_quantization"),
                 base_dir=ctx.out_dir,
+                weight_only=config.weight_only_kernel,
             )
         except ValueError as err:
             # An architecture whose exported weights we cannot pin down: refuse (exit 2).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -140,6 +141,41 @@ def activation_spec(
         seed=seed,
     )
     return {"mode": mode, "bits": ACTIVATION_BITS, "calibration": config.activation_calibration, "layers": ranges}
+
+
+@torch.no_grad()
+def round_static_biases(model: nn.Module, quant: dict[str, QuantizedTensor], spec: dict) -> list[str]:
+    """Round each static layer's bias onto its int32 grid ``s_act · s_w`` (onnxruntime's QDQ
+    bias), so PyTorch runs the bias the export stores (measured as shipped).
+
+    Only layers the integer kernels can take (symmetric, one scale per output channel, as
+    ``compress.export.fast_kernels.StaticQDQ``); returns the rounded biases' names.
+    """
+    from compress.fake_quant import int32_bias_step
+
+    modules = dict(model.named_modules())
+    done = []
+    for pname, ranges in spec.get("layers", {}).items():
+        qt = quant.get(pname)
+        layer = modules.get(pname.rsplit(".", 1)[0])
+        bias = getattr(layer, "bias", None)
+        if (
+            bias is None
+            or not isinstance(qt, UniformTensor)
+            or qt.zero_point is not None
+            or qt.scale.shape[1] != 1
+            or qt.bits > 8
+        ):
+            continue
+        act_scale, _ = uint8_qparams(*ranges["input"])
+        w_scale = qt.scale.float().numpy()[:, 0]
+        if w_scale.shape[0] == 1:
+            w_scale = np.repeat(w_scale, bias.numel())
+        step = torch.from_numpy(int32_bias_step(act_scale, w_scale))
+        codes = torch.clamp(torch.round(bias.detach().double() / step.double().clamp_min(1e-30)), -(2**31), 2**31 - 1)
+        bias.copy_((codes.float() * step).to(bias.dtype))
+        done.append(pname.rsplit(".", 1)[0] + ".bias")
+    return done
 
 
 def quantize_embeddings(module: nn.Module, bits: int, masks: dict | None = None) -> dict[str, QuantizedTensor]:

@@ -180,6 +180,10 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
         log.info("quantize: re-quantizing %s", replaced)
     state.quant.update(new)
     state.sync_quantized()
+    if activations == "static":
+        from compress.quantize.activations import EXTRAS_KEY, round_static_biases
+
+        round_static_biases(module, state.quant, state.extras[EXTRAS_KEY])
     if state.masks:
         state.apply_masks()
 

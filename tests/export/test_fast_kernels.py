@@ -301,3 +301,87 @@ def test_shared_activation_quantized_once_with_biases_fused(tmp_path, smoothing)
     with torch.no_grad(), quantized_inputs(state.module, state.extras["activation_quantization"]):
         sim = torch.cat([state.module(x[i : i + 1]) for i in range(64)]).reshape(64, -1).numpy()
     assert row_cosine(ort_one.reshape(64, -1), sim).min() > 0.999
+
+
+class _Residual1d(nn.Module):
+    """Residual blocks written as ``out + x`` in forward (no special module), MaxPool, head."""
+
+    def __init__(self, ch: int = 8):
+        super().__init__()
+        self.stem = nn.Conv1d(1, ch, 3, padding=1)
+        self.c = nn.ModuleList(nn.Conv1d(ch, ch, 3, padding=1) for _ in range(4))
+        self.head = nn.Linear(ch * 20, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x.unsqueeze(1)))
+        for i in (0, 2):
+            h = torch.relu(self.c[i + 1](torch.relu(self.c[i](h))) + h)
+        return self.head(nn.functional.max_pool1d(h, 2).flatten(1))
+
+
+def test_residual_adds_and_max_pool_run_on_uint8(tmp_path):
+    """Static activations: a residual ``Add`` of two quantized tensors becomes QLinearAdd and
+    MaxPool / Reshape run on uint8 (no float op left between the integer kernels), and the
+    PyTorch simulation rounds exactly where the QDQ graph does."""
+    import onnxruntime as ort
+
+    from compress.fake_quant import quantized_inputs
+    from compress.runtime import row_cosine
+
+    torch.manual_seed(0)
+    model = _Residual1d().eval()
+    calib, x_eval = torch.randn(256, 40), torch.randn(64, 40)
+    # 4-bit codes: the u8 x s8 kernel of a CPU without VNNI cannot saturate (see StaticQDQ.add).
+    state = _quantized_state(model, calib, _cfg(method="rtn", bits=4, activations="static"))
+    ops, _, ort_out, _ = _ops_and_outputs(state, tmp_path, x_eval)
+    assert ops["QLinearAdd"] == 2 and ops["QLinearConv"] == 5 and ops["QGemm"] == 1, ops
+    float_ops = {"Add", "Conv", "FusedConv", "Relu", "MaxPool", "Gemm", "DequantizeLinear"}
+    assert not float_ops & {k for k, v in ops.items() if v}, ops  # one DequantizeLinear: QGemm's output is float
+    with quantized_inputs(state.module, state.extras["activation_quantization"]), torch.no_grad():
+        sim = state.module(x_eval).numpy()
+    with torch.no_grad():
+        unrounded = state.module(x_eval).numpy()
+    # The unfused QDQ graph computes the rounding in float: it must match the simulation.
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(tmp_path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    qdq = ref.run(None, {"input": x_eval.numpy()})[0]
+    # (biases included: the quantize stage put them on their int32 grid)
+    assert np.abs(qdq - sim).max() < 1e-4, np.abs(qdq - sim).max()
+    assert np.abs(qdq - unrounded).max() > 1e-3  # the rounding is not negligible
+    assert row_cosine(ort_out, sim).min() > 0.999
+
+
+def test_static_simulation_rounds_once_per_tensor():
+    """Conv → ReLU → Conv: the second Conv's input is rounded once, on its own grid (the ReLU is
+    folded into the first Conv's output quantizer); a Conv output read by anything else is
+    rounded on the Conv's output grid; reading a tensor's shape is not a use of its values."""
+    from compress.fake_quant import fake_quantize_static, quantized_inputs
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(1, 4, 3, padding=1), nn.Conv1d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            n = y.shape[0]  # metadata only
+            return self.b(torch.relu(y)).reshape(n, -1), y * 1.0
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(8, 1, 16)
+    spec = {
+        "mode": "static",
+        "layers": {
+            "a.weight": {"input": [-3.0, 3.0], "output": [-2.0, 2.5]},
+            "b.weight": {"input": [0.0, 1.7], "output": [-1.0, 1.0]},
+        },
+    }
+    seen = {}
+    net.b.register_forward_hook(lambda _m, args, _o: seen.__setitem__("b_in", args[0]))
+    with quantized_inputs(net, spec), torch.no_grad():
+        _, y_used = net(x)
+    with torch.no_grad():
+        y = net.a(fake_quantize_static(x, -3.0, 3.0))
+    torch.testing.assert_close(seen["b_in"], fake_quantize_static(torch.relu(y), 0.0, 1.7))
+    torch.testing.assert_close(y_used, fake_quantize_static(y, -2.0, 2.5))

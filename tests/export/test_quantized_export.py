@@ -100,13 +100,37 @@ def test_parity_and_fusion(trained, tmp_path, model_name, cfg_name):
     assert agreement >= 0.995
     np.testing.assert_allclose(ort_out, torch_out, rtol=1e-4, atol=1e-4)
 
+    # Weight-only: the integer weights are folded into float ones at load, so onnxruntime
+    # runs the float model's own graph (never slower than float).
     ops = optimized_op_types(path)
+    float_ops = optimized_op_types(tmp_path / "model.float.onnx")
+    assert ops["MatMulNBits"] == 0 and ops["DequantizeLinear"] + ops["GatherElements"] + ops["Gather"] == 0, ops
+    assert ops == float_ops, (ops, float_ops)
+
+
+def test_matmul_nbits_form_is_opt_in(trained, tmp_path):
+    """``weight_only="matmul_nbits"`` keeps the fused N-bit kernel (4-bit weights in memory)."""
+    from pydantic import TypeAdapter
+
+    from compress.export.onnx_export import export_onnx
+    from compress.export.quantized import optimized_op_types, ort_session, quantize_onnx_model
+    from compress.metrics import predict
+    from compress.registry import stage_config
+    from compress.runtime import ort_predict
+
+    model, calib, x_eval = trained["digits_mlp"]
+    cfg = TypeAdapter(stage_config("quantize")).validate_python({"method": "gpfq", "bits": 4})
+    state = _quantized_state(model, calib, cfg)
+    float_model = export_onnx(state.module, state.example_input(2), tmp_path / "m.float.onnx")
+    path = tmp_path / "m.onnx"
+    onnx.save(quantize_onnx_model(float_model, state.quant, weight_only="matmul_nbits"), str(path))
     linears = sum(1 for m in state.module.modules() if isinstance(m, torch.nn.Linear))
-    if CONFIGS[cfg_name]["method"] != "codebook":
-        # every quantized Linear runs as ORT's fused N-bit kernel (4-bit or 8-bit MatMulNBits)
-        assert ops["MatMulNBits"] == linears, ops
-    else:
-        assert ops["MatMulNBits"] == 0 and ops["GatherElements"] + ops["Gather"] == 0, ops  # folded at load
+    assert optimized_op_types(path)["MatMulNBits"] == linears
+    np.testing.assert_allclose(
+        ort_predict(ort_session(path), x_eval.numpy()), predict(state.module, x_eval).numpy(), rtol=1e-4, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="weight_only"):
+        quantize_onnx_model(float_model, state.quant, weight_only="nbits")
 
 
 def test_int4_bytes_are_an_eighth_of_float_plus_scales(trained, tmp_path):
@@ -132,10 +156,11 @@ def test_int4_bytes_are_an_eighth_of_float_plus_scales(trained, tmp_path):
 
 
 def test_exact_parity_needs_the_session_option(trained, tmp_path):
-    """ORT's default accuracy level quantizes activations; level 1 reproduces PyTorch exactly."""
+    """MatMulNBits: ORT's default accuracy level quantizes activations; level 1 reproduces
+    PyTorch exactly. The default folded form is exact under both."""
     from pydantic import TypeAdapter
 
-    from compress.export.quantized import ort_session
+    from compress.export.quantized import ort_session, quantize_onnx_model
     from compress.metrics import predict
     from compress.registry import stage_config
     from compress.runtime import ort_predict
@@ -144,11 +169,15 @@ def test_exact_parity_needs_the_session_option(trained, tmp_path):
 
     model, calib, x_eval = trained["digits_mlp"]
     state = _quantized_state(model, calib, TypeAdapter(QuantizeConfig).validate_python({"method": "rtn", "bits": 4}))
-    _, _, path = _export(state, tmp_path)
+    float_model, _, folded = _export(state, tmp_path)
+    nbits = tmp_path / "nbits.onnx"
+    onnx.save(quantize_onnx_model(float_model, state.quant, weight_only="matmul_nbits"), str(nbits))
     ref = predict(state.module, x_eval).numpy()
-    exact = np.abs(ort_predict(ort_session(path, exact=True), x_eval.numpy()) - ref).max()
-    default = np.abs(ort_predict(ort_session(path, exact=False), x_eval.numpy()) - ref).max()
+    exact = np.abs(ort_predict(ort_session(nbits, exact=True), x_eval.numpy()) - ref).max()
+    default = np.abs(ort_predict(ort_session(nbits, exact=False), x_eval.numpy()) - ref).max()
     assert exact < 1e-4 < default
+    for flag in (True, False):
+        assert np.abs(ort_predict(ort_session(folded, exact=flag), x_eval.numpy()) - ref).max() < 1e-4
 
 
 def test_old_opset_and_missing_names_are_rejected(trained, tmp_path):

@@ -236,7 +236,10 @@ def test_onnx_named_inputs_dynamic_sequence_and_quantized_parity(minilm_setup, t
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in float_model.graph.input]
     assert [i.name for i in float_model.graph.input] == ["input_ids", "attention_mask"]
     assert dims == [["batch", "sequence"], ["batch", "sequence"]]
-    onnx.save(quantize_onnx_model(float_model, state.quant, _wrapped_names(state.module, sig)), str(path))
+    onnx.save(
+        quantize_onnx_model(float_model, state.quant, _wrapped_names(state.module, sig), weight_only="matmul_nbits"),
+        str(path),
+    )
     onnx.checker.check_model(str(path), full_check=True)
     assert optimized_op_types(path)["MatMulNBits"] == 36
 
