@@ -142,16 +142,34 @@ def activation_spec(
     return {"mode": mode, "bits": ACTIVATION_BITS, "calibration": config.activation_calibration, "layers": ranges}
 
 
-def quantize_embeddings(module: nn.Module, bits: int, masks: dict | None = None) -> dict[str, QuantizedTensor]:
+# Clipping factors ``embedding_range: mse`` tries per row (fractions of the row's max |w|).
+EMBEDDING_CLIP_FACTORS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
+
+
+def quantize_embeddings(
+    module: nn.Module, bits: int, masks: dict | None = None, scale_from: str = "max"
+) -> dict[str, QuantizedTensor]:
     """Round-to-nearest codes of every ``nn.Embedding`` table, one symmetric scale per row.
 
     A row is one token's vector, and a Gather reads whole rows: per-row scales cost one float
     per token and keep a rare token's small vector from being flushed to zero by a large one.
     A table tied to an output Linear (same Parameter) is one parameter: quantized once, its
     one copy serves both uses (the export rewrites every consumer of the initializer).
+
+    Args:
+        module: the model; every ``nn.Embedding`` in it is quantized.
+        bits: code width (4 or 8); codes lie in the narrow signed range ``[-qmax, qmax]``.
+        masks: pruning masks by parameter name (pruned entries get code 0).
+        scale_from: ``max``: step ``max|row| / qmax`` (no value clipped); ``mse``: the step,
+            among ``EMBEDDING_CLIP_FACTORS`` times that, with the lowest squared error of
+            the row. At 4 bits a few large entries otherwise set a step so coarse that most
+            of the row rounds to 0 or ±1 (measured on all-MiniLM-L6-v2's word table: relative
+            error 0.132 → 0.112, sentence cosine 0.994 → 0.997).
     """
     from compress.qtensor import signed_range
 
+    if scale_from not in ("max", "mse"):
+        raise ValueError(f"embedding scale_from must be 'max' or 'mse', got {scale_from!r}")
     out: dict[str, QuantizedTensor] = {}
     seen: set[int] = set()
     for name, mod in module.named_modules():
@@ -160,7 +178,17 @@ def quantize_embeddings(module: nn.Module, bits: int, masks: dict | None = None)
         seen.add(id(mod.weight))
         w = mod.weight.detach().float()
         qmin, qmax = signed_range(bits, narrow=True)
-        scale = (w.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
+        peak = w.abs().amax(1, keepdim=True)
+        scale = (peak / qmax).clamp_min(1e-12)
+        if scale_from == "mse":
+            best_err = torch.full_like(peak, float("inf"))
+            best = scale
+            for factor in EMBEDDING_CLIP_FACTORS:
+                s = (peak * factor / qmax).clamp_min(1e-12)
+                err = ((torch.clamp(torch.round(w / s), qmin, qmax) * s - w) ** 2).sum(1, keepdim=True)
+                better = err < best_err
+                best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+            scale = best
         codes = torch.clamp(torch.round(w / scale), qmin, qmax)
         mask = (masks or {}).get(f"{name}.weight")
         if mask is not None:

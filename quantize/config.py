@@ -111,6 +111,11 @@ class _UniformOptions(LayerSelection):
         description="Also quantize nn.Embedding tables (round-to-nearest, one scale per row) to 4 or 8 bits; "
         "exported as an integer Gather (the table is often the largest tensor of a transformer). null: float.",
     )
+    embedding_range: Literal["max", "mse"] = Field(
+        "max",
+        description="How each embedding row's scale is set: 'max' (max |w| of the row, nothing clipped) or 'mse' "
+        "(the clipped range, down to half of it, with the lowest squared error of the row; better at 4 bits).",
+    )
 
     @field_validator("activation_percentile")
     @classmethod
