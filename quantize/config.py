@@ -106,6 +106,12 @@ class _UniformOptions(LayerSelection):
         "the calibration split) and its weight column multiplied by it, so outlier channels stop setting the 8-bit "
         "activation step. Exported as a Mul before the integer MatMul. 0.7 suits BERT-style encoders. null: off.",
     )
+    smoothing_min_bits: int = Field(
+        2,
+        description="Smooth only the layers quantized at this many bits or more (e.g. 8 in a 4/8-bit mix): a "
+        "4-bit per-channel grid cannot absorb the outliers smoothing moves into the weights (measured on MiniLM with "
+        "4-bit attention projections: mean cosine 0.965 -> 0.962 when they are smoothed too).",
+    )
     embedding_bits: Literal[4, 8] | None = Field(
         None,
         description="Also quantize nn.Embedding tables (round-to-nearest, one scale per row) to 4 or 8 bits; "
@@ -122,6 +128,13 @@ class _UniformOptions(LayerSelection):
     def _check_percentile(cls, v: float) -> float:
         if not 90.0 <= v <= 100.0:
             raise ValueError(f"activation_percentile must be in [90, 100], got {v}")
+        return v
+
+    @field_validator("smoothing_min_bits")
+    @classmethod
+    def _check_smoothing_min_bits(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError(f"smoothing_min_bits must be between 2 and 8, got {v}")
         return v
 
     @field_validator("smoothing")

@@ -160,7 +160,11 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
             from compress.quantize.smooth import smooth_model
 
             assert calib is not None
-            smooth_report = smooth_model(module, layers, calib, smoothing, batch_size=getattr(config, "batch_size", 64))
+            min_bits = getattr(config, "smoothing_min_bits", 2)
+            smoothed = [n for n in layers if config.bits_for(n) >= min_bits]
+            smooth_report = smooth_model(
+                module, smoothed, calib, smoothing, batch_size=getattr(config, "batch_size", 64)
+            )
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     method_start = time.perf_counter()
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
