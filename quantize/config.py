@@ -51,10 +51,15 @@ class LayerSelection(BaseModel):
 
     def bits_for(self, layer: str, param: str | None = None) -> int:
         """The bit width of ``layer`` (its module name) or of its weight ``param``."""
+        override = self.layer_bits_override(layer, param)
+        return self.bits if override is None else override
+
+    def layer_bits_override(self, layer: str, param: str | None = None) -> int | None:
+        """The bit width the first matching ``layer_bits`` glob gives ``layer``, or None."""
         for glob, bits in self.layer_bits.items():
             if _matches(layer, glob, param):
                 return bits
-        return self.bits
+        return None
 
     def selects(self, layer: str, param: str | None = None) -> bool:
         """Whether ``layer`` (its module name), or its weight ``param`` (a full parameter
@@ -115,7 +120,8 @@ class _UniformOptions(LayerSelection):
     embedding_bits: Literal[4, 8] | None = Field(
         None,
         description="Also quantize nn.Embedding tables (round-to-nearest, one scale per row) to 4 or 8 bits; "
-        "exported as an integer Gather (the table is often the largest tensor of a transformer). null: float.",
+        "exported as an integer Gather (the table is often the largest tensor of a transformer). A layer_bits glob "
+        "matching a table's name (e.g. '*position_embeddings': 8) overrides it for that table. null: float.",
     )
     embedding_range: Literal["max", "mse"] = Field(
         "max",

@@ -173,18 +173,24 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     if embedding_bits is not None:
         from compress.quantize.activations import quantize_embeddings
 
-        tables = quantize_embeddings(module, embedding_bits, state.masks, getattr(config, "embedding_range", "max"))
+        tables = quantize_embeddings(
+            module,
+            embedding_bits,
+            state.masks,
+            getattr(config, "embedding_range", "max"),
+            bits_for=lambda name: config.layer_bits_override(name, f"{name}.weight"),
+        )
         if not tables:
             log.warning("quantize: embedding_bits=%d but the model has no nn.Embedding", embedding_bits)
         new.update({k: v for k, v in tables.items() if k not in new})
         report.update(
             {
                 k.rsplit(".", 1)[0]: {
-                    "bits": embedding_bits,
+                    "bits": v.bits,
                     "granularity": "per_row",
                     "scale_from": config.embedding_range,
                 }
-                for k in tables
+                for k, v in tables.items()
             }
         )
 

@@ -61,3 +61,46 @@ def test_config_accepts_only_known_embedding_ranges():
     )
     with pytest.raises(ValidationError, match="embedding_range"):
         adapter.validate_python({"method": "rtn", "embedding_bits": 4, "embedding_range": "p99"})
+
+
+class _TwoTables(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(64, 16)
+        self.pos = nn.Embedding(8, 16)
+        self.proj = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.proj(self.tok(ids) + self.pos.weight[: ids.shape[1]]).mean(1)
+
+
+def _stage(cfg: dict):
+    from pydantic import TypeAdapter
+
+    from compress.data import DataBundle, Split
+    from compress.quantize.stage import apply
+    from compress.registry import stage_config
+    from compress.state import ModelState, StageContext
+
+    torch.manual_seed(0)
+    model = _TwoTables().eval()
+    ids = torch.randint(0, 64, (32, 8))
+    state = ModelState(model, (1, 8), example=ids[:2])
+    ctx = StageContext(
+        DataBundle({"calibration": Split("calibration", ids, None, 16, 0)}), None, torch.device("cpu"), model
+    )
+    return apply(state, TypeAdapter(stage_config("quantize")).validate_python(cfg), ctx), ctx
+
+
+def test_layer_bits_glob_gives_a_table_its_own_width():
+    state, ctx = _stage({"method": "rtn", "bits": 4, "embedding_bits": 4, "layer_bits": {"pos*": 8}})
+    assert state.quant["tok.weight"].bits == 4 and state.quant["pos.weight"].bits == 8
+    assert ctx.metrics["quantize"]["layers"]["pos"]["bits"] == 8
+    w = state.module.pos.weight.detach()
+    # the 8-bit table: within half a step of 1/127 of each row's max
+    assert ((state.quant["pos.weight"].dequantize() - w).abs() <= w.abs().amax(1, keepdim=True) / 254 + 1e-7).all()
+
+
+def test_table_width_other_than_4_or_8_is_refused():
+    with pytest.raises(ValueError, match="embedding tables take 4 or 8 bits"):
+        _stage({"method": "rtn", "bits": 4, "embedding_bits": 4, "layer_bits": {"pos*": 6}})
