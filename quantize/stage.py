@@ -188,7 +188,7 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
                 k.rsplit(".", 1)[0]: {
                     "bits": v.bits,
                     "granularity": "per_row",
-                    "scale_from": config.embedding_range,
+                    "scale_from": getattr(config, "embedding_range", "max"),
                 }
                 for k, v in tables.items()
             }
