@@ -193,7 +193,65 @@ SPEED_VARIANTS = {
         "smoothing": 0.7,
         "embedding_bits": 8,
     },
+    # 4 bits (issue 11): per-channel codes, so every Linear stays on DynamicQuantizeMatMul
+    # (INT4 + Cast, folded at load); per-group 4-bit would go to MatMulNBits, slower than float.
+    "ours GPFQ int4 FFN + int8 attention, dynamic act, int4 emb": {
+        "method": "gpfq",
+        "bits": 4,
+        "layer_bits": {"*attention*": 8},
+        "activations": "dynamic",
+        "embedding_bits": 4,
+    },
+    "ours GPFQ int4 per-channel, dynamic act, int4 emb": {
+        "method": "gpfq",
+        "bits": 4,
+        "activations": "dynamic",
+        "embedding_bits": 4,
+    },
+    # recipes/minilm-int4.yaml: 4 bits where the calibration data says it is cheap (q, k, most
+    # attention outputs, two values, three FFN inputs), 8 bits elsewhere, asymmetric grids,
+    # smoothing on the 8-bit layers only, word table 4-bit (MSE-chosen row steps), position
+    # and token-type tables 8-bit.
+    "ours GPFQ int4/int8 mix (recipes/minilm-int4.yaml)": {
+        "method": "gpfq",
+        "bits": 8,
+        "layer_bits": {
+            "*position_embeddings": 8,
+            "*token_type_embeddings": 8,
+            "*.query": 4,
+            "*.key": 4,
+            "*layer.[0-4].attention.output.dense": 4,
+            "*layer.[01].attention.self.value": 4,
+            "*layer.[0-2].intermediate.dense": 4,
+        },
+        "symmetric": False,
+        "activations": "dynamic",
+        "smoothing": 0.7,
+        "smoothing_min_bits": 8,
+        "embedding_bits": 4,
+        "embedding_range": "mse",
+    },
 }
+FOUR_BIT_PEER = "ORT MatMulNBits 4-bit block 32, Gather too"
+
+
+def ort_4bit(float_path: Path, out: Path) -> Path:
+    """onnxruntime's own 4-bit quantizer as issue 11 measured it: MatMulNBits (asymmetric,
+    block 32, accuracy level 4) and the word/position tables as GatherBlockQuantized."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    cfg = DefaultWeightOnlyQuantConfig(
+        block_size=32,
+        is_symmetric=False,
+        accuracy_level=4,
+        op_types_to_quantize=("MatMul", "Gather"),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(float_path)), algo_config=cfg)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out))
+    return out
 
 
 def speed_table(args) -> int:
@@ -228,6 +286,8 @@ def speed_table(args) -> int:
             q = tmp / f"ort{pc}.onnx"
             quantize_dynamic(str(paths["float"]), str(q), weight_type=QuantType.QInt8, per_channel=pc)
             paths[f"ORT quantize_dynamic int8 {'per-channel' if pc else 'per-tensor'}"] = q
+        if any(" int4" in k for k in args.variants):
+            paths[FOUR_BIT_PEER] = ort_4bit(paths["float"], tmp / "ort4.onnx")
         for name in args.variants:
             state, secs = apply_stages(model, [("quantize", SPEED_VARIANTS[name])], data, args.calibration)
             paths[name], _ = export(state, tmp / f"v{len(paths)}.onnx")

@@ -17,6 +17,7 @@ quantized parameter, the same key as ``state.quant``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -178,16 +179,42 @@ def round_static_biases(model: nn.Module, quant: dict[str, QuantizedTensor], spe
     return done
 
 
-def quantize_embeddings(module: nn.Module, bits: int, masks: dict | None = None) -> dict[str, QuantizedTensor]:
+# Clipping factors ``embedding_range: mse`` tries per row (fractions of the row's max |w|).
+EMBEDDING_CLIP_FACTORS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
+
+
+def quantize_embeddings(
+    module: nn.Module,
+    bits: int,
+    masks: dict | None = None,
+    scale_from: str = "max",
+    bits_for: Callable[[str], int | None] | None = None,
+) -> dict[str, QuantizedTensor]:
     """Round-to-nearest codes of every ``nn.Embedding`` table, one symmetric scale per row.
 
     A row is one token's vector, and a Gather reads whole rows: per-row scales cost one float
     per token and keep a rare token's small vector from being flushed to zero by a large one.
     A table tied to an output Linear (same Parameter) is one parameter: quantized once, its
     one copy serves both uses (the export rewrites every consumer of the initializer).
+
+    Args:
+        module: the model; every ``nn.Embedding`` in it is quantized.
+        bits: code width (4 or 8); codes lie in the narrow signed range ``[-qmax, qmax]``.
+        masks: pruning masks by parameter name (pruned entries get code 0).
+        scale_from: ``max``: step ``max|row| / qmax`` (no value clipped); ``mse``: the step,
+            among ``EMBEDDING_CLIP_FACTORS`` times that, with the lowest squared error of
+            the row. At 4 bits a few large entries otherwise set a step so coarse that most
+            of the row rounds to 0 or ±1 (measured on all-MiniLM-L6-v2's word table: relative
+            error 0.132 → 0.112, sentence cosine 0.994 → 0.997).
+        bits_for: a table's own bit width by module name (None: ``bits``). Small tables
+            every token reads (positions, token types) cost little at 8 bits and much at 4:
+            on all-MiniLM-L6-v2, 4-bit position / token-type tables alone drop the sentence
+            cosine to 0.997 / 0.993, at 8 bits to 0.99999 / 0.9999.
     """
     from compress.qtensor import signed_range
 
+    if scale_from not in ("max", "mse"):
+        raise ValueError(f"embedding scale_from must be 'max' or 'mse', got {scale_from!r}")
     out: dict[str, QuantizedTensor] = {}
     seen: set[int] = set()
     for name, mod in module.named_modules():
@@ -195,11 +222,24 @@ def quantize_embeddings(module: nn.Module, bits: int, masks: dict | None = None)
             continue
         seen.add(id(mod.weight))
         w = mod.weight.detach().float()
-        qmin, qmax = signed_range(bits, narrow=True)
-        scale = (w.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
+        table_bits = (bits_for(name) if bits_for is not None else None) or bits
+        if table_bits not in (4, 8):
+            raise ValueError(f"embedding table {name!r}: {table_bits} bits; embedding tables take 4 or 8 bits")
+        qmin, qmax = signed_range(table_bits, narrow=True)
+        peak = w.abs().amax(1, keepdim=True)
+        scale = (peak / qmax).clamp_min(1e-12)
+        if scale_from == "mse":
+            best_err = torch.full_like(peak, float("inf"))
+            best = scale
+            for factor in EMBEDDING_CLIP_FACTORS:
+                s = (peak * factor / qmax).clamp_min(1e-12)
+                err = ((torch.clamp(torch.round(w / s), qmin, qmax) * s - w) ** 2).sum(1, keepdim=True)
+                better = err < best_err
+                best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+            scale = best
         codes = torch.clamp(torch.round(w / scale), qmin, qmax)
         mask = (masks or {}).get(f"{name}.weight")
         if mask is not None:
             codes = codes * mask.to(codes.dtype)
-        out[f"{name}.weight"] = UniformTensor(codes=codes.to(torch.int8), bits=bits, scale=scale, method="rtn")
+        out[f"{name}.weight"] = UniformTensor(codes=codes.to(torch.int8), bits=table_bits, scale=scale, method="rtn")
     return out

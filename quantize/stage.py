@@ -160,7 +160,11 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
             from compress.quantize.smooth import smooth_model
 
             assert calib is not None
-            smooth_report = smooth_model(module, layers, calib, smoothing, batch_size=getattr(config, "batch_size", 64))
+            min_bits = getattr(config, "smoothing_min_bits", 2)
+            smoothed = [n for n in layers if config.bits_for(n) >= min_bits]
+            smooth_report = smooth_model(
+                module, smoothed, calib, smoothing, batch_size=getattr(config, "batch_size", 64)
+            )
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     method_start = time.perf_counter()
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
@@ -169,11 +173,26 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     if embedding_bits is not None:
         from compress.quantize.activations import quantize_embeddings
 
-        tables = quantize_embeddings(module, embedding_bits, state.masks)
+        tables = quantize_embeddings(
+            module,
+            embedding_bits,
+            state.masks,
+            getattr(config, "embedding_range", "max"),
+            bits_for=lambda name: config.layer_bits_override(name, f"{name}.weight"),
+        )
         if not tables:
             log.warning("quantize: embedding_bits=%d but the model has no nn.Embedding", embedding_bits)
         new.update({k: v for k, v in tables.items() if k not in new})
-        report.update({k.rsplit(".", 1)[0]: {"bits": embedding_bits, "granularity": "per_row"} for k in tables})
+        report.update(
+            {
+                k.rsplit(".", 1)[0]: {
+                    "bits": v.bits,
+                    "granularity": "per_row",
+                    "scale_from": getattr(config, "embedding_range", "max"),
+                }
+                for k, v in tables.items()
+            }
+        )
 
     replaced = sorted(set(new) & set(state.quant))
     if replaced:

@@ -75,6 +75,30 @@ def test_dynamic_activations_run_as_dynamic_quantize_matmul(trained, tmp_path, b
     assert row_cosine(ort_out, torch_out).mean() > 0.99  # and close to the float-activation model
 
 
+def test_asymmetric_4_8_bit_mix_stays_on_the_integer_gemm(trained, tmp_path):  # noqa: F811
+    """recipes/minilm-int4.yaml's form: per-channel zero points, 4- and 8-bit layers mixed,
+    every Linear on DynamicQuantizeMatMul (zero point as its B zero point), none on MatMulNBits."""
+    from compress.export.quantized import ort_session
+    from compress.fake_quant import quantized_inputs
+    from compress.metrics import predict
+    from compress.runtime import ort_predict, row_cosine
+
+    model, calib, x_eval = trained["digits_mlp"]
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    cfg = _cfg(method="gpfq", bits=8, layer_bits={first: 4}, symmetric=False, activations="dynamic")
+    state = _quantized_state(model, calib, cfg)
+    assert state.quant[f"{first}.weight"].bits == 4 and state.quant[f"{first}.weight"].zero_point is not None
+    ops, qmodel, _, _ = _ops_and_outputs(state, tmp_path, x_eval)
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert ops["DynamicQuantizeMatMul"] == linears and ops["MatMulNBits"] == 0 and ops["Gemm"] == 0, ops
+    assert any(i.data_type == onnx.TensorProto.INT4 for i in qmodel.graph.initializer)
+    assert sum(i.name.endswith("_zero_point") for i in qmodel.graph.initializer) >= linears
+    ort_one = ort_predict(ort_session(tmp_path / "model.onnx", exact=False), x_eval.numpy(), batch_size=1)
+    with quantized_inputs(state.module, state.extras["activation_quantization"]):
+        sim = predict(state.module, x_eval).numpy()
+    assert row_cosine(ort_one, sim).min() > 0.999
+
+
 @pytest.fixture(scope="module")
 def teacher():
     """The shipped MNIST-1D CNN (94.9%): an under-trained CNN has too many near-ties for a

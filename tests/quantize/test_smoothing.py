@@ -131,3 +131,23 @@ def test_stage_save_reload_and_export_parity(tmp_path):
     assert ops["DynamicQuantizeMatMul"] == 2 and ops["Mul"] >= 2, ops
     ort_one = ort_predict(ort_session(path, exact=False), x[:64].numpy(), batch_size=1)
     assert row_cosine(ort_one, sim[:64].numpy()).min() > 0.999
+
+
+def test_smoothing_min_bits_leaves_the_4_bit_layers_of_a_mix_unsmoothed():
+    """In a 4/8-bit mix, ``smoothing_min_bits: 8`` smooths only the 8-bit layer; the model
+    still computes the float function before its weights are rounded."""
+    from compress.data import DataBundle, Split
+    from compress.quantize.stage import apply
+    from compress.state import ModelState, StageContext
+
+    model, x = _outlier_model_and_data(2)
+    data = DataBundle({"calibration": Split("calibration", x[:256], None, 64, 0)})
+    state = ModelState(module=model, input_shape=(1, 64))
+    ctx = StageContext(data=data, out_dir=None, device=torch.device("cpu"), reference=model, seed=0)
+    cfg = _cfg(method="rtn", bits=8, layer_bits={"2": 4}, activations="dynamic", smoothing=0.7, smoothing_min_bits=8)
+    state = apply(state, cfg, ctx)
+    assert is_smoothed(state.module[0]) and not is_smoothed(state.module[2])
+    assert ctx.metrics["quantize"]["smoothing"]["layers"] == 1
+    assert state.quant["0.weight"].bits == 8 and state.quant["2.weight"].bits == 4
+    with pytest.raises(ValidationError, match="smoothing_min_bits"):
+        _cfg(method="rtn", bits=8, activations="dynamic", smoothing=0.7, smoothing_min_bits=9)
