@@ -160,7 +160,8 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
             from compress.quantize.smooth import smooth_model
 
             assert calib is not None
-            smooth_report = smooth_model(module, layers, calib, smoothing, batch_size=getattr(config, "batch_size", 64))
+            alphas = {n: a for n in layers if (a := config.smoothing_for(n)) is not None}
+            smooth_report = smooth_model(module, layers, calib, alphas, batch_size=getattr(config, "batch_size", 64))
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     method_start = time.perf_counter()
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
