@@ -116,6 +116,7 @@ def test_rtn_pair_limit():
     w = torch.randn(64, 384, generator=torch.Generator().manual_seed(1))
     free, bound = rtn_quantize(w, 8), rtn_quantize(w, 8, pair_limit=128)
     assert not fits_u8s8_pairs(free.codes) and fits_u8s8_pairs(bound.codes)
-    changed = (free.codes != bound.codes).float().mean().item()
-    assert 0 < changed < 0.02, changed
+    # The pair-aware grid: a step ~1.3x wider where a row's largest weight has a same-signed
+    # neighbour, instead of clipping that neighbour (which costs ~7x the error on MiniLM).
+    assert (bound.scale >= free.scale).all() and (bound.scale > free.scale).any()
     assert weight_rel_error(bound, w) < 1.5 * weight_rel_error(free, w)
