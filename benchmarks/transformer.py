@@ -2,7 +2,7 @@
 
     pip install -e '.[transformers]'
     python benchmarks/transformer.py [--threads 1] [--calibration 128]
-    python benchmarks/transformer.py --speed [--threads 1]   # issue 11: integer kernels vs onnxruntime's quantizers
+    python benchmarks/transformer.py --speed [--threads 1 2] [--keep DIR]   # issue 11: vs onnxruntime's and NNCF's quantizers
 
 Per variant (the stages of recipes/minilm.yaml, alone and combined): fidelity of the
 sentence embeddings of the held-out sentences (recipes/data/sentences_heldout.txt) to the
@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -231,6 +234,16 @@ SPEED_VARIANTS = {
         "embedding_bits": 4,
         "embedding_range": "mse",
     },
+    # recipes/minilm.yaml: the attention output's input (the attention context) has no outlier
+    # channels (8-bit activations there cost nothing measurable), so it is not smoothed: no
+    # runtime Mul, no wider weight columns.
+    "ours GPFQ int8, dynamic act, smoothing 0.7 (not attention output), int8 emb": {
+        "method": "gpfq",
+        "bits": 8,
+        "activations": "dynamic",
+        "smoothing": {"*attention.output.dense": None, "*": 0.7},
+        "embedding_bits": 8,
+    },
 }
 FOUR_BIT_PEER = "ORT MatMulNBits 4-bit block 32, Gather too"
 
@@ -254,10 +267,69 @@ def ort_4bit(float_path: Path, out: Path) -> Path:
     return out
 
 
+PEAK_RSS_SCRIPT = """
+import sys, numpy as np, onnxruntime as ort
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+if sys.argv[1] == "-":
+    print(hwm()); raise SystemExit
+o = ort.SessionOptions(); o.intra_op_num_threads = 1
+s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
+x = np.load(sys.argv[2])
+s.run(None, {"input_ids": np.ascontiguousarray(x[:, 0]), "attention_mask": np.ascontiguousarray(x[:, 1])})
+print(hwm())
+"""
+
+
+def peak_session_rss(path: Path | None, batch: Path) -> float:
+    """Peak RSS (MB) of a fresh process that only loads ``path`` in onnxruntime (default
+    optimizations) and runs ``batch`` once; ``path`` None: the process with onnxruntime imported."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, "-" if path is None else str(path), str(batch)],
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout.split()[-1]) if out.returncode == 0 else float("nan")
+
+
+def nncf_quantize(float_path: Path, out: Path, calib: np.ndarray) -> str | None:
+    """NNCF's post-training quantization (ONNX backend, transformer preset) of the float ONNX
+    model, calibrated on ``calib``; returns why it could not run, or None."""
+    try:
+        import nncf
+        import onnx
+    except ImportError as err:
+        return f"nncf not installed ({err}): pip install -e '.[bench]'"
+    try:
+        data = nncf.Dataset(
+            list(calib), lambda x: {"input_ids": np.ascontiguousarray(x[None, 0]), "attention_mask": x[None, 1].copy()}
+        )
+        q = nncf.quantize(
+            onnx.load(str(float_path)), data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib)
+        )
+        onnx.save(q, str(out))
+    except Exception as err:  # a peer that fails is reported in the table, not fatal
+        return f"nncf.quantize failed: {type(err).__name__}: {err}"[:300]
+    try:
+        import onnxruntime as ort
+
+        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        # Measured with NNCF 3.4.0 and onnxruntime 1.32 on the opset-21 export: "QuantizeLinear
+        # output_dtype INT8 does not match y_zero_point type UINT8"; an older opset is no way
+        # out (Gelu exists only from opset 20, so the exporter cannot go below it).
+        return f"NNCF {nncf.__version__}'s model does not load in onnxruntime {ort.__version__}: {err}"[:300]
+    return None
+
+
 def speed_table(args) -> int:
     """Issue 11's side-by-side: float ONNX, onnxruntime quantize_dynamic (per tensor / per
-    channel) and ours, latency as ratios measured in interleaved rounds, fidelity (ORT
-    outputs, one sentence at a time) on the held-out and the informal held-out sets."""
+    channel), NNCF's post-training quantization and ours; latency as ratios to float and to the
+    best peer, measured in interleaved rounds at each of ``--threads``; fidelity (ORT outputs,
+    one sentence at a time) on the held-out and the informal held-out sets; the peak RSS of a
+    process that loads the model and runs batch 32."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -277,6 +349,7 @@ def speed_table(args) -> int:
     xh = sets["held-out"].numpy()
     lengths = xh[:, 1].sum(1)
     one, batch32 = xh[np.argsort(lengths)[len(lengths) // 2]][None], xh[:32]
+    notes = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = {}
@@ -288,47 +361,72 @@ def speed_table(args) -> int:
             paths[f"ORT quantize_dynamic int8 {'per-channel' if pc else 'per-tensor'}"] = q
         if any(" int4" in k for k in args.variants):
             paths[FOUR_BIT_PEER] = ort_4bit(paths["float"], tmp / "ort4.onnx")
+        if not args.no_nncf:
+            why = nncf_quantize(paths["float"], tmp / "nncf.onnx", calib[: args.calibration].numpy())
+            if why is None:
+                paths["NNCF quantize (ONNX, transformer preset)"] = tmp / "nncf.onnx"
+            else:
+                notes.append(f"NNCF row missing: {why}")
         for name in args.variants:
+            kept = None
+            if args.keep is not None:  # reuse an export of the same variant and calibration
+                key = json.dumps([SPEED_VARIANTS[name], args.calibration], sort_keys=True)
+                kept = args.keep / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+                if kept.is_file():
+                    paths[name] = kept
+                    print(f"# {name}: reusing {kept}", flush=True)
+                    continue
             state, secs = apply_stages(model, [("quantize", SPEED_VARIANTS[name])], data, args.calibration)
             paths[name], _ = export(state, tmp / f"v{len(paths)}.onnx")
+            if kept is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(paths[name], kept)
             print(f"# {name}: quantized in {secs:.0f}s", flush=True)
-        sessions = {
-            k: ort_session(p, threads=args.threads, exact=False, disabled_optimizers=()) for k, p in paths.items()
-        }
-        fid = {}
-        for k, sess in sessions.items():
-            fid[k] = {
-                s: compare_outputs(torch.as_tensor(ort_embed(sess, v.numpy(), batch=1)), refs[s])
-                for s, v in sets.items()
+        np.save(tmp / "batch32.npy", trim(batch32))
+        rss = {k: peak_session_rss(p, tmp / "batch32.npy") for k, p in paths.items()}
+        rss_base = peak_session_rss(None, tmp / "batch32.npy")
+        peers = [k for k in paths if k.startswith(("ORT", "NNCF"))]
+        fid, ratios = {}, {}
+        for threads in args.threads:
+            sessions = {
+                k: ort_session(p, threads=threads, exact=False, disabled_optimizers=()) for k, p in paths.items()
             }
-        times = {(k, b): [] for k in sessions for b in (1, 32)}
-        for _ in range(3):  # interleaved rounds
-            for k, sess in sessions.items():
-                times[(k, 1)].append(latency(sess, one, 30))
-                times[(k, 32)].append(latency(sess, batch32, 3))
-        med = {kb: float(np.median(v)) for kb, v in times.items()}
-        peers = [k for k in sessions if k.startswith("ORT")]
+            if not fid:
+                for k, sess in sessions.items():
+                    fid[k] = {
+                        s: compare_outputs(torch.as_tensor(ort_embed(sess, v.numpy(), batch=1)), refs[s])
+                        for s, v in sets.items()
+                    }
+            times = {(k, b): [] for k in sessions for b in (1, 32)}
+            for _ in range(args.rounds):  # interleaved rounds
+                for k, sess in sessions.items():
+                    times[(k, 1)].append(latency(sess, one, 30))
+                    times[(k, 32)].append(latency(sess, batch32, 3))
+            med = {kb: float(np.median(v)) for kb, v in times.items()}
+            for k in sessions:
+                for b in (1, 32):
+                    best = min(med[(q, b)] for q in peers)
+                    ratios[(k, threads, b)] = (med[(k, b)] / med[("float", b)], med[(k, b)] / best)
+            del sessions
         print(
-            f"\nall-MiniLM-L6-v2, ORT {args.threads} thread(s), calibration {args.calibration}; "
-            "fidelity: ORT outputs vs the float PyTorch model"
+            f"\nall-MiniLM-L6-v2, calibration {args.calibration}, median of {args.rounds} interleaved rounds; "
+            "latency as ratios (x float, x the best peer: onnxruntime's and NNCF's quantizers); fidelity: ORT "
+            f"outputs vs the float PyTorch model; peak RSS: a process that loads the model and runs batch 32 "
+            f"(onnxruntime imported alone: {rss_base:.0f} MB)"
         )
-        print(
-            "| variant | ONNX MB | b1 / float | b32 / float | b1 / best ORT | b32 / best ORT | mean cos held-out "
-            "| p05 held-out | mean cos informal | p05 informal |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        lat_cols = [f"{t}t b{b} / {ref}" for t in args.threads for ref in ("float", "best peer") for b in (1, 32)]
+        head = ["variant", "ONNX MB", "peak RSS MB", *lat_cols, "mean cos held-out", "p05 held-out"]
+        head += ["mean cos informal", "p05 informal"]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
         for k, p in paths.items():
-            b1p = min(med[(q, 1)] for q in peers)
-            b32p = min(med[(q, 32)] for q in peers)
             f = fid[k]
-            print(
-                f"| {k} | {onnx.load(str(p), load_external_data=False).ByteSize() / 1e6:.1f} "
-                f"| {med[(k, 1)] / med[('float', 1)]:.2f} | {med[(k, 32)] / med[('float', 32)]:.2f} "
-                f"| {med[(k, 1)] / b1p:.2f} | {med[(k, 32)] / b32p:.2f} "
-                f"| {f['held-out']['cosine']:.4f} | {f['held-out']['cosine_p05']:.4f} "
-                f"| {f['informal']['cosine']:.4f} | {f['informal']['cosine_p05']:.4f} |",
-                flush=True,
-            )
+            cells = [k, f"{onnx.load(str(p), load_external_data=False).ByteSize() / 1e6:.1f}", f"{rss[k]:.0f}"]
+            cells += [f"{ratios[(k, t, b)][i]:.2f}" for t in args.threads for i in (0, 1) for b in (1, 32)]
+            cells += [f"{f[s][m]:.4f}" for s in ("held-out", "informal") for m in ("cosine", "cosine_p05")]
+            print("| " + " | ".join(cells) + " |", flush=True)
+        for note in notes:
+            print(note)
     return 0
 
 
@@ -340,7 +438,18 @@ def main() -> int:
         help="only issue 11's table: float vs onnxruntime quantize_dynamic vs ours (integer kernels); "
         "--variants then names SPEED_VARIANTS",
     )
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=None, help="onnxruntime intra-op threads (--speed: 1 2)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--speed: interleaved latency rounds")
+    parser.add_argument("--no-nncf", action="store_true", help="--speed: leave out NNCF's quantizer")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="--speed: a folder to keep our variants' ONNX exports in and reuse them from (by variant config and "
+        "calibration; empty it after changing the quantizer or the export)",
+    )
     parser.add_argument("--calibration", type=int, default=128, help="GPFQ calibration sentences")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="subset of variants to run")
     args = parser.parse_args()
@@ -348,9 +457,11 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     if args.speed:
+        args.threads = args.threads or [1, 2]
         if args.variants == list(VARIANTS):
             args.variants = list(SPEED_VARIANTS)
         return speed_table(args)
+    args.threads = (args.threads or [1])[0]
 
     from compress.lossless.config import CompressStageConfig
     from compress.lossless.stage import pack_state

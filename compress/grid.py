@@ -48,6 +48,7 @@ def uniform_scale(
     factor: float = 1.0,
     quantile: float = 1.0,
     full_range: bool = False,
+    pair_limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) of a uniform grid fitted to ``w2d``'s range.
 
@@ -61,6 +62,11 @@ def uniform_scale(
         quantile: the range R comes from this quantile of the weights (1: the extremes).
         full_range: symmetric only: step ``factor·R / 2**(bits-1)`` (GPFQ's K, using the code
             ``-2**(bits-1)`` too) instead of ``factor·R / (2**(bits-1) - 1)``.
+        pair_limit: symmetric only: the step is also at least ``factor·P / (pair_limit − 1)``,
+            ``P`` the largest same-signed sum of a pair of input columns (2i, 2i+1), so that
+            rounded codes respect ``U8S8_PAIR_LIMIT`` (two roundings add at most 1) instead of
+            being clipped to it: a row whose largest weight sits next to a small one of the same
+            sign loses a little resolution rather than the neighbour.
 
     Returns:
         ``scale`` of shape ``(rows|1, groups)`` (float32) and ``zero_point`` (int8, same shape) or None.
@@ -78,6 +84,10 @@ def uniform_scale(
         r = mag.amax(-1) if quantile >= 1.0 else torch.quantile(mag, quantile, dim=-1)
         k = 2 ** (bits - 1) if full_range else qmax
         scale = factor * r / k
+        if pair_limit is not None and max(-qmin, qmax) > pair_limit // 2:
+            pairs = _pair_range(w, gran, groups)
+            if pairs is not None:
+                scale = torch.maximum(scale, factor * pairs / (pair_limit - 1))
         zero_point = None
     else:
         if quantile >= 1.0:
@@ -91,6 +101,21 @@ def uniform_scale(
         zero_point = torch.round(qmin - (centre - half) / safe).clamp(qmin, qmax).to(torch.int8)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
     return scale, zero_point
+
+
+def _pair_range(w: torch.Tensor, granularity: str, groups: int) -> torch.Tensor | None:
+    """The largest same-signed sum of a column pair (2i, 2i+1) per scale block, or None when
+    a group holds an odd number of columns (pairs would straddle two scales)."""
+    rows, cols = w.shape
+    if granularity == "per_group" and (cols // groups) % 2:
+        return None
+    if cols % 2:
+        w = torch.nn.functional.pad(w, (0, 1))
+    pos, neg = w.clamp_min(0), w.clamp_max(0)
+    sums = torch.maximum(pos[:, 0::2] + pos[:, 1::2], -(neg[:, 0::2] + neg[:, 1::2]))  # (rows, pairs)
+    if granularity == "per_tensor":
+        return sums.amax().reshape(1, 1)
+    return sums.reshape(rows, groups, -1).amax(-1)
 
 
 def expand_to_columns(side: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -115,3 +140,50 @@ def zero_codes(zero_point: torch.Tensor | None, rows: int, cols: int) -> torch.T
     if zero_point is None:
         return torch.zeros(rows, cols, dtype=torch.int8)
     return expand_to_columns(zero_point, rows, cols).to(torch.int8)
+
+
+# onnxruntime's uint8 × int8 GEMM on x86 CPUs without VNNI (``vpmaddubsw``) adds the products
+# of two adjacent input channels (k = 2i, 2i+1) into an int16 before widening. With
+# activations in [0, 255] that sum cannot saturate when the pair's positive codes add up to
+# at most 128, and so do its negative ones (255 · 128 = 32640 ≤ 32767). Measured with ORT
+# 1.32: codes 65 and 64 in one pair are off by 128 on all-255 inputs, 64 and 64 are exact,
+# and 127 next to -127 (or 127 in channels 1 and 2) is exact.
+U8S8_PAIR_LIMIT = 128
+
+
+def u8s8_pair_bounds(previous: torch.Tensor, limit: int = U8S8_PAIR_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes allowed next to ``previous`` (the pair's even channel): ``(lo, hi)`` per row,
+    so that the pair's positive and negative codes each sum to at most ``limit`` in magnitude."""
+    previous = previous.float()
+    return -limit - previous.clamp_max(0), limit - previous.clamp_min(0)
+
+
+def fits_u8s8_pairs(codes2d: torch.Tensor, limit: int = U8S8_PAIR_LIMIT) -> bool:
+    """Whether codes ``(rows, cols)`` (columns = input channels, the GEMM's K) are safe from the
+    uint8 × int8 kernel's int16 saturation (``U8S8_PAIR_LIMIT``)."""
+    c = codes2d.to(torch.int32)
+    if c.shape[1] % 2:
+        c = torch.nn.functional.pad(c, (0, 1))
+    even, odd = c[:, 0::2], c[:, 1::2]
+    pos = even.clamp_min(0) + odd.clamp_min(0)
+    neg = even.clamp_max(0) + odd.clamp_max(0)
+    return bool((pos <= limit).all()) and bool((neg >= -limit).all())
+
+
+def limit_u8s8_pairs(codes2d: torch.Tensor, limit: int = U8S8_PAIR_LIMIT) -> torch.Tensor:
+    """Codes ``(rows, cols)`` moved the least (in squared codes) to satisfy ``fits_u8s8_pairs``:
+    the excess of a pair whose same-signed codes add up beyond ``limit`` is taken from both
+    (round-to-nearest codes; GPFQ instead bounds each odd channel given its even one as it goes
+    and compensates the error in the channels after it)."""
+    c = codes2d.to(torch.int32).clone()
+    n = c.shape[1] - c.shape[1] % 2
+    even, odd = c[:, 0:n:2], c[:, 1:n:2]
+    same = (even.sign() * odd.sign()) > 0
+    excess = torch.where(same, (even.abs() + odd.abs() - limit).clamp_min(0), torch.zeros_like(even))
+    sign = even.sign()
+    # The larger code gives the larger half: both move about excess / 2 toward zero.
+    big_first = even.abs() >= odd.abs()
+    take_even = torch.where(big_first, (excess + 1) // 2, excess // 2)
+    c[:, 0:n:2] = even - sign * take_even
+    c[:, 1:n:2] = odd - sign * (excess - take_even)
+    return c.to(codes2d.dtype)

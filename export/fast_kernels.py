@@ -16,8 +16,11 @@ com.microsoft DynamicQuantizeMatMul (int8 weight)       0.92         102
 DynamicQuantizeMatMul over Cast(INT4 → INT8)            0.85          71
 ======================================================  ===========  ============
 
-8-bit codes go in as uint8 (zero point 128): on CPUs without VNNI the uint8 × int8 kernel's
-int16 pair sums saturate for codes beyond ±64 (see ``dynamic_matmul``).
+On CPUs without VNNI the uint8 × int8 kernel adds two adjacent input channels' products in
+int16, which saturates for large codes of one sign. 8-bit codes whose pairs stay within
+``compress.grid.U8S8_PAIR_LIMIT`` (what GPFQ and RTN write under dynamic activations) go in
+as int8, the fast kernel; other 8-bit codes as uint8 with zero point 128 (exact, slower; see
+``dynamic_matmul``).
 
 * **dynamic** activations (``dynamic_matmul``): a Linear becomes one com.microsoft
   ``DynamicQuantizeMatMul`` (activations quantized to uint8 per tensor at run time, integer
@@ -49,6 +52,7 @@ from typing import TYPE_CHECKING, TypeGuard
 import numpy as np
 
 from compress.fake_quant import int32_bias_step, uint8_qparams
+from compress.grid import fits_u8s8_pairs
 from compress.qtensor import QuantizedTensor, UniformTensor
 
 if TYPE_CHECKING:
@@ -113,12 +117,14 @@ def dynamic_matmul(rw, init_name: str, qt: UniformTensor, consumers: list, trans
     scale, zp = _column_side(qt)
     s_name = rw.fresh(f"{init_name}_scale")
     rw.graph.initializer.append(numpy_helper.from_array(scale, s_name))
-    if qt.bits >= 8:
+    if qt.bits >= 8 and not fits_u8s8_pairs(qt.codes.reshape(rows, cols)):
         # x86 CPUs without VNNI multiply uint8 activations by int8 weights with vpmaddubsw,
-        # whose int16 pair sums saturate once |code| > 64 (measured: errors of 0.4% of the
-        # output range with codes at ±127; onnxruntime's quantize_dynamic has `reduce_range`
-        # for this). 8-bit codes are therefore stored as uint8 with zero point 128 (the
-        # u8u8 kernel does not saturate); up to 7 bits int8 is exact and faster.
+        # whose int16 sums of two adjacent input channels saturate (measured: errors of 0.4%
+        # of the output range with codes at ±127; onnxruntime's quantize_dynamic has
+        # `reduce_range` for this). Codes that respect compress.grid.U8S8_PAIR_LIMIT (GPFQ and
+        # RTN bound them under dynamic activations; up to 7 bits always) are exact in int8,
+        # the fast kernel; others are stored as uint8 with zero point 128: the u8u8 kernel
+        # does not saturate, but runs about 1.5x slower.
         from compress.export.quantized import _int_initializer
 
         b_name = rw.fresh(f"{init_name}_quantized")

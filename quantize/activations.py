@@ -124,6 +124,21 @@ def calibrate_ranges(
     return {f"{n}.weight": {"input": o[0].range(), "output": o[1].range()} for n, o in observers.items()}
 
 
+def kernel_pair_limit(spec: dict | None, pname: str) -> int | None:
+    """The input-pair code bound (``compress.grid.U8S8_PAIR_LIMIT``) for weight ``pname``, or None.
+
+    A layer with dynamic activations runs on onnxruntime's uint8 × int8 GEMM, whose int16
+    pair sums saturate on CPUs without VNNI unless the codes respect the bound; codes that do
+    are exported as int8 (the fast kernel), others as uint8 with zero point 128 (exact, slower).
+    Static QDQ layers are left alone.
+    """
+    from compress.grid import U8S8_PAIR_LIMIT
+
+    if spec and spec.get("mode") == "dynamic" and pname in spec.get("layers", {}):
+        return U8S8_PAIR_LIMIT
+    return None
+
+
 def activation_spec(
     model: nn.Module, layers: list[str], calibration: torch.Tensor | None, config, seed: int = 0
 ) -> dict:

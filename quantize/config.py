@@ -104,12 +104,15 @@ class _UniformOptions(LayerSelection):
     activation_percentile: float = Field(
         99.99, description="static, percentile calibration: the upper percentile (the lower one is 100 minus it)."
     )
-    smoothing: float | None = Field(
+    smoothing: float | dict[str, float | None] | None = Field(
         None,
         description="SmoothQuant migration strength alpha in [0, 1] (needs activations dynamic or static): each "
         "quantized Linear's input channel j is divided by s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha) (measured on "
         "the calibration split) and its weight column multiplied by it, so outlier channels stop setting the 8-bit "
-        "activation step. Exported as a Mul before the integer MatMul. 0.7 suits BERT-style encoders. null: off.",
+        "activation step. Exported as a Mul before the integer MatMul. 0.7 suits BERT-style encoders. A mapping "
+        "{glob over layer names: alpha or null} sets it per layer (the first matching glob wins; layers no glob "
+        "matches, or matched to null, are not smoothed), e.g. {'*attention.output.dense': null, '*': 0.7}. "
+        "null: off.",
     )
     smoothing_min_bits: int = Field(
         2,
@@ -145,10 +148,19 @@ class _UniformOptions(LayerSelection):
 
     @field_validator("smoothing")
     @classmethod
-    def _check_smoothing(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 <= v <= 1.0:
-            raise ValueError(f"smoothing (SmoothQuant's alpha) must be in [0, 1], got {v}")
+    def _check_smoothing(cls, v: float | dict[str, float | None] | None) -> float | dict[str, float | None] | None:
+        alphas = v.items() if isinstance(v, dict) else [("", v)]
+        for glob, alpha in alphas:
+            if alpha is not None and not 0.0 <= alpha <= 1.0:
+                where = f"[{glob!r}]" if glob else ""
+                raise ValueError(f"smoothing{where} (SmoothQuant's alpha) must be in [0, 1], got {alpha}")
         return v
+
+    def smoothing_for(self, layer: str) -> float | None:
+        """SmoothQuant's alpha for ``layer`` (its module name), or None: not smoothed."""
+        if not isinstance(self.smoothing, dict):
+            return self.smoothing
+        return next((a for glob, a in self.smoothing.items() if fnmatch.fnmatchcase(layer, glob)), None)
 
     @model_validator(mode="after")
     def _smoothing_needs_quantized_activations(self):

@@ -27,8 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.distributed import split_range
-from compress.grid import as_matrix, expand_to_columns, round_to_grid, uniform_scale, zero_codes
+from compress.grid import (
+    as_matrix,
+    expand_to_columns,
+    limit_u8s8_pairs,
+    round_to_grid,
+    u8s8_pair_bounds,
+    uniform_scale,
+    zero_codes,
+)
 from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
+from compress.quantize.activations import EXTRAS_KEY, kernel_pair_limit
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +147,7 @@ def gpfq_codes(
     sparsity: str = "none",
     sparsity_lambda: float = 0.1,
     block_size: int = 128,
+    pair_limit: int | None = None,
 ) -> torch.Tensor:
     """The greedy path-following codes of one layer's weight.
 
@@ -154,6 +164,11 @@ def gpfq_codes(
             argument of Q in units of the step.
         sparsity_lambda: λ, in steps.
         block_size: columns per block (speed only).
+        pair_limit: bound each pair of input columns (2i, 2i+1) so that its positive codes,
+            and its negative ones, add up to at most this in magnitude
+            (``compress.grid.U8S8_PAIR_LIMIT``: onnxruntime's uint8 × int8 kernel cannot
+            saturate). Column 2i+1 is bounded given column 2i's code; the error this leaves
+            is carried to the later columns like any rounding error. None: no bound.
 
     Returns:
         int8 codes ``(neurons, N)``.
@@ -195,6 +210,8 @@ def gpfq_codes(
     # Two levels of blocks: rank-1 updates only inside a small inner block (they are memory
     # bound), matrix products to the rest of the block and, once per block, to the columns after it.
     inner = min(_INNER_BLOCK, block_size)
+    # Codes within ±limit/2 can never break the bound (7 bits and fewer).
+    bound_pairs = pair_limit is not None and max(-qmin, qmax) > pair_limit // 2
     for a in range(0, n, block_size):
         b = min(a + block_size, n)
         for c0 in range(a, b, inner):
@@ -215,11 +232,15 @@ def gpfq_codes(
                 if Zg is not None:
                     z_t = Zg[t // per_group]
                     c = c.add_(z_t).clamp_(qmin, qmax)
+                    if bound_pairs and t % 2:
+                        c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], pair_limit))
                     if keep is not None:
                         c = torch.where(keep[t], c, z_t)
                     q_t = (c - z_t).mul_(s_t)
                 else:
                     c = c.clamp_(qmin, qmax)
+                    if bound_pairs and t % 2:
+                        c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], pair_limit))
                     if keep is not None:
                         c = torch.where(keep[t], c, 0.0)
                     q_t = c * s_t
@@ -647,6 +668,9 @@ class LayerPlan:
     group_size: int = 32
     symmetric: bool = True
     mask: torch.Tensor | None = None
+    # compress.grid.U8S8_PAIR_LIMIT when the layer runs on onnxruntime's uint8 × int8 kernel
+    # (dynamic activations): GPFQ keeps each input pair's codes from saturating it.
+    pair_limit: int | None = None
 
 
 @torch.no_grad()
@@ -1338,7 +1362,12 @@ class _UnitLoop:
         def grid(factor, w2d=w2d, plan=plan):
             if factor == RTN_GRID:
                 return uniform_scale(
-                    w2d, plan.bits, granularity=plan.granularity, group_size=plan.group_size, symmetric=plan.symmetric
+                    w2d,
+                    plan.bits,
+                    granularity=plan.granularity,
+                    group_size=plan.group_size,
+                    symmetric=plan.symmetric,
+                    pair_limit=plan.pair_limit,
                 )
             return uniform_scale(
                 w2d,
@@ -1349,6 +1378,7 @@ class _UnitLoop:
                 factor=factor,
                 quantile=range_quantile,
                 full_range=True,
+                pair_limit=plan.pair_limit,
             )
 
         stats = parts_stats = None
@@ -1379,7 +1409,7 @@ class _UnitLoop:
         if parts_stats is None:
             # No inputs to follow: round to nearest on RTN's grid (the report says why).
             scale, zp = grid(RTN_GRID)
-            codes = round_to_grid(w2d, scale, zp, plan.bits)
+            codes = _rounded(w2d, scale, zp, plan)
             if mask is not None:
                 codes = torch.where(mask.bool(), codes, zero_codes(zp, rows, cols).to(codes.device))
             algorithm = f"rtn ({unit.reason})"
@@ -1427,6 +1457,7 @@ class _UnitLoop:
                         sparsity=sparsity,
                         sparsity_lambda=sparsity_lambda,
                         block_size=block_size,
+                        pair_limit=plan.pair_limit,
                     )
                     out = all_gather_rows(piece, k * r)
                     for i, chunk in enumerate(out.split(r)):
@@ -1439,7 +1470,7 @@ class _UnitLoop:
             candidates = [(f, "gpfq", sc, z, c) for f, (sc, z), c in zip(factors, grids, codes_for(grids, fit_stats))]
             if RTN_GRID in factors:
                 sc, z = grids[factors.index(RTN_GRID)]
-                codes = round_to_grid(w2d, sc, z, plan.bits)
+                codes = _rounded(w2d, sc, z, plan)
                 if mask is not None:
                     codes = torch.where(mask.bool(), codes, zero_codes(z, rows, cols).to(codes.device))
                 candidates.append((RTN_GRID, "round", sc, z, codes))
@@ -1499,6 +1530,12 @@ class _UnitLoop:
         log.debug("gpfq %s: %s", unit.key, info)
 
 
+def _rounded(w2d: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, plan: LayerPlan) -> torch.Tensor:
+    """Round-to-nearest codes on the grid, within the plan's pair bound (``LayerPlan.pair_limit``)."""
+    codes = round_to_grid(w2d, scale, zp, plan.bits)
+    return codes if plan.pair_limit is None else limit_u8s8_pairs(codes, plan.pair_limit)
+
+
 def _bias_of(layer: nn.Module, attr: str) -> torch.Tensor | None:
     if attr == "weight":
         bias = getattr(layer, "bias", None)
@@ -1525,7 +1562,14 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
         # The plan names the parameter where the model holds it (a tied weight: its owner here).
         key = target.layer if target.attr == "weight" else f"{target.layer}.{target.attr}"
         keys[key] = pname
-        plans[key] = LayerPlan(bits, config.granularity, config.group_size, config.symmetric, masks[pname])
+        plans[key] = LayerPlan(
+            bits,
+            config.granularity,
+            config.group_size,
+            config.symmetric,
+            masks[pname],
+            kernel_pair_limit(state.extras.get(EXTRAS_KEY), pname),
+        )
     factors = (*AUTO_SCALE_FACTORS, RTN_GRID) if config.scale_factor == "auto" else config.scale_factor
     quant, report = gpfq_quantize_model(
         state.module,

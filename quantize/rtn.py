@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from compress.grid import as_matrix, round_to_grid, uniform_scale, zero_codes
+from compress.grid import as_matrix, limit_u8s8_pairs, round_to_grid, uniform_scale, zero_codes
 from compress.qtensor import QuantizedTensor, UniformTensor
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ def rtn_quantize(
     group_size: int = 32,
     symmetric: bool = True,
     mask: torch.Tensor | None = None,
+    pair_limit: int | None = None,
 ) -> QuantizedTensor:
     """Round-to-nearest quantization of one weight tensor.
 
@@ -31,14 +32,21 @@ def rtn_quantize(
         symmetric: zero-centred grid (no zero point).
         mask: pruning mask (True = kept), same shape as ``weight``; pruned weights get the
             code of exactly 0.
+        pair_limit: bound on each pair of input columns' same-signed codes: the grid's step
+            leaves room for it (``compress.grid.uniform_scale``) and what rounding still puts
+            over it is moved back (``compress.grid.limit_u8s8_pairs``); None: no bound.
 
     Returns:
         The quantized tensor; its dequantized value is within half a step of ``weight``.
     """
     w2d = as_matrix(weight)
     rows, cols = w2d.shape
-    scale, zero_point = uniform_scale(w2d, bits, granularity=granularity, group_size=group_size, symmetric=symmetric)
+    scale, zero_point = uniform_scale(
+        w2d, bits, granularity=granularity, group_size=group_size, symmetric=symmetric, pair_limit=pair_limit
+    )
     codes = round_to_grid(w2d, scale, zero_point, bits)
+    if pair_limit is not None:
+        codes = limit_u8s8_pairs(codes, pair_limit)
     if mask is not None:
         keep = as_matrix(mask).bool()
         codes = torch.where(keep, codes, zero_codes(zero_point, rows, cols))
@@ -58,6 +66,8 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
 
     ``chosen`` maps canonical parameter names to ``(WeightTarget, bits)``.
     """
+    from compress.quantize.activations import EXTRAS_KEY, kernel_pair_limit
+
     params = state.parameters_by_name()
     new: dict[str, QuantizedTensor] = {}
     report: dict[str, dict] = {}
@@ -70,6 +80,7 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
             group_size=config.group_size,
             symmetric=config.symmetric,
             mask=masks[pname],
+            pair_limit=kernel_pair_limit(state.extras.get(EXTRAS_KEY), pname),
         )
         new[pname] = qt
         report[target.key] = {"bits": bits, "granularity": qt.granularity, "weight_rel_error": weight_rel_error(qt, w)}

@@ -64,11 +64,23 @@ def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: floa
 
 
 def smooth_model(
-    model: nn.Module, layers: list[str], calibration: torch.Tensor, alpha: float, batch_size: int = 64
+    model: nn.Module,
+    layers: list[str],
+    calibration: torch.Tensor,
+    alpha: float | dict[str, float],
+    batch_size: int = 64,
 ) -> dict:
-    """Smooth every Linear in ``layers`` in place. Layers that read the same tensor get one
-    scale (from the largest of their weight columns); layers whose weight another module shares
-    are left alone (scaling a tied weight would change its other use). Returns a report."""
+    """Smooth every Linear in ``layers`` in place, with one ``alpha`` or a ``{layer: alpha}``
+    mapping (layers it leaves out are not smoothed). Layers that read the same tensor get one
+    scale (from the largest of their weight columns), so they must share an alpha; layers whose
+    weight another module shares are left alone (scaling a tied weight would change its other
+    use). Returns a report.
+
+    Raises:
+        ValueError: layers reading one tensor were given different alphas.
+    """
+    alphas = dict.fromkeys(layers, alpha) if not isinstance(alpha, dict) else alpha
+    layers = [n for n in layers if n in alphas]
     modules = dict(model.named_modules())
     uses: dict[int, int] = {}
     for mod in model.modules():
@@ -89,8 +101,14 @@ def smooth_model(
     wanted = set(chosen)
     groups = [g for g in ([n for n in grp if n in wanted] for grp in shared_input_groups(model, calibration[:2])) if g]
     for group in groups:
+        differ = {alphas[n] for n in group}
+        if len(differ) > 1:
+            raise ValueError(
+                f"smoothing: layers {group} read one tensor and share one scaling, but were given alphas "
+                f"{[alphas[n] for n in group]}; give them one"
+            )
         weights = torch.cat([modules[n].weight.detach() for n in group])
-        s = smoothing_scales(amax[group[0]], weights, alpha)
+        s = smoothing_scales(amax[group[0]], weights, alphas[group[0]])
         for name in group:
             smooth_linear(modules[name], s)
         # How much flatter the input got: max/median of per-channel ranges, before and after.
@@ -102,4 +120,5 @@ def smooth_model(
         ]
     if skipped:
         log.info("smoothing: left %s", "; ".join(f"{k} ({v})" for k, v in skipped.items()))
-    return {"alpha": alpha, "layers": len(chosen), "skipped": skipped, "input_spread_before_after": spread}
+    shown = alpha if not isinstance(alpha, dict) else {n: alphas[n] for n in chosen}
+    return {"alpha": shown, "layers": len(chosen), "skipped": skipped, "input_spread_before_after": spread}

@@ -160,11 +160,12 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
             from compress.quantize.smooth import smooth_model
 
             assert calib is not None
+            # smoothing_min_bits: a 4-bit per-channel grid cannot absorb the migrated outliers
             min_bits = getattr(config, "smoothing_min_bits", 2)
-            smoothed = [n for n in layers if config.bits_for(n) >= min_bits]
-            smooth_report = smooth_model(
-                module, smoothed, calib, smoothing, batch_size=getattr(config, "batch_size", 64)
-            )
+            alphas = {
+                n: a for n in layers if config.bits_for(n) >= min_bits and (a := config.smoothing_for(n)) is not None
+            }
+            smooth_report = smooth_model(module, layers, calib, alphas, batch_size=getattr(config, "batch_size", 64))
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     method_start = time.perf_counter()
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)

@@ -58,7 +58,8 @@ def test_dynamic_activations_run_as_dynamic_quantize_matmul(trained, tmp_path, b
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     assert ops["DynamicQuantizeMatMul"] == linears and ops["MatMulNBits"] == 0 and ops["Gemm"] == 0, ops
     dtypes = {i.data_type for i in qmodel.graph.initializer if i.name.endswith("_quantized")}
-    assert dtypes == {onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.UINT8}  # 4-bit file, int8 kernel
+    # 4-bit file, int8 kernel; 8-bit codes keep within U8S8_PAIR_LIMIT, so int8 (the fast kernel) too.
+    assert dtypes == {onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8}
     # Against PyTorch with the same activation rounding (batch 1: one dynamic range per
     # sample, as the simulation): only accumulation order and rounding ties differ.
     from compress.export.quantized import ort_session
@@ -409,3 +410,49 @@ def test_static_simulation_rounds_once_per_tensor():
         y = net.a(fake_quantize_static(x, -3.0, 3.0))
     torch.testing.assert_close(seen["b_in"], fake_quantize_static(torch.relu(y), 0.0, 1.7))
     torch.testing.assert_close(y_used, fake_quantize_static(y, -2.0, 2.5))
+
+
+def _dynamic_linear_state(codes: torch.Tensor) -> ModelState:
+    """One Linear (64 → 8) holding exactly the 8-bit ``codes`` (per-row scales), dynamic activations."""
+    from compress.qtensor import UniformTensor
+
+    rows = codes.shape[0]
+    scale = torch.linspace(0.01, 0.02, rows).reshape(rows, 1)
+    qt = UniformTensor(codes=codes.to(torch.int8), bits=8, scale=scale, zero_point=None, method="rtn")
+    model = nn.Sequential(nn.Linear(codes.shape[1], rows)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(qt.dequantize())
+        model[0].bias.copy_(torch.linspace(-1, 1, rows))
+    state = ModelState(module=model, input_shape=(1, codes.shape[1]))
+    state.quant = {"0.weight": qt}
+    state.extras["activation_quantization"] = {"mode": "dynamic", "bits": 8, "layers": {"0.weight": {}}}
+    return state
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_8bit_codes_never_saturate_the_integer_kernel(tmp_path, bounded):
+    """onnxruntime's uint8 × int8 GEMM on CPUs without VNNI sums two adjacent input channels'
+    products in int16. Codes within ``U8S8_PAIR_LIMIT`` are stored as int8 (that fast kernel),
+    others as uint8 with zero point 128; either way the output is the exact integer product,
+    even on inputs that drive every activation code to 0 or 255."""
+    from compress.export.quantized import ort_session
+    from compress.grid import fits_u8s8_pairs, limit_u8s8_pairs
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-128, 128, (8, 64), generator=g, dtype=torch.int32)
+    codes[:, :6] = torch.tensor([127, 127, -128, -127, 100, 60])  # pairs far over the limit
+    if bounded:
+        codes = limit_u8s8_pairs(codes)
+        codes[:, :6] = torch.tensor([64, 64, -128, 0, 127, -127])  # exactly at it
+    assert fits_u8s8_pairs(codes) == bounded
+    state = _dynamic_linear_state(codes)
+    _, qmodel, path = _export(state, tmp_path)
+    weight = next(i for i in qmodel.graph.initializer if i.name.endswith("_quantized"))
+    assert weight.data_type == (onnx.TensorProto.INT8 if bounded else onnx.TensorProto.UINT8)
+    x = (torch.rand(64, 64, generator=g) > 0.3).float()  # activations 0 or 1: codes 0 or 255, exactly
+    x[0] = 1.0
+    out = ort_session(path, exact=False).run(None, {"input": x.numpy()})[0]
+    qt = state.quant["0.weight"]
+    bias = state.module[0].bias.detach().double()
+    exact = (x.double() * 255) @ qt.codes.double().T * (qt.scale.double().T / 255) + bias
+    np.testing.assert_allclose(out, exact.numpy(), rtol=1e-5, atol=1e-4)

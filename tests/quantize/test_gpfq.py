@@ -23,8 +23,11 @@ from compress.quantize.gpfq import (
 from compress.quantize.rtn import rtn_quantize
 
 
-def paper_gpfq(w: torch.Tensor, x: torch.Tensor, xt: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
-    """The recursion of the paper, literally: u_t = u_{t-1} + w_t X_t - q_t X̃_t (float64)."""
+def paper_gpfq(
+    w: torch.Tensor, x: torch.Tensor, xt: torch.Tensor, bits: int, scale: torch.Tensor, pair_limit: int | None = None
+) -> torch.Tensor:
+    """The recursion of the paper, literally: u_t = u_{t-1} + w_t X_t - q_t X̃_t (float64); with
+    ``pair_limit``, q_t of an odd column is clipped so that its pair's same-signed codes fit."""
     qmin, qmax = signed_range(bits)
     w, x, xt = w.double(), x.double(), xt.double()
     s = scale.double()[:, 0]
@@ -33,6 +36,9 @@ def paper_gpfq(w: torch.Tensor, x: torch.Tensor, xt: torch.Tensor, bits: int, sc
     for t in range(w.shape[1]):
         arg = (xt[:, t] @ (u + x[:, t : t + 1] * w[:, t])) / (xt[:, t] @ xt[:, t])
         c = torch.round(arg / s).clamp(qmin, qmax)
+        if pair_limit is not None and t % 2:
+            prev = codes[:, t - 1]
+            c = torch.minimum(torch.maximum(c, -pair_limit - prev.clamp_max(0)), pair_limit - prev.clamp_min(0))
         codes[:, t] = c
         u = u + x[:, t : t + 1] * w[:, t] - xt[:, t : t + 1] * (c * s)
     return codes.to(torch.int8)
@@ -54,6 +60,32 @@ def test_matches_paper_recursion(block_size):
     ref = paper_gpfq(w, x, xt, 3, scale)
     # float32 vs float64: a rare tie may round the other way, nothing more
     assert (ours != ref).float().mean() < 0.01
+
+
+def test_pair_limit_follows_the_paper_recursion_and_costs_little():
+    """8-bit codes under ``U8S8_PAIR_LIMIT`` (onnxruntime's uint8 × int8 kernel cannot saturate):
+    the clipped recursion, the pair-aware grid, and an output error close to the free codes'."""
+    from compress.grid import U8S8_PAIR_LIMIT, fits_u8s8_pairs
+
+    w, x, xt = _layer(n_out=32, n_in=128, m=300)
+    stats = LayerStats.from_data(x, xt)
+    free_scale, _ = uniform_scale(w, 8, factor=1.16, full_range=True)
+    free = gpfq_codes(w, stats, 8, free_scale)
+    assert not fits_u8s8_pairs(free)
+    clipped = gpfq_codes(w, stats, 8, free_scale, pair_limit=U8S8_PAIR_LIMIT)
+    assert fits_u8s8_pairs(clipped)
+    ref = paper_gpfq(w, x, xt, 8, free_scale, pair_limit=U8S8_PAIR_LIMIT)
+    assert (clipped != ref).float().mean() < 0.01
+    scale, _ = uniform_scale(w, 8, factor=1.16, full_range=True, pair_limit=U8S8_PAIR_LIMIT)
+    assert (scale >= free_scale).all() and (scale / free_scale).mean() < 1.5
+    bounded = gpfq_codes(w, stats, 8, scale, pair_limit=U8S8_PAIR_LIMIT)
+    assert fits_u8s8_pairs(bounded)
+    errors = [
+        output_error(w, c.float() * sc, stats)
+        for c, sc in ((free, free_scale), (clipped, free_scale), (bounded, scale))
+    ]
+    # The pair-aware grid costs less than clipping on the plain grid, and stays near the free codes.
+    assert errors[2] < errors[1] and errors[2] < 2.0 * errors[0], errors
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

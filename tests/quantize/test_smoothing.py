@@ -90,6 +90,31 @@ def test_config_needs_quantized_activations_and_alpha_in_range():
     with pytest.raises(ValidationError, match=r"must be in \[0, 1\]"):
         _cfg(method="rtn", bits=8, activations="dynamic", smoothing=2)
     assert _cfg(method="gpfq", bits=8, activations="dynamic", smoothing=0.7).smoothing == 0.7
+    with pytest.raises(ValidationError, match=r"smoothing\['\*'\].*must be in \[0, 1\]"):
+        _cfg(method="rtn", bits=8, activations="dynamic", smoothing={"head": None, "*": 1.5})
+    per_layer = _cfg(method="rtn", bits=8, activations="dynamic", smoothing={"*.output.dense": None, "*": 0.6})
+    assert per_layer.smoothing_for("layer.0.output.dense") is None
+    assert per_layer.smoothing_for("layer.0.intermediate.dense") == 0.6
+
+
+def test_per_layer_alphas():
+    """A ``{layer: alpha}`` mapping smooths only the layers it names, each with its alpha;
+    layers reading one tensor must share one."""
+    model, x = _outlier_model_and_data()
+    report = smooth_model(model, ["0", "2"], x[:128], alpha={"0": 0.7})
+    assert report["layers"] == 1 and report["alpha"] == {"0": 0.7}
+    assert is_smoothed(model[0]) and not is_smoothed(model[2])
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(64, 8), nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.q(x) + self.k(x)
+
+    with pytest.raises(ValueError, match="read one tensor.*0.7, 0.5"):
+        smooth_model(Shared(), ["q", "k"], x[:64], alpha={"q": 0.7, "k": 0.5})
 
 
 def test_stage_save_reload_and_export_parity(tmp_path):
