@@ -211,7 +211,8 @@ def gpfq_codes(
     # bound), matrix products to the rest of the block and, once per block, to the columns after it.
     inner = min(_INNER_BLOCK, block_size)
     # Codes within ±limit/2 can never break the bound (7 bits and fewer).
-    bound_pairs = pair_limit is not None and max(-qmin, qmax) > pair_limit // 2
+    limit = pair_limit if pair_limit is not None else 0
+    bound_pairs = pair_limit is not None and max(-qmin, qmax) > limit // 2
     for a in range(0, n, block_size):
         b = min(a + block_size, n)
         for c0 in range(a, b, inner):
@@ -233,14 +234,14 @@ def gpfq_codes(
                     z_t = Zg[t // per_group]
                     c = c.add_(z_t).clamp_(qmin, qmax)
                     if bound_pairs and t % 2:
-                        c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], pair_limit))
+                        c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], limit))
                     if keep is not None:
                         c = torch.where(keep[t], c, z_t)
                     q_t = (c - z_t).mul_(s_t)
                 else:
                     c = c.clamp_(qmin, qmax)
                     if bound_pairs and t % 2:
-                        c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], pair_limit))
+                        c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], limit))
                     if keep is not None:
                         c = torch.where(keep[t], c, 0.0)
                     q_t = c * s_t

@@ -760,9 +760,9 @@ def encode_stream(stream: np.ndarray, level: int, order0: bool = False, ans: boo
     if ans and 0 < len(raw) <= ANS_MAX_BYTES:
         # chosen by measured size: ANS wins on small alphabets and short streams, where
         # zstd's Huffman tables and whole-bit code lengths cost most
-        ans = encode_ans(np.frombuffer(raw, np.uint8))
-        if ans is not None and len(ans) < (len(best[1]) if best else len(raw)) * (1.0 - ANS_MIN_GAIN):
-            best = (METHOD_ANS, ans)
+        coded = encode_ans(np.frombuffer(raw, np.uint8))
+        if coded is not None and len(coded) < (len(best[1]) if best else len(raw)) * (1.0 - ANS_MIN_GAIN):
+            best = (METHOD_ANS, coded)
     if best is not None:
         return EncodedStream(best[0], len(raw), best[1])
     return EncodedStream(METHOD_RAW, len(raw), bytes(raw))
