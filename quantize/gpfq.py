@@ -1248,11 +1248,11 @@ def _stream_chain(
 
     float_replay, quant_replay = _ReplayState(), _ReplayState()
     # The float network outside the chain: the model without its blocks. Only the weights
-    # quantized outside the chain (before or after it) are copied; every other parameter and
-    # buffer is shared (the word-embedding table alone is 94 MB in BERT-base, 262 MB in a 1 B
-    # decoder). A weight tied to a quantized one is the same tensor, so it is copied too
+    # quantized outside the chain (before or after it) are copied, with their owners' other
+    # parameters; every other parameter and buffer is shared (BERT-base's 94 MB word-embedding
+    # table, when no GPFQ layer outside the chain reads it). A table tied to a quantized output
+    # layer is that layer's weight, so it is copied.
     outside = [*phases.before, *phases.after]
-    # (the owner's other parameters too: bias correction changes its bias)
     changed = {id(t) for u in outside for t in model.get_submodule(u.owner).parameters(recurse=False)}
     memo: dict[int, object] = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in changed}
     with _blocks_replaced(model, chain, float_replay):
