@@ -51,6 +51,7 @@ from compress.model_io import (
     save_state,
 )
 from compress.outdir import ENVIRONMENT_ERRNOS, OutputFolder, disk_error
+from compress.precision import float32_compute
 from compress.recipe import EXTRA_PREFIX, Recipe
 from compress.registry import get_stage
 from compress.state import ModelState, StageContext, StageOutputs
@@ -661,7 +662,9 @@ def _apply_stage(state, stage_spec, entry, folder, loaded: _Loaded, seed: int, d
     t0 = time.perf_counter()
     state.module.to(device)
     try:
-        state = apply(state, stage_spec.config, ctx)
+        # a bf16 checkpoint computes in float32 on the CPU, one layer at a time (no-grad passes)
+        with float32_compute(state.module):
+            state = apply(state, stage_spec.config, ctx)
     except CompressError:
         raise
     except OSError as err:
@@ -765,7 +768,8 @@ def _write_bundle(dst: Path, onnx_path: Path, state: ModelState, split, recipe: 
     from compress.onnx_signature import onnx_signature_of
 
     x = split.x[:BUNDLE_MAX_SAMPLES]
-    out = predict(state.module, x, split.batch_size).numpy()
+    with state.computing_in_float32():  # as the ONNX computes (a bf16 model is exported in float32)
+        out = predict(state.module, x, split.batch_size).numpy()
     limits = dict(outputs.bundle_limits)
     if recipe.doc.gates.max_latency_ms is not None:
         limits["max_latency_ms"] = recipe.doc.gates.max_latency_ms

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,8 @@ from compress.qtensor import QuantizedTensor
 
 if TYPE_CHECKING:
     from compress.data import DataBundle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +62,35 @@ class ModelState:
                 if name not in params:
                     raise KeyError(f"quantized tensor {name!r} matches no parameter of the model")
                 params[name].copy_(qt.dequantize().to(params[name].device, params[name].dtype))
+
+    @contextlib.contextmanager
+    def computing_in_float32(self) -> Iterator[None]:
+        """The model computes in float32 for the duration, as onnxruntime's CPU kernels do.
+
+        Half-precision (bfloat16, float16) parameters and buffers are cast up, and each
+        quantized parameter then takes its exact dequantized values: a bfloat16 parameter can
+        only hold them rounded to 8 significant bits. On exit every tensor gets its own dtype
+        back (the quantized ones rounded again), so the state is as it was.
+        """
+        tensors: dict[int, tuple[torch.Tensor, torch.dtype]] = {}
+        for t in [*self.module.parameters(), *self.module.buffers()]:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                tensors.setdefault(id(t), (t, t.dtype))
+        if not tensors:
+            yield
+            return
+        log.info("computing in float32: %d half-precision tensors cast up", len(tensors))
+        with torch.no_grad():
+            for t, _ in tensors.values():
+                t.data = t.data.float()
+            self.sync_quantized()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, dtype in tensors.values():
+                    t.data = t.data.to(dtype)
+                self.sync_quantized()
 
     def apply_masks(self) -> None:
         """Zero every masked-out weight (masks are enforced after each optimizer step)."""

@@ -22,6 +22,14 @@ BATCH_COMPARE = 32  # the batch of the second float comparison (latency_vs_float
 
 def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelState:
     state.module.cpu()  # exported and checked on the CPU, as onnxruntime on the device runs it
+    # A bfloat16 / float16 checkpoint is exported in float32: onnxruntime's CPU kernels (and its
+    # N-bit and integer ones) compute in float32, and quantized weights are exact only there.
+    with state.computing_in_float32():
+        _export(state, config, ctx)
+    return state
+
+
+def _export(state: ModelState, config: ExportConfig, ctx: StageContext) -> None:
     path = ctx.out_dir / "model.onnx"
     # A model may declare named ONNX inputs (e.g. input_ids + attention_mask with dynamic
     # batch and sequence axes); parity and latency then feed them through the signature.
@@ -206,7 +214,6 @@ def apply(state: ModelState, config: ExportConfig, ctx: StageContext) -> ModelSt
         ctx.metrics["ort_max_abs_error"],
         agreement,
     )
-    return state
 
 
 def _latency_vs_float(session, float_path, example: np.ndarray, config: ExportConfig, feeds) -> dict:

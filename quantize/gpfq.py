@@ -213,43 +213,51 @@ def gpfq_codes(
     # Codes within ±limit/2 can never break the bound (7 bits and fewer).
     limit = pair_limit if pair_limit is not None else 0
     bound_pairs = pair_limit is not None and max(-qmin, qmax) > limit // 2
+    # The per-column steps are small vector ops: on one thread each takes microseconds, while
+    # a thread pool's fork and join costs more than the op (over a millisecond when the cores
+    # are busy). Only the matrix products below run on every thread.
+    threads = torch.get_num_threads()
     for a in range(0, n, block_size):
         b = min(a + block_size, n)
         for c0 in range(a, b, inner):
             d = min(c0 + inner, b)
-            for t in range(c0, d):
-                w_t = Wt[t]
-                if dead_t[t]:
-                    arg = w_t  # X̃_t is zero on the calibration data: any q_t fits it; keep w_t's nearest
-                else:
-                    arg = torch.add(Vt[t], w_t, alpha=g_t[t]).mul_(ih_t[t])
-                s_t = Sg[t // per_group]
-                z = arg / s_t
-                if sparsity == "l1":
-                    z = torch.sign(z) * (z.abs() - sparsity_lambda).clamp_min(0)
-                elif sparsity == "l0":
-                    z = torch.where(z.abs() > 0.5 + sparsity_lambda, z, torch.zeros_like(z))
-                c = torch.round(z)
-                if Zg is not None:
-                    z_t = Zg[t // per_group]
-                    c = c.add_(z_t).clamp_(qmin, qmax)
-                    if bound_pairs and t % 2:
-                        c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], limit))
-                    if keep is not None:
-                        c = torch.where(keep[t], c, z_t)
-                    q_t = (c - z_t).mul_(s_t)
-                else:
-                    c = c.clamp_(qmin, qmax)
-                    if bound_pairs and t % 2:
-                        c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], limit))
-                    if keep is not None:
-                        c = torch.where(keep[t], c, 0.0)
-                    q_t = c * s_t
-                codes[t] = c
-                Qt[t] = q_t
-                if t + 1 < d:
-                    # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the inner block
-                    Vt[t + 1 : d].addr_(Gt[t, t + 1 : d], w_t).addr_(H[t, t + 1 : d], q_t, alpha=-1.0)
+            torch.set_num_threads(1)
+            try:
+                for t in range(c0, d):
+                    w_t = Wt[t]
+                    if dead_t[t]:
+                        arg = w_t  # X̃_t is zero on the calibration data: any q_t fits it; keep w_t's nearest
+                    else:
+                        arg = torch.add(Vt[t], w_t, alpha=g_t[t]).mul_(ih_t[t])
+                    s_t = Sg[t // per_group]
+                    z = arg / s_t
+                    if sparsity == "l1":
+                        z = torch.sign(z) * (z.abs() - sparsity_lambda).clamp_min(0)
+                    elif sparsity == "l0":
+                        z = torch.where(z.abs() > 0.5 + sparsity_lambda, z, torch.zeros_like(z))
+                    c = torch.round(z)
+                    if Zg is not None:
+                        z_t = Zg[t // per_group]
+                        c = c.add_(z_t).clamp_(qmin, qmax)
+                        if bound_pairs and t % 2:
+                            c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], limit))
+                        if keep is not None:
+                            c = torch.where(keep[t], c, z_t)
+                        q_t = (c - z_t).mul_(s_t)
+                    else:
+                        c = c.clamp_(qmin, qmax)
+                        if bound_pairs and t % 2:
+                            c = torch.clamp(c, *u8s8_pair_bounds(codes[t - 1], limit))
+                        if keep is not None:
+                            c = torch.where(keep[t], c, 0.0)
+                        q_t = c * s_t
+                    codes[t] = c
+                    Qt[t] = q_t
+                    if t + 1 < d:
+                        # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the inner block
+                        Vt[t + 1 : d].addr_(Gt[t, t + 1 : d], w_t).addr_(H[t, t + 1 : d], q_t, alpha=-1.0)
+            finally:
+                torch.set_num_threads(threads)
             if d < b:
                 Vt[d:b].addmm_(Gt[c0:d, d:b].T, Wt[c0:d]).addmm_(H[c0:d, d:b].T, Qt[c0:d], alpha=-1.0)
         if b < n:
@@ -918,7 +926,8 @@ def gpfq_quantize_model(
     Returns:
         ``{"<param>": QuantizedTensor}`` and per-weight facts keyed like ``plans``
         (``bits``, ``granularity``, ``algorithm``, ``output_rel_error``,
-        ``rtn_output_rel_error``, ``weight_rel_error``, ``scale_factor``).
+        ``rtn_output_rel_error``, ``weight_rel_error``, ``scale_factor``; ``output_error_rows``
+        when the output errors were measured on a subset of the rows, ``REPORT_ROWS`` per block).
     """
     from compress.padding import token_mask
 
@@ -1519,9 +1528,14 @@ class _UnitLoop:
         if stats is not None:
             rtn_scale, rtn_zp = grid(RTN_GRID)
             rtn = _dequantized(round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits), rtn_scale, rtn_zp)
-            (out_err, rerr), ref = _output_errors(w2d, [q2d, rtn], blocks, stats)
+            # Reported on at most REPORT_ROWS rows per block: each error term costs a
+            # rows × N × N product, more than GPFQ's own loop when it runs on every row.
+            idx, sampled = _report_rows(blocks)
+            (out_err, rerr), ref = _output_errors(w2d[idx], [q2d[idx], rtn[idx]], sampled, stats)
             info["output_rel_error"] = out_err / max(ref, 1e-300)
             info["rtn_output_rel_error"] = rerr / max(ref, 1e-300)
+            if len(idx) < rows:
+                info["output_error_rows"] = len(idx)
             bias = _bias_of(layer, unit.attr)
             if self.bias_correction and bias is not None:
                 # E[x]·w − E[x̃]·q per output: the mean shift the quantization introduced.
@@ -1536,6 +1550,23 @@ class _UnitLoop:
         self.last = (group, parts_stats) if shares else (None, None)
         self.units_done += 1
         log.debug("gpfq %s: %s", unit.key, info)
+
+
+REPORT_ROWS = 512  # rows per weight block the report's output errors are measured on
+
+
+def _report_rows(blocks: list[slice]) -> tuple[torch.Tensor, list[slice]]:
+    """Evenly spaced rows of each block, at most ``REPORT_ROWS`` of each (all when fewer):
+    their indices, and the blocks as slices of the selected rows."""
+    idx, sampled, start = [], [], 0
+    for sl in blocks:
+        n = sl.stop - sl.start
+        step = max(1, math.ceil(n / REPORT_ROWS))
+        rows = torch.arange(sl.start, sl.stop, step)
+        idx.append(rows)
+        sampled.append(slice(start, start + len(rows)))
+        start += len(rows)
+    return torch.cat(idx), sampled
 
 
 def _rounded(w2d: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, plan: LayerPlan) -> torch.Tensor:

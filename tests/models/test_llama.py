@@ -90,3 +90,52 @@ def test_exports_with_named_inputs_and_matches_onnxruntime(decoder, tmp_path):
         np.testing.assert_allclose(
             ort_predict(session, short.numpy(), feeds=sig.feeds), decoder(short).numpy(), atol=1e-4
         )
+
+
+@pytest.mark.slow
+def test_bfloat16_checkpoint_quantizes_and_exports_in_float32(tmp_path):
+    """A bf16 checkpoint's quantized weights cannot hold ``code × scale`` exactly: the export
+    computes in float32 with the exact dequantized values (its ONNX parity holds against that
+    model), and the stage state keeps the checkpoint's dtype."""
+    import json
+
+    import compress
+    from compress.models.llama import llama
+    from compress.recipe import load_recipe
+
+    kwargs = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    kwargs["vocab_size"] = VOCAB
+    model = llama(**kwargs)
+    torch.save({k: v.bfloat16() for k, v in model.state_dict().items()}, tmp_path / "model.pt")
+    tokens = {"fn": "compress.models.llama:random_tokens", "source": "callable"}
+    recipe = {
+        "version": 1,
+        "name": "bf16",
+        "model": {
+            "factory": "compress.models.llama:llama",
+            "kwargs": kwargs,
+            "input_shape": [1, 2, 16],
+            "input_dtype": "int64",
+        },
+        "data": {
+            "calibration": {**tokens, "kwargs": {"samples": 16, "length": 16, "vocab_size": VOCAB}},
+            "eval": {**tokens, "kwargs": {"samples": 8, "length": 16, "vocab_size": VOCAB}},
+        },
+        "stages": [
+            {"quantize": {"method": "gpfq", "bits": 4, "scale_factor": 1.16}},
+            {"export": {"min_agreement": 0.0, "compare_float": False, "latency_runs": 2}},
+        ],
+    }
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
+    result = compress.run(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "model.pt", tmp_path / "out")
+    assert result.passed, result.failures
+    export = next(r for r in result.report["stages"] if r["stage"] == "export")
+    # exact kernels: elementwise parity with the float32 model holding the exact codes' values
+    assert export["metrics"]["ort_within_tolerance"] == 1.0
+    # the export computed in float32 and left the state as it was: bf16, the same weights
+    stages = tmp_path / "out" / "stages"
+    quantized = torch.load(next(stages.glob("*-quantize")) / "model.pt", weights_only=True)
+    exported = torch.load(next(stages.glob("*-export")) / "model.pt", weights_only=True)
+    name = "lm.model.layers.0.mlp.down_proj.weight"
+    assert exported[name].dtype == torch.bfloat16
+    assert all(torch.equal(quantized[k], exported[k]) for k in quantized)

@@ -205,6 +205,27 @@ def test_stage_reports_output_errors(trained_models, run_stage):
         assert info["output_rel_error"] <= info["rtn_output_rel_error"]
 
 
+def test_report_errors_of_a_wide_layer_come_from_evenly_spaced_rows():
+    """Each output error term is a rows × N × N product: a layer with thousands of rows
+    (a vocabulary head) is measured on REPORT_ROWS evenly spaced rows per block, which
+    estimate the whole layer's relative error closely (rows are i.i.d. here)."""
+    from compress.quantize.gpfq import REPORT_ROWS, _output_errors, _report_rows
+
+    idx, sampled = _report_rows([slice(0, 3 * REPORT_ROWS), slice(3 * REPORT_ROWS, 3 * REPORT_ROWS + 7)])
+    assert len(idx) == REPORT_ROWS + 7 and sampled == [slice(0, REPORT_ROWS), slice(REPORT_ROWS, REPORT_ROWS + 7)]
+    assert idx[:3].tolist() == [0, 3, 6] and idx[-7:].tolist() == list(range(3 * REPORT_ROWS, 3 * REPORT_ROWS + 7))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=g)
+    w = torch.randn(4 * REPORT_ROWS, 32, generator=g)
+    stats = LayerStats.from_data(x, x + 0.05 * torch.randn(256, 32, generator=g))
+    q = rtn_quantize(w, 3).dequantize()
+    (full,), ref_full = _output_errors(w, [q], [slice(0, len(w))], [stats])
+    idx, sampled = _report_rows([slice(0, len(w))])
+    (part,), ref_part = _output_errors(w[idx], [q[idx]], sampled, [stats])
+    assert len(idx) == REPORT_ROWS
+    assert part / ref_part == pytest.approx(full / ref_full, rel=0.05)
+
+
 def test_layer_stats_merge_equals_stats_of_all_rows():
     from compress.quantize.gpfq import LayerStats
 

@@ -1,0 +1,80 @@
+"""Half-precision checkpoints compute in float32 on the CPU, one layer at a time."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from compress.precision import float32_compute
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def test_outputs_are_the_float32_models_and_weights_keep_their_dtype():
+    model = _model()
+    half = copy.deepcopy(model).bfloat16()
+    exact = copy.deepcopy(half).float()  # the bf16 weights' exact values in float32
+    x = torch.randn(64, 16).bfloat16().float()  # an input bf16 holds exactly
+    with torch.no_grad(), float32_compute(half):
+        got = half(x.bfloat16())
+        # a copy made inside the context carries the hooks too (GPFQ's float skeleton)
+        twin = copy.deepcopy(half)(x)
+    assert got.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(got, exact(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(twin, got, rtol=0, atol=0)
+    # bf16 arithmetic is measurably different: the context did change the arithmetic
+    with torch.no_grad():
+        assert (half(x.bfloat16()).float() - got).abs().max() > 1e-3
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert not half[0]._forward_pre_hooks and not half[0]._forward_hooks
+
+
+def test_buffers_updated_in_the_forward_keep_the_update_in_their_dtype():
+    half = _model().bfloat16().train()
+    before = half[1].running_mean.clone()
+    with torch.no_grad(), float32_compute(half):
+        half(torch.randn(32, 16).bfloat16())
+    assert half[1].running_mean.dtype == torch.bfloat16
+    assert not torch.equal(half[1].running_mean, before)
+
+
+def test_training_passes_compute_in_the_weights_dtype():
+    half = _model().bfloat16()
+    with float32_compute(half):
+        out = half(torch.randn(4, 16).bfloat16())
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert half[0].weight.grad is not None and half[0].weight.grad.dtype == torch.bfloat16
+
+
+def test_a_layer_failing_mid_forward_is_restored():
+    half = _model().bfloat16()
+
+    def boom(_m, _a):
+        raise RuntimeError("stop")
+
+    handle = half[3].register_forward_pre_hook(boom)
+    with torch.no_grad(), float32_compute(half), pytest.raises(RuntimeError, match="stop"):
+        half(torch.randn(2, 16).bfloat16())
+    handle.remove()
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_multihead_attention_reads_its_out_proj_in_float32():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    half = copy.deepcopy(mha).bfloat16()
+    exact = copy.deepcopy(half).float()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), float32_compute(half):
+        got, _ = half(x, x, x)
+        assert got.dtype == torch.float32
+        want, _ = exact(x, x, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
