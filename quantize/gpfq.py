@@ -191,9 +191,10 @@ def gpfq_codes(
     dead = diag_h <= 1e-12 * diag_h.max().clamp_min(1e-30)
     inv_h = torch.where(dead, torch.zeros_like(diag_h), 1.0 / diag_h.clamp_min(1e-30))
 
-    # Column-major working copies (one row per input column t): every access in the loop
-    # below (column t, the columns of a block) is then a contiguous slice.
-    Wt = w2d.detach().to(dtype).T.contiguous()
+    # Column-major working copies (one row per input column t) of the current block only
+    # (a 32000-row vocabulary head's full copies would be 262 MB each): every access in the
+    # loop below (column t, the columns of a block) is then a contiguous slice.
+    w = w2d.detach().to(dtype)
     # Scales and zero points per column group, not per column: (groups, rows) each.
     groups = scale.shape[1]
     per_group = n // groups
@@ -201,7 +202,6 @@ def gpfq_codes(
     Zg = None if zero_point is None else zero_point.to(dev, dtype).expand(rows, groups).T.contiguous()
     keep = None if mask is None else mask.reshape(rows, n).to(dev).bool().T.contiguous()
     Vt = torch.zeros(n, rows, dtype=dtype, device=dev)  # Vt[i] = <X̃_i, u> for every neuron
-    Qt = torch.zeros(n, rows, dtype=dtype, device=dev)  # dequantized values q_t
     codes = torch.zeros(n, rows, dtype=torch.int8, device=dev)
 
     # Python numbers for the per-column scalars: no 0-d tensor kernels inside the loop.
@@ -219,12 +219,14 @@ def gpfq_codes(
     threads = torch.get_num_threads()
     for a in range(0, n, block_size):
         b = min(a + block_size, n)
+        Wt = w[:, a:b].T.contiguous()  # Wt[t − a] = w_t
+        Qt = torch.zeros(b - a, rows, dtype=dtype, device=dev)  # dequantized values q_t
         for c0 in range(a, b, inner):
             d = min(c0 + inner, b)
             torch.set_num_threads(1)
             try:
                 for t in range(c0, d):
-                    w_t = Wt[t]
+                    w_t = Wt[t - a]
                     if dead_t[t]:
                         arg = w_t  # X̃_t is zero on the calibration data: any q_t fits it; keep w_t's nearest
                     else:
@@ -252,16 +254,18 @@ def gpfq_codes(
                             c = torch.where(keep[t], c, 0.0)
                         q_t = c * s_t
                     codes[t] = c
-                    Qt[t] = q_t
+                    Qt[t - a] = q_t
                     if t + 1 < d:
                         # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the inner block
                         Vt[t + 1 : d].addr_(Gt[t, t + 1 : d], w_t).addr_(H[t, t + 1 : d], q_t, alpha=-1.0)
             finally:
                 torch.set_num_threads(threads)
             if d < b:
-                Vt[d:b].addmm_(Gt[c0:d, d:b].T, Wt[c0:d]).addmm_(H[c0:d, d:b].T, Qt[c0:d], alpha=-1.0)
+                Vt[d:b].addmm_(Gt[c0:d, d:b].T, Wt[c0 - a : d - a]).addmm_(
+                    H[c0:d, d:b].T, Qt[c0 - a : d - a], alpha=-1.0
+                )
         if b < n:
-            Vt[b:].addmm_(Gt[a:b, b:].T, Wt[a:b]).addmm_(H[a:b, b:].T, Qt[a:b], alpha=-1.0)
+            Vt[b:].addmm_(Gt[a:b, b:].T, Wt).addmm_(H[a:b, b:].T, Qt, alpha=-1.0)
     return codes.T.contiguous()
 
 
@@ -857,10 +861,11 @@ def _dequantized(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
 
 @overload
-def _rows_of(side: torch.Tensor, sl: slice) -> torch.Tensor: ...
+def _rows_of(side: torch.Tensor, sl: slice | torch.Tensor) -> torch.Tensor: ...
 @overload
-def _rows_of(side: None, sl: slice) -> None: ...
-def _rows_of(side: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+def _rows_of(side: None, sl: slice | torch.Tensor) -> None: ...
+def _rows_of(side: torch.Tensor | None, sl: slice | torch.Tensor) -> torch.Tensor | None:
+    """The rows ``sl`` of a per-row scale or zero point (a per-tensor one as it is)."""
     if side is None or side.shape[0] == 1:
         return side
     return side[sl]
@@ -1526,12 +1531,13 @@ class _UnitLoop:
         if len(blocks) > 1:
             info["blocks"] = len(blocks)
         if stats is not None:
-            rtn_scale, rtn_zp = grid(RTN_GRID)
-            rtn = _dequantized(round_to_grid(w2d, rtn_scale, rtn_zp, plan.bits), rtn_scale, rtn_zp)
             # Reported on at most REPORT_ROWS rows per block: each error term costs a
             # rows × N × N product, more than GPFQ's own loop when it runs on every row.
             idx, sampled = _report_rows(blocks)
-            (out_err, rerr), ref = _output_errors(w2d[idx], [q2d[idx], rtn[idx]], sampled, stats)
+            w_rows = w2d[idx]
+            rtn_scale, rtn_zp = (_rows_of(side, idx) for side in grid(RTN_GRID))
+            rtn = _dequantized(round_to_grid(w_rows, rtn_scale, rtn_zp, plan.bits), rtn_scale, rtn_zp)
+            (out_err, rerr), ref = _output_errors(w_rows, [q2d[idx], rtn], sampled, stats)
             info["output_rel_error"] = out_err / max(ref, 1e-300)
             info["rtn_output_rel_error"] = rerr / max(ref, 1e-300)
             if len(idx) < rows:
