@@ -1,10 +1,10 @@
 """The ``.czip`` container: coded tensors and opaque blobs, checksummed, randomly accessible.
 
-Byte layout, format version 3 (all integers little-endian; docs/container-format.md is
+Byte layout, format version 4 (all integers little-endian; docs/container-format.md is
 the full spec)::
 
     offset 0   8 bytes  magic  b"\\x89CZIP\\r\\n\\x1a"
-           8   u16      major version (3; readers also read 2, refuse others)
+           8   u16      major version (4; readers also read 2 and 3, refuse others)
           10   u16      minor version (additions a reader may ignore)
           12   u32      flags (must be 0)
           16   ...      chunk payloads, back to back, in manifest order
@@ -62,12 +62,14 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"\x89CZIP\r\n\x1a"
 END_MAGIC = b"CZIPEND\x00"
-VERSION_MAJOR = 3
+VERSION_MAJOR = 4
 VERSION_MINOR = 0
 # Version 3 adds paired int8 chunks (codec.py): a version-2 reader would refuse them by
-# their stream count, so the version says it first. Version-2 files hold a subset of what
-# version 3 may, and are read as they are.
-READ_MAJORS = (2, 3)
+# their stream count, so the version says it first. Version 4 adds stream method 3
+# (ANS_EXACT: a counts-remaining model with an enumerated count table, codec.py), which a
+# version-3 reader would refuse by its method number. Version-2 and -3 files hold a subset
+# of what version 4 may, and are read as they are.
+READ_MAJORS = (2, 3, 4)
 HEADER = struct.Struct("<8sHHI")
 TRAILER = struct.Struct("<QQII32s8s")
 HEADER_SIZE = HEADER.size  # 16
@@ -86,7 +88,10 @@ MAX_CHUNK_RAW_BYTES = 16 << 20
 MAX_JSON_DEPTH = 64
 DECODE_WINDOW_BYTES = 64 << 20  # decoded bytes in flight at once, whatever the thread count
 
-METHOD_NAMES = {C.METHOD_RAW: "raw", C.METHOD_ZSTD: "zstd", C.METHOD_ANS: "ans"}
+METHOD_NAMES = {C.METHOD_RAW: "raw", C.METHOD_ZSTD: "zstd", C.METHOD_ANS: "ans", C.METHOD_ANS_EXACT: "ans-exact"}
+# Stream methods each format version may hold: a method an older version never wrote is
+# damage there, not something to try decoding.
+METHODS_BY_MAJOR = {2: (0, 1, 2), 3: (0, 1, 2), 4: (0, 1, 2, 3)}
 KINDS = ("tensor", "blob", "alias")
 
 
@@ -718,6 +723,7 @@ class ContainerReader:
             )
         if flags != 0:
             raise self._err(f"unknown header flags {flags:#x}")
+        self.major = major
         f.seek(size - TRAILER_SIZE)
         m_off, m_len, m_crc, m_raw, digest, end = TRAILER.unpack(f.read(TRAILER_SIZE))
         if end != END_MAGIC:
@@ -863,14 +869,14 @@ class ContainerReader:
                 if not (isinstance(s, list) and len(s) == 3 and all(_is_int(v) for v in s)):
                     raise self._err(f"{cw} stream {si}: malformed")
                 length, raw_len, method = s
-                if method not in METHOD_NAMES or raw_len != expect[si] or length < 0:
+                if method not in METHODS_BY_MAJOR[self.major] or raw_len != expect[si] or length < 0:
                     raise self._err(f"{cw} stream {si}: invalid method or size")
                 if pos + length > self.manifest_offset:
                     raise self._err(f"{cw} stream {si}: payload lies outside the data region")
                 impossible = (
                     (method == C.METHOD_RAW and length != raw_len)
                     or (method == C.METHOD_ZSTD and not C.max_ratio_ok(raw_len, length))
-                    or (method == C.METHOD_ANS and raw_len > C.ANS_MAX_BYTES)
+                    or (method in (C.METHOD_ANS, C.METHOD_ANS_EXACT) and raw_len > C.ANS_MAX_BYTES)
                 )
                 if impossible:
                     raise self._err(f"{cw} stream {si}: declared size impossible for its payload")
