@@ -263,6 +263,7 @@ def quickstart_report(path: Path) -> list[str]:
         lines.append(
             f"{'code entry':36s} {'codes':>7s} {'coded':>7s} {'order-0 B':>10s} {'stored B':>9s} {'stored/bound':>12s}"
         )
+        total = [0, 0, 0.0, 0]
         for name in r.names():
             e = r.entry(name)
             if not name.endswith("/codes"):
@@ -274,6 +275,10 @@ def quickstart_report(path: Path) -> list[str]:
             lines.append(
                 f"{name:36s} {codes.size:7d} {coded.size:7d} {bound:10.0f} {e.stored_bytes:9d} {e.stored_bytes / max(bound, 1):12.3f}"
             )
+            total = [total[0] + codes.size, total[1] + coded.size, total[2] + bound, total[3] + e.stored_bytes]
+        lines.append(
+            f"{'all code entries':36s} {total[0]:7d} {total[1]:7d} {total[2]:10.0f} {total[3]:9d} {total[3] / max(total[2], 1):12.3f}"
+        )
     return lines
 
 

@@ -1,10 +1,10 @@
 """The ``.czip`` container: coded tensors and opaque blobs, checksummed, randomly accessible.
 
-Byte layout, format version 3 (all integers little-endian; docs/container-format.md is
+Byte layout, format version 4 (all integers little-endian; docs/container-format.md is
 the full spec)::
 
     offset 0   8 bytes  magic  b"\\x89CZIP\\r\\n\\x1a"
-           8   u16      major version (3; readers also read 2, refuse others)
+           8   u16      major version (4; readers also read 2 and 3, refuse others)
           10   u16      minor version (additions a reader may ignore)
           12   u32      flags (must be 0)
           16   ...      chunk payloads, back to back, in manifest order
@@ -39,7 +39,7 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,12 +62,14 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"\x89CZIP\r\n\x1a"
 END_MAGIC = b"CZIPEND\x00"
-VERSION_MAJOR = 3
+VERSION_MAJOR = 4
 VERSION_MINOR = 0
 # Version 3 adds paired int8 chunks (codec.py): a version-2 reader would refuse them by
-# their stream count, so the version says it first. Version-2 files hold a subset of what
-# version 3 may, and are read as they are.
-READ_MAJORS = (2, 3)
+# their stream count, so the version says it first. Version 4 adds stream method 3
+# (ANS_EXACT: a counts-remaining model with an enumerated count table, codec.py), which a
+# version-3 reader would refuse by its method number. Version-2 and -3 files hold a subset
+# of what version 4 may, and are read as they are.
+READ_MAJORS = (2, 3, 4)
 HEADER = struct.Struct("<8sHHI")
 TRAILER = struct.Struct("<QQII32s8s")
 HEADER_SIZE = HEADER.size  # 16
@@ -86,7 +88,10 @@ MAX_CHUNK_RAW_BYTES = 16 << 20
 MAX_JSON_DEPTH = 64
 DECODE_WINDOW_BYTES = 64 << 20  # decoded bytes in flight at once, whatever the thread count
 
-METHOD_NAMES = {C.METHOD_RAW: "raw", C.METHOD_ZSTD: "zstd", C.METHOD_ANS: "ans"}
+METHOD_NAMES = {C.METHOD_RAW: "raw", C.METHOD_ZSTD: "zstd", C.METHOD_ANS: "ans", C.METHOD_ANS_EXACT: "ans-exact"}
+# Stream methods each format version may hold: a method an older version never wrote is
+# damage there, not something to try decoding.
+METHODS_BY_MAJOR = {2: (0, 1, 2), 3: (0, 1, 2), 4: (0, 1, 2, 3)}
 KINDS = ("tensor", "blob", "alias")
 
 
@@ -117,21 +122,35 @@ class AlignedWriter:
     Buffered writes cost the kernel a copy into the page cache and the page-cache
     allocations (under memory pressure more CPU than decoding), and the final ``fsync``
     of a freshly written large file then waits for all of it (measured: 119 MB/s for
-    512 MiB buffered + fsync, 1.1 GB/s direct, on this project's build machine). Direct
-    writes of 8 MiB blocks cost one copy into the aligned block. Full blocks are written
-    by a background thread while the next one fills (two blocks), so the device's time
-    overlaps the caller's coding; a write error surfaces on a later :meth:`write` or on
-    :meth:`close`. Where ``O_DIRECT`` is refused (tmpfs, other systems) the plain file
-    object is written instead. The caller closes (or aborts) this writer before the file.
+    512 MiB buffered + fsync, 1.1 GB/s direct, on this project's build machine). A block
+    is written by a background thread once it holds ``BLOCK`` bytes (its page-aligned
+    prefix; the few bytes past the last page move to the next block) while the next one
+    fills (two blocks), so the device's time overlaps the caller's coding; a write error
+    surfaces on a later call or on :meth:`close`. Where ``O_DIRECT`` is refused (tmpfs,
+    other systems) the plain file object is written instead. The caller closes (or
+    aborts) this writer before the file.
+
+    Data reaches a block either copied (:meth:`write`) or decoded straight into it:
+    :meth:`reserve` hands out the next bytes of the block, :meth:`commit` takes them once
+    filled, in order (``compress unpack``: no copy of the decoded bytes, no fresh buffer
+    per chunk). With ``checksum`` the writer keeps the CRC-32 of every byte written, in
+    file order, computed on its background thread just before each block is written
+    (:attr:`crc`, final after :meth:`close`).
     """
 
     BLOCK = 8 << 20
     ALIGN = 4096
+    SLACK = 4 << 20  # reservable past BLOCK: the chunks a few decoding threads hold in flight
+    BUSY = object()  # :meth:`reserve`: commit the outstanding reservations first
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, *, checksum: bool = False) -> None:
         self.f = f
         self.pos = 0  # bytes written (or being written) through the direct descriptor
-        self.fill = 0
+        self.fill = 0  # bytes in the current block, committed
+        self.crc = 0
+        self._checksum = checksum
+        self._reserved: list[tuple[int, int]] = []  # outstanding (offset in block, length)
+        self._blocked = False  # a chunk was refused a reservation: it comes through write()
         self.fd: int | None = None
         self._pending: Future | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -144,61 +163,131 @@ class AlignedWriter:
             except OSError:
                 self.fd = None
         if self.fd is not None:
-            self.block = mmap.mmap(-1, self.BLOCK)  # page-aligned, as O_DIRECT needs
+            # page-aligned, as O_DIRECT needs; room for the slack and the last block's padding
+            self.capacity = self.BLOCK + self.SLACK
+            self.block = mmap.mmap(-1, self.capacity + self.ALIGN)
             self.view = np.frombuffer(self.block, np.uint8)
 
+    def _end(self) -> int:
+        return self._reserved[-1][0] + self._reserved[-1][1] if self._reserved else self.fill
+
+    def reserve(self, n: int) -> Any:
+        """The next ``n`` bytes of the block to fill (a writable uint8 array), ``None`` when
+        they cannot be had (plain writes, or more than a block's slack: pass the bytes to
+        :meth:`write` instead, next in order), or :attr:`BUSY` while earlier reservations
+        are outstanding and the block must be written first: commit those, then ask again.
+        """
+        if self.fd is None or self._blocked:
+            return self.BUSY if self._blocked else None
+        end = self._end()
+        if end + n > self.capacity:
+            if self._reserved:
+                return self.BUSY
+            if self.fill >= self.ALIGN:
+                self._flush()
+            if self.fd is None or self.fill + n > self.capacity:
+                self._blocked = True
+                return None
+            end = self.fill
+        self._reserved.append((end, n))
+        return self.view[end : end + n]
+
+    def commit(self, data: Any) -> None:
+        """Take ``data``: the oldest outstanding reservation, filled (no copy), or any other
+        buffer, copied as by :meth:`write`."""
+        arr = data if isinstance(data, np.ndarray) else None
+        if self._reserved and arr is not None and self.fd is not None:
+            off, n = self._reserved[0]
+            if arr.size == n and arr.__array_interface__["data"][0] == self.view[off:].__array_interface__["data"][0]:
+                self._reserved.pop(0)
+                self.fill = off + n
+                if self.fill >= self.BLOCK and not self._reserved:
+                    self._flush()
+                return
+        self.write(data if arr is None or arr.flags.c_contiguous else arr.tobytes())
+
     def write(self, data: Any) -> None:
+        if self._reserved:
+            raise RuntimeError("AlignedWriter.write with reservations outstanding")
+        self._blocked = False
         if self.fd is None:
             self.f.write(data)
+            if self._checksum:
+                self.crc = C.crc32(data, self.crc)
             return
         src = np.frombuffer(data, np.uint8)
         p = 0
         while p < src.size:
-            take = min(self.BLOCK - self.fill, src.size - p)
+            take = min(self.BLOCK - self.fill, src.size - p) if self.fill < self.BLOCK else 0
             self.view[self.fill : self.fill + take] = src[p : p + take]
             self.fill += take
             p += take
-            if self.fill == self.BLOCK:
-                self._flush_full()
+            if self.fill >= self.BLOCK:
+                self._flush()
                 if self.fd is None:  # fell back to plain writes
                     self.f.write(src[p:].data)
+                    if self._checksum:
+                        self.crc = C.crc32(src[p:].data, self.crc)
                     return
 
-    def _pwrite(self, block: mmap.mmap, length: int, at: int) -> None:
+    def _pwrite(self, block: mmap.mmap, length: int, at: int, crc_len: int) -> None:
         assert self.fd is not None
+        if self._checksum:
+            self.crc = C.crc32(memoryview(block)[:crc_len], self.crc)
         done = 0
         with memoryview(block) as mv:
             while done < length:
                 done += os.pwrite(self.fd, mv[done:length], at + done)
 
-    def _flush_full(self) -> None:
+    def _flush(self) -> None:
+        """Write the block's page-aligned prefix; the bytes past it start the next block."""
         if self.pos == 0:
             # the first block synchronously: a file system that takes O_DIRECT at open
             # but refuses the writes says so here, and the block is written plainly
-            self._write_sync(self.BLOCK)
+            self._write_sync(self.fill - self.fill % self.ALIGN)
             return
         self._wait()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="czip-write")
-            self._spare = mmap.mmap(-1, self.BLOCK)
-        self._pending = self._pool.submit(self._pwrite, self.block, self.BLOCK, self.pos)
+            self._spare = mmap.mmap(-1, self.capacity + self.ALIGN)
+        length = self.fill - self.fill % self.ALIGN
+        self._pending = self._pool.submit(self._pwrite, self.block, length, self.pos, length)
+        self._next_block(length)
+
+    def _next_block(self, length: int) -> None:
+        """Continue in the spare block, after moving the bytes past ``length`` into it."""
         assert self._spare is not None
+        tail = self.fill - length
+        spare = np.frombuffer(self._spare, np.uint8)
+        spare[:tail] = self.view[length : self.fill]
         self.block, self._spare = self._spare, self.block
-        self.view = np.frombuffer(self.block, np.uint8)
-        self.pos += self.BLOCK
-        self.fill = 0
+        self.view = spare
+        self.pos += length
+        self.fill = tail
 
     def _write_sync(self, length: int) -> None:
-        """Write the block's first ``length`` bytes (``fill`` rounded up to the alignment)."""
+        """Write the block's first ``length`` bytes (a multiple of the alignment; the last
+        block: ``fill`` rounded up, the padding cut off by :meth:`close`)."""
+        crc_len = min(length, self.fill)
         try:
-            self._pwrite(self.block, length, self.pos)
+            self._pwrite(self.block, length, self.pos, crc_len)
         except OSError as err:
             if err.errno != errno.EINVAL or self.pos:
                 raise
             self._close_direct()
             self.f.write(self.view[: self.fill].data)
-        self.pos += self.fill
-        self.fill = 0
+            if self._checksum:  # _pwrite checksummed before failing: start over, plainly
+                self.crc = C.crc32(self.view[: self.fill].data)
+            self.pos += self.fill
+            self.fill = 0
+            return
+        if crc_len < self.fill:  # the first block: its tail moves on to the next one
+            if self._spare is None:
+                self._spare = mmap.mmap(-1, self.capacity + self.ALIGN)
+            self._next_block(length)
+        else:
+            self.pos += self.fill
+            self.fill = 0
 
     def _wait(self) -> None:
         fut, self._pending = self._pending, None
@@ -218,6 +307,8 @@ class AlignedWriter:
         to its true length) and release the direct descriptor; idempotent."""
         if self.fd is None:
             return
+        if self._reserved:
+            raise RuntimeError("AlignedWriter.close with reservations outstanding")
         try:
             self._wait()
             if self.fill:
@@ -718,6 +809,7 @@ class ContainerReader:
             )
         if flags != 0:
             raise self._err(f"unknown header flags {flags:#x}")
+        self.major = major
         f.seek(size - TRAILER_SIZE)
         m_off, m_len, m_crc, m_raw, digest, end = TRAILER.unpack(f.read(TRAILER_SIZE))
         if end != END_MAGIC:
@@ -863,14 +955,14 @@ class ContainerReader:
                 if not (isinstance(s, list) and len(s) == 3 and all(_is_int(v) for v in s)):
                     raise self._err(f"{cw} stream {si}: malformed")
                 length, raw_len, method = s
-                if method not in METHOD_NAMES or raw_len != expect[si] or length < 0:
+                if method not in METHODS_BY_MAJOR[self.major] or raw_len != expect[si] or length < 0:
                     raise self._err(f"{cw} stream {si}: invalid method or size")
                 if pos + length > self.manifest_offset:
                     raise self._err(f"{cw} stream {si}: payload lies outside the data region")
                 impossible = (
                     (method == C.METHOD_RAW and length != raw_len)
                     or (method == C.METHOD_ZSTD and not C.max_ratio_ok(raw_len, length))
-                    or (method == C.METHOD_ANS and raw_len > C.ANS_MAX_BYTES)
+                    or (method in (C.METHOD_ANS, C.METHOD_ANS_EXACT) and raw_len > C.ANS_MAX_BYTES)
                 )
                 if impossible:
                     raise self._err(f"{cw} stream {si}: declared size impossible for its payload")
@@ -927,10 +1019,20 @@ class ContainerReader:
             p += length
         return out
 
-    def iter_chunks(self, name: str, threads: int | None = 1, out: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    def iter_chunks(
+        self,
+        name: str,
+        threads: int | None = 1,
+        out: np.ndarray | None = None,
+        into: Callable[[int], Any] | None = None,
+    ) -> Iterator[np.ndarray]:
         """Yield the decoded raw bytes of each chunk of ``name`` in order (bounded memory).
 
         With ``out`` (uint8, the entry's ``nbytes``) each chunk is decoded into its slice.
+        With ``into`` (:meth:`AlignedWriter.reserve`), each chunk is decoded into the array
+        ``into(nbytes)`` returns, asked in chunk order before the chunk is decoded; on
+        ``None`` into a buffer of its own; on :attr:`AlignedWriter.BUSY` the chunks in
+        flight are yielded first (the caller commits them) and it is asked again.
         A masked entry yields the coded (unmasked) elements only; use :meth:`read_bytes`.
         At most :data:`DECODE_WINDOW_BYTES` of decoded chunks are in flight.
         """
@@ -941,9 +1043,12 @@ class ContainerReader:
         for n, _, _ in e.chunks:
             starts.append(starts[-1] + n * item)
 
-        def decode(ci: int, streams: list[tuple[int, Any, int]]) -> np.ndarray:
+        def target(ci: int) -> Any:
+            return into(starts[ci + 1] - starts[ci]) if into is not None else None
+
+        def decode(ci: int, streams: list[tuple[int, Any, int]], dest: np.ndarray | None = None) -> np.ndarray:
             n = e.chunks[ci][0]
-            view = out[starts[ci] : starts[ci + 1]] if out is not None else None
+            view = out[starts[ci] : starts[ci + 1]] if out is not None else dest
             try:
                 got = C.decode_chunk(e.layout, n, item, streams, view)
             except ValueError as err:
@@ -957,8 +1062,26 @@ class ContainerReader:
             return self._read_chunk_payload(f"entry {name!r} chunk {ci}", e.chunks[ci])
 
         if nthreads <= 1 or len(e.chunks) <= 1:
-            for ci in range(len(e.chunks)):
-                yield decode(ci, load(ci))
+            # One decoding thread. With many chunks, the next chunk's payload is read (and
+            # its CRC checked) on a helper thread while this one decodes: the file read is
+            # a kernel copy plus a CRC pass, 8% of a whole-process unpack's CPU, and like
+            # the writer's thread on the output side it overlaps the decoding.
+            ahead = ThreadPoolExecutor(1, thread_name_prefix="czip-read") if len(e.chunks) >= 4 else None
+            try:
+                nxt = ahead.submit(load, 0) if ahead is not None else None
+                for ci in range(len(e.chunks)):
+                    dest = target(ci)  # nothing is in flight here: never BUSY after the last commit
+                    if dest is AlignedWriter.BUSY:
+                        raise RuntimeError("iter_chunks: the destination is busy with no chunk in flight")
+                    if ahead is not None and nxt is not None:
+                        streams = nxt.result()
+                        nxt = ahead.submit(load, ci + 1) if ci + 1 < len(e.chunks) else None
+                    else:
+                        streams = load(ci)
+                    yield decode(ci, streams, dest)
+            finally:
+                if ahead is not None:
+                    ahead.shutdown(wait=True)
             return
         # File reads stay on this thread; decoding (GIL released in zstd and numpy) runs in
         # a pool. The window is bounded by decoded bytes, not chunk counts, so memory does
@@ -972,7 +1095,15 @@ class ContainerReader:
                     fut, s = window.pop(0)
                     in_flight -= s
                     yield fut.result()
-                window.append((pool.submit(decode, ci, load(ci)), size))
+                dest = target(ci)
+                while dest is AlignedWriter.BUSY:
+                    if not window:
+                        raise RuntimeError("iter_chunks: the destination is busy with no chunk in flight")
+                    fut, s = window.pop(0)
+                    in_flight -= s
+                    yield fut.result()
+                    dest = target(ci)
+                window.append((pool.submit(decode, ci, load(ci), dest), size))
                 in_flight += size
             for fut, _ in window:
                 yield fut.result()

@@ -94,9 +94,11 @@ def test_every_truncation_is_detected(tmp_path) -> None:
 def test_version_and_magic(tmp_path) -> None:
     path = tmp_path / "a.czip"
     good = bytearray(small_container(path))
-    good[8:10] = struct.pack("<H", 4)
+    good[8:10] = struct.pack("<H", 5)
     path.write_bytes(good)
-    with pytest.raises(CorruptArchiveError, match=r"version 4\.0 is not supported \(this reader: 2\.x and 3\.x\)$"):
+    with pytest.raises(
+        CorruptArchiveError, match=r"version 5\.0 is not supported \(this reader: 2\.x and 3\.x and 4\.x\)$"
+    ):
         ContainerReader(path)
     good[8:10] = struct.pack("<H", 1)  # a format-1 file (before the compact manifest)
     path.write_bytes(good)
@@ -112,7 +114,7 @@ def test_version_2_containers_are_read(tmp_path) -> None:
     its trailer's SHA-256 over that header) reads as before."""
     path = tmp_path / "a.czip"
     good = small_container(path)
-    assert struct.unpack("<H", good[8:10])[0] == 3
+    assert struct.unpack("<H", good[8:10])[0] == 4
     old = bytearray(good)
     old[8:10] = struct.pack("<H", 2)
     path.write_bytes(with_manifest(bytes(old), manifest_body(good)))
@@ -255,3 +257,40 @@ def test_writer_rejects_bad_names_and_dtypes(tmp_path) -> None:
             w.add_tensor("x", np.zeros(3, np.float32))
         with pytest.raises(InputError, match="layout"):
             w.add_tensor("y", np.zeros(3, np.float32), layout="i4")
+
+
+def test_format_3_file_reads_byte_identical() -> None:
+    """A real file of the format-3 writer (tests/lossless/data/format3.czip: static-model
+    ANS streams, paired int8 chunks, a masked int4 entry, sparse floats) decodes to exactly
+    the tensors it was written from."""
+    from pathlib import Path
+
+    from tests.lossless import format3_fixture as fx
+
+    path = Path(__file__).parent / "data" / "format3.czip"
+    with ContainerReader(path) as r:
+        r.verify()
+        assert r.major == 3
+        methods = {s[3] for name in r.names() for c in r.entry(name).chunks for s in c[2]}
+        assert methods == {0, 1, 2}  # raw, zstd and the format-3 ANS streams all covered
+        assert len(r.entry("i8").chunks[0][2]) == 2  # paired
+        for name, arr in fx.arrays().items():
+            assert r.read_tensor(name).tobytes() == arr.tobytes(), name
+        assert r.read_blob("blob") == fx.BLOB
+
+
+def test_format_4_method_refused_in_older_versions(tmp_path) -> None:
+    """Stream method 3 (ans-exact) is new in format 4: a file that says 3.0 but holds one
+    is refused when it opens, naming the stream."""
+    path = tmp_path / "a.czip"
+    codes = np.clip(np.round(np.random.default_rng(0).laplace(0, 1.5, 3000)), -8, 7).astype(np.int8)
+    write_container(path, {"codes": (codes, "int8", "i4")}, threads=1)
+    good = path.read_bytes()
+    with ContainerReader(path) as r:
+        assert r.major == 4 and r.entry("codes").chunks[0][2][0][3] == 3
+        assert r.read_tensor("codes").tobytes() == codes.tobytes()
+    old = bytearray(good)
+    old[8:10] = struct.pack("<H", 3)
+    path.write_bytes(with_manifest(bytes(old), manifest_body(good)))
+    with pytest.raises(CorruptArchiveError, match="stream 0: invalid method or size"):
+        ContainerReader(path)
