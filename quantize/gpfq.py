@@ -36,6 +36,7 @@ from compress.grid import (
     uniform_scale,
     zero_codes,
 )
+from compress.metrics import release_free_memory
 from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 from compress.quantize.activations import EXTRAS_KEY, kernel_pair_limit
 
@@ -1319,6 +1320,7 @@ def _stream_chain(
                     j: _with_hidden(a, kw, _hidden_of(float_block(*a, **kw))) for j, (a, kw) in float_in.items()
                 }
         del float_block
+        release_free_memory()
         log.debug("gpfq: block %s done (%d weights)", name, len(units))
     if phases.after:
         float_replay.hidden = {j: _hidden_of(_hidden_in(a, kw)) for j, (a, kw) in float_in.items()}
@@ -1371,6 +1373,7 @@ class _UnitLoop:
         """Quantize ``unit``'s weight in place, its statistics captured from the two networks."""
         from compress.distributed import all_gather_rows, rank_and_world
 
+        release_free_memory()  # the last weight's temporaries: back to the OS before this one's
         rank, world = rank_and_world()
         plan = self.plans[unit.key]
         layer = self.modules[unit.owner]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -78,3 +80,27 @@ def test_multihead_attention_reads_its_out_proj_in_float32():
         assert got.dtype == torch.float32
         want, _ = exact(x, x, x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ, reason="glibc's dynamic mmap threshold"
+)
+def test_freed_heap_memory_goes_back_to_the_os():
+    """glibc keeps freed blocks below its (risen) mmap threshold in its heap, counted in RSS;
+    ``release_free_memory`` returns them (GPFQ calls it between layers)."""
+    from compress.metrics import release_free_memory
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    big = torch.ones(5_000_000)  # freeing a 20 MB block raises glibc's mmap threshold to 20 MB
+    del big
+    blocks = [torch.ones(250_000) for _ in range(200)]  # 1 MB each: now served from the heap
+    last = blocks[-1]  # pins the top of the heap: only trimming inside it can return the rest
+    del blocks
+    before = rss()
+    if not release_free_memory():
+        pytest.skip("not glibc")
+    assert before - rss() > 100 << 20
+    assert last.sum().item() == 250_000
