@@ -182,11 +182,11 @@ def gpfq_codes(
     qmin, qmax = signed_range(bits)
     dtype = torch.float32
     dev = w2d.device
-    # Normalise by the row count so magnitudes stay O(1) (the loop runs in float32).
-    norm = 1.0 / max(stats.count, 1)
-    G = (stats.G * norm).to(dev, dtype)
-    H = ((stats.G + stats.E) * norm).to(dev, dtype)
-    Gt = G.T.contiguous()  # Gt[t] = G[:, t] = <X̃_i, X_t> for all i
+    # G = X̃ᵀX as the statistics hold it (G[i, t] = <X̃_i, X_t>) and H = X̃ᵀX̃, the one N × N
+    # matrix made here: each step is a ratio of their entries, so they need no normalising
+    # copy (a 5632-input layer's is 127 MB), and G's columns are read in place.
+    G = stats.G.to(dev, dtype)
+    H = (stats.G + stats.E).to(dev, dtype)
     diag_g = torch.diagonal(G).clone()
     diag_h = torch.diagonal(H).clone()
     dead = diag_h <= 1e-12 * diag_h.max().clamp_min(1e-30)
@@ -258,15 +258,13 @@ def gpfq_codes(
                     Qt[t - a] = q_t
                     if t + 1 < d:
                         # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the inner block
-                        Vt[t + 1 : d].addr_(Gt[t, t + 1 : d], w_t).addr_(H[t, t + 1 : d], q_t, alpha=-1.0)
+                        Vt[t + 1 : d].addr_(G[t + 1 : d, t], w_t).addr_(H[t, t + 1 : d], q_t, alpha=-1.0)
             finally:
                 torch.set_num_threads(threads)
             if d < b:
-                Vt[d:b].addmm_(Gt[c0:d, d:b].T, Wt[c0 - a : d - a]).addmm_(
-                    H[c0:d, d:b].T, Qt[c0 - a : d - a], alpha=-1.0
-                )
+                Vt[d:b].addmm_(G[d:b, c0:d], Wt[c0 - a : d - a]).addmm_(H[c0:d, d:b].T, Qt[c0 - a : d - a], alpha=-1.0)
         if b < n:
-            Vt[b:].addmm_(Gt[a:b, b:].T, Wt).addmm_(H[a:b, b:].T, Qt, alpha=-1.0)
+            Vt[b:].addmm_(G[b:, a:b], Wt).addmm_(H[a:b, b:].T, Qt, alpha=-1.0)
     return codes.T.contiguous()
 
 
@@ -838,20 +836,25 @@ def _output_errors(
     ref = 0.0
     for sl, st in zip(blocks, stats):
         w = w2d[sl].float()
-        wd = w.double()
         # M = K and H − G = E are stored as such (small terms at their own precision); the
         # products with them carry no cancellation and run in float32, one operand at a time.
-        base = ((w @ st.K).double() * wd).sum().item()
-        ref += ((w @ (st.G.T - st.E + st.K)).double() * wd).sum().item()
+        # Products of the rows with one stored matrix at a time: no N × N sum is formed
+        # (F = Gᵀ − E + K and H = G + E would be three 127 MB temporaries at 5632 inputs).
+        form = _bilinear_sum
+        base = form(w, st.K, w)
+        ref += form(w, st.G, w) - form(w, st.E, w) + base  # wᵀFw = wᵀGw − wᵀEw + wᵀKw
         cross = (w @ st.E.T).double()  # row r: (H − G) w_r
-        h = st.G + st.E
         for i, cand in enumerate(candidates):
             q = cand() if callable(cand) else cand
             d = q[sl].float() - w
-            quad = ((d @ h) * d).sum(dtype=torch.float64).item()
+            quad = form(d, st.G, d) + form(d, st.E, d)  # dᵀHd
             errors[i] += max(base + 2 * (d.double() * cross).sum().item() + quad, 0.0)
-        del h
     return errors, ref
+
+
+def _bilinear_sum(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor) -> float:
+    """``Σ_r a_r M b_rᵀ`` over the rows of ``a`` and ``b`` (float32 product, float64 sum)."""
+    return ((a @ m).double() * b.double()).sum().item()
 
 
 def _dequantized(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
