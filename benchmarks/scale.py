@@ -180,7 +180,7 @@ def run_config(name: str, work: Path, random_tokens: bool, batch_size: int, floa
     print(f"[{name}] {params / 1e6:.1f} M parameters, created in {create_s:.0f} s", flush=True)
     out = folder / "out"
     rc, run_s, run_rss = timed(
-        [sys.executable, "-m", "compress", "run", str(recipe), str(model), "--out", str(out), "--force"],
+        [sys.executable, "-m", "compress", "run", str(recipe), str(model), "--out", str(out), "--force", "--verbose"],
         folder / "run.log",
     )
     row: dict = {"config": name, "params": params, "create_s": create_s, "create_rss": create_rss}

@@ -18,6 +18,7 @@ import copy
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass, field
 from typing import cast, overload
@@ -1303,7 +1304,8 @@ def _stream_chain(
     float_in = {j: capture_first(float_model_net, j) for j in js} if phases.before else quant_in
     # Activation quantization inside a block makes the two networks differ even without weights.
     acts = activation_spec is not None and activation_spec.get("mode", "none") != "none"
-    for name, units in zip(chain.block_names, phases.blocks):
+    for i, (name, units) in enumerate(zip(chain.block_names, phases.blocks)):
+        started = time.perf_counter()
         block = model.get_submodule(name)
         identical = float_in is quant_in and not units and not acts
         # Copied outside quantized_inputs, so the float copy carries none of its hooks.
@@ -1324,7 +1326,15 @@ def _stream_chain(
                 }
         del float_block
         release_free_memory()
-        log.debug("gpfq: block %s done (%d weights)", name, len(units))
+        # progress of a long stage (a 1 B decoder's blocks take minutes each): --verbose shows it
+        log.info(
+            "gpfq: block %d/%d (%s, %d weights) in %.1f s",
+            i + 1,
+            len(chain.block_names),
+            name,
+            len(units),
+            time.perf_counter() - started,
+        )
     if phases.after:
         float_replay.hidden = {j: _hidden_of(_hidden_in(a, kw)) for j, (a, kw) in float_in.items()}
         quant_replay.hidden = {j: _hidden_of(_hidden_in(a, kw)) for j, (a, kw) in quant_in.items()}
