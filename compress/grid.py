@@ -16,6 +16,50 @@ from compress.qtensor import signed_range
 
 log = logging.getLogger(__name__)
 
+# float16's normal range: a value inside it is stored as float16 with a relative error under
+# 2**-10 when rounded up onto it (and is then exact).
+FLOAT16_NORMAL = (2.0**-14, 65504.0)
+
+
+def float16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded up to the nearest float16 value wherever it lies in float16's normal range
+    (``FLOAT16_NORMAL``; unchanged elsewhere), as float32.
+
+    Scales and smoothing factors go through this: the export then stores them exactly in half
+    the bytes (``compress.export.fast_kernels.compact_float_constants``), at a relative cost
+    under 2**-10 of a step. Rounding up, a step never shrinks, so no code that fit the range
+    before it is clipped.
+    """
+    x = x.float()
+    h = x.half()
+    h = torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    inside = (x >= FLOAT16_NORMAL[0]) & (x <= FLOAT16_NORMAL[1]) & torch.isfinite(h)
+    return torch.where(inside, h.float(), x)
+
+
+def log_grid_ceil(values: torch.Tensor, levels: int = 256) -> torch.Tensor:
+    """Positive ``values`` rounded up onto at most ``levels`` log-spaced float16 values between
+    their minimum and maximum (any shape; float32).
+
+    A per-row scale of a large table (a 30 k-token embedding) then takes an 8-bit index into a
+    ``levels``-entry table instead of a float each (the export writes it so when that is
+    smaller). The relative step is ``(max / min)**(1 / (levels - 1))``: 1.8% for a 100×
+    spread, so a row's step grows by under 1% on average. Rounding up: nothing is clipped.
+    """
+    if levels < 2:
+        raise ValueError(f"log_grid_ceil needs at least 2 levels, got {levels}")
+    v = values.float()
+    flat = v.reshape(-1)
+    if flat.numel() == 0 or bool((flat <= 0).any()) or not bool(torch.isfinite(flat).all()):
+        raise ValueError("log_grid_ceil needs positive finite values")
+    lo, hi = flat.min().double(), flat.max().double()
+    grid = lo * (hi / lo) ** (torch.arange(levels, dtype=torch.float64) / (levels - 1))
+    grid = grid.float()
+    grid[0], grid[-1] = flat.min(), flat.max()
+    grid = torch.cummax(grid, 0).values  # monotone after float32 rounding
+    idx = torch.searchsorted(grid, flat.contiguous()).clamp_max(levels - 1)
+    return float16_ceil(grid[idx]).reshape(v.shape)
+
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     """The weight viewed as ``(out, in_flat)`` (a view when possible)."""
@@ -69,7 +113,9 @@ def uniform_scale(
             sign loses a little resolution rather than the neighbour.
 
     Returns:
-        ``scale`` of shape ``(rows|1, groups)`` (float32) and ``zero_point`` (int8, same shape) or None.
+        ``scale`` of shape ``(rows|1, groups)`` (float32, rounded up onto float16 values by
+        ``float16_ceil``: the export stores them in 2 bytes) and ``zero_point`` (int8, same
+        shape) or None.
     """
     rows, cols = w2d.shape
     gran, groups = resolve_granularity(cols, granularity, group_size)
@@ -88,6 +134,7 @@ def uniform_scale(
             pairs = _pair_range(w, gran, groups)
             if pairs is not None:
                 scale = torch.maximum(scale, factor * pairs / (pair_limit - 1))
+        scale = float16_ceil(scale)
         zero_point = None
     else:
         if quantile >= 1.0:
@@ -96,7 +143,7 @@ def uniform_scale(
             lo, hi = torch.quantile(blocks, 1 - quantile, dim=-1), torch.quantile(blocks, quantile, dim=-1)
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # zero must be on the grid
         centre, half = (hi + lo) / 2, factor * (hi - lo) / 2
-        scale = 2 * half / (qmax - qmin)
+        scale = float16_ceil(2 * half / (qmax - qmin))
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.round(qmin - (centre - half) / safe).clamp(qmin, qmax).to(torch.int8)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
