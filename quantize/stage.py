@@ -165,7 +165,16 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
             alphas = {
                 n: a for n in layers if config.bits_for(n) >= min_bits and (a := config.smoothing_for(n)) is not None
             }
-            smooth_report = smooth_model(module, layers, calib, alphas, batch_size=getattr(config, "batch_size", 64))
+            smooth_report = smooth_model(
+                module,
+                layers,
+                calib,
+                alphas,
+                batch_size=getattr(config, "batch_size", 64),
+                bits={n: config.bits_for(n) for n in alphas},
+                activations=activations,
+                symmetric=getattr(config, "symmetric", True),
+            )
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     method_start = time.perf_counter()
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
