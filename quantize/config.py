@@ -153,7 +153,7 @@ class _UniformOptions(LayerSelection):
     def _check_smoothing(cls, v: float | str | dict[str, float | str | None] | None):
         alphas = v.items() if isinstance(v, dict) else [("", v)]
         for glob, alpha in alphas:
-            if alpha is not None and alpha != "auto" and not 0.0 <= alpha <= 1.0:
+            if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
                 where = f"[{glob!r}]" if glob else ""
                 raise ValueError(f"smoothing{where} (SmoothQuant's alpha) must be in [0, 1], got {alpha}")
         return v

@@ -198,7 +198,8 @@ def smooth_model(
         else:
             chosen.append(name)
     amax = input_channel_absmax(model, chosen, calibration, batch_size)
-    spread, picked = {}, {}
+    spread: dict[str, list[float]] = {}
+    picked: dict[str, dict] = {}
     # Layers reading one tensor (q/k/v) share one scale, so the export quantizes that input once.
     wanted = set(chosen)
     groups = [g for g in ([n for n in grp if n in wanted] for grp in shared_input_groups(model, calibration[:2])) if g]
@@ -212,12 +213,13 @@ def smooth_model(
                 f"{[alphas[n] for n in group]}; give them one"
             )
         weights = torch.cat([modules[n].weight.detach() for n in group])
-        group_alpha = alphas[group[0]]
+        group_alpha: float | str | None = alphas[group[0]]
         if group_alpha == "auto":
             group_alpha, errors = _choose_alpha(group, modules, auto_stats, bits or {}, activations, symmetric)
             picked[",".join(group)] = {"alpha": group_alpha, "heldout_error": errors}
             if group_alpha is None:
                 continue
+        assert isinstance(group_alpha, (int, float))
         s = smoothing_scales(amax[group[0]], weights, float(group_alpha))
         for name in group:
             smooth_linear(modules[name], s)
@@ -231,7 +233,7 @@ def smooth_model(
     if skipped:
         log.info("smoothing: left %s", "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     shown = alpha if not isinstance(alpha, dict) else {n: alphas[n] for n in chosen}
-    report = {"alpha": shown, "layers": len(chosen), "skipped": skipped, "input_spread_before_after": spread}
+    report: dict = {"alpha": shown, "layers": len(chosen), "skipped": skipped, "input_spread_before_after": spread}
     if picked:
         report["auto"] = picked
         log.info("smoothing auto: %s", {g: v["alpha"] for g, v in picked.items()})
