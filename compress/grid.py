@@ -25,16 +25,27 @@ def float16_ceil(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded up to the nearest float16 value wherever it lies in float16's normal range
     (``FLOAT16_NORMAL``; unchanged elsewhere), as float32.
 
-    Scales and smoothing factors go through this: the export then stores them exactly in half
-    the bytes (``compress.export.fast_kernels.compact_float_constants``), at a relative cost
-    under 2**-10 of a step. Rounding up, a step never shrinks, so no code that fit the range
-    before it is clipped.
+    Embedding row steps and smoothing factors go through this before their codes are chosen:
+    the export then stores them exactly in half the bytes
+    (``compress.export.fast_kernels.compact_float_constants``), at a relative cost under
+    2**-10 of a step. Rounding up, a step never shrinks, so no code that fit the range before
+    it is clipped. (Weight grids are rounded after their codes are chosen: ``float16_nearest``
+    in the quantize stage.)
     """
     x = x.float()
     h = x.half()
     h = torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
     inside = (x >= FLOAT16_NORMAL[0]) & (x <= FLOAT16_NORMAL[1]) & torch.isfinite(h)
     return torch.where(inside, h.float(), x)
+
+
+def float16_nearest(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 value wherever it lies in float16's normal range
+    (unchanged elsewhere), as float32: a relative change of at most 2**-11."""
+    x = x.float()
+    h = x.half().float()
+    inside = (x.abs() >= FLOAT16_NORMAL[0]) & (x.abs() <= FLOAT16_NORMAL[1]) & torch.isfinite(h)
+    return torch.where(inside, h, x)
 
 
 def log_grid_ceil(values: torch.Tensor, levels: int = 256) -> torch.Tensor:
@@ -113,9 +124,7 @@ def uniform_scale(
             sign loses a little resolution rather than the neighbour.
 
     Returns:
-        ``scale`` of shape ``(rows|1, groups)`` (float32, rounded up onto float16 values by
-        ``float16_ceil``: the export stores them in 2 bytes) and ``zero_point`` (int8, same
-        shape) or None.
+        ``scale`` of shape ``(rows|1, groups)`` (float32) and ``zero_point`` (int8, same shape) or None.
     """
     rows, cols = w2d.shape
     gran, groups = resolve_granularity(cols, granularity, group_size)
@@ -134,7 +143,6 @@ def uniform_scale(
             pairs = _pair_range(w, gran, groups)
             if pairs is not None:
                 scale = torch.maximum(scale, factor * pairs / (pair_limit - 1))
-        scale = float16_ceil(scale)
         zero_point = None
     else:
         if quantile >= 1.0:
@@ -143,7 +151,7 @@ def uniform_scale(
             lo, hi = torch.quantile(blocks, 1 - quantile, dim=-1), torch.quantile(blocks, quantile, dim=-1)
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # zero must be on the grid
         centre, half = (hi + lo) / 2, factor * (hi - lo) / 2
-        scale = float16_ceil(2 * half / (qmax - qmin))
+        scale = 2 * half / (qmax - qmin)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.round(qmin - (centre - half) / safe).clamp(qmin, qmax).to(torch.int8)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).float()

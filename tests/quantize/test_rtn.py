@@ -57,10 +57,7 @@ def test_zero_rows_are_safe():
     w = torch.zeros(4, 8)
     w[0] = 1.0
     qt = rtn_quantize(w, 4)
-    # The step is a float16 value (rounded up, compress.grid.float16_ceil): 1.0 is hit within 2**-10.
-    assert torch.isfinite(qt.scale).all()
-    assert torch.allclose(qt.dequantize(), w, rtol=2**-10, atol=0)
-    assert torch.equal(qt.dequantize()[1:], w[1:])
+    assert torch.isfinite(qt.scale).all() and torch.equal(qt.dequantize(), w)
 
 
 @pytest.mark.parametrize(
