@@ -16,6 +16,61 @@ from compress.qtensor import signed_range
 
 log = logging.getLogger(__name__)
 
+# float16's normal range: a value inside it is stored as float16 with a relative error under
+# 2**-10 when rounded up onto it (and is then exact).
+FLOAT16_NORMAL = (2.0**-14, 65504.0)
+
+
+def float16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded up to the nearest float16 value wherever it lies in float16's normal range
+    (``FLOAT16_NORMAL``; unchanged elsewhere), as float32.
+
+    Embedding row steps and smoothing factors go through this before their codes are chosen:
+    the export then stores them exactly in half the bytes
+    (``compress.export.fast_kernels.compact_float_constants``), at a relative cost under
+    2**-10 of a step. Rounding up, a step never shrinks, so no code that fit the range before
+    it is clipped. (Weight grids are rounded after their codes are chosen: ``float16_nearest``
+    in the quantize stage.)
+    """
+    x = x.float()
+    h = x.half()
+    h = torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    inside = (x >= FLOAT16_NORMAL[0]) & (x <= FLOAT16_NORMAL[1]) & torch.isfinite(h)
+    return torch.where(inside, h.float(), x)
+
+
+def float16_nearest(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 value wherever it lies in float16's normal range
+    (unchanged elsewhere), as float32: a relative change of at most 2**-11."""
+    x = x.float()
+    h = x.half().float()
+    inside = (x.abs() >= FLOAT16_NORMAL[0]) & (x.abs() <= FLOAT16_NORMAL[1]) & torch.isfinite(h)
+    return torch.where(inside, h, x)
+
+
+def log_grid_ceil(values: torch.Tensor, levels: int = 256) -> torch.Tensor:
+    """Positive ``values`` rounded up onto at most ``levels`` log-spaced float16 values between
+    their minimum and maximum (any shape; float32).
+
+    A per-row scale of a large table (a 30 k-token embedding) then takes an 8-bit index into a
+    ``levels``-entry table instead of a float each (the export writes it so when that is
+    smaller). The relative step is ``(max / min)**(1 / (levels - 1))``: 1.8% for a 100×
+    spread, so a row's step grows by under 1% on average. Rounding up: nothing is clipped.
+    """
+    if levels < 2:
+        raise ValueError(f"log_grid_ceil needs at least 2 levels, got {levels}")
+    v = values.float()
+    flat = v.reshape(-1)
+    if flat.numel() == 0 or bool((flat <= 0).any()) or not bool(torch.isfinite(flat).all()):
+        raise ValueError("log_grid_ceil needs positive finite values")
+    lo, hi = flat.min().double(), flat.max().double()
+    grid = lo * (hi / lo) ** (torch.arange(levels, dtype=torch.float64) / (levels - 1))
+    grid = grid.float()
+    grid[0], grid[-1] = flat.min(), flat.max()
+    grid = torch.cummax(grid, 0).values  # monotone after float32 rounding
+    idx = torch.searchsorted(grid, flat.contiguous()).clamp_max(levels - 1)
+    return float16_ceil(grid[idx]).reshape(v.shape)
+
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     """The weight viewed as ``(out, in_flat)`` (a view when possible)."""

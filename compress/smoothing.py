@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.grid import float16_ceil
+
 BUFFER = "smooth_inv"
 
 
@@ -39,9 +41,12 @@ def smooth_linear(layer: nn.Linear, scale: torch.Tensor) -> None:
     scale = scale.detach().to(device=layer.weight.device, dtype=torch.float32)
     if scale.shape != (layer.in_features,) or not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
         raise ValueError(f"smoothing scale must be {layer.in_features} positive finite values")
+    # The input's factor 1/s is rounded to a float16 value (the export stores it in 2 bytes,
+    # exactly) and the weight takes its exact reciprocal: the layer's function is unchanged.
+    inv32 = float16_ceil(1.0 / scale)
     with torch.no_grad():
-        layer.weight.mul_(scale.to(layer.weight.dtype))
-    inv = (1.0 / scale).to(layer.weight.dtype)
+        layer.weight.mul_((1.0 / inv32).to(layer.weight.dtype))
+    inv = inv32.to(layer.weight.dtype)
     if is_smoothed(layer):
         getattr(layer, BUFFER).mul_(inv)
         return

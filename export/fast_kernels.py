@@ -41,6 +41,11 @@ as int8, the fast kernel; other 8-bit codes as uint8 with zero point 128 (exact,
   load, so the model runs at float speed (never slower) with the integer file. The fused
   N-bit MatMul rows of the table above are slower than float on this CPU.
 
+* **compact constants** (``compact_float_constants``): float scales that are float16 values
+  (``compress.grid.float16_ceil``) are stored as float16, and a large table's row steps on
+  256 log-spaced levels as an 8-bit index; both decode through constant nodes onnxruntime
+  folds at load (all-MiniLM-L6-v2 int8: 22.97 → 22.82 MB, the same graph at run time).
+
 The weights are always our codes: nothing here re-rounds them.
 """
 
@@ -522,4 +527,78 @@ def share_dynamic_quantization(rw) -> dict[str, int]:
                 "MatMulIntegerToFloat", ins, list(node.output), domain=MS_DOMAIN, name=rw.fresh(f"{node.name}_shared")
             )
         counts["shared_inputs"] += 1
+    return counts
+
+
+# Initializers read by these keep their layout: onnxruntime's QDQ fusions look for
+# initializer scales and zero points before constant folding has run.
+_KEEP_FLOAT32_READERS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def compact_float_constants(rw, min_elements: int = 64) -> dict[str, int]:
+    """Store float32 initializers in fewer bytes wherever that is exact, decoded by nodes whose
+    inputs are all constants, so onnxruntime folds them back into float32 initializers at load
+    (the graph it runs is unchanged; only the file shrinks):
+
+    * at most 256 distinct values (an embedding table's row scales on
+      ``compress.grid.log_grid_ceil``'s grid): a uint8 index per element, ``Cast`` to int64 and
+      ``Gather`` from a float32 table of the distinct values;
+    * else every value a float16 (the scales of ``compress.grid.uniform_scale``, the smoothing
+      factors): float16 and ``Cast`` to float32.
+
+    Tensors under ``min_elements`` (a few bytes to save, a node each), graph inputs and outputs
+    and the scales of QuantizeLinear / DequantizeLinear stay as they are. Returns counts.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = rw.graph
+    io = {v.name for v in graph.input} | {o.name for o in graph.output}
+    readers: dict[str, set[str]] = {}
+    for node in rw.nodes:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    counts = {"lookup": 0, "float16": 0, "bytes_saved": 0}
+    pre = []
+    for init in list(graph.initializer):
+        name = init.name
+        if (
+            init.data_type != TensorProto.FLOAT
+            or name in io
+            or name not in readers
+            or readers[name] & _KEEP_FLOAT32_READERS
+            or int(np.prod(init.dims, dtype=np.int64)) < min_elements
+        ):
+            continue
+        values = rw.values(init)
+        n = values.size
+        distinct, index = np.unique(values, return_inverse=True)
+        half = values.astype(np.float16)
+        exact16 = bool(np.array_equal(half.astype(np.float32), values, equal_nan=False))
+        lookup_bytes = n + 4 * distinct.size
+        if distinct.size <= 256 and lookup_bytes < (2 * n if exact16 else 4 * n):
+            idx_name, table_name, wide = (rw.fresh(f"{name}_{s}") for s in ("index", "levels", "index_int64"))
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(index.reshape(values.shape).astype(np.uint8), idx_name),
+                    numpy_helper.from_array(distinct.astype(np.float32), table_name),
+                ]
+            )
+            pre += [
+                helper.make_node("Cast", [idx_name], [wide], to=TensorProto.INT64, name=rw.fresh(f"{name}_CastIndex")),
+                helper.make_node("Gather", [table_name, wide], [name], name=rw.fresh(f"{name}_Lookup")),
+            ]
+            counts["lookup"] += 1
+            saved = 4 * n - lookup_bytes
+        elif exact16:
+            h_name = rw.fresh(f"{name}_float16")
+            graph.initializer.append(numpy_helper.from_array(half, h_name))
+            pre.append(helper.make_node("Cast", [h_name], [name], to=TensorProto.FLOAT, name=rw.fresh(f"{name}_Cast")))
+            counts["float16"] += 1
+            saved = 2 * n
+        else:
+            continue
+        graph.initializer.remove(init)
+        rw.inits.pop(name, None)
+        counts["bytes_saved"] += saved
+    rw.nodes[0:0] = pre
     return counts

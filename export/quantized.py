@@ -529,6 +529,7 @@ def quantize_onnx_model(
     if mode == "dynamic":
         tidied = fk.share_dynamic_quantization(rw)
         log.debug("dynamic integer kernels: %s", tidied)
+    log.debug("compact float constants: %s", fk.compact_float_constants(rw))
     rw.finish()
     # Initializers listed as graph inputs block constant folding and fusion.
     init_names = {i.name for i in rw.graph.initializer}

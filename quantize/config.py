@@ -104,7 +104,7 @@ class _UniformOptions(LayerSelection):
     activation_percentile: float = Field(
         99.99, description="static, percentile calibration: the upper percentile (the lower one is 100 minus it)."
     )
-    smoothing: float | dict[str, float | None] | None = Field(
+    smoothing: float | Literal["auto"] | dict[str, float | Literal["auto"] | None] | None = Field(
         None,
         description="SmoothQuant migration strength alpha in [0, 1] (needs activations dynamic or static): each "
         "quantized Linear's input channel j is divided by s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha) (measured on "
@@ -112,7 +112,9 @@ class _UniformOptions(LayerSelection):
         "activation step. Exported as a Mul before the integer MatMul. 0.7 suits BERT-style encoders. A mapping "
         "{glob over layer names: alpha or null} sets it per layer (the first matching glob wins; layers no glob "
         "matches, or matched to null, are not smoothed), e.g. {'*attention.output.dense': null, '*': 0.7}. "
-        "null: off.",
+        "'auto' (globally or per glob): each group of layers reading one tensor takes the alpha among 0.5..0.9 or "
+        "none whose scales, fitted on 75% of the calibration split, give the lowest simulated 8-bit output error on "
+        "the other 25% (compress.quantize.smooth.AUTO_ALPHAS). null: off.",
     )
     smoothing_min_bits: int = Field(
         2,
@@ -148,16 +150,16 @@ class _UniformOptions(LayerSelection):
 
     @field_validator("smoothing")
     @classmethod
-    def _check_smoothing(cls, v: float | dict[str, float | None] | None) -> float | dict[str, float | None] | None:
+    def _check_smoothing(cls, v: float | str | dict[str, float | str | None] | None):
         alphas = v.items() if isinstance(v, dict) else [("", v)]
         for glob, alpha in alphas:
-            if alpha is not None and not 0.0 <= alpha <= 1.0:
+            if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
                 where = f"[{glob!r}]" if glob else ""
                 raise ValueError(f"smoothing{where} (SmoothQuant's alpha) must be in [0, 1], got {alpha}")
         return v
 
-    def smoothing_for(self, layer: str) -> float | None:
-        """SmoothQuant's alpha for ``layer`` (its module name), or None: not smoothed."""
+    def smoothing_for(self, layer: str) -> float | str | None:
+        """SmoothQuant's alpha for ``layer`` (its module name), ``"auto"``, or None: not smoothed."""
         if not isinstance(self.smoothing, dict):
             return self.smoothing
         return next((a for glob, a in self.smoothing.items() if fnmatch.fnmatchcase(layer, glob)), None)

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 # Scales stay in this band: a dead input channel (a_j = 0) or weight column (w_j = 0) gets 1.
 SCALE_RANGE = (1e-4, 1e4)
 
+# ``smoothing: auto``: the alphas tried for each group of layers reading one tensor (None: not
+# smoothed), the share of the calibration data held out to judge them, and at most this many
+# held-out samples kept in memory.
+AUTO_ALPHAS = (None, 0.5, 0.6, 0.7, 0.8, 0.9)
+AUTO_HOLDOUT = 0.25
+AUTO_MAX_HELDOUT = 64
+
 
 @torch.no_grad()
 def input_channel_absmax(
@@ -52,6 +59,90 @@ def input_channel_absmax(
     return amax
 
 
+@torch.no_grad()
+def _split_statistics(
+    model: nn.Module, layers: list[str], calibration: torch.Tensor, batch_size: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Per input channel ``min`` and ``max`` of each layer's input on the fit part of the
+    calibration data, and the held-out part's inputs (the last ``AUTO_HOLDOUT`` of it), batch
+    by batch (a model may trim each batch's padding to its own length)."""
+    n = calibration.shape[0]
+    held = max(1, min(AUTO_MAX_HELDOUT, round(n * AUTO_HOLDOUT)))
+    if n - held < 1:
+        raise ValueError(f"smoothing: auto needs at least 2 calibration samples, got {n}")
+    modules = dict(model.named_modules())
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    fitting = [True]
+    handles = []
+    for name in layers:
+
+        def hook(_m, args, name=name):
+            x = args[0].detach().float()
+            if fitting[0]:
+                flat = x.reshape(-1, x.shape[-1])
+                mn, mx = flat.amin(0), flat.amax(0)
+                lo[name] = torch.minimum(lo[name], mn) if name in lo else mn
+                hi[name] = torch.maximum(hi[name], mx) if name in hi else mx
+            else:
+                kept[name].append(x)
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        run_with_hooks(model, calibration[: n - held], batch_size, [])
+        fitting[0] = False
+        run_with_hooks(model, calibration[n - held :], batch_size, [])
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name in layers if name not in lo or not kept[name]]
+    if missing:
+        raise ValueError(f"smoothing: layers {missing} were not called on the calibration data")
+    return lo, hi, kept
+
+
+def smoothing_error(
+    scale: torch.Tensor,
+    fit_range: tuple[torch.Tensor, torch.Tensor],
+    held_x: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    bits: list[int],
+    activations: str = "dynamic",
+    symmetric: bool = True,
+) -> float:
+    """Relative squared output error of layers reading one input, smoothed by ``scale``, with
+    8-bit activations (``dynamic``: per sample, as onnxruntime's DynamicQuantizeLinear;
+    ``static``: the fit part's range) and round-to-nearest weights, on held-out inputs.
+
+    Summed over the layers of the group: ``Σ ||Q(x/s)·Q(W·diag(s))ᵀ − x·Wᵀ||² / ||x·Wᵀ||²``,
+    ``held_x`` a list of input batches.
+    """
+    from compress.fake_quant import fake_quantize_dynamic, fake_quantize_static
+    from compress.grid import U8S8_PAIR_LIMIT
+    from compress.quantize.rtn import rtn_quantize
+
+    s = scale.to(held_x[0].device)
+    lo, hi = fit_range
+    wq = []
+    for w, b in zip(weights, bits):
+        pair = U8S8_PAIR_LIMIT if activations == "dynamic" and b >= 8 else None
+        wq.append(rtn_quantize(w.float() * s, b, symmetric=symmetric, pair_limit=pair).dequantize())
+    num, den = [0.0] * len(weights), [0.0] * len(weights)
+    for x in held_x:
+        x_q = x / s
+        if activations == "dynamic":
+            x_q = fake_quantize_dynamic(x_q)
+        else:
+            x_q = fake_quantize_static(x_q, float((lo / s).min().clamp_max(0)), float((hi / s).max().clamp_min(0)))
+        flat_x, flat_q = x.reshape(-1, x.shape[-1]), x_q.reshape(-1, x.shape[-1])
+        for i, w in enumerate(weights):
+            y = flat_x @ w.float().T
+            num[i] += float(((flat_q @ wq[i].T - y) ** 2).sum())
+            den[i] += float((y**2).sum())
+    return sum(n / max(d, 1e-30) for n, d in zip(num, den))
+
+
 def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """``s_j = a_j^α / w_j^(1−α)`` for a weight ``(out, in)``; 1 where a channel is dead."""
     if not 0.0 <= alpha <= 1.0:
@@ -67,14 +158,25 @@ def smooth_model(
     model: nn.Module,
     layers: list[str],
     calibration: torch.Tensor,
-    alpha: float | dict[str, float],
+    alpha: float | str | dict[str, float | str],
     batch_size: int = 64,
+    *,
+    bits: dict[str, int] | None = None,
+    activations: str = "dynamic",
+    symmetric: bool = True,
 ) -> dict:
     """Smooth every Linear in ``layers`` in place, with one ``alpha`` or a ``{layer: alpha}``
     mapping (layers it leaves out are not smoothed). Layers that read the same tensor get one
     scale (from the largest of their weight columns), so they must share an alpha; layers whose
     weight another module shares are left alone (scaling a tied weight would change its other
     use). Returns a report.
+
+    ``alpha`` ``"auto"``: each group of layers reading one tensor takes, among ``AUTO_ALPHAS``
+    (None: not smoothed), the alpha whose scales, measured on the fit part of the calibration
+    data, give the lowest ``smoothing_error`` on the held-out part (``AUTO_HOLDOUT``). Judged
+    on data the scales did not see, a high alpha that fits the calibration's channel maxima
+    too closely loses to a milder one. ``bits`` (per layer, default 8), ``activations`` and
+    ``symmetric`` describe the quantization that error simulates.
 
     Raises:
         ValueError: layers reading one tensor were given different alphas.
@@ -96,10 +198,13 @@ def smooth_model(
         else:
             chosen.append(name)
     amax = input_channel_absmax(model, chosen, calibration, batch_size)
-    spread = {}
+    spread: dict[str, list[float]] = {}
+    picked: dict[str, dict] = {}
     # Layers reading one tensor (q/k/v) share one scale, so the export quantizes that input once.
     wanted = set(chosen)
     groups = [g for g in ([n for n in grp if n in wanted] for grp in shared_input_groups(model, calibration[:2])) if g]
+    auto_first = [g[0] for g in groups if any(alphas[n] == "auto" for n in g)]
+    auto_stats = _split_statistics(model, auto_first, calibration, batch_size) if auto_first else ({}, {}, {})
     for group in groups:
         differ = {alphas[n] for n in group}
         if len(differ) > 1:
@@ -108,7 +213,14 @@ def smooth_model(
                 f"{[alphas[n] for n in group]}; give them one"
             )
         weights = torch.cat([modules[n].weight.detach() for n in group])
-        s = smoothing_scales(amax[group[0]], weights, alphas[group[0]])
+        group_alpha: float | str | None = alphas[group[0]]
+        if group_alpha == "auto":
+            group_alpha, errors = _choose_alpha(group, modules, auto_stats, bits or {}, activations, symmetric)
+            picked[",".join(group)] = {"alpha": group_alpha, "heldout_error": errors}
+            if group_alpha is None:
+                continue
+        assert isinstance(group_alpha, (int, float))
+        s = smoothing_scales(amax[group[0]], weights, float(group_alpha))
         for name in group:
             smooth_linear(modules[name], s)
         # How much flatter the input got: max/median of per-channel ranges, before and after.
@@ -121,4 +233,28 @@ def smooth_model(
     if skipped:
         log.info("smoothing: left %s", "; ".join(f"{k} ({v})" for k, v in skipped.items()))
     shown = alpha if not isinstance(alpha, dict) else {n: alphas[n] for n in chosen}
-    return {"alpha": shown, "layers": len(chosen), "skipped": skipped, "input_spread_before_after": spread}
+    report: dict = {"alpha": shown, "layers": len(chosen), "skipped": skipped, "input_spread_before_after": spread}
+    if picked:
+        report["auto"] = picked
+        log.info("smoothing auto: %s", {g: v["alpha"] for g, v in picked.items()})
+    return report
+
+
+def _choose_alpha(
+    group: list[str], modules: dict, stats: tuple, bits: dict[str, int], activations: str, symmetric: bool
+) -> tuple[float | None, dict[str, float]]:
+    """The ``AUTO_ALPHAS`` entry with the lowest held-out ``smoothing_error`` for ``group``."""
+    lo, hi, held = stats
+    first = group[0]
+    weights = [modules[n].weight.detach() for n in group]
+    layer_bits = [bits.get(n, 8) for n in group]
+    fit_absmax = torch.maximum(lo[first].abs(), hi[first].abs())
+    errors: dict[str, float] = {}
+    best, best_err = None, float("inf")
+    for a in AUTO_ALPHAS:
+        s = torch.ones_like(fit_absmax) if a is None else smoothing_scales(fit_absmax, torch.cat(weights), a)
+        err = smoothing_error(s, (lo[first], hi[first]), held[first], weights, layer_bits, activations, symmetric)
+        errors[str(a)] = float(f"{err:.4g}")
+        if err < best_err:
+            best, best_err = a, err
+    return best, errors

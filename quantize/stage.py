@@ -16,6 +16,7 @@ errors and the stage's coverage under ``ctx.metrics["quantize"]``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from compress.coverage import coverage_line, parameter_coverage
-from compress.grid import as_matrix
+from compress.grid import as_matrix, float16_nearest
+from compress.qtensor import QuantizedTensor, UniformTensor
 from compress.quantize.config import CodebookConfig, GPFQConfig, RTNConfig
 from compress.quantize.gpfq import QUANTIZABLE
 from compress.registry import method_for
@@ -119,6 +121,22 @@ def _example(state: ModelState, ctx: StageContext) -> torch.Tensor:
     return state.example_input(batch=2)
 
 
+def _float16_scales(new: dict[str, QuantizedTensor]) -> None:
+    """Round each uniform grid's scales to float16 values once its codes are chosen (a relative
+    change of at most 2**-11, one per output channel: far below the codes' own error), so the
+    export stores them in 2 bytes (``compress.export.fast_kernels.compact_float_constants``);
+    the model then runs the rounded scales too (``sync_quantized``).
+
+    After the method, not inside the grid: GPFQ's codes are chosen for the scale it was given,
+    and on all-MiniLM-L6-v2 (64 calibration sentences) rounding the scale before GPFQ changed
+    its codes enough to cost 0.0013 of mean cosine; rounded after, the mean cosine is unchanged
+    (0.99783 / 0.99677 held-out / informal, against 0.99783 / 0.99679).
+    """
+    for name, qt in new.items():
+        if isinstance(qt, UniformTensor):
+            new[name] = dataclasses.replace(qt, scale=float16_nearest(qt.scale))
+
+
 def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ctx: StageContext) -> ModelState:
     """Quantize ``state.module``'s selected weights with ``config.method``.
 
@@ -165,11 +183,21 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
             alphas = {
                 n: a for n in layers if config.bits_for(n) >= min_bits and (a := config.smoothing_for(n)) is not None
             }
-            smooth_report = smooth_model(module, layers, calib, alphas, batch_size=getattr(config, "batch_size", 64))
+            smooth_report = smooth_model(
+                module,
+                layers,
+                calib,
+                alphas,
+                batch_size=getattr(config, "batch_size", 64),
+                bits={n: config.bits_for(n) for n in alphas},
+                activations=activations,
+                symmetric=getattr(config, "symmetric", True),
+            )
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     method_start = time.perf_counter()
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
     method_seconds = time.perf_counter() - method_start
+    _float16_scales(new)
     embedding_bits = getattr(config, "embedding_bits", None)
     if embedding_bits is not None:
         from compress.quantize.activations import quantize_embeddings

@@ -456,3 +456,61 @@ def test_8bit_codes_never_saturate_the_integer_kernel(tmp_path, bounded):
     bias = state.module[0].bias.detach().double()
     exact = (x.double() * 255) @ qt.codes.double().T * (qt.scale.double().T / 255) + bias
     np.testing.assert_allclose(out, exact.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_scales_are_stored_compactly_and_folded_back_at_load(tmp_path, monkeypatch):
+    """A 1024-row table's row steps lie on 256 log-spaced float16 levels (an 8-bit index each),
+    weight scales and smoothing factors are float16: the file shrinks by those bytes, and the
+    graph onnxruntime runs, and its outputs, are the uncompacted export's exactly."""
+    from compress.data import DataBundle, Split
+    from compress.export import fast_kernels as fk
+    from compress.export.onnx_export import export_onnx
+    from compress.export.quantized import initializer_bytes, optimized_op_types, ort_session, quantize_onnx_model
+    from compress.quantize.stage import apply
+    from compress.runtime import ort_predict
+    from compress.state import StageContext
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab=1024, dim=64).eval()
+    with torch.no_grad():  # row norms spread over 100x, as a real vocabulary's do
+        model.emb.weight.mul_(torch.logspace(-1, 1, 1024)[:, None])
+    ids = torch.randint(0, 1024, (128, 6))
+    state = ModelState(copy.deepcopy(model), (1, 6), example=ids[:4])
+    ctx = StageContext(
+        DataBundle({"calibration": Split("calibration", ids, None, 64, 0)}),
+        out_dir=None,
+        device=torch.device("cpu"),
+        reference=model,
+    )
+    cfg = _cfg(method="rtn", bits=8, embedding_bits=8, activations="dynamic", smoothing=0.5)
+    apply(state, cfg, ctx)
+    table = state.quant["emb.weight"]
+    w = model.emb.weight.detach()
+    steps = table.scale.flatten()
+    assert steps.unique().numel() <= 256
+    assert (steps >= w.abs().amax(1) / 127).all()  # rounded up: nothing clipped
+    peak = w.abs().amax(1)
+    widest = (peak.max() / peak.min()) ** (1 / 255) * (1 + 2**-10)  # one log step, then float16
+    assert (steps <= peak / 127 * widest).all() and widest < 1.03
+    assert ((table.dequantize() - w).abs() <= steps[:, None] / 2 + 1e-7).all()
+
+    fm = export_onnx(state.module, ids[:2], tmp_path / "f.onnx")
+    act = state.extras["activation_quantization"]
+    compact = quantize_onnx_model(fm, state.quant, activations=act)
+    monkeypatch.setattr(fk, "compact_float_constants", lambda rw: {})
+    plain = quantize_onnx_model(fm, state.quant, activations=act)
+    paths = {}
+    for name, m in (("compact", compact), ("plain", plain)):
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(m, str(paths[name]))
+    onnx.checker.check_model(str(paths["compact"]), full_check=True)
+    inits = {i.name: i for i in compact.graph.initializer}
+    index = [i for i in inits.values() if i.data_type == onnx.TensorProto.UINT8 and list(i.dims) == [1024, 1]]
+    assert len(index) == 1
+    assert not [i for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [1024, 1]]
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in inits.values())  # proj's scales, smoothing
+    saved = sum(initializer_bytes(plain).values()) - sum(initializer_bytes(compact).values())
+    assert saved >= 3 * 1024 - 4 * 256 + 2 * 64
+    assert optimized_op_types(paths["compact"], exact=False) == optimized_op_types(paths["plain"], exact=False)
+    outs = [ort_predict(ort_session(paths[k], exact=False), ids.numpy()) for k in ("compact", "plain")]
+    assert np.array_equal(outs[0], outs[1])

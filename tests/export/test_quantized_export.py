@@ -147,7 +147,10 @@ def test_int4_bytes_are_an_eighth_of_float_plus_scales(trained, tmp_path):
     fbytes, qbytes = initializer_bytes(float_model), initializer_bytes(qmodel)
     float_w = sum(fbytes[n] for n in state.quant)
     int_w = sum(qbytes[f"{n}_quantized"] for n in state.quant)
-    scales = sum(qbytes[f"{n}_scale"] for n in state.quant)
+    # The scales are float16 values (compress.grid.float16_ceil), stored as such from 64 on.
+    stored = {n: f"{n}_scale_float16" if state.quant[n].scale.numel() >= 64 else f"{n}_scale" for n in state.quant}
+    scales = sum(qbytes[s] for s in stored.values())
+    assert scales == sum((2 if s.endswith("16") else 4) * state.quant[n].scale.numel() for n, s in stored.items())
     assert int_w == pytest.approx(float_w / 8, rel=0.01)
     assert qbytes.keys().isdisjoint(state.quant)
     assert sum(qbytes.values()) <= sum(fbytes.values()) - float_w + float_w / 8 + scales + 64

@@ -120,3 +120,21 @@ def test_rtn_pair_limit():
     # neighbour, instead of clipping that neighbour (which costs ~7x the error on MiniLM).
     assert (bound.scale >= free.scale).all() and (bound.scale > free.scale).any()
     assert weight_rel_error(bound, w) < 1.5 * weight_rel_error(free, w)
+
+
+def test_float16_ceil_and_log_grid_round_up_onto_few_values():
+    from compress.grid import float16_ceil, log_grid_ceil
+
+    torch.manual_seed(0)
+    x = torch.rand(1000) * 10 + 1e-3
+    h = float16_ceil(x)
+    assert (h >= x).all() and torch.equal(h.half().float(), h)
+    assert ((h - x) / x).max() <= 2**-10
+    outside = torch.tensor([1e-6, 1e6])  # beyond float16's normal range: unchanged
+    assert torch.equal(float16_ceil(outside), outside)
+    g = log_grid_ceil(x)
+    assert g.unique().numel() <= 256 and (g >= x).all() and torch.equal(g.half().float(), g)
+    step = (x.max() / x.min()) ** (1 / 255)
+    assert ((g / x).max() <= step * (1 + 2**-10)).item()
+    with pytest.raises(ValueError, match="positive"):
+        log_grid_ceil(torch.tensor([0.0, 1.0]))

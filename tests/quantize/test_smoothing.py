@@ -176,3 +176,45 @@ def test_smoothing_min_bits_leaves_the_4_bit_layers_of_a_mix_unsmoothed():
     assert state.quant["0.weight"].bits == 8 and state.quant["2.weight"].bits == 4
     with pytest.raises(ValidationError, match="smoothing_min_bits"):
         _cfg(method="rtn", bits=8, activations="dynamic", smoothing=0.7, smoothing_min_bits=9)
+
+
+def test_auto_alpha_is_judged_on_held_out_calibration_data():
+    """``alpha: "auto"`` picks, per layer group, the alpha with the lowest simulated 8-bit error
+    on the held-out quarter of the calibration data. Outlier channels get smoothed; when the
+    held-out part has an outlier channel the fit part never showed, the alphas that fit the
+    seen maxima tightly lose to a milder one (or to none)."""
+    model, x = _outlier_model_and_data()
+    with torch.no_grad():
+        ref = model(x)
+        with quantized_inputs(model, _dynamic_spec(model)):
+            err_plain = (model(x) - ref).norm() / ref.norm()
+    report = smooth_model(model, ["0", "2"], x[:256], alpha="auto")
+    first = report["auto"]["0"]
+    assert first["alpha"] is not None and first["heldout_error"]["None"] > 2 * min(first["heldout_error"].values())
+    assert first["heldout_error"][str(first["alpha"])] == min(first["heldout_error"].values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+        with quantized_inputs(model, _dynamic_spec(model)):
+            assert (model(x) - ref).norm() / ref.norm() < 0.5 * err_plain
+
+    surprise, x2 = _outlier_model_and_data()
+    x2 = x2[:256].clone()
+    x2[192:, 4] *= 60  # only in the held-out quarter
+    seen = smooth_model(_outlier_model_and_data()[0], ["0"], x[:256], alpha="auto")["auto"]["0"]["alpha"]
+    unseen = smooth_model(surprise, ["0"], x2, alpha="auto")["auto"]["0"]["alpha"]
+    assert seen is not None and (unseen is None or unseen < seen), (seen, unseen)
+
+
+def test_auto_alpha_in_the_config():
+    from pydantic import TypeAdapter
+
+    from compress.registry import stage_config
+
+    cfg = TypeAdapter(stage_config("quantize")).validate_python(
+        {"method": "rtn", "bits": 8, "activations": "dynamic", "smoothing": {"*out": None, "*": "auto"}}
+    )
+    assert cfg.smoothing_for("a.out") is None and cfg.smoothing_for("a.in") == "auto"
+    with pytest.raises(ValidationError):
+        TypeAdapter(stage_config("quantize")).validate_python(
+            {"method": "rtn", "bits": 8, "activations": "dynamic", "smoothing": "best"}
+        )
