@@ -571,11 +571,19 @@ def compact_float_constants(rw, min_elements: int = 64) -> dict[str, int]:
             continue
         values = rw.values(init)
         n = values.size
-        distinct, index = np.unique(values, return_inverse=True)
+        # A strided sample rules most tensors out of the lookup form cheaply: np.unique with
+        # its int64 inverse on a 65 M-value embedding table would take seconds and 1 GB.
+        few = np.unique(values.reshape(-1)[:: max(1, n // 4096)]).size <= 256
+        distinct, index = np.unique(values, return_inverse=True) if few else (None, None)
         half = values.astype(np.float16)
         exact16 = bool(np.array_equal(half.astype(np.float32), values, equal_nan=False))
-        lookup_bytes = n + 4 * distinct.size
-        if distinct.size <= 256 and lookup_bytes < (2 * n if exact16 else 4 * n):
+        lookup_bytes = n + 4 * distinct.size if distinct is not None else 4 * n
+        if (
+            distinct is not None
+            and index is not None
+            and distinct.size <= 256
+            and lookup_bytes < (2 * n if exact16 else 4 * n)
+        ):
             idx_name, table_name, wide = (rw.fresh(f"{name}_{s}") for s in ("index", "levels", "index_int64"))
             graph.initializer.extend(
                 [
