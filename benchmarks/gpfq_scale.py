@@ -149,7 +149,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['config']:<18}{r['params'] / 1e6:>9.1f}M{r['quantized'] / 1e6:>10.1f}M{r['seconds']:>9.1f}"
-            f"{r['params_per_second'] / 1e6:>10.2f}M{r['peak_rss_mb'] / 1024:>9.2f}GB"
+            f"{r['params_per_second'] / 1e6:>10.2f}M{r['peak_rss_mb'] / 1024:>8.2f}GiB"
         )
     if len(rows) >= 2:
         print(
