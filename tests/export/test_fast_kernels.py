@@ -36,6 +36,21 @@ def _cfg(**kw):
     return TypeAdapter(stage_config("quantize")).validate_python(kw)
 
 
+def _token_state(model, ids):
+    """A stage state of a copy of ``model`` and a context calibrating on the token ids ``ids``."""
+    from compress.data import DataBundle, Split
+    from compress.state import StageContext
+
+    state = ModelState(copy.deepcopy(model), (1, 6), example=ids[:4])
+    ctx = StageContext(
+        DataBundle({"calibration": Split("calibration", ids, None, 64, 0)}),
+        out_dir=None,
+        device=torch.device("cpu"),
+        reference=model,
+    )
+    return state, ctx
+
+
 def _ops_and_outputs(state, tmp_path, x_eval, exact=False):
     from compress.export.quantized import optimized_op_types, ort_session
     from compress.metrics import predict
@@ -198,23 +213,15 @@ class TinyLM(nn.Module):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_embedding_tables_gather_integer_rows(tmp_path, bits):
-    from compress.data import DataBundle, Split
     from compress.export.onnx_export import export_onnx
     from compress.export.quantized import optimized_op_types, ort_session, quantize_onnx_model
     from compress.quantize.stage import apply
     from compress.runtime import ort_predict, row_cosine
-    from compress.state import StageContext
 
     torch.manual_seed(0)
     model = TinyLM().eval()
     ids = torch.randint(0, 64, (128, 6))
-    state = ModelState(copy.deepcopy(model), (1, 6), example=ids[:4])
-    ctx = StageContext(
-        DataBundle({"calibration": Split("calibration", ids, None, 64, 0)}),
-        out_dir=None,
-        device=torch.device("cpu"),
-        reference=model,
-    )
+    state, ctx = _token_state(model, ids)
     apply(state, _cfg(method="rtn", bits=8, embedding_bits=bits), ctx)
     assert state.quant["emb.weight"].bits == bits and state.quant["emb.weight"].granularity == "per_channel"
     fm = export_onnx(state.module, ids[:2], tmp_path / "f.onnx")
@@ -462,26 +469,18 @@ def test_scales_are_stored_compactly_and_folded_back_at_load(tmp_path, monkeypat
     """A 1024-row table's row steps lie on 256 log-spaced float16 levels (an 8-bit index each),
     weight scales and smoothing factors are float16: the file shrinks by those bytes, and the
     graph onnxruntime runs, and its outputs, are the uncompacted export's exactly."""
-    from compress.data import DataBundle, Split
     from compress.export import fast_kernels as fk
     from compress.export.onnx_export import export_onnx
     from compress.export.quantized import initializer_bytes, optimized_op_types, ort_session, quantize_onnx_model
     from compress.quantize.stage import apply
     from compress.runtime import ort_predict
-    from compress.state import StageContext
 
     torch.manual_seed(0)
     model = TinyLM(vocab=1024, dim=64).eval()
     with torch.no_grad():  # row norms spread over 100x, as a real vocabulary's do
         model.emb.weight.mul_(torch.logspace(-1, 1, 1024)[:, None])
     ids = torch.randint(0, 1024, (128, 6))
-    state = ModelState(copy.deepcopy(model), (1, 6), example=ids[:4])
-    ctx = StageContext(
-        DataBundle({"calibration": Split("calibration", ids, None, 64, 0)}),
-        out_dir=None,
-        device=torch.device("cpu"),
-        reference=model,
-    )
+    state, ctx = _token_state(model, ids)
     cfg = _cfg(method="rtn", bits=8, embedding_bits=8, activations="dynamic", smoothing=0.5)
     apply(state, cfg, ctx)
     table = state.quant["emb.weight"]
