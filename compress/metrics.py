@@ -137,7 +137,7 @@ def model_size(model: nn.Module, quant: Mapping[str, QuantizedTensor] | None = N
     bits = quantized = 0
     for name, p in dict(model.named_parameters()).items():
         qt = quant.get(name)
-        bits += qt.codes.numel() * qt.bits if qt is not None else p.numel() * p.element_size() * 8
+        bits += qt.numel * qt.bits if qt is not None else p.numel() * p.element_size() * 8
         quantized += p.numel() if qt is not None else 0
     return {
         "parameters": params,

@@ -7,17 +7,24 @@ stage package can use it without importing another stage package.
 Two kinds:
 
 * **uniform**: ``w ≈ (codes - zero_point) * scale``. ``codes`` has the weight's shape and
-  holds signed integers in ``[qmin, qmax]`` for ``bits`` (stored as int8). ``scale`` is 2-D
+  holds signed integers in ``[qmin, qmax]`` for ``bits`` (int8). ``scale`` is 2-D
   ``(rows, groups)`` over the weight viewed as ``(out, in_flat)``: ``(1, 1)`` per tensor,
   ``(out, 1)`` per output channel, ``(out, in_flat // group_size)`` per group of input
   columns. ``zero_point`` is ``None`` (symmetric) or an int8 tensor shaped like ``scale``.
 * **codebook**: ``w = codebook[g, codes]`` where ``codes`` are uint8 indices (< 2**bits)
   and ``codebook`` is ``(n_codebooks, 2**bits)``; ``codebook_of_row`` maps each output row
   to its codebook (all zeros for one codebook per layer).
+
+Codes of 4 bits or fewer are held packed, two (or, for 1–2 bits, four or eight) to a byte,
+and ``codes`` unpacks them on each access: a 1 B-parameter int4 model's codes take 0.5 GB
+in memory and in saved stage states, not 1 GB. Construct with unpacked codes; read
+``numel``/``shape`` without unpacking.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
@@ -32,13 +39,58 @@ def signed_range(bits: int, narrow: bool = False) -> tuple[int, int]:
     return (-qmax if narrow else -qmax - 1), qmax
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: codes of <= 4 bits saved packed ("packed"); 1 still loads
+_READABLE_VERSIONS = (1, 2)
+
+
+def packed_width(bits: int) -> int:
+    """Bits per packed code slot: 1, 2 or 4 for codes of that many bits or fewer, 0 (not
+    packed, one byte each) above 4."""
+    for width in (1, 2, 4):
+        if bits <= width:
+            return width
+    return 0
+
+
+def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """``codes`` (int8 or uint8, any shape) flattened into a uint8 tensor of ``width``-bit
+    slots, the first code in the lowest bits of each byte. Values must fit ``width`` bits
+    (two's complement for int8)."""
+    per = 8 // width
+    flat = codes.reshape(-1).view(torch.uint8) if codes.dtype == torch.int8 else codes.reshape(-1)
+    pad = -flat.numel() % per
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    slots = flat.reshape(-1, per)
+    out = slots[:, 0] & ((1 << width) - 1)
+    for i in range(1, per):
+        out |= (slots[:, i] & ((1 << width) - 1)) << (width * i)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, width: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``pack_codes``: codes of ``shape``, int8 (sign-extended) or uint8."""
+    per, mask = 8 // width, (1 << width) - 1
+    out = torch.empty(packed.numel(), per, dtype=torch.uint8)
+    for i in range(per):
+        torch.bitwise_and(packed >> (width * i), mask, out=out[:, i])
+    n = math.prod(shape)
+    flat = out.reshape(-1)[:n]
+    if dtype == torch.int8:
+        sign = 1 << (width - 1)
+        flat = flat.bitwise_xor_(sign).view(torch.int8).sub_(sign)
+    return flat.reshape(shape)
 
 
 @dataclass(frozen=True)
 class _Codes:
     """What both kinds share: integer ``codes`` shaped like the weight, their bit width and
-    the method that produced them."""
+    the method that produced them.
+
+    ``codes`` is a property over the stored form (``_store``: the codes themselves, or
+    their packed bytes when ``packed_width(bits)`` is not 0); the dataclass's generated
+    ``__init__`` sets it once through the property's setter, and ``__post_init__`` packs.
+    """
 
     codes: torch.Tensor
     bits: int
@@ -47,15 +99,64 @@ class _Codes:
         if not low <= self.bits <= 8:
             raise ValueError(f"bits must be in {low}..8, got {self.bits}")
 
+    def _pack(self) -> None:
+        """Replace the stored codes by their packed bytes when ``bits`` allows it."""
+        codes = self.__dict__["_store"]
+        width = packed_width(self.bits)
+        if width:
+            object.__setattr__(self, "_store", pack_codes(codes, width))
+        object.__setattr__(self, "_width", width)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.codes.shape)
+        return self.__dict__["_shape"]
+
+    @property
+    def codes_dtype(self) -> torch.dtype:
+        return self.__dict__["_dtype"]
 
     @property
     def rows_cols(self) -> tuple[int, int]:
         """The weight viewed as ``(out, in_flat)``."""
-        rows = self.codes.shape[0] if self.codes.dim() else 1
-        return rows, max(self.codes.numel() // max(rows, 1), 1) if self.codes.numel() else 0
+        shape, n = self.shape, self.numel
+        rows = shape[0] if shape else 1
+        return rows, max(n // max(rows, 1), 1) if n else 0
+
+    def _codes_dict(self) -> dict[str, Any]:
+        """The codes' entries of ``to_dict``: packed bytes and the shape, or the codes."""
+        store, width = self.stored_codes()
+        return {"packed": store, "shape": list(self.shape)} if width else {"codes": store}
+
+    def stored_codes(self) -> tuple[torch.Tensor, int]:
+        """The codes as held: ``(tensor, width)``, packed bytes of ``width``-bit slots, or the
+        codes themselves with width 0."""
+        return self.__dict__["_store"], self.__dict__["_width"]
+
+
+def _get_codes(self: _Codes) -> torch.Tensor:
+    store, width = self.stored_codes()
+    return unpack_codes(store, width, self.shape, self.codes_dtype) if width else store
+
+
+def _set_codes(self: _Codes, value: torch.Tensor) -> None:
+    if "_store" in self.__dict__:
+        raise dataclasses.FrozenInstanceError("cannot assign to field 'codes'")
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"codes must be a tensor, got {type(value).__name__}")
+    value = value.detach()
+    object.__setattr__(self, "_store", value)
+    object.__setattr__(self, "_shape", tuple(value.shape))
+    object.__setattr__(self, "_dtype", value.dtype)
+    object.__setattr__(self, "_width", 0)
+
+
+# Assigned after the dataclass is made, so that the field has no default; the generated
+# __init__ (object.__setattr__) goes through the setter.
+_Codes.codes = property(_get_codes, _set_codes, doc="The integer codes, shaped like the weight.")  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -70,19 +171,21 @@ class UniformTensor(_Codes):
 
     def __post_init__(self) -> None:
         self._check_bits(1)
-        if self.codes.dtype != torch.int8:
-            raise ValueError(f"uniform codes must be int8, got {self.codes.dtype}")
+        if self.codes_dtype != torch.int8:
+            raise ValueError(f"uniform codes must be int8, got {self.codes_dtype}")
         if self.scale.dim() != 2:
             raise ValueError(f"scale must be 2-D (rows, groups), got shape {tuple(self.scale.shape)}")
         rows, in_flat = self.rows_cols
         if self.scale.shape[0] not in (1, rows) or in_flat % self.scale.shape[1]:
-            raise ValueError(
-                f"scale shape {tuple(self.scale.shape)} does not fit codes of shape {tuple(self.codes.shape)}"
-            )
+            raise ValueError(f"scale shape {tuple(self.scale.shape)} does not fit codes of shape {self.shape}")
         if self.zero_point is not None and self.zero_point.shape != self.scale.shape:
             raise ValueError(
                 f"zero_point shape {tuple(self.zero_point.shape)} differs from scale shape {tuple(self.scale.shape)}"
             )
+        lo, hi = signed_range(self.bits) if self.bits >= 2 else (-1, 0)
+        if packed_width(self.bits) and self.numel and not (lo <= int(self.codes.min()) and int(self.codes.max()) <= hi):
+            raise ValueError(f"codes outside the {self.bits}-bit range [{lo}, {hi}]")
+        self._pack()
 
     @property
     def group_size(self) -> int | None:
@@ -108,7 +211,7 @@ class UniformTensor(_Codes):
 
     def storage_bits(self) -> int:
         """Bits needed to store this tensor: packed codes, float32 scales, int8 zero points."""
-        n = self.codes.numel() * self.bits + self.scale.numel() * 32
+        n = self.numel * self.bits + self.scale.numel() * 32
         if self.zero_point is not None:
             n += self.zero_point.numel() * 8
         return n
@@ -118,7 +221,7 @@ class UniformTensor(_Codes):
         out: dict[str, Any] = {
             "kind": self.kind,
             "version": FORMAT_VERSION,
-            "codes": self.codes,
+            **self._codes_dict(),
             "bits": self.bits,
             "method": self.method,
             "scale": self.scale,
@@ -142,8 +245,8 @@ class CodebookTensor(_Codes):
 
     def __post_init__(self) -> None:
         self._check_bits(1)
-        if self.codes.dtype != torch.uint8:
-            raise ValueError(f"codebook indices must be uint8, got {self.codes.dtype}")
+        if self.codes_dtype != torch.uint8:
+            raise ValueError(f"codebook indices must be uint8, got {self.codes_dtype}")
         if self.codebook.dim() != 2 or self.codebook.shape[1] > 2**self.bits:
             raise ValueError(f"codebook must be (n_codebooks, <= 2**bits), got {tuple(self.codebook.shape)}")
         rows = self.rows_cols[0]
@@ -151,6 +254,9 @@ class CodebookTensor(_Codes):
             raise ValueError(
                 f"codebook_of_row must have one entry per row ({rows}), got {tuple(self.codebook_of_row.shape)}"
             )
+        if packed_width(self.bits) and self.numel and int(self.codes.max()) >= 2**self.bits:
+            raise ValueError(f"codebook indices must be below 2**bits = {2**self.bits}")
+        self._pack()
 
     def row_codebooks(self) -> torch.Tensor:
         """The codebook index of every output row (int64)."""
@@ -168,14 +274,14 @@ class CodebookTensor(_Codes):
 
     def storage_bits(self) -> int:
         """Bits needed to store this tensor: packed indices plus the float32 codebooks."""
-        return self.codes.numel() * self.bits + self.codebook.numel() * 32
+        return self.numel * self.bits + self.codebook.numel() * 32
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
         out: dict[str, Any] = {
             "kind": self.kind,
             "version": FORMAT_VERSION,
-            "codes": self.codes,
+            **self._codes_dict(),
             "bits": self.bits,
             "method": self.method,
             "codebook": self.codebook,
@@ -193,6 +299,7 @@ _FIELDS = {
     "uniform": {"codes", "bits", "method", "scale", "zero_point"},
     "codebook": {"codes", "bits", "method", "codebook", "codebook_of_row"},
 }
+_CODE_DTYPES = {"uniform": torch.int8, "codebook": torch.uint8}
 
 
 def quantized_from_dict(d: dict[str, Any]) -> QuantizedTensor:
@@ -207,13 +314,30 @@ def quantized_from_dict(d: dict[str, Any]) -> QuantizedTensor:
     kind = d.pop("kind", "codebook" if d.get("codebook") is not None else "uniform")
     if kind not in _KINDS:
         raise ValueError(f"unknown quantized tensor kind {kind!r}; known: {', '.join(_KINDS)}")
-    if version != FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         raise ValueError(
-            f"quantized tensor format version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+            f"quantized tensor format version {version!r} is not supported"
+            f" (this build reads {', '.join(map(str, _READABLE_VERSIONS))})"
         )
     d = {k: v for k, v in d.items() if v is not None}
+    if "packed" in d:
+        d["codes"] = _unpacked(d.pop("packed"), d.pop("shape", None), d.get("bits"), _CODE_DTYPES[kind])
     unknown = set(d) - _FIELDS[kind]
     if unknown:
         raise ValueError(f"unknown {kind} quantized tensor fields: {sorted(unknown)}")
     cls: Any = _KINDS[kind]
     return cls(**d)
+
+
+def _unpacked(packed: Any, shape: Any, bits: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Codes from a ``to_dict``'s packed bytes, after checking that they fit its shape."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError("packed codes must be a 1-D uint8 tensor")
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f"packed codes need their shape as a list of sizes, got {shape!r}")
+    width = packed_width(bits) if isinstance(bits, int) and 1 <= bits <= 8 else 0
+    if not width:
+        raise ValueError(f"packed codes need bits in 1..4, got {bits!r}")
+    if packed.numel() != -(-math.prod(shape) // (8 // width)):
+        raise ValueError(f"{packed.numel()} packed bytes do not hold codes of shape {tuple(shape)} at {bits} bits")
+    return unpack_codes(packed, width, tuple(shape), dtype)

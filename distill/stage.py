@@ -37,7 +37,7 @@ def storage_bytes(module: nn.Module, quant: dict[str, QuantizedTensor]) -> int:
 
 def _describe(module: nn.Module, quant: dict[str, QuantizedTensor]) -> dict:
     params, _ = count_parameters(module)
-    q_weights = sum(qt.codes.numel() for qt in quant.values())
+    q_weights = sum(qt.numel for qt in quant.values())
     return {
         "student_parameters": params,
         "student_quantized_parameters": q_weights,

@@ -19,7 +19,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import InitVar, dataclass, field
 from typing import cast, overload
 
@@ -1481,22 +1481,32 @@ class _UnitLoop:
                     w = w2d[sl]
                     r = w.shape[0]
                     zps = [z for _, z in grids]
+                    scales = torch.cat([_rows_of(sc, sl).expand(r, -1) for sc, _ in grids])
+                    zeros = None if zps[0] is None else torch.cat([_rows_of(z, sl).expand(r, -1) for z in zps])
                     # Rows are independent given the statistics: in a process group each rank
-                    # runs the greedy loop on its slice of them.
+                    # runs the greedy loop on its slice of them, and a wide weight's slice
+                    # goes in chunks of rows, so that the loop's working copies (the weight,
+                    # its running products) stay near ROW_CHUNK_BYTES whatever the row count.
                     mine = split_range(k * r, world)[rank]
-                    rows_of = slice(mine.start, mine.stop)
-                    piece = gpfq_codes(
-                        w.repeat(k, 1)[rows_of],
-                        st,
-                        plan.bits,
-                        torch.cat([_rows_of(sc, sl).expand(r, -1) for sc, _ in grids])[rows_of],
-                        None if zps[0] is None else torch.cat([_rows_of(z, sl).expand(r, -1) for z in zps])[rows_of],
-                        mask=None if mask is None else mask[sl].repeat(k, 1)[rows_of],
-                        sparsity=sparsity,
-                        sparsity_lambda=sparsity_lambda,
-                        block_size=block_size,
-                        pair_limit=plan.pair_limit,
-                    )
+                    pieces = []
+                    for chunk in row_chunks(mine.start, mine.stop, w.shape[1]):
+                        stacked = torch.arange(chunk.start, chunk.stop) % r  # row of w of each stacked row
+                        pieces.append(
+                            gpfq_codes(
+                                w[stacked],
+                                st,
+                                plan.bits,
+                                scales[chunk],
+                                None if zeros is None else zeros[chunk],
+                                mask=None if mask is None else mask[sl][stacked],
+                                sparsity=sparsity,
+                                sparsity_lambda=sparsity_lambda,
+                                block_size=block_size,
+                                pair_limit=plan.pair_limit,
+                            )
+                        )
+                    piece = torch.cat(pieces) if pieces else torch.zeros(0, w.shape[1], dtype=torch.int8)
+                    del pieces
                     out = all_gather_rows(piece, k * r)
                     for i, chunk in enumerate(out.split(r)):
                         per_grid[i].append(chunk)
@@ -1536,13 +1546,20 @@ class _UnitLoop:
             zero_point=None if zp is None else zp.cpu(),
             method="gpfq",
         )
-        q2d = as_matrix(qt.dequantize()).to(w2d.device)
+        codes = codes.reshape(rows, cols).to(w2d.device)
+
+        def dequantized(sl: slice | torch.Tensor) -> torch.Tensor:
+            """The rows ``sl`` of the quantized weight, float32 (never the whole of a wide one)."""
+            return _dequantized(codes[sl], _rows_of(scale, sl), _rows_of(zp, sl))
+
+        chunks = list(row_chunks(0, rows, cols))
+        err2 = sum(float((dequantized(c) - w2d[c]).double().square().sum()) for c in chunks)
         info: dict = {
             "bits": plan.bits,
             "granularity": qt.granularity,
             "algorithm": algorithm,
             "scale_factor": chosen_factor,
-            "weight_rel_error": ((q2d - w2d).norm() / w2d.norm().clamp_min(1e-30)).item(),
+            "weight_rel_error": math.sqrt(err2) / max(float(w2d.double().norm()), 1e-30),
         }
         if len(blocks) > 1:
             info["blocks"] = len(blocks)
@@ -1553,7 +1570,7 @@ class _UnitLoop:
             w_rows = w2d[idx]
             rtn_scale, rtn_zp = (_rows_of(side, idx) for side in grid(RTN_GRID))
             rtn = _dequantized(round_to_grid(w_rows, rtn_scale, rtn_zp, plan.bits), rtn_scale, rtn_zp)
-            (out_err, rerr), ref = _output_errors(w_rows, [q2d[idx], rtn], sampled, stats)
+            (out_err, rerr), ref = _output_errors(w_rows, [dequantized(idx), rtn], sampled, stats)
             info["output_rel_error"] = out_err / max(ref, 1e-300)
             info["rtn_output_rel_error"] = rerr / max(ref, 1e-300)
             if len(idx) < rows:
@@ -1564,8 +1581,14 @@ class _UnitLoop:
                 for sl, st in zip(blocks, stats):
                     mean_x = (st.sum_x / st.count).float()
                     mean_xt = (st.sum_xt / st.count).float()
-                    bias[sl].add_((w2d[sl] @ mean_x - q2d[sl] @ mean_xt).to(bias.dtype))
-        param.copy_(q2d.reshape(param.shape).to(param.dtype))
+                    for c in row_chunks(sl.start, sl.stop, cols):
+                        bias[c].add_((w2d[c] @ mean_x - dequantized(c) @ mean_xt).to(bias.dtype))
+        if param.is_contiguous():  # as_matrix is a view: written a chunk of rows at a time
+            target = as_matrix(param.detach())
+            for c in chunks:
+                target[c].copy_(dequantized(c))
+        else:
+            param.copy_(dequantized(slice(0, rows)).reshape(param.shape))
         self.quant[unit.param] = qt
         self.report[unit.key] = info
         shares = unit.kind == "module" and len(blocks) == 1 and stats is not None
@@ -1575,6 +1598,16 @@ class _UnitLoop:
 
 
 REPORT_ROWS = 512  # rows per weight block the report's output errors are measured on
+# Bytes of float32 rows per chunk of a wide weight (GPFQ's loop, the dequantized values):
+# a 32000 × 2048 vocabulary head would otherwise make several 262 MB copies at once.
+ROW_CHUNK_BYTES = 64 << 20
+
+
+def row_chunks(start: int, stop: int, cols: int) -> Iterator[slice]:
+    """``[start, stop)`` in consecutive slices of at most ``ROW_CHUNK_BYTES`` of float32 rows."""
+    step = max(1, ROW_CHUNK_BYTES // (4 * max(cols, 1)))
+    for a in range(start, stop, step):
+        yield slice(a, min(a + step, stop))
 
 
 def _report_rows(blocks: list[slice]) -> tuple[torch.Tensor, list[slice]]:

@@ -252,7 +252,7 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     }
     if fallbacks:
         coverage["fallbacks"] = fallbacks
-    quantized = sum(qt.codes.numel() for qt in new.values())
+    quantized = sum(qt.numel for qt in new.values())
     stored = sum(qt.storage_bits() for qt in new.values())
     if activations != "none" and getattr(config, "smoothing", None) is not None:
         report_extra = {"smoothing": smooth_report}

@@ -134,10 +134,12 @@ def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> di
             raw = packed = 0
             codes_layout = None
             if qt.bits <= 4:
-                codes_layout = "u4" if qt.codes.dtype == torch.uint8 else "i4"
-            parts = {k: v for k, v in qt.to_dict().items() if isinstance(v, torch.Tensor)}
+                codes_layout = "u4" if qt.codes_dtype == torch.uint8 else "i4"
+            # The codes unpacked (the container codes them itself), then the side tensors.
+            side = {k: v for k, v in qt.to_dict().items() if isinstance(v, torch.Tensor) and k != "packed"}
+            parts = {"codes": qt.codes, **side}
             mask_entry = (
-                f"mask/{name}" if name in state.masks and state.masks[name].numel() == qt.codes.numel() else None
+                f"mask/{name}" if name in state.masks and state.masks[name].numel() == qt.numel else None
             )
             for part, t in parts.items():
                 if t is None:

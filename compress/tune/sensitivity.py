@@ -58,7 +58,7 @@ def choice_costs(qt: Any | None, weight: torch.Tensor) -> dict[str, float]:
     n = weight.numel()
     if qt is None:
         return {"onnx_size": 4.0 * n, "packed_size": 4.0 * int(torch.count_nonzero(weight))}
-    side = max(qt.storage_bits() - qt.codes.numel() * qt.bits, 0) / 8
+    side = max(qt.storage_bits() - qt.numel * qt.bits, 0) / 8
     container = 4 if qt.bits <= 4 else 8
     return {
         "onnx_size": n * container / 8 + side,

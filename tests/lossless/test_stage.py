@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from compress.lossless.config import CompressStageConfig
@@ -81,13 +83,18 @@ def test_bf16_and_fp16_params(tmp_path) -> None:
         assert torch.equal(back[name].view(torch.int16), t.view(torch.int16))
 
 
+def with_codes(qt: UniformTensor, edit) -> UniformTensor:
+    """A copy of ``qt`` whose codes ``edit`` changed (codes are values: ``qt.codes`` is a fresh tensor)."""
+    return dataclasses.replace(qt, codes=edit(qt.codes))
+
+
 def test_masked_codes_are_stored_once_and_restored_exactly(tmp_path) -> None:
     from compress.lossless.container import ContainerReader
 
     state = make_state()
-    qt = state.quant["0.weight"]
     mask = state.masks["0.weight"]
-    qt.codes[~mask] = 0  # pruned positions hold the zero code, as after prune + quantize
+    # pruned positions hold the zero code, as after prune + quantize
+    qt = state.quant["0.weight"] = with_codes(state.quant["0.weight"], lambda c: c.masked_fill_(~mask, 0))
     ctx = StageContext(data=None, out_dir=tmp_path, device=torch.device("cpu"), reference=state.module)
     apply(state, CompressStageConfig(threads=1), ctx)
     with ContainerReader(tmp_path / "weights.czip") as r:
@@ -96,7 +103,8 @@ def test_masked_codes_are_stored_once_and_restored_exactly(tmp_path) -> None:
     back = unpack_state_tensors(tmp_path / "weights.czip")
     assert torch.equal(back["quant"]["0.weight"].codes, qt.codes)
     # masked positions that do not share one code: the codes are stored whole, still exact
-    qt.codes[~mask] = torch.randint(-8, 8, (int((~mask).sum()),), dtype=torch.int8)
+    noise = torch.randint(-8, 8, (int((~mask).sum()),), dtype=torch.int8)
+    qt = state.quant["0.weight"] = with_codes(qt, lambda c: c.masked_scatter_(~mask, noise))
     apply(state, CompressStageConfig(threads=1), ctx)
     with ContainerReader(tmp_path / "weights.czip") as r:
         assert r.entry("quant/0.weight/codes").mask is None

@@ -284,3 +284,36 @@ def test_auto_scale_factor_chosen_on_held_out_samples_then_refit_on_all():
         if torch.equal(scale, quant["0.weight"].scale):
             matches.append(torch.equal(gpfq_codes(w, stats, 3, scale, zp).to(codes.dtype), codes))
     assert matches == [True]
+
+
+@pytest.mark.parametrize("factors", [1.16, (0.9, 1.16, "rtn")])
+def test_wide_weights_in_row_chunks_give_the_same_codes_and_weights(monkeypatch, factors):
+    """A weight whose rows exceed ROW_CHUNK_BYTES goes through GPFQ's loop and the
+    dequantization in chunks of rows (a vocabulary head's full float32 copies are 262 MB
+    each): codes, scales, the written weights, bias and report are those of one pass."""
+    import compress.quantize.gpfq as gpfq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 37))
+    x = torch.randn(120, 24)
+    plans = {"0": LayerPlan(4), "2": LayerPlan(3)}
+
+    def run():
+        m = copy.deepcopy(model)
+        quant, report = gpfq_quantize_model(m, x, plans, scale_factor=factors, bias_correction=True)
+        return m, quant, report
+
+    whole_model, whole, whole_report = run()
+    monkeypatch.setattr(gpfq, "ROW_CHUNK_BYTES", 4 * 40 * 5)  # 5 rows of the widest layer per chunk
+    assert len(list(gpfq.row_chunks(0, 37, 40))) == 8
+    chunked_model, chunked, chunked_report = run()
+    for name, qt in whole.items():
+        assert torch.equal(chunked[name].codes, qt.codes) and torch.equal(chunked[name].scale, qt.scale)
+    for (name, p), q in zip(whole_model.state_dict().items(), chunked_model.state_dict().values()):
+        if name.endswith("weight"):  # elementwise: the same floats
+            assert torch.equal(p, q), name
+        else:  # bias correction's matrix-vector products over fewer rows: summed in another order
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for key, info in whole_report.items():
+        assert chunked_report[key]["weight_rel_error"] == pytest.approx(info["weight_rel_error"], rel=1e-9)
+        assert chunked_report[key]["output_rel_error"] == pytest.approx(info["output_rel_error"], rel=1e-6)
