@@ -183,13 +183,14 @@ def gpfq_codes(
     qmin, qmax = signed_range(bits)
     dtype = torch.float32
     dev = w2d.device
-    # G = X̃ᵀX as the statistics hold it (G[i, t] = <X̃_i, X_t>) and H = X̃ᵀX̃, the one N × N
-    # matrix made here: each step is a ratio of their entries, so they need no normalising
-    # copy (a 5632-input layer's is 127 MB), and G's columns are read in place.
+    # G = X̃ᵀX as the statistics hold it (G[i, t] = <X̃_i, X_t>) and H = X̃ᵀX̃ = G + E: each
+    # step is a ratio of their entries, so they need no normalising copy, and no N × N matrix
+    # is made here (a 5632-input layer's is 127 MB): G is read in place, and H's rows a..b
+    # (the loop reads H by rows only) are formed once per block of columns a..b.
     G = stats.G.to(dev, dtype)
-    H = (stats.G + stats.E).to(dev, dtype)
+    E = stats.E.to(dev, dtype)
     diag_g = torch.diagonal(G).clone()
-    diag_h = torch.diagonal(H).clone()
+    diag_h = diag_g + torch.diagonal(E)
     dead = diag_h <= 1e-12 * diag_h.max().clamp_min(1e-30)
     inv_h = torch.where(dead, torch.zeros_like(diag_h), 1.0 / diag_h.clamp_min(1e-30))
 
@@ -223,6 +224,7 @@ def gpfq_codes(
         b = min(a + block_size, n)
         Wt = w[:, a:b].T.contiguous()  # Wt[t − a] = w_t
         Qt = torch.zeros(b - a, rows, dtype=dtype, device=dev)  # dequantized values q_t
+        Hab = G[a:b] + E[a:b]  # H[t] for t in a..b
         for c0 in range(a, b, inner):
             d = min(c0 + inner, b)
             torch.set_num_threads(1)
@@ -259,13 +261,15 @@ def gpfq_codes(
                     Qt[t - a] = q_t
                     if t + 1 < d:
                         # V[:, i] += w_t G[i, t] − q_t H[i, t] for the rest of the inner block
-                        Vt[t + 1 : d].addr_(G[t + 1 : d, t], w_t).addr_(H[t, t + 1 : d], q_t, alpha=-1.0)
+                        Vt[t + 1 : d].addr_(G[t + 1 : d, t], w_t).addr_(Hab[t - a, t + 1 : d], q_t, alpha=-1.0)
             finally:
                 torch.set_num_threads(threads)
             if d < b:
-                Vt[d:b].addmm_(G[d:b, c0:d], Wt[c0 - a : d - a]).addmm_(H[c0:d, d:b].T, Qt[c0 - a : d - a], alpha=-1.0)
+                Vt[d:b].addmm_(G[d:b, c0:d], Wt[c0 - a : d - a]).addmm_(
+                    Hab[c0 - a : d - a, d:b].T, Qt[c0 - a : d - a], alpha=-1.0
+                )
         if b < n:
-            Vt[b:].addmm_(G[b:, a:b], Wt).addmm_(H[a:b, b:].T, Qt, alpha=-1.0)
+            Vt[b:].addmm_(G[b:, a:b], Wt).addmm_(Hab[:, b:].T, Qt, alpha=-1.0)
     return codes.T.contiguous()
 
 
@@ -1591,7 +1595,9 @@ class _UnitLoop:
             param.copy_(dequantized(slice(0, rows)).reshape(param.shape))
         self.quant[unit.param] = qt
         self.report[unit.key] = info
-        shares = unit.kind == "module" and len(blocks) == 1 and stats is not None
+        # Kept only for the next member of this weight's group (q/k/v): a 3072-input FFN
+        # output's statistics would otherwise stay alive through the next block.
+        shares = unit.kind == "module" and len(blocks) == 1 and stats is not None and group is not None
         self.last = (group, parts_stats) if shares else (None, None)
         self.units_done += 1
         log.debug("gpfq %s: %s", unit.key, info)
