@@ -179,8 +179,10 @@ def gather_block_quantized_nodes(rw, init_name: str, qt: UniformTensor, consumer
     machine) gave about 200 µs per run for the four-node form of the three tables, 33 µs for
     three GatherBlockQuantized, 71 µs for onnxruntime's own Gather + DequantizeLinear.
 
-    The op stores 8-bit codes as uint8 with an implicit zero point of 128 (the same bytes as
-    int8) and takes one scale per block of a row: the per-row scale is repeated with a
+    8-bit uint8 data (``bits=8``) runs on onnxruntime 1.23 or later (microsoft/onnxruntime
+    PR 25214), hence the project's ``onnxruntime>=1.23``. The op stores 8-bit codes as uint8
+    with an implicit zero point of 128 (the same bytes as int8) and takes one scale per block
+    of a row: the per-row scale is repeated with a
     ``Tile`` of constants, which onnxruntime folds at load, so the file keeps one per row.
     """
     from onnx import helper, numpy_helper
