@@ -34,8 +34,11 @@ as int8, the fast kernel; other 8-bit codes as uint8 with zero point 128 (exact,
   MatMulIntegerToFloat. Residual ``Add``s of two quantized tensors get a pair on their
   output (``QLinearAdd``) and MaxPool / Reshape / Transpose keep their input's grid (run on
   uint8), so no float op is left between the integer kernels of a ResNet.
-* **embeddings** (``gather_nodes``): an integer table read by ``Gather`` and scaled by the
-  gathered per-row scale: only the rows a sequence uses are dequantized.
+* **embeddings** (``gather_block_quantized_nodes``, ``gather_nodes``): an 8-bit table read
+  only by lookups is one com.microsoft ``GatherBlockQuantized`` per lookup (rows gathered and
+  dequantized in one node); a 4-bit table, or one tied to an output layer (one integer copy
+  serves both uses), an integer ``Gather`` scaled by the gathered per-row scale. Either way
+  only the rows a sequence uses are dequantized.
 * **weight-only** weights (``folded_dequantize_nodes``, the default for every consumer):
   ``Cast + Mul`` instead of DequantizeLinear, which ORT constant-folds into a float weight at
   load, so the model runs at float speed (never slower) with the integer file. The fused
@@ -155,6 +158,69 @@ def dynamic_matmul(rw, init_name: str, qt: UniformTensor, consumers: list, trans
             ins += [""] * (4 - len(ins)) + [bias]
         rw.nodes[idx] = helper.make_node(
             "DynamicQuantizeMatMul", ins, [node.output[0]], domain=MS_DOMAIN, name=rw.fresh(f"{init_name}_DQMatMul")
+        )
+    return pre
+
+
+def gather_block(cols: int) -> int | None:
+    """The block size ``GatherBlockQuantized`` reads a row of ``cols`` values in (the largest
+    power of two from 16 that divides it, the op's constraint), or None."""
+    block = 1 << (cols.bit_length() - 1)
+    while block >= 16 and cols % block:
+        block >>= 1
+    return block if block >= 16 else None
+
+
+def gather_block_quantized_nodes(rw, init_name: str, qt: UniformTensor, consumers: list) -> list:
+    """com.microsoft ``GatherBlockQuantized`` over an 8-bit per-row table: one node per lookup
+    gathers the rows and dequantizes them, where the plain form (``gather_nodes``) runs four
+    (Gather codes, Cast, Gather scales, Mul): on all-MiniLM-L6-v2, 9 nodes fewer in the
+    optimized graph; onnxruntime profiles at batch 1 (1 thread, separate runs on a loaded
+    machine) gave about 200 µs per run for the four-node form of the three tables, 33 µs for
+    three GatherBlockQuantized, 71 µs for onnxruntime's own Gather + DequantizeLinear.
+
+    8-bit uint8 data (``bits=8``) runs on onnxruntime 1.23 or later (microsoft/onnxruntime
+    PR 25214), hence the project's ``onnxruntime>=1.23``. The op stores 8-bit codes as uint8
+    with an implicit zero point of 128 (the same bytes as int8) and takes one scale per block
+    of a row: the per-row scale is repeated with a
+    ``Tile`` of constants, which onnxruntime folds at load, so the file keeps one per row.
+    """
+    from onnx import helper, numpy_helper
+
+    from compress.export.quantized import _int_initializer
+
+    rows, cols = qt.rows_cols
+    block = gather_block(cols)
+    if qt.bits != 8 or block is None or qt.zero_point is not None:
+        raise ValueError(f"{init_name}: GatherBlockQuantized takes symmetric 8-bit rows of 16·2^k values")
+    codes = qt.codes.reshape(rows, cols).numpy().astype(np.int16) + 128
+    table = rw.fresh(f"{init_name}_quantized")
+    rw.graph.initializer.append(_int_initializer(table, codes, 8, False))
+    scale, _ = _column_side(qt)
+    s_name, reps, blocks = (rw.fresh(f"{init_name}_{s}") for s in ("row_scale", "block_repeats", "block_scale"))
+    rw.graph.initializer.extend(
+        [
+            numpy_helper.from_array(scale.reshape(rows, 1), s_name),
+            numpy_helper.from_array(np.asarray([1, cols // block], np.int64), reps),
+        ]
+    )
+    pre = [helper.make_node("Tile", [s_name, reps], [blocks], name=rw.fresh(f"{init_name}_TileScales"))]
+    _need_ms_domain(rw.model)
+    for node in consumers:
+        idx = next(i for i, n in enumerate(rw.nodes) if n is node)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("axis", 0) != 0:
+            raise ValueError(f"{init_name}: Gather over axis {attrs['axis']} of a quantized table is not supported")
+        rw.nodes[idx] = helper.make_node(
+            "GatherBlockQuantized",
+            [table, node.input[1], blocks],
+            [node.output[0]],
+            domain=MS_DOMAIN,
+            bits=8,
+            block_size=block,
+            gather_axis=0,
+            quantize_axis=1,
+            name=rw.fresh(f"{init_name}_GatherBlockQuantized"),
         )
     return pre
 

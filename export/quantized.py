@@ -546,8 +546,10 @@ def _fast_kernel_nodes(rw, fk, pname, init_name, qt, consumers, transposed, shap
         return None
     gathers = [n for n in consumers if n.op_type == "Gather" and n.input[0] == init_name]
     if gathers and not transposed and fk.per_column_ok(qt) and qt.zero_point is None:
-        nodes = fk.gather_nodes(rw, init_name, qt, gathers)
         rest = [n for n in consumers if not any(n is g for g in gathers)]
+        if not rest and qt.bits == 8 and fk.gather_block(qt.rows_cols[1]) is not None:
+            return fk.gather_block_quantized_nodes(rw, init_name, qt, gathers)
+        nodes = fk.gather_nodes(rw, init_name, qt, gathers)
         if rest:  # a table tied to an output projection: the same integer copy serves both
             nodes += fk.folded_dequantize_nodes(rw, init_name, qt, shape)
         return nodes

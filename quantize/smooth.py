@@ -10,6 +10,16 @@ For each quantized Linear layer, with ``a_j = max |x_j|`` over the calibration d
 and the layer computes ``(x / s)·(W·diag(s))ᵀ``: the same function in float, with the
 input's channels flattened for the activation quantizer and the weight (quantized per output
 channel) taking a share of the range (``compress.smoothing`` keeps the scaling in the model).
+
+The activation grid is asymmetric (uint8 with a zero point over the tensor's ``[min, max]``),
+so a tensor's negative and positive extents cost separately. ``a_j = max |x_j|`` treats a
+channel's two tails alike: after a GELU (``x ≥ −0.17``) the channels with small values get
+small ``s_j``, their −0.17 tails grow by ``1/s_j`` and end up setting the tensor's minimum
+(all-MiniLM-L6-v2 at alpha 0.7: the FFN outputs' inputs span −1.6..0.6 where the positive
+side needs 0.6). ``skew`` κ ≤ 1 weighs the tensor's narrow side by ``1/κ``:
+``a_j = max(hi_j, −lo_j/κ)`` when the negative side is the narrow one (``max(−lo_j, hi_j/κ)``
+otherwise), so no channel's narrow tail reaches beyond about κ times the wide side's extent;
+κ = 1 is SmoothQuant's ``max |x_j|`` (``range_magnitude``).
 """
 
 from __future__ import annotations
@@ -32,31 +42,60 @@ SCALE_RANGE = (1e-4, 1e4)
 # smoothed), the share of the calibration data held out to judge them, and at most this many
 # held-out samples kept in memory.
 AUTO_ALPHAS = (None, 0.5, 0.6, 0.7, 0.8, 0.9)
+# ``smoothing_skew: auto``: the narrow-side weights κ tried for each group (``range_magnitude``).
+AUTO_SKEWS = (1.0, 0.5, 0.25, 0.125)
 AUTO_HOLDOUT = 0.25
 AUTO_MAX_HELDOUT = 64
 
 
 @torch.no_grad()
-def input_channel_absmax(
+def input_channel_ranges(
     model: nn.Module, layers: list[str], calibration: torch.Tensor, batch_size: int = 64
-) -> dict[str, torch.Tensor]:
-    """``max |x_j|`` of each layer's input channel ``j`` over the calibration data."""
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(min x_j, max x_j)`` of each layer's input channel ``j`` over the calibration data."""
     modules = dict(model.named_modules())
-    amax: dict[str, torch.Tensor] = {}
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name in layers:
 
         def hook(_m, args, name=name):
             x = args[0].detach()
-            m = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
-            amax[name] = torch.maximum(amax[name], m) if name in amax else m
+            flat = x.reshape(-1, x.shape[-1]).float()
+            lo, hi = flat.amin(0), flat.amax(0)
+            if name in ranges:
+                lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
+            ranges[name] = (lo, hi)
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     run_with_hooks(model, calibration, batch_size, handles)
-    missing = [n for n in layers if n not in amax]
+    missing = [n for n in layers if n not in ranges]
     if missing:
         raise ValueError(f"smoothing: layers {missing} were not called on the calibration data")
-    return amax
+    return ranges
+
+
+def input_channel_absmax(
+    model: nn.Module, layers: list[str], calibration: torch.Tensor, batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """``max |x_j|`` of each layer's input channel ``j`` over the calibration data."""
+    ranges = input_channel_ranges(model, layers, calibration, batch_size)
+    return {n: range_magnitude(lo, hi, 1.0) for n, (lo, hi) in ranges.items()}
+
+
+def range_magnitude(lo: torch.Tensor, hi: torch.Tensor, skew: float = 1.0) -> torch.Tensor:
+    """Per channel, the magnitude SmoothQuant divides out: ``max(hi_j, −lo_j/κ)`` when the
+    tensor's negative side is its narrow one, else ``max(−lo_j, hi_j/κ)`` (κ = ``skew``).
+
+    With κ = 1 this is ``max |x_j|``. For an asymmetric 8-bit grid, κ < 1 keeps channels from
+    stretching the narrow side: a channel whose narrow tail is more than κ times its wide
+    one is scaled by its narrow tail, weighted ``1/κ``.
+    """
+    if not 0.0 < skew <= 1.0:
+        raise ValueError(f"smoothing skew must be in (0, 1], got {skew}")
+    neg, pos = (-lo).clamp_min(0), hi.clamp_min(0)
+    if float(neg.max()) <= float(pos.max()):
+        return torch.maximum(pos, neg / skew)
+    return torch.maximum(neg, pos / skew)
 
 
 @torch.no_grad()
@@ -164,6 +203,7 @@ def smooth_model(
     bits: dict[str, int] | None = None,
     activations: str = "dynamic",
     symmetric: bool = True,
+    skew: float | str = 1.0,
 ) -> dict:
     """Smooth every Linear in ``layers`` in place, with one ``alpha`` or a ``{layer: alpha}``
     mapping (layers it leaves out are not smoothed). Layers that read the same tensor get one
@@ -177,6 +217,10 @@ def smooth_model(
     on data the scales did not see, a high alpha that fits the calibration's channel maxima
     too closely loses to a milder one. ``bits`` (per layer, default 8), ``activations`` and
     ``symmetric`` describe the quantization that error simulates.
+
+    ``skew`` κ (``range_magnitude``): 1 is SmoothQuant's ``max |x_j|``; ``"auto"``: each group
+    takes the κ among ``AUTO_SKEWS`` with the lowest held-out error (jointly with the alpha
+    when that is ``auto`` too), judged as above.
 
     Raises:
         ValueError: layers reading one tensor were given different alphas.
@@ -197,13 +241,15 @@ def smooth_model(
             skipped[name] = "its weight is tied to another layer"
         else:
             chosen.append(name)
-    amax = input_channel_absmax(model, chosen, calibration, batch_size)
+    if skew != "auto" and not (isinstance(skew, (int, float)) and 0.0 < skew <= 1.0):
+        raise ValueError(f"smoothing skew must be in (0, 1] or 'auto', got {skew!r}")
+    ranges = input_channel_ranges(model, chosen, calibration, batch_size)
     spread: dict[str, list[float]] = {}
     picked: dict[str, dict] = {}
     # Layers reading one tensor (q/k/v) share one scale, so the export quantizes that input once.
     wanted = set(chosen)
     groups = [g for g in ([n for n in grp if n in wanted] for grp in shared_input_groups(model, calibration[:2])) if g]
-    auto_first = [g[0] for g in groups if any(alphas[n] == "auto" for n in g)]
+    auto_first = [g[0] for g in groups if skew == "auto" or any(alphas[n] == "auto" for n in g)]
     auto_stats = _split_statistics(model, auto_first, calibration, batch_size) if auto_first else ({}, {}, {})
     for group in groups:
         differ = {alphas[n] for n in group}
@@ -214,17 +260,23 @@ def smooth_model(
             )
         weights = torch.cat([modules[n].weight.detach() for n in group])
         group_alpha: float | str | None = alphas[group[0]]
-        if group_alpha == "auto":
-            group_alpha, errors = _choose_alpha(group, modules, auto_stats, bits or {}, activations, symmetric)
-            picked[",".join(group)] = {"alpha": group_alpha, "heldout_error": errors}
+        group_skew = skew
+        if group_alpha == "auto" or skew == "auto":
+            candidates = AUTO_ALPHAS if group_alpha == "auto" else (group_alpha,)
+            skews = AUTO_SKEWS if skew == "auto" else (float(skew),)
+            group_alpha, group_skew, errors = _choose_alpha(
+                group, modules, auto_stats, bits or {}, activations, symmetric, candidates, skews
+            )
+            picked[",".join(group)] = {"alpha": group_alpha, "skew": group_skew, "heldout_error": errors}
             if group_alpha is None:
                 continue
-        assert isinstance(group_alpha, (int, float))
-        s = smoothing_scales(amax[group[0]], weights, float(group_alpha))
+        assert isinstance(group_alpha, (int, float)) and isinstance(group_skew, (int, float))
+        lo, hi = ranges[group[0]]
+        s = smoothing_scales(range_magnitude(lo, hi, float(group_skew)), weights, float(group_alpha))
         for name in group:
             smooth_linear(modules[name], s)
         # How much flatter the input got: max/median of per-channel ranges, before and after.
-        before = amax[group[0]]
+        before = range_magnitude(lo, hi, 1.0)
         after = before / s.to(before.device)
         spread[",".join(group)] = [
             round((before.max() / before.median().clamp_min(1e-30)).item(), 2),
@@ -236,25 +288,37 @@ def smooth_model(
     report: dict = {"alpha": shown, "layers": len(chosen), "skipped": skipped, "input_spread_before_after": spread}
     if picked:
         report["auto"] = picked
-        log.info("smoothing auto: %s", {g: v["alpha"] for g, v in picked.items()})
+        log.info("smoothing auto: %s", {g: (v["alpha"], v["skew"]) for g, v in picked.items()})
     return report
 
 
 def _choose_alpha(
-    group: list[str], modules: dict, stats: tuple, bits: dict[str, int], activations: str, symmetric: bool
-) -> tuple[float | None, dict[str, float]]:
-    """The ``AUTO_ALPHAS`` entry with the lowest held-out ``smoothing_error`` for ``group``."""
+    group: list[str],
+    modules: dict,
+    stats: tuple,
+    bits: dict[str, int],
+    activations: str,
+    symmetric: bool,
+    alphas: tuple = AUTO_ALPHAS,
+    skews: tuple[float, ...] = (1.0,),
+) -> tuple[float | None, float, dict[str, float]]:
+    """The ``(alpha, skew)`` among ``alphas × skews`` (None: not smoothed, any skew) with the
+    lowest held-out ``smoothing_error`` for ``group``, and every candidate's error (keyed
+    ``"alpha"``, or ``"alpha/skew"`` when several skews are tried)."""
     lo, hi, held = stats
     first = group[0]
     weights = [modules[n].weight.detach() for n in group]
     layer_bits = [bits.get(n, 8) for n in group]
-    fit_absmax = torch.maximum(lo[first].abs(), hi[first].abs())
     errors: dict[str, float] = {}
-    best, best_err = None, float("inf")
-    for a in AUTO_ALPHAS:
-        s = torch.ones_like(fit_absmax) if a is None else smoothing_scales(fit_absmax, torch.cat(weights), a)
-        err = smoothing_error(s, (lo[first], hi[first]), held[first], weights, layer_bits, activations, symmetric)
-        errors[str(a)] = float(f"{err:.4g}")
-        if err < best_err:
-            best, best_err = a, err
-    return best, errors
+    best, best_skew, best_err = None, skews[0], float("inf")
+    for a in alphas:
+        for k in skews if a is not None else skews[:1]:
+            if a is None:
+                s = torch.ones_like(hi[first])
+            else:
+                s = smoothing_scales(range_magnitude(lo[first], hi[first], k), torch.cat(weights), a)
+            err = smoothing_error(s, (lo[first], hi[first]), held[first], weights, layer_bits, activations, symmetric)
+            errors[str(a) if len(skews) == 1 or a is None else f"{a}/{k}"] = float(f"{err:.4g}")
+            if err < best_err:
+                best, best_skew, best_err = a, k, err
+    return best, best_skew, errors

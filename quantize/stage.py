@@ -192,6 +192,7 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
                 bits={n: config.bits_for(n) for n in alphas},
                 activations=activations,
                 symmetric=getattr(config, "symmetric", True),
+                skew=getattr(config, "smoothing_skew", 1.0),
             )
         state.extras[EXTRAS_KEY] = activation_spec(module, layers, calib, config, seed=ctx.seed)
     method_start = time.perf_counter()

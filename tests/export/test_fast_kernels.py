@@ -230,12 +230,52 @@ def test_embedding_tables_gather_integer_rows(tmp_path, bits):
     onnx.save(qm, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     tables = [i for i in qm.graph.initializer if list(i.dims) == [64, 16]]
-    assert len(tables) == 1 and tables[0].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)  # one copy
+    integer = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.INT4)
+    assert len(tables) == 1 and tables[0].data_type in integer  # one copy
     ops = optimized_op_types(path, exact=False)
-    assert ops["Gather"] >= 2, ops  # codes and row scales gathered, not a dequantized table
+    if bits == 8:  # rows gathered and dequantized in one node
+        assert ops["GatherBlockQuantized"] == 1, ops
+    else:  # codes and row scales gathered, not a dequantized table
+        assert ops["Gather"] >= 2, ops
     out = ort_predict(ort_session(path, exact=False), ids.numpy())
     ref = state.module(ids).detach().numpy()
     assert row_cosine(out, ref).min() > 0.9999
+
+
+class TwoTables(nn.Module):
+    """Two tables read only by lookups (untied), 48 values a row."""
+
+    def __init__(self, vocab=300, dim=48, positions=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(positions, dim)
+        self.proj = nn.Linear(dim, 4)
+
+    def forward(self, ids):
+        return self.proj(self.emb(ids) + self.pos(ids % 8)).mean(1)
+
+
+def test_untied_8bit_tables_gather_and_dequantize_in_one_node(tmp_path):
+    """An 8-bit table only looked up is one GatherBlockQuantized per lookup (blocks of 16 of a
+    48-value row, each the row's scale): no Cast or Mul left for it, the per-row scales stored
+    once per row, and the rows equal to PyTorch's dequantized table."""
+    from compress.export import fast_kernels as fk
+    from compress.quantize.stage import apply
+
+    assert (fk.gather_block(48), fk.gather_block(384), fk.gather_block(64), fk.gather_block(40)) == (16, 128, 64, None)
+    torch.manual_seed(0)
+    model = TwoTables().eval()
+    ids = torch.randint(0, 300, (64, 6))
+    state, ctx = _token_state(model, ids)
+    apply(state, _cfg(method="rtn", bits=8, embedding_bits=8), ctx)
+    ops, qmodel, ort_out, torch_out = _ops_and_outputs(state, tmp_path, ids)
+    assert ops["GatherBlockQuantized"] == 2 and "Gather" not in ops and "Cast" not in ops, ops
+    assert "Mul" not in ops, ops  # the row scales are applied inside the lookup
+    inits = {i.name: i for i in qmodel.graph.initializer}
+    tables = [i for i in inits.values() if list(i.dims) == [300, 48]]
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.UINT8
+    assert not [i for i in inits.values() if list(i.dims) == [300, 3]]  # repeated per block only at load
+    np.testing.assert_allclose(ort_out, torch_out, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_only_conv_is_folded_to_float_at_load(trained, tmp_path):  # noqa: F811

@@ -218,3 +218,68 @@ def test_auto_alpha_in_the_config():
         TypeAdapter(stage_config("quantize")).validate_python(
             {"method": "rtn", "bits": 8, "activations": "dynamic", "smoothing": "best"}
         )
+
+
+def _gelu_fed_layer():
+    """A Linear fed by a GELU, like a transformer's FFN output: 4 outlier channels, 28 mostly
+    "off" channels (values near GELU's floor −0.17, large weight columns), 32 ordinary ones."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.GELU(), nn.Linear(64, 16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        model[1].weight[:, 4:32] *= 5
+    x = torch.randn(512, 8, 64, generator=g)
+    x[..., 4:32] = x[..., 4:32] * 0.3 - 0.75
+    x[..., :4] = x[..., :4].abs() * 20
+    return model, x
+
+
+def test_range_magnitude_weighs_the_narrow_side():
+    from compress.quantize.smooth import range_magnitude
+
+    lo, hi = torch.tensor([-0.17, -0.1, -2.0]), torch.tensor([10.0, 0.05, 1.0])
+    torch.testing.assert_close(range_magnitude(lo, hi, 1.0), torch.tensor([10.0, 0.1, 2.0]))
+    torch.testing.assert_close(range_magnitude(lo, hi, 0.25), torch.tensor([10.0, 0.4, 8.0]))
+    # the mirror: the positive side is the narrow one
+    torch.testing.assert_close(range_magnitude(-hi, -lo, 0.25), torch.tensor([10.0, 0.4, 8.0]))
+    with pytest.raises(ValueError, match="skew"):
+        range_magnitude(lo, hi, 0.0)
+
+
+def test_skew_keeps_small_channels_tails_from_stretching_the_asymmetric_grid():
+    """With max|x_j| (skew 1), the mostly-off channels' −0.17 tails, divided by their small
+    s_j, set the smoothed tensor's minimum (the uint8 grid spans both sides); a skew of 0.25
+    keeps that side within a quarter of the positive one and cuts the 8-bit output error.
+    ``auto`` finds a skew below 1 on held-out calibration data. The float function is kept."""
+    spec = {"mode": "dynamic", "bits": 8, "layers": {"1.weight": {}}}
+    results = {}
+    for skew in (1.0, 0.25, "auto"):
+        model, x = _gelu_fed_layer()
+        with torch.no_grad():
+            ref = model(x)
+        report = smooth_model(model, ["1"], x[:256], alpha=0.7, skew=skew)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+            with quantized_inputs(model, spec):
+                err = float((model(x) - ref).norm() / ref.norm())
+        h = nn.functional.gelu(x) * model[1].smooth_inv
+        results[skew] = (err, float(-h.min() / h.max()), report)
+    assert results[1.0][1] > 0.25  # the narrow side stretched by the small channels
+    assert results[0.25][1] <= 0.25
+    assert results[0.25][0] < 0.9 * results[1.0][0]
+    picked = results["auto"][2]["auto"]["1"]
+    assert picked["alpha"] == 0.7 and picked["skew"] < 1.0
+    assert picked["heldout_error"][f"0.7/{picked['skew']}"] == min(picked["heldout_error"].values())
+    assert results["auto"][0] < 0.9 * results[1.0][0]
+    with pytest.raises(ValueError, match="skew"):
+        smooth_model(_gelu_fed_layer()[0], ["1"], _gelu_fed_layer()[1][:64], alpha=0.7, skew=1.5)
+
+
+def test_smoothing_skew_in_the_config():
+    cfg = _cfg(method="rtn", bits=8, activations="dynamic", smoothing=0.7, smoothing_skew="auto")
+    assert cfg.smoothing_skew == "auto"
+    assert _cfg(method="rtn", bits=8, activations="dynamic", smoothing=0.7).smoothing_skew == 1.0
+    for bad in (0.0, 1.5, "best"):
+        with pytest.raises(ValidationError, match="smoothing_skew"):
+            _cfg(method="rtn", bits=8, activations="dynamic", smoothing=0.7, smoothing_skew=bad)
