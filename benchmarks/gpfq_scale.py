@@ -42,13 +42,13 @@ def _rss_peak_mb() -> float:
 # Phases of a GPFQ run, as cumulative times of these functions in quantize/gpfq.py (nested:
 # "statistics" holds the capture forwards, the Gram sums and the all-reduce).
 PHASES = {
-    "statistics": "collect_stats",
-    "  capture forwards": "_capture_rows",
-    "  Gram sums": "add",
-    "  all-reduce": "_gather_shards",
-    "greedy loop": "gpfq_codes",
-    "all_gather rows": "all_gather_rows",
-    "output errors": "_output_errors",
+    "statistics": ("quantize/gpfq.py", "collect_stats"),
+    "  capture forwards": ("quantize/gpfq.py", "_capture_rows"),
+    "  Gram sums": ("quantize/gpfq.py", "add"),
+    "  all-reduce (and waiting)": ("quantize/gpfq.py", "_gather_shards"),
+    "greedy loop": ("quantize/gpfq.py", "gpfq_codes"),
+    "all_gather rows": ("compress/distributed.py", "all_gather_rows"),
+    "output errors (choice, report)": ("quantize/gpfq.py", "_output_errors"),
 }
 
 
@@ -56,14 +56,12 @@ def _phases(profiler) -> dict[str, float]:
     """Seconds per phase (``PHASES``) from a cProfile of ``gpfq_quantize_model``, plus the rest."""
     import pstats
 
-    cum: dict[str, float] = {}
-    total = 0.0
+    cum: dict[tuple[str, str], float] = {}
     for (path, _line, fn), (_cc, _nc, _tt, ct, _callers) in pstats.Stats(profiler).stats.items():
-        if path.endswith(os.path.join("quantize", "gpfq.py")):
-            cum[fn] = cum.get(fn, 0.0) + ct
-            if fn == "gpfq_quantize_model":
-                total = ct
-    out = {phase: cum.get(fn, 0.0) for phase, fn in PHASES.items()}
+        where = "/".join(path.split(os.sep)[-2:])
+        cum[(where, fn)] = cum.get((where, fn), 0.0) + ct
+    total = cum.get(("quantize/gpfq.py", "gpfq_quantize_model"), 0.0)
+    out = {phase: cum.get(key, 0.0) for phase, key in PHASES.items()}
     top = [p for p in PHASES if not p.startswith(" ")]
     out["other (block forwards, candidates, copies)"] = total - sum(out[p] for p in top)
     out["total"] = total
@@ -169,6 +167,9 @@ def main() -> None:
         help="interleave 1 process x --threads with N processes x 1 thread, per config (speedup, same codes)",
     )
     ap.add_argument("--rounds", type=int, default=1, help="pairs of runs per config with --compare")
+    ap.add_argument(
+        "--serial", action="store_true", help="with --compare, also 1 process x 1 thread (the bound on the speedup)"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -242,7 +243,7 @@ def _compare(args, names: list[str], samples: int, tokens: int) -> None:
     """``--compare N``: 1 process x ``--threads`` against N processes x 1 thread, interleaved
     (``--rounds`` pairs, the order alternating), with the quantized weights' digests."""
     n = args.compare
-    setups = [(1, args.threads), (n, 1)]
+    setups = [(1, args.threads), (n, 1)] + ([(1, 1)] if args.serial else [])
     for name in names:
         runs: dict[tuple[int, int], list[dict]] = {s: [] for s in setups}
         for i in range(args.rounds):
@@ -250,20 +251,39 @@ def _compare(args, names: list[str], samples: int, tokens: int) -> None:
                 row = _launch(args, name, nproc, threads)
                 runs[(nproc, threads)].append(row)
                 print(f"# {name} {nproc}x{threads}: {row['seconds']:.1f} s", file=sys.stderr, flush=True)
-        one, many = runs[setups[0]], runs[setups[1]]
+        one, many, serial = runs[setups[0]], runs[setups[1]], runs.get((1, 1), [])
         print(f"GPFQ int{args.bits}, {name}, {samples} sequences x {tokens} tokens, interleaved")
-        print(f"{'round':<7}{f'1x{args.threads} s':>10}{f'{n}x1 s':>10}{'speedup':>9}")
+        print(
+            f"{'round':<7}{f'1x{args.threads} s':>10}{f'{n}x1 s':>10}{'speedup':>9}"
+            f"{f'1x{args.threads} peak':>13}{f'{n}x1 peak/rank':>16}"
+        )
         ratios = []
         for i, (a, b) in enumerate(zip(one, many)):
             ratios.append(a["seconds"] / b["seconds"])
-            print(f"{i + 1:<7}{a['seconds']:>10.1f}{b['seconds']:>10.1f}{ratios[-1]:>8.2f}x")
+            print(
+                f"{i + 1:<7}{a['seconds']:>10.1f}{b['seconds']:>10.1f}{ratios[-1]:>8.2f}x"
+                f"{a['peak_rss_mb'] / 1024:>10.2f}GiB{b['peak_rss_mb'] / 1024:>13.2f}GiB"
+            )
         print(
             f"median speedup {n} processes x 1 thread / 1 process x {args.threads} threads: "
             f"{statistics.median(ratios):.2f}x"
         )
-        digests = {r["weights_sha256"] for r in one + many}
+        if serial:
+            # N processes share the serial run's work at best: T(1x1) / N is their bound
+            best = [a["seconds"] / (b["seconds"] / n) for a, b in zip(one, serial)]
+            scaling = [b["seconds"] / a["seconds"] for a, b in zip(one, serial)]
+            times = ", ".join(f"{b['seconds']:.1f}" for b in serial)
+            print(
+                f"1x1 s per round: {times}; thread scaling T(1x1)/T(1x{args.threads}): "
+                f"{statistics.median(scaling):.2f}; bound on the speedup, "
+                f"T(1x{args.threads}) / (T(1x1)/{n}): {statistics.median(best):.2f}x"
+            )
+        digests = {r["weights_sha256"] for r in one + many + serial}
         print(f"quantized weights identical in every run: {'yes' if len(digests) == 1 else 'NO ' + str(digests)}")
-        _print_phases([(f"1x{args.threads} (round 1)", one[0]), (f"{n}x1 (round 1)", many[0])])
+        _print_phases(
+            [(f"1x{args.threads} (round 1)", one[0]), (f"{n}x1 (round 1)", many[0])]
+            + ([("1x1 (round 1)", serial[0])] if serial else [])
+        )
 
 
 def _print_phases(columns: list[tuple[str, dict]]) -> None:
@@ -271,9 +291,9 @@ def _print_phases(columns: list[tuple[str, dict]]) -> None:
     columns = [(label, r["phases"]) for label, r in columns if r.get("phases")]
     if not columns:
         return
-    print(f"rank 0 seconds per phase (cProfile){''.join(f'{label:>24}' for label, _ in columns)}")
+    print(f"rank 0 seconds per phase (cProfile) {''.join(f'{label:>24}' for label, _ in columns)}")
     for phase in columns[0][1]:
-        print(f"{phase:<43}{''.join(f'{p[phase]:>24.1f}' for _, p in columns)}")
+        print(f"{phase:<44}{''.join(f'{p[phase]:>24.1f}' for _, p in columns)}")
 
 
 if __name__ == "__main__":
