@@ -823,43 +823,97 @@ RTN_GRID = "rtn"
 
 def _output_errors(
     w2d: torch.Tensor,
-    candidates: Sequence[torch.Tensor | Callable[[], torch.Tensor]],
+    candidates: Sequence[torch.Tensor | Callable[[slice], torch.Tensor]],
     blocks: list[slice],
     stats: list[LayerStats],
+    *,
+    reference: bool = True,
 ) -> tuple[list[float], float]:
-    """Squared output errors ``‖Xw − X̃q‖²`` of each candidate ``q`` (dequantized, like
-    ``w2d``, or a function making it) and the squared output norm ``‖Xw‖²``, summed over the
-    weight's blocks.
+    """Squared output errors ``‖Xw − X̃q‖²`` of each candidate ``q`` and the squared output
+    norm ``‖Xw‖²``, summed over the weight's blocks.
+
+    A candidate is the dequantized weight (like ``w2d``) or a function of a row slice
+    making those rows of it: each row is made only where it is measured (one candidate held
+    at a time: stacking seven candidates of a 768 × 3072 weight and their products took
+    ~400 MB, the peak of BERT-base's GPFQ).
 
     Written around ``δ = q − w`` so that no large terms cancel (an int8 error is ~1e-5 of
     the output): ``wᵀMw + 2δᵀ(H − G)w + δᵀHδ`` with ``M = (X − X̃)ᵀ(X − X̃) = F − G − Gᵀ + H``.
-    The terms in ``w`` alone are shared by all candidates. One candidate is held at a time
-    (a function is called when its turn comes): stacking seven candidates of a 768 × 3072
-    weight and their products took ~400 MB, the peak of BERT-base's GPFQ.
+    The terms in ``w`` alone are shared by all candidates.
+
+    The sums run over the rows, which are independent: each block's rows are cut into
+    ``_shards_per_part()`` pieces, each piece summed on its own (``_row_sum``: the same floats
+    on any number of threads) and the pieces added in order. In a process group rank ``p``
+    measures piece ``p`` only and one all-reduce of the pieces' sums shares them, so every
+    rank gets the very numbers one process computes, and chooses the same candidate, in half
+    the time per rank with two.
+
+    Args:
+        reference: also measure ``‖Xw‖²`` (two products per row more); else it is returned as 0.
     """
-    errors = [0.0] * len(candidates)
+    from compress.distributed import all_reduce_sum_, rank_and_world
+
+    rank, world = rank_and_world()
+    n_pieces = _shards_per_part()
+    mine = range(n_pieces) if world == 1 else [rank] if rank < n_pieces else []
+    k = len(candidates)
+    width = 2 + k  # per block and piece: wᵀFw, wᵀMw, then 2δᵀ(H − G)w + δᵀHδ per candidate
+    terms = [[[0.0] * width for _ in range(n_pieces)] for _ in blocks]
+    for bi, (sl, st) in enumerate(zip(blocks, stats)):
+        pieces = split_range(sl.stop - sl.start, n_pieces)
+        if not any(len(pieces[p]) for p in mine):
+            continue
+        # H = G + E once per block (float32: δᵀHδ is no small difference): one product per
+        # candidate row instead of two. M = K and H − G = E are stored as such, so the terms
+        # in them carry no cancellation and run in float32.
+        h = st.G + st.E
+        for p in mine:
+            if not len(pieces[p]):
+                continue
+            rows = slice(sl.start + pieces[p].start, sl.start + pieces[p].stop)
+            w = w2d[rows].float()
+            out = terms[bi][p]
+            out[1] = _row_sum(w, st.K, w)
+            if reference:  # wᵀFw = wᵀGw − wᵀEw + wᵀKw
+                out[0] = _row_sum(w, st.G, w) - _row_sum(w, st.E, w) + out[1]
+            cross = w @ st.E.T  # row r: (H − G) w_r
+            for i, cand in enumerate(candidates):
+                q = cand(rows) if callable(cand) else cand[rows]
+                d = q.float() - w
+                out[2 + i] = 2 * _exact_sum((d * cross).sum(1, dtype=torch.float64)) + _row_sum(d, h, d)
+        del h
+    if world > 1:
+        # Each piece's entries are non-zero on its own rank only: x + 0 is exact.
+        flat = torch.tensor(terms, dtype=torch.float64, device=w2d.device)
+        terms = all_reduce_sum_(flat).tolist()
+    errors = [0.0] * k
     ref = 0.0
-    for sl, st in zip(blocks, stats):
-        w = w2d[sl].float()
-        # M = K and H − G = E are stored as such (small terms at their own precision); the
-        # products with them carry no cancellation and run in float32, one operand at a time.
-        # Products of the rows with one stored matrix at a time: no N × N sum is formed
-        # (F = Gᵀ − E + K and H = G + E would be three 127 MB temporaries at 5632 inputs).
-        form = _bilinear_sum
-        base = form(w, st.K, w)
-        ref += form(w, st.G, w) - form(w, st.E, w) + base  # wᵀFw = wᵀGw − wᵀEw + wᵀKw
-        cross = (w @ st.E.T).double()  # row r: (H − G) w_r
-        for i, cand in enumerate(candidates):
-            q = cand() if callable(cand) else cand
-            d = q[sl].float() - w
-            quad = form(d, st.G, d) + form(d, st.E, d)  # dᵀHd
-            errors[i] += max(base + 2 * (d.double() * cross).sum().item() + quad, 0.0)
+    for per_piece in terms:
+        total = [0.0] * width
+        for piece in per_piece:  # in piece order, whichever rank measured them
+            total = [a + b for a, b in zip(total, piece)]
+        ref += total[0]
+        for i in range(k):
+            errors[i] += max(total[1] + total[2 + i], 0.0)
     return errors, ref
 
 
-def _bilinear_sum(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor) -> float:
-    """``Σ_r a_r M b_rᵀ`` over the rows of ``a`` and ``b`` (float32 product, float64 sum)."""
-    return ((a @ m).double() * b.double()).sum().item()
+def _row_sum(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor) -> float:
+    """``Σ_r a_r M b_rᵀ`` over the rows of ``a`` and ``b`` (float32 products, float64 sums)."""
+    return _exact_sum((a @ m).mul_(b).sum(1, dtype=torch.float64))
+
+
+def _exact_sum(per_row: torch.Tensor) -> float:
+    """The correctly rounded sum of a vector (``math.fsum``): torch's sum of a long vector
+    splits it across threads, so its last bits would depend on the thread count."""
+    return math.fsum(per_row.tolist())
+
+
+def _dequantized_rows(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, rows: slice
+) -> torch.Tensor:
+    """The rows ``rows`` of ``_dequantized(codes, scale, zero_point)``."""
+    return _dequantized(codes[rows], _rows_of(scale, rows), _rows_of(zero_point, rows))
 
 
 def _dequantized(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
@@ -1529,9 +1583,10 @@ class _UnitLoop:
             if len(candidates) > 1:
                 errors, _ = _output_errors(
                     w2d,
-                    [functools.partial(_dequantized, c, sc, z) for _, _, sc, z, c in candidates],
+                    [functools.partial(_dequantized_rows, c, sc, z) for _, _, sc, z, c in candidates],
                     blocks,
                     val_stats,
+                    reference=False,
                 )
                 best = min(range(len(candidates)), key=lambda i: (errors[i], i))
                 chosen_factor, how, scale, zp, codes = candidates[best]

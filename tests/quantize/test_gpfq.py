@@ -226,6 +226,68 @@ def test_report_errors_of_a_wide_layer_come_from_evenly_spaced_rows():
     assert part / ref_part == pytest.approx(full / ref_full, rel=0.05)
 
 
+def _error_problem(rows: int = 300, n: int = 256, m: int = 200):
+    """A weight in two row blocks with their own statistics, and two candidates."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(rows, n, generator=g)
+    blocks = [slice(0, rows // 3), slice(rows // 3, rows)]
+    data = []
+    for _ in blocks:
+        x = torch.randn(m, n, generator=g)
+        data.append((x, x + 0.05 * torch.randn(m, n, generator=g)))
+    stats = [LayerStats.from_data(x, xt) for x, xt in data]
+    cands = [w + 0.01 * torch.randn(rows, n, generator=g), rtn_quantize(w, 4).dequantize()]
+    return w, blocks, data, stats, cands
+
+
+def test_output_errors_equal_the_errors_of_the_data():
+    """‖Xw − X̃q‖² and ‖Xw‖², summed over the blocks, as computed from the inputs themselves;
+    a candidate given as a function of a row slice gives the very same floats as the tensor."""
+    from compress.quantize.gpfq import _output_errors
+
+    w, blocks, data, stats, cands = _error_problem()
+    errors, ref = _output_errors(w, cands, blocks, stats)
+    want_ref = sum(((x.double() @ w[sl].double().T) ** 2).sum().item() for sl, (x, _) in zip(blocks, data))
+    for err, q in zip(errors, cands):
+        want = sum(
+            ((x.double() @ w[sl].double().T - xt.double() @ q[sl].double().T) ** 2).sum().item()
+            for sl, (x, xt) in zip(blocks, data)
+        )
+        assert err == pytest.approx(want, rel=1e-4)
+    assert ref == pytest.approx(want_ref, rel=1e-5)
+    asked: list[slice] = []
+
+    def rows_of(q):
+        def make(rows):
+            asked.append(rows)
+            return q[rows]
+
+        return make
+
+    lazily, no_ref = _output_errors(w, [rows_of(q) for q in cands], blocks, stats, reference=False)
+    assert lazily == errors and no_ref == 0.0
+    # one process measures every piece of every block (two pieces each), one row slice at a time
+    assert sorted((s.start, s.stop) for s in asked[::2]) == [(0, 50), (50, 100), (100, 200), (200, 300)]
+
+
+def test_output_errors_do_not_depend_on_the_thread_count():
+    """Ranks of a process group run one thread each where one process runs two: the errors
+    that choose each weight's scale must be the same floats either way (torch's sum of a
+    long tensor splits it across threads; per-row sums and math.fsum do not)."""
+    from compress.quantize.gpfq import _output_errors
+
+    w, blocks, _data, stats, cands = _error_problem(rows=600, n=384)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _output_errors(w, cands, blocks, stats)
+        torch.set_num_threads(2)
+        two = _output_errors(w, cands, blocks, stats)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+
+
 def test_layer_stats_merge_equals_stats_of_all_rows():
     from compress.quantize.gpfq import LayerStats
 

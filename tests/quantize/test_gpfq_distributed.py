@@ -12,7 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from compress.quantize.gpfq import AUTO_SCALE_FACTORS, RTN_GRID, LayerPlan, gpfq_quantize_model
+from compress.quantize.gpfq import AUTO_SCALE_FACTORS, RTN_GRID, LayerPlan, _output_errors, gpfq_quantize_model
+
+from .test_gpfq import _error_problem
 
 
 class _Block(nn.Module):
@@ -87,3 +89,45 @@ def test_two_processes_give_one_process_codes(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+def _errors_worker(rank: int, world: int, port: int, path: str) -> None:
+    """Each rank measures the candidates' output errors; rank ``r`` saves what it got and the
+    row slices it dequantized."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        w, blocks, _data, stats, cands = _error_problem()
+        asked: list[tuple[int, int]] = []
+
+        def rows_of(q):
+            def make(rows):
+                asked.append((rows.start, rows.stop))
+                return q[rows]
+
+            return make
+
+        result = _output_errors(w, [rows_of(q) for q in cands], blocks, stats)
+        torch.save({"result": result, "asked": sorted(set(asked))}, f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_output_errors_and_get_one_process_floats(tmp_path):
+    """The candidates' output errors (which choose each weight's scale) are measured on half
+    the rows per rank, and every rank gets exactly the floats one process computes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "errors")
+    mp.spawn(_errors_worker, args=(2, port, path), nprocs=2, join=True)
+    w, blocks, _data, stats, cands = _error_problem()
+    one = _output_errors(w, cands, blocks, stats)
+    ranks = [torch.load(f"{path}.{r}") for r in range(2)]
+    for got in ranks:
+        assert got["result"] == one
+    # blocks of 100 and 200 rows, each cut in two pieces: rank r measures piece r of each
+    assert ranks[0]["asked"] == [(0, 50), (100, 200)]
+    assert ranks[1]["asked"] == [(50, 100), (200, 300)]
