@@ -1612,13 +1612,13 @@ class _UnitLoop:
             return _dequantized(codes[sl], _rows_of(scale, sl), _rows_of(zp, sl))
 
         chunks = list(row_chunks(0, rows, cols))
-        err = math.sqrt(sum(float(dequantized(c).sub_(w2d[c]).norm()) ** 2 for c in chunks))
+        weight_err = math.sqrt(sum(float(dequantized(c).sub_(w2d[c]).norm()) ** 2 for c in chunks))
         info: dict = {
             "bits": plan.bits,
             "granularity": qt.granularity,
             "algorithm": algorithm,
             "scale_factor": chosen_factor,
-            "weight_rel_error": err / max(float(w2d.norm()), 1e-30),
+            "weight_rel_error": weight_err / max(float(w2d.norm()), 1e-30),
         }
         if len(blocks) > 1:
             info["blocks"] = len(blocks)
