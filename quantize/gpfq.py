@@ -18,11 +18,13 @@ import copy
 import functools
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import InitVar, dataclass, field
-from typing import cast, overload
+from typing import Any, cast, overload
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -720,7 +722,7 @@ def collect_stats(
     n_blocks = len(sizes)
     total = sum(batches[j].x.shape[0] for shard in shards for j in shard)
     mine = _owned_shards(len(shards))
-    per_shard: list[list[LayerStats] | None] = []
+    per_shard: list[Any] = []  # per shard: its statistics, a _SpilledShard, or None (not this rank's)
     for s, shard in enumerate(shards):
         if s not in mine:
             per_shard.append(None)
@@ -743,7 +745,10 @@ def collect_stats(
                         idx = torch.randperm(x.shape[0], generator=generator)[:budget].to(x.device)
                         x, xt = x[idx], xt[idx]
                 st.add(x, xt)
-        per_shard.append(stats)
+        more = any(t in mine for t in range(s + 1, len(shards)))
+        # A shard summed before another of this process's waits in a temporary file: one set
+        # of N × N sums in memory at a time, not one per shard (2 × 381 MB at 5632 inputs).
+        per_shard.append(_SpilledShard(stats) if more and stats is not None and _spills(stats) else stats)
     _, world = rank_and_world()
     if world > 1:
         # Every rank gets every shard's sums (float64, counts too), then adds them in order.
@@ -751,11 +756,83 @@ def collect_stats(
     done = [st for st in per_shard if st is not None]
     if not done:
         raise ValueError("GPFQ needs calibration data, got no batches")
+    if any(isinstance(st, _SpilledShard) for st in done):
+        return _sum_in_order(done)
     out = done[0]
     for other in done[1:]:
         for a, b in zip(out, other):
             a.add_stats(b)
     return out
+
+
+SPILL_BYTES = 32 << 20  # a shard's N × N sums above this wait on disk for the next shard
+SPILL_CHUNK_BYTES = 16 << 20  # read back this much of a spilled matrix at a time
+
+
+def _spills(stats: list[LayerStats]) -> bool:
+    first = stats[0].G
+    big = sum(3 * 4 * st.n * st.n for st in stats) >= SPILL_BYTES
+    return big and first.device.type == "cpu" and first.dtype == torch.float32
+
+
+class _SpilledShard:
+    """One shard's statistics with their N × N matrices in a temporary file (the vectors and
+    the count stay in memory); read back a chunk of rows at a time by ``_sum_in_order``."""
+
+    def __init__(self, stats: list[LayerStats]):
+        # closed by _sum_in_order; unlinked at creation, so the disk space returns with the descriptor
+        self.file = tempfile.TemporaryFile(prefix="compress-gpfq-")  # noqa: SIM115
+        self.stats, self.offsets = stats, []
+        at = 0
+        for st in stats:
+            for key in LayerStats.MATRICES:
+                self.offsets.append(at)
+                m = getattr(st, key).contiguous()
+                m.numpy().tofile(self.file)
+                at += m.numel() * m.element_size()
+                setattr(st, key, m.new_empty(0))  # the matrix's memory goes back now
+        self.file.flush()
+
+    def rows(self, block: int, key: int, rows: slice) -> torch.Tensor:
+        n = self.stats[block].n
+        self.file.seek(self.offsets[block * len(LayerStats.MATRICES) + key] + rows.start * n * 4)
+        count = (rows.stop - rows.start) * n
+        out = torch.from_numpy(np.fromfile(self.file, dtype=np.float32, count=count))
+        if out.numel() != count:
+            raise OSError("GPFQ's temporary statistics file was cut short")
+        return out.reshape(-1, n)
+
+
+def _sum_in_order(shards: list) -> list[LayerStats]:
+    """``((s0 + s1) + …) + last``, elementwise as ``LayerStats.add_stats`` adds them, into the
+    last shard's statistics (in memory); the others may be ``_SpilledShard``s, read a chunk
+    of rows at a time."""
+    *first, last = shards
+
+    def part(sh, b: int, k: int, key: str, rows: slice) -> torch.Tensor:
+        return sh.rows(b, k, rows) if isinstance(sh, _SpilledShard) else getattr(sh[b], key)[rows]
+
+    def vector(sh, b: int, key: str) -> torch.Tensor:
+        return getattr((sh.stats if isinstance(sh, _SpilledShard) else sh)[b], key)
+
+    for b, st in enumerate(last):
+        for k, key in enumerate(LayerStats.MATRICES):
+            target = getattr(st, key)
+            for rows in row_chunks(0, st.n, st.n, SPILL_CHUNK_BYTES):
+                acc = part(first[0], b, k, key, rows).clone()
+                for sh in first[1:]:
+                    acc.add_(part(sh, b, k, key, rows))
+                target[rows] = acc.add_(target[rows])
+        for key in LayerStats.SUMS:
+            acc = vector(first[0], b, key).clone()
+            for sh in first[1:]:
+                acc.add_(vector(sh, b, key))
+            setattr(st, key, acc.add_(getattr(st, key)))
+        st.count += sum((sh.stats if isinstance(sh, _SpilledShard) else sh)[b].count for sh in first)
+    for sh in first:
+        if isinstance(sh, _SpilledShard):
+            sh.file.close()
+    return last
 
 
 def _gather_shards(
@@ -1325,11 +1402,12 @@ def _stream_chain(
 
     float_replay, quant_replay = _ReplayState(), _ReplayState()
     # The float network outside the chain: the model without its blocks. Only the weights
-    # quantized outside the chain (before or after it) are copied, with their owners' other
-    # parameters; every other parameter and buffer is shared (BERT-base's 94 MB word-embedding
-    # table, when no GPFQ layer outside the chain reads it). A table tied to a quantized output
-    # layer is that layer's weight, so it is copied.
-    outside = [*phases.before, *phases.after]
+    # quantized outside the chain are copied, with their owners' other parameters; every other
+    # parameter and buffer is shared (BERT-base's 94 MB word-embedding table, when no GPFQ layer
+    # outside the chain reads it). The last weight after the chain is not copied either: the
+    # float network only ever computes inputs of weights not yet quantized, and nothing of
+    # that last one's input depends on it (a 1 B decoder's tied 32000 × 2048 head: 131 MB).
+    outside = [*phases.before, *phases.after[:-1]]
     changed = {id(t) for u in outside for t in model.get_submodule(u.owner).parameters(recurse=False)}
     memo: dict[int, object] = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in changed}
     with _blocks_replaced(model, chain, float_replay):
@@ -1664,9 +1742,10 @@ REPORT_ROWS = 512  # rows per weight block the report's output errors are measur
 ROW_CHUNK_BYTES = 64 << 20
 
 
-def row_chunks(start: int, stop: int, cols: int) -> Iterator[slice]:
-    """``[start, stop)`` in consecutive slices of at most ``ROW_CHUNK_BYTES`` of float32 rows."""
-    step = max(1, ROW_CHUNK_BYTES // (4 * max(cols, 1)))
+def row_chunks(start: int, stop: int, cols: int, chunk_bytes: int | None = None) -> Iterator[slice]:
+    """``[start, stop)`` in consecutive slices of at most ``chunk_bytes`` (default
+    ``ROW_CHUNK_BYTES``) of float32 rows."""
+    step = max(1, (ROW_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * max(cols, 1)))
     for a in range(start, stop, step):
         yield slice(a, min(a + step, stop))
 

@@ -379,3 +379,41 @@ def test_wide_weights_in_row_chunks_give_the_same_codes_and_weights(monkeypatch,
     for key, info in whole_report.items():
         assert chunked_report[key]["weight_rel_error"] == pytest.approx(info["weight_rel_error"], rel=1e-6)
         assert chunked_report[key]["output_rel_error"] == pytest.approx(info["output_rel_error"], rel=1e-6)
+
+
+def test_statistics_spilled_to_disk_between_shards_are_the_same_floats(monkeypatch):
+    """One process sums its two calibration shards apart (the very sums two ranks all-reduce);
+    the first waits in a temporary file while the second is summed, and is added back a chunk
+    of rows at a time in the same order: every statistic, code and reported error is equal."""
+    import compress.quantize.gpfq as gpfq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 12))
+    x = torch.randn(96, 24)
+    plans = {"0": LayerPlan(4), "2": LayerPlan(3)}
+
+    def run():
+        m = copy.deepcopy(model)
+        quant, report = gpfq_quantize_model(
+            m, x, plans, scale_factor=(0.9, 1.16), auto_holdout=0.25, batch_size=16, bias_correction=True
+        )
+        return m, quant, report
+
+    in_memory = run()
+    spilled = []
+    monkeypatch.setattr(gpfq, "SPILL_BYTES", 0)
+    monkeypatch.setattr(gpfq, "SPILL_CHUNK_BYTES", 4 * 40 * 7)  # read back 7 rows at a time
+    class Counted(gpfq._SpilledShard):
+        def __init__(self, stats):
+            super().__init__(stats)
+            spilled.append(self)
+
+    monkeypatch.setattr(gpfq, "_SpilledShard", Counted)
+    on_disk = run()
+    assert len(spilled) == 4  # per weight: the fit and the held-out part each spill their first shard
+    assert all(sh.file.closed for sh in spilled)
+    for name, qt in in_memory[1].items():
+        assert torch.equal(on_disk[1][name].codes, qt.codes) and torch.equal(on_disk[1][name].scale, qt.scale)
+    assert on_disk[2] == in_memory[2]  # output errors, weight errors, chosen C: the same floats
+    for a, b in zip(in_memory[0].state_dict().values(), on_disk[0].state_dict().values()):
+        assert torch.equal(a, b)

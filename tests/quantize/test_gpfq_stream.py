@@ -119,13 +119,15 @@ class _Block(nn.Module):
 
 
 class _Stack(nn.Module):
-    """A weight before the chain, blocks fed a side input (keyword), a head after."""
+    """A weight before the chain, blocks fed a side input (keyword), a head after (with
+    ``deep_head``, two weights after: the float input of the second needs the first's float
+    weight, the last one's own weight is never needed by the float network)."""
 
-    def __init__(self, d=8):
+    def __init__(self, d=8, deep_head=False):
         super().__init__()
         self.proj = nn.Linear(6, d)
         self.blocks = nn.ModuleList(_Block(d) for _ in range(3))
-        self.head = nn.Linear(d, 3)
+        self.head = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 3)) if deep_head else nn.Linear(d, 3)
 
     def forward(self, x):
         h, scale = self.proj(x), x[..., :1].sigmoid()
@@ -134,9 +136,10 @@ class _Stack(nn.Module):
         return self.head(h)
 
 
-def test_weights_before_the_chain_and_side_inputs():
+@pytest.mark.parametrize("deep_head", [False, True])
+def test_weights_before_the_chain_and_side_inputs(deep_head):
     torch.manual_seed(0)
-    model = _Stack().eval()
+    model = _Stack(deep_head=deep_head).eval()
     x = torch.randn(20, 5, 6)
     assert find_block_chain(model, x[:2]).prefix == "blocks"
     _assert_same(*_both_paths(model, x, _plans(model, bits=3), batch_size=6, bias_correction=True))
