@@ -138,9 +138,7 @@ def pack_state(state: ModelState, path: Path, config: CompressStageConfig) -> di
             # The codes unpacked (the container codes them itself), then the side tensors.
             side = {k: v for k, v in qt.to_dict().items() if isinstance(v, torch.Tensor) and k != "packed"}
             parts = {"codes": qt.codes, **side}
-            mask_entry = (
-                f"mask/{name}" if name in state.masks and state.masks[name].numel() == qt.numel else None
-            )
+            mask_entry = f"mask/{name}" if name in state.masks and state.masks[name].numel() == qt.numel else None
             for part, t in parts.items():
                 if t is None:
                     continue
