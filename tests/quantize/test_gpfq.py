@@ -403,6 +403,7 @@ def test_statistics_spilled_to_disk_between_shards_are_the_same_floats(monkeypat
     spilled = []
     monkeypatch.setattr(gpfq, "SPILL_BYTES", 0)
     monkeypatch.setattr(gpfq, "SPILL_CHUNK_BYTES", 4 * 40 * 7)  # read back 7 rows at a time
+
     class Counted(gpfq._SpilledShard):
         def __init__(self, stats):
             super().__init__(stats)
