@@ -348,11 +348,19 @@ def test_auto_scale_factor_chosen_on_held_out_samples_then_refit_on_all():
     assert matches == [True]
 
 
+def _quantized_copy(model: nn.Module, x: torch.Tensor, plans: dict, **kw):
+    """GPFQ (with bias correction) on a copy of ``model``: the copy, its codes, its report."""
+    m = copy.deepcopy(model)
+    quant, report = gpfq_quantize_model(m, x, plans, bias_correction=True, **kw)
+    return m, quant, report
+
+
 @pytest.mark.parametrize("factors", [1.16, (0.9, 1.16, "rtn")])
 def test_wide_weights_in_row_chunks_give_the_same_codes_and_weights(monkeypatch, factors):
     """A weight whose rows exceed ROW_CHUNK_BYTES goes through GPFQ's loop and the
     dequantization in chunks of rows (a vocabulary head's full float32 copies are 262 MB
-    each): codes, scales, the written weights, bias and report are those of one pass."""
+    each): codes, scales and written weights are those of one pass, the corrected bias and
+    the report's errors equal to float rounding."""
     import compress.quantize.gpfq as gpfq
 
     torch.manual_seed(0)
@@ -361,9 +369,7 @@ def test_wide_weights_in_row_chunks_give_the_same_codes_and_weights(monkeypatch,
     plans = {"0": LayerPlan(4), "2": LayerPlan(3)}
 
     def run():
-        m = copy.deepcopy(model)
-        quant, report = gpfq_quantize_model(m, x, plans, scale_factor=factors, bias_correction=True)
-        return m, quant, report
+        return _quantized_copy(model, x, plans, scale_factor=factors)
 
     whole_model, whole, whole_report = run()
     monkeypatch.setattr(gpfq, "ROW_CHUNK_BYTES", 4 * 40 * 5)  # 5 rows of the widest layer per chunk
@@ -393,11 +399,7 @@ def test_statistics_spilled_to_disk_between_shards_are_the_same_floats(monkeypat
     plans = {"0": LayerPlan(4), "2": LayerPlan(3)}
 
     def run():
-        m = copy.deepcopy(model)
-        quant, report = gpfq_quantize_model(
-            m, x, plans, scale_factor=(0.9, 1.16), auto_holdout=0.25, batch_size=16, bias_correction=True
-        )
-        return m, quant, report
+        return _quantized_copy(model, x, plans, scale_factor=(0.9, 1.16), auto_holdout=0.25, batch_size=16)
 
     in_memory = run()
     spilled = []
