@@ -76,7 +76,7 @@ MS_DOMAIN = "com.microsoft"
 PASS_THROUGH = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 
 
-def _need_ms_domain(model: onnx.ModelProto) -> None:
+def need_ms_domain(model: onnx.ModelProto) -> None:
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         from onnx import helper
 
@@ -149,7 +149,7 @@ def dynamic_matmul(rw, init_name: str, qt: UniformTensor, consumers: list, trans
             z_name = rw.fresh(f"{init_name}_zero_point")
             rw.graph.initializer.append(numpy_helper.from_array(zp, z_name))
             inputs.append(z_name)
-    _need_ms_domain(rw.model)
+    need_ms_domain(rw.model)
     for node in consumers:
         idx = next(i for i, n in enumerate(rw.nodes) if n is node)
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else ""
@@ -205,7 +205,7 @@ def gather_block_quantized_nodes(rw, init_name: str, qt: UniformTensor, consumer
         ]
     )
     pre = [helper.make_node("Tile", [s_name, reps], [blocks], name=rw.fresh(f"{init_name}_TileScales"))]
-    _need_ms_domain(rw.model)
+    need_ms_domain(rw.model)
     for node in consumers:
         idx = next(i for i, n in enumerate(rw.nodes) if n is node)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -47,9 +47,17 @@ def _export(state: ModelState, config: ExportConfig, ctx: StageContext) -> None:
             "Models with data-dependent control flow need export.exporter: legacy (which records the path "
             "taken on the example input; the parity check then tells whether that is enough)"
         ) from err
+    fused_attention = 0
+    if config.fuse_attention:
+        from compress.export.attention import fuse_attention
+
+        # Before the float reference is saved: the latency ratio then measures quantization alone.
+        model, fused_attention = fuse_attention(model)
+        if fused_attention and not state.quant:
+            save_onnx(model, path, base_dir=ctx.out_dir)
     feeds = signature.feeds if signature is not None else None
     session_config: dict[str, str] = {}
-    disabled: tuple[str, ...] = ()
+    disabled = tuple(config.ort_disabled_fusions)
     float_path = None
     act_mode = state.extras.get("activation_quantization", {}).get("mode", "none")
     # Over EXTERNAL_DATA_THRESHOLD the weights sit in model.onnx.data beside the graph and
@@ -87,7 +95,7 @@ def _export(state: ModelState, config: ExportConfig, ctx: StageContext) -> None:
         # exact: fp32 compute inside the fused N-bit kernels, parity with the PyTorch model;
         # otherwise onnxruntime's default, which quantizes activations to 8 bits (faster)
         session_config = session_config_for_exact_parity() if config.exact_quantized_kernels else {}
-        disabled = DISABLED_OPTIMIZERS
+        disabled = tuple(dict.fromkeys(disabled + DISABLED_OPTIMIZERS))
     del model  # the checks below read the files
     check_model(path)
     files = onnx_files(path)
@@ -123,6 +131,7 @@ def _export(state: ModelState, config: ExportConfig, ctx: StageContext) -> None:
             "onnx_bytes": sum(f.stat().st_size for f in files),
             "onnx_external_data_bytes": sum(f.stat().st_size for f in files[1:]),
             "opset": config.opset,
+            "fused_attention": fused_attention,
             "ort_max_abs_error": float(diff.max()),
             "ort_within_tolerance": within,
             "ort_agreement": agreement,
@@ -219,7 +228,10 @@ def _export(state: ModelState, config: ExportConfig, ctx: StageContext) -> None:
 def _latency_vs_float(session, float_path, example: np.ndarray, config: ExportConfig, feeds) -> dict:
     """Latency of ``session`` and of the float export, measured in interleaved rounds (so a
     busy machine slows both alike), with the ratio of their medians."""
-    float_session = ort_session(float_path, threads=config.threads)
+    # the float twin under the same graph transformers as the model (the export's fusions)
+    float_session = ort_session(
+        float_path, threads=config.threads, disabled_optimizers=tuple(config.ort_disabled_fusions)
+    )
     rounds = 5
     runs = max(1, config.latency_runs // rounds)
     ours: list[float] = []
