@@ -217,7 +217,9 @@ def gpfq_codes(
     inner = min(_INNER_BLOCK, block_size)
     # Codes within ±limit/2 can never break the bound (7 bits and fewer).
     limit = pair_limit if pair_limit is not None else 0
-    bound_pairs = pair_limit is not None and max(-qmin, qmax) > limit // 2
+    # Symmetric grids only: an asymmetric grid's codes are offset by its zero point, and the
+    # export stores codes that break the bound for the exact uint8 kernel.
+    bound_pairs = pair_limit is not None and zero_point is None and max(-qmin, qmax) > limit // 2
     # The per-column steps are small vector ops: on one thread each takes microseconds, while
     # a thread pool's fork and join costs more than the op (over a millisecond when the cores
     # are busy). Only the matrix products below run on every thread.
@@ -1770,7 +1772,7 @@ def _report_rows(blocks: list[slice]) -> tuple[torch.Tensor, list[slice]]:
 def _rounded(w2d: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, plan: LayerPlan) -> torch.Tensor:
     """Round-to-nearest codes on the grid, within the plan's pair bound (``LayerPlan.pair_limit``)."""
     codes = round_to_grid(w2d, scale, zp, plan.bits)
-    return codes if plan.pair_limit is None else limit_u8s8_pairs(codes, plan.pair_limit)
+    return codes if plan.pair_limit is None or zp is not None else limit_u8s8_pairs(codes, plan.pair_limit)
 
 
 def _bias_of(layer: nn.Module, attr: str) -> torch.Tensor | None:

@@ -35,6 +35,9 @@ def rtn_quantize(
         pair_limit: bound on each pair of input columns' same-signed codes: the grid's step
             leaves room for it (``compress.grid.uniform_scale``) and what rounding still puts
             over it is moved back (``compress.grid.limit_u8s8_pairs``); None: no bound.
+            Symmetric grids only: an asymmetric grid's codes are offset by its zero point, so
+            moving them would move the weights; the export stores those that break the bound
+            for the exact uint8 kernel instead.
 
     Returns:
         The quantized tensor; its dequantized value is within half a step of ``weight``.
@@ -45,7 +48,7 @@ def rtn_quantize(
         w2d, bits, granularity=granularity, group_size=group_size, symmetric=symmetric, pair_limit=pair_limit
     )
     codes = round_to_grid(w2d, scale, zero_point, bits)
-    if pair_limit is not None:
+    if pair_limit is not None and zero_point is None:  # symmetric grids only (see limit_u8s8_pairs)
         codes = limit_u8s8_pairs(codes, pair_limit)
     if mask is not None:
         keep = as_matrix(mask).bool()

@@ -113,6 +113,10 @@ def test_asymmetric_4_8_bit_mix_stays_on_the_integer_gemm(trained, tmp_path):  #
     with quantized_inputs(state.module, state.extras["activation_quantization"]):
         sim = predict(state.module, x_eval).numpy()
     assert row_cosine(ort_one, sim).min() > 0.999
+    # and both are still the float model (the 8-bit layers' asymmetric codes once had their
+    # pairs "bounded" through the zero point: agreement fell to chance)
+    agree = (sim.argmax(1) == predict(model, x_eval).numpy().argmax(1)).mean()
+    assert agree > 0.95, agree
 
 
 @pytest.fixture(scope="module")
