@@ -146,9 +146,9 @@ def test_export_stage_fuses_by_default_and_reports_it(tmp_path):
     """The export stage writes the fused graph and checks its parity with PyTorch;
     ``fuse_attention: false`` keeps torch's standard operators. The session it checks (and
     the bundle carries) switches off onnxruntime's SkipLayerNormalization fusion by default."""
-    from compress.export.quantized import optimized_op_types
     from compress.data import DataBundle, Split
     from compress.export.config import ExportConfig
+    from compress.export.quantized import optimized_op_types
     from compress.export.stage import apply
     from compress.state import ModelState, StageContext
 
