@@ -237,16 +237,19 @@ def _shape_value(g: _Graph, name: str, depth: int = 0) -> list | None:
 
 def _scaled(g: _Graph, name: str) -> tuple[str, float, list[onnx.NodeProto]]:
     """``x · c`` (or ``x / c``) by a scalar constant: (x, c, [the node]); else (name, 1, [])."""
-    n = g.producer.get(name)
-    if n is None or n.op_type not in ("Mul", "Div") or n.domain not in ("", "ai.onnx") or g.only(name) is None:
+    node = g.producer.get(name)
+    if node is None or node.op_type not in ("Mul", "Div") or node.domain not in ("", "ai.onnx"):
         return name, 1.0, []
-    c = g.scalar(n.input[1])
-    x = n.input[0]
-    if c is None and n.op_type == "Mul":
-        c, x = g.scalar(n.input[0]), n.input[1]
-    if c is None or c == 0.0 or not np.isfinite(c) or g.only(x) is not n:
+    if g.only(name) is None:
         return name, 1.0, []
-    return x, (c if n.op_type == "Mul" else 1.0 / c), [n]
+    c = g.scalar(node.input[1])
+    x = node.input[0]
+    if c is None and node.op_type == "Mul":
+        c, x = g.scalar(node.input[0]), node.input[1]
+    factor = c if node.op_type == "Mul" else 1.0 / c if c else None
+    if not factor or not np.isfinite(factor) or g.only(x) is not node:
+        return name, 1.0, []
+    return x, factor, [g.producer[name]]
 
 
 def _nan_guard(g: _Graph, probs: str) -> tuple[str, list[onnx.NodeProto]] | None:
@@ -310,7 +313,7 @@ def _match_scores(
         return None
     scale *= q_scale * k_scale
     # softmax · v (after an optional NaN guard), heads merged back
-    probs, guard = softmax.output[0], []
+    probs, guard = softmax.output[0], list[onnx.NodeProto]()
     mm2 = g.only(probs)
     if mm2 is None:
         guarded = _nan_guard(g, probs)
