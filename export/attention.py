@@ -439,7 +439,7 @@ def _unavailable(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> set[str
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove the constants only the replaced nodes read (the scale, the heads' shapes)."""
-    used = {i for n in model.graph.node for i in n.input}
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     for n in model.graph.node:
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
