@@ -3,6 +3,8 @@
 Budgets are the smallest at which the claims were measured to hold on this data set.
 Only born-again runs at three seeds here: the other arms at three would triple the slowest
 part of the suite, so their medians are reported by ``python benchmarks/distill.py --seeds 3``.
+At those medians every claim below holds as asserted; quantized distillation's win over
+label-only quantized training did not (a tie), so it is asserted as one.
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ def _half_width():
 
 
 def test_quantized_distillation_4bit_half_width(mnist1d, teacher, one_thread):
+    """Polino et al.: a 4-bit half-width student distilled while quantized stays within 2
+    points of the teacher and beats the label-trained student rounded afterwards. It does not
+    beat label-only quantized training on this data: at the median of 3 seeds the two tie
+    (`python benchmarks/distill.py --seeds 3`, 3200 steps: 0.930 (0.930-0.943) against 0.932
+    (0.919-0.943); RTN after training 0.881; teacher 0.949), so that comparison is checked to
+    one point, not as a win."""
     from compress.distill.quantized import quantized_distill, rtn_bucket_quantize
 
     x, y = mnist1d.x, mnist1d.y
@@ -82,7 +90,8 @@ def test_quantized_distillation_4bit_half_width(mnist1d, teacher, one_thread):
         "labels+rtn": _acc(labels_rtn, mnist1d),
         "labels+qtrain": _acc(labels_q, mnist1d),
     }
-    assert kd_acc > results["labels+rtn"] and kd_acc > results["labels+qtrain"], results
+    assert kd_acc > results["labels+rtn"] + 0.02, results
+    assert kd_acc >= results["labels+qtrain"] - 0.01, results
     assert kd_acc >= teacher_acc - 0.02, results
 
 
