@@ -250,6 +250,12 @@ def _current_rss() -> int | None:
     return int(psutil.Process().memory_info().rss)
 
 
+def resident_memory() -> tuple[int | None, int | None]:
+    """This process's resident memory now and its peak so far (``VmHWM``, since the last
+    reset), in bytes; None for what the platform does not tell."""
+    return _current_rss(), _status_bytes("VmHWM")
+
+
 def _max_rss() -> int | None:
     try:
         import resource

@@ -39,11 +39,16 @@ from compress.grid import (
     uniform_scale,
     zero_codes,
 )
-from compress.metrics import release_free_memory
+from compress.metrics import release_free_memory, resident_memory
 from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 from compress.quantize.activations import EXTRAS_KEY, kernel_pair_limit
 
 log = logging.getLogger(__name__)
+
+
+def _gb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e9:.2f} GB"
+
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Columns per inner block of the greedy loop (see gpfq_codes).
@@ -1468,13 +1473,16 @@ def _stream_chain(
         del float_block
         release_free_memory()
         # progress of a long stage (a 1 B decoder's blocks take minutes each): --verbose shows it
+        rss, peak = resident_memory()
         log.info(
-            "gpfq: block %d/%d (%s, %d weights) in %.1f s",
+            "gpfq: block %d/%d (%s, %d weights) in %.1f s; resident %s, peak %s",
             i + 1,
             len(chain.block_names),
             name,
             len(units),
             time.perf_counter() - started,
+            _gb(rss),
+            _gb(peak),
         )
     if phases.after:
         float_replay.hidden = {j: _hidden_of(_hidden_in(a, kw)) for j, (a, kw) in float_in.items()}
