@@ -267,6 +267,25 @@ def _max_rss() -> int | None:
 
 
 _LIBC: Any = None
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# Allocations from this size up get their own memory map in the low-memory mode (see
+# compact_heap). BERT-base GPFQ int8, peak RSS and time against glibc's default:
+# 1 MiB 0.91x / 1.20x, 4 MiB 0.92x / 1.13x, 16 MiB 0.97x / 1.02x.
+COMPACT_HEAP_THRESHOLD = 4 << 20
+
+
+def _libc() -> Any:
+    """The process's C library when it is glibc (``malloc_trim`` and ``mallopt``), else False."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            lib = ctypes.CDLL(None)  # the process's own symbols: the C library it runs on
+            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC
 
 
 def release_free_memory() -> bool:
@@ -279,16 +298,26 @@ def release_free_memory() -> bool:
     each layer's work returns them, at a cost of milliseconds. Returns False where there is
     no glibc (nothing is done).
     """
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
-        try:
-            lib = ctypes.CDLL(None)  # the process's own symbols: the C library it runs on
-            _LIBC = lib if hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _LIBC = False
-    if not _LIBC:
+    lib = _libc()
+    if not lib:
         return False
-    _LIBC.malloc_trim(0)
+    lib.malloc_trim(0)
     return True
+
+
+def compact_heap(threshold: int = COMPACT_HEAP_THRESHOLD) -> bool:
+    """Give every allocation of ``threshold`` bytes or more its own memory map (glibc
+    ``mallopt(M_MMAP_THRESHOLD)``), for the rest of the process.
+
+    Such a block goes back to the operating system the moment it is freed, so tensors of a
+    few MB freed in one order and allocated in another leave no holes in the heap: what
+    :func:`release_free_memory` can only trim between layers stops piling up within one.
+    It also fixes the threshold, which glibc otherwise raises to 32 MB after the first large
+    free. The price is a page fault per page of each such block: GPFQ on BERT-base ran
+    13% slower and peaked 8% lower (1.34 against 1.46 GiB); the 1.1 B decoder's quantize
+    stage, see the README. Returns False where there is no glibc (nothing is done).
+    """
+    lib = _libc()
+    if not lib:
+        return False
+    return bool(lib.mallopt(_M_MMAP_THRESHOLD, int(threshold)))

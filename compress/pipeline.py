@@ -42,7 +42,7 @@ from compress.errors import (
 )
 from compress.fake_quant import ACTIVATIONS_KEY, quantized_inputs
 from compress.logs import captured_warnings
-from compress.metrics import PeakRSS, evaluate, model_size, predict, score_outputs
+from compress.metrics import PeakRSS, compact_heap, evaluate, model_size, predict, score_outputs
 from compress.model_io import (
     LoadedModel,
     check_forward,
@@ -202,6 +202,7 @@ class _Plan:
     entries: list
     base_dir: Path
     device: torch.device
+    memory: str  # "low" or "fast", resolved from the run's ``memory`` option
 
 
 @dataclass
@@ -239,12 +240,16 @@ def run(
     trust_model: bool = False,
     reporter: Reporter | None = None,
     device: str = "cpu",
+    memory: str = "auto",
 ) -> RunResult:
     """Run ``recipe`` on ``model_path``; write artifacts and reports into ``out_dir``.
 
     Args:
         device: ``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA when available):
             where stages compute. Artifacts and reports are the same either way.
+        memory: ``low`` trades time for peak memory (:func:`compress.metrics.compact_heap`,
+            for the rest of the process), ``fast`` leaves the C allocator as it is, ``auto``
+            (the default) is ``low`` for model files of 256 MB or more. Results are the same.
 
     Raises:
         InputError: bad recipe, model, data or output folder (nothing is run), a full
@@ -256,7 +261,9 @@ def run(
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
     main = is_main()
-    plan = _plan(recipe, model_path, out_dir, device)
+    plan = _plan(recipe, model_path, out_dir, device, memory)
+    if plan.memory == "low" and not compact_heap():
+        log.info("memory: low has no effect without glibc")
     if not main:
         # Other ranks of a multi-process run train alongside rank 0 but write into
         # scratch; they follow rank 0's cache decisions and publish nothing.
@@ -280,7 +287,7 @@ def run(
             raise
 
 
-def _plan(recipe: Recipe, model_path: Path, out_dir: Path, device: str) -> _Plan:
+def _plan(recipe: Recipe, model_path: Path, out_dir: Path, device: str, memory: str = "auto") -> _Plan:
     """Everything that can be checked without loading anything."""
     entries = [get_stage(s.name) for s in recipe.stages]
     recipe.check_plan()
@@ -289,7 +296,22 @@ def _plan(recipe: Recipe, model_path: Path, out_dir: Path, device: str) -> _Plan
     if is_main():
         _prepare_out_dir(out_dir)
     base_dir = recipe.path.parent if recipe.path else Path.cwd()
-    return _Plan(recipe, model_path, out_dir, entries, base_dir, resolve_device(device))
+    return _Plan(
+        recipe, model_path, out_dir, entries, base_dir, resolve_device(device), resolve_memory(memory, model_path)
+    )
+
+
+MEMORY_MODES = ("auto", "low", "fast")
+LOW_MEMORY_MODEL_BYTES = 256 * 10**6  # memory "auto" is "low" from this model file size up
+
+
+def resolve_memory(mode: str, model_path: Path) -> str:
+    """``auto``, ``low`` or ``fast`` as ``low`` or ``fast`` (see :func:`run`); InputError otherwise."""
+    if mode not in MEMORY_MODES:
+        raise InputError(f"unknown memory mode {mode!r}; use {', '.join(MEMORY_MODES)}")
+    if mode == "auto":
+        return "low" if model_path.stat().st_size >= LOW_MEMORY_MODEL_BYTES else "fast"
+    return mode
 
 
 def resolve_device(name: str) -> torch.device:
@@ -535,6 +557,7 @@ def _report(plan: _Plan, loaded: _Loaded, executed: _Executed, folder: OutputFol
                 "torch": torch.__version__,
                 "platform": platform.platform(),
                 "threads": torch.get_num_threads(),
+                "memory": plan.memory,
             },
         }
         if "bundle.czip" in sha256:

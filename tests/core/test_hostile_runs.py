@@ -392,6 +392,26 @@ def test_device_cpu_recorded(cli, tmp_path, recipe_text, digits_mlp_path):
     assert json.loads(out)["device"] == "cpu"
 
 
+def test_unknown_memory_mode_refused(cli, tmp_path, recipe_text, digits_mlp_path):
+    code, _, err = _run(cli, tmp_path, recipe_text(), digits_mlp_path, "-o", tmp_path / "o", "--memory", "tiny")
+    assert code == 2 and "unknown memory mode 'tiny'" in err
+
+
+def test_memory_auto_is_fast_for_a_small_model(cli, tmp_path, recipe_text, digits_mlp_path):
+    """``--memory auto`` leaves the allocator alone below 256 MB of model file (it would
+    slow the test process otherwise); the report says which mode ran."""
+    from compress.pipeline import LOW_MEMORY_MODEL_BYTES, resolve_memory
+
+    code, out, err = _run(cli, tmp_path, recipe_text(), digits_mlp_path, "-o", tmp_path / "o", "--json")
+    assert code == 0, err
+    assert json.loads(out)["environment"]["memory"] == "fast"
+    big = tmp_path / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(LOW_MEMORY_MODEL_BYTES)  # sparse: no disk used
+    assert resolve_memory("auto", big) == "low"
+    assert resolve_memory("fast", big) == "fast" and resolve_memory("low", digits_mlp_path) == "low"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_device_cuda_matches_cpu(cli, tmp_path, recipe_text, digits_mlp_path):
     stages = (

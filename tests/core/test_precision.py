@@ -104,3 +104,37 @@ def test_freed_heap_memory_goes_back_to_the_os():
         pytest.skip("not glibc")
     assert before - rss() > 100 << 20
     assert last.sum().item() == 250_000
+
+
+@pytest.mark.skipif(sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ, reason="glibc's mallopt")
+def test_compact_heap_returns_freed_blocks_at_once():
+    """After ``compact_heap`` (``--memory low``), blocks at or above its threshold are maps of
+    their own: freed out of order, they leave no heap holes and go back to the OS without
+    a trim. Without it (glibc's risen threshold) the same frees stay in the RSS. Each case
+    runs in a fresh process: the setting lasts for the process."""
+    import subprocess
+
+    script = """
+import sys, numpy as np
+from compress.metrics import compact_heap
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+if sys.argv[1] == "compact" and not compact_heap(4 << 20):
+    print("unsupported"); raise SystemExit
+big = np.ones(5_000_000, dtype=np.float32)  # a 20 MB free raises glibc's own threshold to 20 MB
+del big
+blocks = [np.ones(1_250_000, dtype=np.float32) for _ in range(20)]  # 5 MB each
+last = blocks[-1]  # pins the heap's top, as a live tensor does
+before = rss()
+del blocks
+print(before - rss())
+"""
+    freed = {}
+    for mode in ("default", "compact"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+        if out.stdout.strip() == "unsupported":
+            pytest.skip("not glibc")
+        freed[mode] = int(out.stdout)
+    assert freed["compact"] > 80 << 20  # 19 of the 20 blocks: 95 MB
+    assert freed["default"] < 20 << 20
