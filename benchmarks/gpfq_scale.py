@@ -1,6 +1,6 @@
 """GPFQ at scale: time, throughput and peak memory from MiniLM-sized to BERT-large-sized models.
 
-    python benchmarks/gpfq_scale.py [--quick] [--large] [--bits 8] [--threads 2] [--nproc N]
+    python benchmarks/gpfq_scale.py [--quick] [--large] [--bits 8] [--threads 2] [--nproc N] [--memory low|fast]
 
 Random-initialised BERT encoders (``transformers.BertConfig``, wrapped like the MiniLM
 model: ids stacked on attention masks, mean pooling) quantized with GPFQ (the quantize
@@ -11,6 +11,8 @@ high-water mark (``VmHWM``) over the GPFQ call, reset just before it (``/proc/se
 so it includes the model itself. Columns: parameters (all / the GPFQ-quantized weights),
 GPFQ seconds, quantized weights per second, peak RSS. ``--nproc N`` runs each config on N
 gloo processes (``--threads`` each) doing exact data-parallel calibration (rank 0's time and RSS).
+``--memory`` is ``compress run --memory`` (``auto``: ``low`` for BERT-base and up); the table's
+last column says which ran.
 """
 
 from __future__ import annotations
@@ -77,12 +79,20 @@ def _free_port() -> int:
 
 
 def run_one(
-    name: str, samples: int, tokens: int, bits: int, layers: int | None = None, profile: str | None = None
+    name: str,
+    samples: int,
+    tokens: int,
+    bits: int,
+    layers: int | None = None,
+    profile: str | None = None,
+    memory: str = "auto",
 ) -> dict:
     """Build the config, quantize it, return its row (runs inside the worker process).
 
     ``layers`` overrides the config's depth (a short run of the same widths); ``profile``: a
-    folder for this rank's cProfile of the GPFQ call (``rank<N>.prof``).
+    folder for this rank's cProfile of the GPFQ call (``rank<N>.prof``); ``memory``: as
+    ``compress run --memory`` (``auto``: ``low`` from 256 MB of float32 weights, the size of
+    the model file ``compress run`` would read).
     """
     import torch
     import transformers
@@ -108,6 +118,12 @@ def run_one(
     }
     params = sum(p.numel() for p in model.parameters())
     quantized = sum(model.get_submodule(k).weight.numel() for k in plans)
+    from compress.metrics import compact_heap
+    from compress.pipeline import LOW_MEMORY_MODEL_BYTES
+
+    low = memory == "low" or (memory == "auto" and params * 4 >= LOW_MEMORY_MODEL_BYTES)
+    if low:
+        compact_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the high-water mark restarts from the current RSS
     profiler = None
@@ -147,6 +163,7 @@ def run_one(
         "seconds": seconds,
         "params_per_second": quantized / seconds,
         "peak_rss_mb": _rss_peak_mb(),
+        "memory": "low" if low else "fast",
     }
 
 
@@ -170,6 +187,9 @@ def main() -> None:
     ap.add_argument(
         "--serial", action="store_true", help="with --compare, also 1 process x 1 thread (the bound on the speedup)"
     )
+    ap.add_argument(
+        "--memory", choices=("auto", "low", "fast"), default="auto", help="as compress run --memory (default auto)"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -184,7 +204,7 @@ def main() -> None:
 
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
             dist.init_process_group("gloo", rank=args.rank, world_size=args.nproc)
-        row = run_one(args.worker, samples, tokens, args.bits, args.layers, args.profile)
+        row = run_one(args.worker, samples, tokens, args.bits, args.layers, args.profile, args.memory)
         if args.rank == 0:
             print(json.dumps(row | {"nproc": args.nproc}))
         return
@@ -200,11 +220,11 @@ def main() -> None:
     print(
         f"GPFQ int{args.bits}, {samples} sequences x {tokens} tokens, {args.nproc} process(es) x {args.threads} threads"
     )
-    print(f"{'config':<18}{'params':>10}{'quantized':>11}{'GPFQ s':>9}{'params/s':>11}{'peak RSS':>11}")
+    print(f"{'config':<18}{'params':>10}{'quantized':>11}{'GPFQ s':>9}{'params/s':>11}{'peak RSS':>11}  memory")
     for r in rows:
         print(
             f"{r['config']:<18}{r['params'] / 1e6:>9.1f}M{r['quantized'] / 1e6:>10.1f}M{r['seconds']:>9.1f}"
-            f"{r['params_per_second'] / 1e6:>10.2f}M{r['peak_rss_mb'] / 1024:>8.2f}GiB"
+            f"{r['params_per_second'] / 1e6:>10.2f}M{r['peak_rss_mb'] / 1024:>8.2f}GiB  {r['memory']}"
         )
     if len(rows) >= 2:
         print(
@@ -217,6 +237,7 @@ def main() -> None:
 def _launch(args, name: str, nproc: int, threads: int) -> dict:
     """One config on ``nproc`` worker processes of ``threads`` threads each: rank 0's row."""
     cmd = [sys.executable, __file__, "--worker", name, "--bits", str(args.bits), "--threads", str(threads)]
+    cmd += ["--memory", args.memory]
     if args.quick:
         cmd.append("--quick")
     if args.layers is not None:
