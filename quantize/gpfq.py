@@ -42,12 +42,9 @@ from compress.grid import (
 from compress.metrics import release_free_memory, resident_memory
 from compress.qtensor import QuantizedTensor, UniformTensor, signed_range
 from compress.quantize.activations import EXTRAS_KEY, kernel_pair_limit
+from compress.report import format_bytes
 
 log = logging.getLogger(__name__)
-
-
-def _gb(n: int | None) -> str:
-    return "?" if n is None else f"{n / 1e9:.2f} GB"
 
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -1481,8 +1478,8 @@ def _stream_chain(
             name,
             len(units),
             time.perf_counter() - started,
-            _gb(rss),
-            _gb(peak),
+            "?" if rss is None else format_bytes(rss),
+            "?" if peak is None else format_bytes(peak),
         )
     if phases.after:
         float_replay.hidden = {j: _hidden_of(_hidden_in(a, kw)) for j, (a, kw) in float_in.items()}
