@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -221,3 +222,71 @@ def text_hash(*parts: str) -> str:
         h.update(p.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+# The libraries whose behaviour a finished stage's files depend on (the exported graph, the
+# quantized values, the measured outputs): a cached stage made under other versions is redone.
+FINGERPRINT_LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "brevitas", "zstandard", "isal")
+# The packages shipped with compress (``compress.*`` maps to several folders, pyproject.toml)
+_OWN_PACKAGES = ("compress", "compress.distill", "compress.prune", "compress.quantize", "compress.export")
+
+
+def source_hash(roots: Iterable[Path]) -> str:
+    """SHA-256 over every Python source file under ``roots``: each file's path relative
+    to its root and its bytes, in sorted order (so the same tree hashes the same wherever
+    it is installed)."""
+    h = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+def _own_roots() -> list[Path]:
+    from importlib.util import find_spec
+
+    roots: list[Path] = []
+    for name in _OWN_PACKAGES:
+        spec = find_spec(name)  # imports the parent package only, not ``name`` itself
+        roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return roots
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """What the code that makes a stage's files is: compress's version, a hash of its
+    Python sources (so an editable install's edits count, not only releases) and the
+    versions of :data:`FINGERPRINT_LIBRARIES`. Part of every stage's cache key: a re-run
+    after an upgrade redoes the stages instead of serving files the old code made."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import compress
+
+    versions = []
+    for name in FINGERPRINT_LIBRARIES:
+        try:
+            versions.append(f"{name}={version(name)}")
+        except PackageNotFoundError:
+            versions.append(f"{name}=-")
+    return text_hash(compress.__version__, source_hash(_own_roots()), *versions)
+
+
+def module_fingerprint(target: str | Callable[..., Any]) -> str:
+    """A hash of the source file of the module behind a stage or method's ``apply``
+    (``"package.module:function"`` or the function), when it lies outside compress's own
+    packages (a plugin: :func:`code_fingerprint` covers ours); ``""`` otherwise."""
+    from importlib.util import find_spec
+
+    name = target.partition(":")[0] if isinstance(target, str) else getattr(target, "__module__", "")
+    if not name or name == "compress" or name.startswith("compress."):
+        return ""
+    try:
+        spec = find_spec(name)
+    except (ImportError, ValueError):
+        return ""
+    origin = Path(spec.origin) if spec is not None and spec.origin else None
+    if origin is None or not origin.is_file():
+        return ""
+    return hashlib.sha256(origin.read_bytes()).hexdigest()

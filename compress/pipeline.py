@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 import compress
-from compress.artifacts import atomic_write_json, file_hash, text_hash
+from compress.artifacts import atomic_write_json, code_fingerprint, file_hash, module_fingerprint, text_hash
 from compress.data import DataBundle, load_split
 from compress.distributed import broadcast_from_main, is_main, rank_and_world
 from compress.errors import (
@@ -53,7 +53,7 @@ from compress.model_io import (
 from compress.outdir import ENVIRONMENT_ERRNOS, OutputFolder, disk_error
 from compress.precision import float32_compute
 from compress.recipe import EXTRA_PREFIX, Recipe
-from compress.registry import get_stage
+from compress.registry import StageEntry, get_stage, methods
 from compress.state import ModelState, StageContext, StageOutputs
 
 log = logging.getLogger(__name__)
@@ -432,7 +432,7 @@ def _execute(plan: _Plan, loaded: _Loaded, force: bool, reporter: Reporter, main
     state = ModelState(module=_take_module(loaded.model), input_shape=input_shape, example=loaded.example)
     rows = [loaded.input_row]
     key = text_hash(
-        compress.__version__,
+        code_fingerprint(),  # not only the version: an edited or upgraded install redoes its stages
         file_hash(plan.model_path),
         spec.model.model_dump_json(),
         spec.data.model_dump_json(),
@@ -447,7 +447,7 @@ def _execute(plan: _Plan, loaded: _Loaded, force: bool, reporter: Reporter, main
     total = len(recipe.stages)
     for stage_spec, entry in zip(recipe.stages, plan.entries):
         i = stage_spec.index
-        key = text_hash(key, stage_spec.name, stage_spec.config_hash())
+        key = text_hash(key, stage_spec.name, stage_spec.config_hash(), _plugin_code(entry))
         folder = plan.out_dir / "stages" / f"{i + 1:02d}-{stage_spec.name}"
         reporter.stage_started(i + 1, total, stage_spec.name)
         before = _fingerprint(state) if main and artifacts else None
@@ -499,6 +499,13 @@ def _merge_outputs(old: StageOutputs, new: StageOutputs) -> StageOutputs:
         bundle_limits=new.bundle_limits or old.bundle_limits,
         runtime_session=new.runtime_session if new.runtime_session is not None else old.runtime_session,
     )
+
+
+def _plugin_code(entry: StageEntry) -> str:
+    """The source of a plugin stage and of its plugin methods (compress's own are in
+    :func:`~compress.artifacts.code_fingerprint`): editing a plugin redoes its stage."""
+    targets = [entry.apply_path, *(m.apply_path for m in methods(entry.name).values())]
+    return text_hash(*(module_fingerprint(t) for t in targets))
 
 
 def _fingerprint(state: ModelState) -> str:

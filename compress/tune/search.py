@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 import compress
-from compress.artifacts import atomic_write, atomic_write_json, file_hash, text_hash
+from compress.artifacts import atomic_write, atomic_write_json, code_fingerprint, file_hash, text_hash
 from compress.errors import CompressError, InputError, RecipeError, StageError
 from compress.recipe import Recipe, parse_recipe
 from compress.tune.allocate import ChoiceTable, allocate
@@ -430,7 +430,7 @@ def _sensitivity(plan: _Plan, variant: Variant, state, data, reference, layers, 
     )
     bits = [str(b) for b in plan.spec.bits]
     key = text_hash(
-        compress.__version__,
+        code_fingerprint(),
         file_hash(model_path),
         json.dumps(_doc(plan, variant.sparsity)["stages"][: plan.quant_index], sort_keys=True),
         recipe.doc.model.model_dump_json(),

@@ -101,6 +101,71 @@ def test_changed_model_invalidates_cache(flaky_stage, write_recipe, digits_mlp_p
     assert CALLS["n"] == 2
 
 
+def test_changed_code_redoes_cached_stages(flaky_stage, write_recipe, digits_mlp_path, tmp_path, monkeypatch):
+    """The cache key holds the code that made a stage, not only compress's version: an
+    edited (editable install) or upgraded compress, or another torch, redoes the stages."""
+    import compress.pipeline
+
+    out = tmp_path / "o"
+    stages = "  - flaky: {scale: 0.5}"
+    _run(write_recipe, digits_mlp_path, out, stages)
+    monkeypatch.setattr(compress.pipeline, "code_fingerprint", lambda: "other code")
+    assert not _run(write_recipe, digits_mlp_path, out, stages).report["stages"][1]["cached"]
+    assert CALLS["n"] == 2
+    assert _run(write_recipe, digits_mlp_path, out, stages).report["stages"][1]["cached"] and CALLS["n"] == 2
+
+
+def test_edited_plugin_stage_is_redone(write_recipe, digits_mlp_path, tmp_path, monkeypatch):
+    """A stage from outside compress is keyed on its module's source: editing it redoes the stage."""
+    plugin = tmp_path / "plugin_stage_for_cache_test.py"
+    body = "def apply(state, config, ctx):\n    ctx.out_dir.joinpath('ran').write_text('{}')\n    return state\n"
+    plugin.write_text(body.format(1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.register_stage("plugged", FlakyConfig, apply="plugin_stage_for_cache_test:apply", summary="test stage")
+    try:
+        out = tmp_path / "o"
+        first = _run(write_recipe, digits_mlp_path, out, "  - plugged: {}")
+        again = _run(write_recipe, digits_mlp_path, out, "  - plugged: {}")
+        plugin.write_text(body.format(2))  # the plugin's code changes, its config does not
+        edited = _run(write_recipe, digits_mlp_path, out, "  - plugged: {}")
+    finally:
+        registry._STAGES.pop("plugged", None)
+    assert [r.report["stages"][1]["cached"] for r in (first, again, edited)] == [False, True, False]
+
+
+def test_source_hash_follows_content_not_location(tmp_path):
+    from compress.artifacts import source_hash
+
+    for where in ("a", "b"):
+        (tmp_path / where / "sub").mkdir(parents=True)
+        (tmp_path / where / "m.py").write_text("x = 1\n")
+        (tmp_path / where / "sub" / "n.py").write_text("y = 2\n")
+        (tmp_path / where / "notes.txt").write_text(where)  # not source
+    a, b = source_hash([tmp_path / "a"]), source_hash([tmp_path / "b"])
+    assert a == b
+    (tmp_path / "b" / "sub" / "n.py").write_text("y = 3\n")
+    assert source_hash([tmp_path / "b"]) != a
+    (tmp_path / "b" / "sub" / "n.py").write_text("y = 2\n")
+    (tmp_path / "b" / "sub" / "n.py").rename(tmp_path / "b" / "sub" / "o.py")  # same bytes, other module
+    assert source_hash([tmp_path / "b"]) != a
+
+
+def test_code_fingerprint_covers_our_sources_and_library_versions(monkeypatch):
+    import importlib.metadata
+
+    import compress.artifacts as art
+
+    base = art.code_fingerprint.__wrapped__()
+    assert art.code_fingerprint() == base  # stable within a process
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "0.0-other" if n == "torch" else real(n))
+    assert art.code_fingerprint.__wrapped__() != base
+    monkeypatch.setattr(importlib.metadata, "version", real)
+    monkeypatch.setattr(art, "source_hash", lambda roots: "edited")
+    assert art.code_fingerprint.__wrapped__() != base
+    assert any((r / "pipeline.py").is_file() for r in art._own_roots())  # compress's own folder is hashed
+
+
 def test_report_records_every_stage(flaky_stage, write_recipe, digits_mlp_path, tmp_path):
     out = tmp_path / "o"
     result = _run(write_recipe, digits_mlp_path, out, "  - flaky: {scale: 0.0}\n  - export: {latency_runs: 5}")
