@@ -126,6 +126,25 @@ class _Rewriter:
         self.taken.add(name)
         return name
 
+    def split_leading(self, name: str) -> list[str]:
+        """Replace initializer ``name`` (shape ``[D, ...]``) by ``D`` initializers of shape
+        ``[1, ...]`` joined by a ``Concat`` on axis 0 at the graph's start, and return their
+        names: each slice can then be replaced on its own (a bidirectional GRU/LSTM holds
+        both directions' weights in one ``W``/``R``, one parameter each)."""
+        from onnx import helper, numpy_helper
+
+        values = self.values(self.inits[name])
+        self.remove_initializer(name)
+        parts = []
+        for d in range(values.shape[0]):
+            part = self.fresh(f"{name}_dir{d}")
+            self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values[d : d + 1]), part))
+            self.inits[part] = self.graph.initializer[-1]
+            parts.append(part)
+        self.nodes.insert(0, helper.make_node("Concat", parts, [name], axis=0, name=self.fresh(f"{name}_Concat")))
+        self._by_value = None
+        return parts
+
     def consumers(self, name: str) -> list:
         return [n for n in self.nodes if name in n.input]
 
@@ -309,7 +328,8 @@ def locate_by_value(
     """The initializer holding exactly ``qt.dequantize()``: ``(name, layout, perm)``.
 
     ``layout`` is ``same``, ``transposed`` (``Wᵀ`` of a 2-D weight) or ``rows`` (the same rows
-    in the order ``perm``, any leading axes of size 1 flattened: ONNX GRU/LSTM ``W``/``R``).
+    in the order ``perm``, any leading axes of size 1 flattened: ONNX GRU/LSTM ``W``/``R``; of
+    a bidirectional layer, one direction's slice, which is split off its initializer first).
     Among equal candidates the name hints (``alias``, ``pname``) win.
 
     Raises:
@@ -348,6 +368,23 @@ def locate_by_value(
             perm = row_permutation(rw.values(init).reshape(rows, cols), w2d)
             if perm is not None:
                 return name, "rows", perm
+        # One direction of a bidirectional recurrent layer: a slice ``[d]`` of ``[D, rows, cols]``.
+        for name, init in list(rw.inits.items()):
+            dims = list(init.dims)
+            if (
+                init.data_type != TensorProto.FLOAT
+                or len(dims) < 3
+                or dims[0] < 2
+                or dims[-1] != cols
+                or int(np.prod(dims[1:])) != rows * cols
+                or any(d != 1 for d in dims[1:-2])
+            ):
+                continue
+            stacked = rw.values(init).reshape(dims[0], rows, cols)
+            for d in range(dims[0]):
+                perm = row_permutation(stacked[d], w2d)
+                if perm is not None:
+                    return rw.split_leading(name)[d], "rows", perm
     named = next((n for n in hints if n in rw.inits), None)
     why = (
         f"; initializer {named!r} has that name but other values (the exporter changed the weight, "

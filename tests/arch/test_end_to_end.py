@@ -67,6 +67,8 @@ REFUSED = {
     ("depthwise", "variance"): "no Linear -> activation -> Linear block",
     ("gru", "variance"): "no Linear -> activation -> Linear block",
     ("lstm", "variance"): "no Linear -> activation -> Linear block",
+    ("bilstm", "variance"): "no Linear -> activation -> Linear block",
+    ("bigru", "variance"): "no Linear -> activation -> Linear block",
     # two weight matrices, both kept dense by the default skip (first and last)
     ("tied", "magnitude"): "no prunable weight left after skip",
 }
@@ -90,6 +92,18 @@ def test_matrix(zoo_models, tmp_path, model, method):
 def test_fast_subset(zoo_models, tmp_path, model, method):
     code, out, _ = check_run(zoo_models, tmp_path, model, method, legacy=True)
     assert code == (2 if (model, method) in REFUSED else 0), out[-3000:]
+
+
+@pytest.mark.parametrize("model,method,legacy", [("bilstm", "gpfq4", False), ("bigru", "rtn8", True)])
+def test_bidirectional_recurrent_layers_export_quantized(zoo_models, tmp_path, model, method, legacy):
+    """Two stacked bidirectional layers: ONNX stacks each layer's two directions in one
+    ``W``/``R`` (gate order changed), which export splits and dequantizes per direction."""
+    code, out, report = check_run(zoo_models, tmp_path, model, method, legacy=legacy)
+    assert code == 0, out[-3000:]
+    quant = {r["name"] for r in report["layers"] if r["bits"] < 32}
+    assert {"rnn.weight_ih_l1_reverse", "rnn.weight_hh_l0"} <= quant, quant
+    final = report["stages"][-1]
+    assert final["metrics"]["ort_agreement"] >= 0.99 and final["agreement"] > 0.5, final
 
 
 def test_untraceable_model_with_dynamo_export_is_exit_2_with_reason(zoo_models, tmp_path):

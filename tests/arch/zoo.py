@@ -90,13 +90,16 @@ class DepthwiseSeparable(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """Digits as a sequence of 8 rows of 8 pixels: GRU or LSTM, last hidden state -> Linear."""
+    """Digits as a sequence of 8 rows of 8 pixels: GRU or LSTM, last hidden state -> Linear.
+    ``bidirectional``: ONNX holds both directions' weights in one ``W``/``R`` per layer."""
 
-    def __init__(self, cell: str = "gru", hidden: int = 32, classes: int = 10):
+    def __init__(
+        self, cell: str = "gru", hidden: int = 32, classes: int = 10, layers: int = 1, bidirectional: bool = False
+    ):
         super().__init__()
         rnn = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[cell]
-        self.rnn = rnn(8, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
+        self.rnn = rnn(8, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1), classes)
 
     def forward(self, x):
         out, _ = self.rnn(x.reshape(-1, 8, 8))
@@ -109,6 +112,14 @@ def gru(**kw) -> nn.Module:
 
 def lstm(**kw) -> nn.Module:
     return Recurrent("lstm", **kw)
+
+
+def bilstm(**kw) -> nn.Module:
+    return Recurrent("lstm", hidden=16, layers=2, bidirectional=True, **kw)
+
+
+def bigru(**kw) -> nn.Module:
+    return Recurrent("gru", hidden=16, layers=2, bidirectional=True, **kw)
 
 
 class TiedEmbedding(nn.Module):
@@ -191,6 +202,8 @@ FACTORIES = {
     "depthwise": DepthwiseSeparable,
     "gru": gru,
     "lstm": lstm,
+    "bilstm": bilstm,
+    "bigru": bigru,
     "tied": TiedEmbedding,
     "transformer": Transformer,
     "untraceable": Untraceable,
