@@ -167,6 +167,7 @@ def load_model(
         if not isinstance(obj, nn.Module):
             raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, not an nn.Module") from None
         _check_finite(path, obj.state_dict())
+        fold_parametrizations(obj)
 
         def unpickle() -> nn.Module:
             _check_unchanged(path, stamp)
@@ -384,7 +385,50 @@ def _build_with_weights(
         log.info("%s: %s not in the state_dict; building the model with its own weights first", factory, left[0])
         module = rebuild()
         module.load_state_dict(sd, strict=True)
+    if folded := fold_parametrizations(module):
+        log.info("weights computed by a parametrization, folded into plain weights: %s", ", ".join(folded))
     return module
+
+
+def fold_parametrizations(module: nn.Module) -> list[str]:
+    """Replace every weight computed from others (``torch.nn.utils.parametrize``: weight
+    norm, spectral norm, orthogonal...; the older ``weight_norm``/``spectral_norm`` hooks) by
+    the plain tensor it computes, in place, and return their names with the kind.
+
+    The forward pass is unchanged (the same function, evaluated once instead of every
+    call), and every stage then sees an ordinary ``Linear``/``Conv`` weight it can prune,
+    quantize and export. Training stages train that weight, not its parts (``g`` and ``v``).
+    Done at load and again on every rebuilt architecture (on the meta device), so a saved
+    stage state, which holds the plain weights, loads back.
+    """
+    from torch.nn.utils import parametrize
+
+    folded = []
+    for mname, m in list(module.named_modules()):
+        prefix = f"{mname}." if mname else ""
+        if parametrize.is_parametrized(m):
+            for tname in list(m.parametrizations.keys()):
+                plist = m.parametrizations[tname]
+                kinds = "+".join(type(p).__name__ for p in plist)
+                plist.eval()  # as the model runs: spectral norm's power iteration only trains
+                # (not under no_grad: torch keeps a weight of several originals a Parameter
+                # only when the computed tensor requires grad)
+                parametrize.remove_parametrizations(m, tname, leave_parametrized=True)
+                plain = getattr(m, tname)
+                if not isinstance(plain, nn.Parameter):  # frozen originals give a bare tensor
+                    delattr(m, tname)
+                    m.register_parameter(tname, nn.Parameter(plain.detach(), requires_grad=False))
+                folded.append(f"{prefix}{tname} ({kinds})")
+        for hook in list(m._forward_pre_hooks.values()):
+            kind = type(hook).__name__
+            if kind == "WeightNorm":
+                torch.nn.utils.remove_weight_norm(m, hook.name)
+            elif kind == "SpectralNorm":
+                torch.nn.utils.remove_spectral_norm(m, hook.name)
+            else:
+                continue
+            folded.append(f"{prefix}{hook.name} ({kind})")
+    return folded
 
 
 def _mismatch(module: nn.Module, sd: dict, err: RuntimeError, limit: int = 8) -> str:
@@ -493,6 +537,7 @@ def load_state(folder: Path, rebuild: Callable[[], nn.Module]) -> ModelState:
     meta = json.loads((folder / STATE_FILE).read_text())
     with parameters_on_meta():
         module = rebuild()
+        fold_parametrizations(module)  # as at load: the saved state holds the plain weights
         if meta["extras"].get(BATCHNORM_FOLDED):  # the quantize stage folded BatchNorm layers away
             replay_folds(module, meta["extras"][BATCHNORM_FOLDED])
     resize_to_state_dict(module, sd)

@@ -76,7 +76,7 @@ REFUSED = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("model", list(zoo.FACTORIES))
+@pytest.mark.parametrize("model", zoo.MATRIX)
 def test_matrix(zoo_models, tmp_path, model, method):
     code, out, _ = check_run(zoo_models, tmp_path, model, method)
     if (model, method) in REFUSED:
@@ -87,7 +87,14 @@ def test_matrix(zoo_models, tmp_path, model, method):
 
 @pytest.mark.parametrize(
     "model,method",
-    [("resnet_bn", "gpfq4"), ("gru", "rtn4"), ("tied", "codebook4"), ("untraceable", "variance"), ("gru", "variance")],
+    [
+        ("resnet_bn", "gpfq4"),
+        ("gru", "rtn4"),
+        ("tied", "codebook4"),
+        ("untraceable", "variance"),
+        ("gru", "variance"),
+        ("weightnorm", "magnitude"),
+    ],
 )
 def test_fast_subset(zoo_models, tmp_path, model, method):
     code, out, _ = check_run(zoo_models, tmp_path, model, method, legacy=True)

@@ -172,6 +172,21 @@ class Untraceable(nn.Module):
         return self.head(h)
 
 
+class WeightNormMLP(nn.Module):
+    """Digits MLP whose layers are weight-normalised (``torch.nn.utils.parametrizations``):
+    each weight is computed from a direction and a norm, as in many audio models."""
+
+    def __init__(self, hidden: int = 32, classes: int = 10):
+        super().__init__()
+        wn = nn.utils.parametrizations.weight_norm
+        self.net = nn.Sequential(
+            wn(nn.Linear(64, hidden)), nn.ReLU(), wn(nn.Linear(hidden, hidden)), nn.ReLU(), wn(nn.Linear(hidden, classes))
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def conv_bn1d(**kw) -> nn.Module:
     return ConvBN1d(**kw)
 
@@ -196,6 +211,10 @@ def untraceable(**kw) -> nn.Module:
     return Untraceable(**kw)
 
 
+def weightnorm(**kw) -> nn.Module:
+    return WeightNormMLP(**kw)
+
+
 FACTORIES = {
     "conv_bn1d": ConvBN1d,
     "resnet_bn": ResNetBN,
@@ -207,7 +226,13 @@ FACTORIES = {
     "tied": TiedEmbedding,
     "transformer": Transformer,
     "untraceable": Untraceable,
+    "weightnorm": WeightNormMLP,
 }
+
+# The models of the full method matrix (test_matrix). The later ones (bidirectional
+# recurrent layers, weight norm) are covered by targeted tests: the matrix already runs
+# every method through GRU/LSTM and MLPs, and three more models would add ~10 minutes.
+MATRIX = ["conv_bn1d", "resnet_bn", "depthwise", "gru", "lstm", "tied", "transformer", "untraceable"]
 
 # The data source of each model: "digits", "mnist1d" or "tokens".
 SOURCES = {"conv_bn1d": "mnist1d", "tied": "tokens"}

@@ -241,6 +241,47 @@ def test_state_reload_is_mapped_and_keeps_ties(tmp_path):
     torch.testing.assert_close(again.emb.weight, state.module.emb.weight, rtol=0, atol=0)
 
 
+class Parametrized(nn.Module):
+    """Weight norm both ways (torch.nn.utils.parametrizations and the older hook), spectral norm."""
+
+    def __init__(self):
+        super().__init__()
+        P = nn.utils.parametrizations
+        self.a = P.weight_norm(nn.Linear(64, 32))
+        self.b = nn.utils.weight_norm(nn.Linear(32, 32))  # deprecated hook form, still in old checkpoints
+        self.c = P.spectral_norm(nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_parametrized_weights_are_folded_into_plain_weights(tmp_path):
+    """A weight computed by a parametrization (weight norm, spectral norm) loads as the plain
+    weight it computes: the same outputs, bit for bit, and a Linear every stage handles; a
+    saved stage state loads back onto a fresh (parametrized) architecture."""
+    import warnings
+
+    from torch.nn.utils import parametrize
+
+    warnings.simplefilter("ignore", FutureWarning)  # nn.utils.weight_norm is deprecated
+    torch.manual_seed(3)
+    model = Parametrized().eval()
+    path = tmp_path / "wn.pt"
+    torch.save(model.state_dict(), path)
+    assert any(".parametrizations." in k for k in model.state_dict()) and "b.weight_g" in model.state_dict()
+    loaded = load_model(path, "tests.core.test_scale_io:Parametrized", {}).module
+    assert not any(parametrize.is_parametrized(m) for m in loaded.modules())
+    assert not any(m._forward_pre_hooks for m in loaded.modules())
+    assert sorted(n for n, _ in loaded.named_parameters()) == sorted(
+        f"{layer}.{t}" for layer in "abc" for t in ("weight", "bias")
+    )
+    x = torch.randn(16, 64)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    save_state(ModelState(module=loaded, input_shape=(1, 64)), tmp_path / "state")
+    again = load_state(tmp_path / "state", Parametrized).module
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------- bad files
 
 
