@@ -15,7 +15,16 @@ DATA = {
     "tokens": "{source: callable, fn: 'tests.arch.zoo:token_data', split: %s}",
 }
 INPUT = {"digits": ("[1, 64]", "float32"), "mnist1d": ("[1, 40]", "float32"), "tokens": ("[1, 8]", "int64")}
-EPOCHS = {"tied": 30, "conv_bn1d": 8, "depthwise": 15, "gru": 10, "lstm": 10, "bilstm": 10, "bigru": 10, "transformer": 10}
+EPOCHS = {
+    "tied": 30,
+    "conv_bn1d": 8,
+    "depthwise": 15,
+    "gru": 10,
+    "lstm": 10,
+    "bilstm": 10,
+    "bigru": 10,
+    "transformer": 10,
+}
 
 RECIPE = """\
 version: 1

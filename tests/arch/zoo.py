@@ -180,7 +180,11 @@ class WeightNormMLP(nn.Module):
         super().__init__()
         wn = nn.utils.parametrizations.weight_norm
         self.net = nn.Sequential(
-            wn(nn.Linear(64, hidden)), nn.ReLU(), wn(nn.Linear(hidden, hidden)), nn.ReLU(), wn(nn.Linear(hidden, classes))
+            wn(nn.Linear(64, hidden)),
+            nn.ReLU(),
+            wn(nn.Linear(hidden, hidden)),
+            nn.ReLU(),
+            wn(nn.Linear(hidden, classes)),
         )
 
     def forward(self, x):
