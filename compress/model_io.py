@@ -491,7 +491,10 @@ def check_forward(module: nn.Module, input_shape: tuple[int, ...], example: torc
             f"the model's forward fails on the declared input_shape {list(input_shape)}: {_first_line(err)}{hint}"
         ) from None
     if not isinstance(out, torch.Tensor):
-        raise ModelLoadError(f"the model must return one tensor; it returned {type(out).__name__}")
+        raise ModelLoadError(
+            f"the model must return one tensor; it returned {type(out).__name__}. Name a factory "
+            "(model.factory) that wraps it and returns the output to keep, e.g. the logits"
+        )
 
 
 def _first_line(err: BaseException, limit: int = 200) -> str:

@@ -324,3 +324,18 @@ def test_safetensors_runs_through_the_cli(cli, write_recipe, digits_mlp_path, tm
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model_kind"] == "safetensors" and report["stages"][0]["accuracy"] > 0.9
     assert "peak RSS" in stdout
+
+
+def test_a_model_returning_several_outputs_is_refused_with_a_way_out():
+    from compress.model_io import check_forward
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.l1(x), {"aux": x}
+
+    with pytest.raises(ModelLoadError, match=r"returned tuple\. Name a factory \(model\.factory\) that wraps it"):
+        check_forward(TwoHeads(), (1, 8))
