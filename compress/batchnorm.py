@@ -28,7 +28,15 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-FOLDABLE_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+FOLDABLE_PRODUCERS = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 EXTRAS_KEY = "batchnorm_folded"
 
@@ -97,7 +105,8 @@ def fold_pair(module: nn.Module, producer: str, bn: str) -> None:
         raise TypeError(f"cannot fold {bn} ({type(norm).__name__}) into {producer} ({type(layer).__name__})")
     if norm.running_mean is None or norm.running_var is None:
         raise ValueError(f"{bn} has no running statistics (track_running_stats=False): cannot fold it")
-    out = layer.weight.shape[0]
+    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+    out = layer.out_channels if transposed else layer.weight.shape[0]
     if norm.num_features != out:
         raise ValueError(f"{bn} normalises {norm.num_features} channels but {producer} has {out} outputs")
     s = norm.running_var.double().add(norm.eps).rsqrt()
@@ -106,7 +115,15 @@ def fold_pair(module: nn.Module, producer: str, bn: str) -> None:
     shift = -norm.running_mean.double() * s
     if norm.bias is not None:
         shift = shift + norm.bias.double()
-    w = layer.weight.double() * s.reshape(-1, *([1] * (layer.weight.dim() - 1)))
+    kernel = [1] * (layer.weight.dim() - 2)
+    if transposed:
+        # weight (in, out / groups, *k): output channel g * (out / groups) + j is column j of
+        # group g's rows
+        groups = layer.groups
+        per = s.reshape(groups, 1, out // groups, *kernel).expand(groups, layer.in_channels // groups, -1, *kernel)
+        w = layer.weight.double() * per.reshape(layer.in_channels, out // groups, *kernel)
+    else:
+        w = layer.weight.double() * s.reshape(-1, 1, *kernel)
     layer.weight.copy_(w.to(layer.weight.dtype))
     bias = shift if layer.bias is None else layer.bias.double() * s + shift
     if layer.bias is None:

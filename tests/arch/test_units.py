@@ -60,6 +60,23 @@ def test_fold_batchnorm_keeps_outputs_and_removes_every_bn(name):
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dims,groups", [(1, 1), (2, 2), (3, 1)])
+def test_fold_batchnorm_into_transposed_convolutions(dims, groups):
+    """A transposed convolution keeps its output channels in weight dim 1, per group."""
+    from compress.batchnorm import fold_batchnorm
+
+    conv = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    torch.manual_seed(dims)
+    model = _randomise_bn(nn.Sequential(conv(4, 6, 3, stride=2, groups=groups, bias=dims != 2), norm(6), nn.ReLU()))
+    x = torch.randn(5, 4, *([5] * dims))
+    before = model(x).detach()
+    folded, left = fold_batchnorm(model, x)
+    assert folded == [{"bn": "1", "into": "0"}] and left == []
+    assert isinstance(model[1], nn.Identity)
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+
+
 def test_fold_refuses_a_conv_whose_output_also_feeds_a_residual():
     from compress.batchnorm import fold_batchnorm
 

@@ -46,6 +46,25 @@ def test_float_bit_patterns_roundtrip(dtype: str, data) -> None:
     assert roundtrip_chunk(layout, dtype, arr).tobytes() == arr.tobytes()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_every_bit_pattern_survives_split_and_merge(dtype: str) -> None:
+    """All 65,536 patterns of a 16-bit float (and 2^20 spread over float32's: every sign
+    and exponent with varied mantissas), odd length, into a fresh array and into ``out``."""
+    utype = FLOAT_BITS[dtype]
+    if utype == np.uint16:
+        bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    else:
+        rng = np.random.default_rng(0)
+        bits = (np.arange(1 << 20, dtype=np.uint32) << 23) ^ rng.integers(0, 1 << 23, 1 << 20, dtype=np.uint32)
+    bits = np.concatenate([bits, bits[:1]])  # odd length
+    layout = C.DTYPES[dtype][1]
+    streams = C.split(layout, bits)
+    item = bits.itemsize
+    assert C.merge(layout, streams, bits.size, item).tobytes() == bits.tobytes()
+    out = np.zeros(bits.nbytes, np.uint8)
+    assert C.merge(layout, streams, bits.size, item, out) is not None and out.tobytes() == bits.tobytes()
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_integer_layouts_roundtrip(data) -> None:
