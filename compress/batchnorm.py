@@ -106,7 +106,10 @@ def fold_pair(module: nn.Module, producer: str, bn: str) -> None:
     if norm.running_mean is None or norm.running_var is None:
         raise ValueError(f"{bn} has no running statistics (track_running_stats=False): cannot fold it")
     transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
-    out = layer.out_channels if transposed else layer.weight.shape[0]
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # weight (in, out / groups, *k)
+        out = int(layer.weight.shape[1]) * layer.groups
+    else:
+        out = int(layer.weight.shape[0])
     if norm.num_features != out:
         raise ValueError(f"{bn} normalises {norm.num_features} channels but {producer} has {out} outputs")
     s = norm.running_var.double().add(norm.eps).rsqrt()
@@ -119,9 +122,10 @@ def fold_pair(module: nn.Module, producer: str, bn: str) -> None:
     if transposed:
         # weight (in, out / groups, *k): output channel g * (out / groups) + j is column j of
         # group g's rows
-        groups = layer.groups
-        per = s.reshape(groups, 1, out // groups, *kernel).expand(groups, layer.in_channels // groups, -1, *kernel)
-        w = layer.weight.double() * per.reshape(layer.in_channels, out // groups, *kernel)
+        cin, per_group = int(layer.weight.shape[0]), int(layer.weight.shape[1])
+        groups = out // per_group
+        per = s.reshape(groups, 1, per_group, *kernel).expand(groups, cin // groups, per_group, *kernel)
+        w = layer.weight.double() * per.reshape(cin, per_group, *kernel)
     else:
         w = layer.weight.double() * s.reshape(-1, 1, *kernel)
     layer.weight.copy_(w.to(layer.weight.dtype))

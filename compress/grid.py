@@ -9,6 +9,7 @@ flattening order), a scale is ``(rows|1, groups)`` and codes are signed integers
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -223,6 +224,30 @@ def fits_u8s8_pairs(codes2d: torch.Tensor, limit: int = U8S8_PAIR_LIMIT) -> bool
     pos = even.clamp_min(0) + odd.clamp_min(0)
     neg = even.clamp_max(0) + odd.clamp_max(0)
     return bool((pos <= limit).all()) and bool((neg >= -limit).all())
+
+
+def conv_kernel_order(codes: torch.Tensor) -> torch.Tensor:
+    """A convolution's codes ``(out, in / groups, *kernel)`` as the rows onnxruntime's
+    uint8 × int8 convolution multiplies: ``(out, kernel positions · in / groups)``, the input
+    channels of one kernel position adjacent (measured with ORT 1.32: codes 127 at two
+    positions of one channel are exact on all-255 inputs, 127 in channels 0 and 1 of one
+    position saturate). Pairs of this order are the ones ``U8S8_PAIR_LIMIT`` must bound."""
+    out, cin = codes.shape[0], codes.shape[1]
+    return codes.reshape(out, cin, -1).transpose(1, 2).reshape(out, -1)
+
+
+def from_conv_kernel_order(rows: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of :func:`conv_kernel_order` for codes of ``shape``."""
+    out, cin = shape[0], shape[1]
+    return rows.reshape(out, -1, cin).transpose(1, 2).reshape(shape)
+
+
+def conv_pairs_can_saturate(shape: tuple[int, ...] | torch.Size, bits: int) -> bool:
+    """Whether a convolution weight of ``shape`` with ``bits``-bit codes can exceed the pair
+    bound: codes of 7 bits or fewer never do (2 · 63 < 128). With one input channel (per
+    group) the pairs are neighbouring kernel positions: onnxruntime sums those in int16 too
+    (measured: a stride-2 Conv1d with one input channel, parity cosine 0.93)."""
+    return bits >= 8 and len(shape) >= 3 and math.prod(shape[1:]) > 1
 
 
 def limit_u8s8_pairs(codes2d: torch.Tensor, limit: int = U8S8_PAIR_LIMIT) -> torch.Tensor:

@@ -295,6 +295,18 @@ def folded_dequantize_nodes(rw, out_name: str, qt: UniformTensor, shape: list[in
 # --- static activations (QDQ) ---------------------------------------------------------------
 
 
+def _static_pairs_fit(qt: UniformTensor, conv: bool) -> bool:
+    """Whether ``qt``'s codes are safe from the uint8 x int8 kernel's int16 pair saturation in
+    the order that kernel sums them (a convolution: ``compress.grid.conv_kernel_order``)."""
+    from compress.grid import conv_kernel_order, conv_pairs_can_saturate
+
+    if qt.bits < 8:
+        return True
+    if conv:
+        return not conv_pairs_can_saturate(qt.shape, qt.bits) or fits_u8s8_pairs(conv_kernel_order(qt.codes))
+    return fits_u8s8_pairs(qt.codes.reshape(qt.rows_cols))
+
+
 class StaticQDQ:
     """Collects the static-activation layers of one rewrite and inserts their QDQ pairs.
 
@@ -329,11 +341,22 @@ class StaticQDQ:
             codes = codes.reshape(qt.shape)
         elif transposed:
             codes, axis = codes.T.copy(), 1
-        w_int8, pre = _int8_weight(self.rw, init_name, codes, qt.bits)
         s_name = self.rw.fresh(f"{init_name}_scale")
         zp_name = self.rw.fresh(f"{init_name}_zero_point")
+        if _static_pairs_fit(qt, node.op_type == "Conv"):
+            w_int8, pre = _int8_weight(self.rw, init_name, codes, qt.bits)
+            zero = np.zeros(rows, np.int8)
+        else:
+            # Codes over the uint8 x int8 pair bound (the quantize stage bounds its own; these
+            # came from elsewhere): uint8 with zero point 128 runs the u8u8 kernel, exact.
+            from compress.export.quantized import _int_initializer
+
+            w_int8, pre = self.rw.fresh(f"{init_name}_quantized"), []
+            self.rw.graph.initializer.append(_int_initializer(w_int8, codes.astype(np.int16) + 128, 8, False))
+            zero = np.full(rows, 128, np.uint8)
+            log.info("static export: %s kept exact on the uint8 x uint8 kernel (codes over the pair bound)", pname)
         self.rw.graph.initializer.extend(
-            [numpy_helper.from_array(scale, s_name), numpy_helper.from_array(np.zeros(rows, np.int8), zp_name)]
+            [numpy_helper.from_array(scale, s_name), numpy_helper.from_array(zero, zp_name)]
         )
         w_out = self.rw.fresh(f"{init_name}_dequantized")
         pre.append(

@@ -121,20 +121,32 @@ def calibrate_ranges(
 
         handles.append(modules[name].register_forward_hook(hook))
     run_with_hooks(model, calibration, batch_size, handles)
-    return {f"{n}.weight": {"input": o[0].range(), "output": o[1].range()} for n, o in observers.items()}
+    unseen = [n for n, o in observers.items() if o[0].lo > o[0].hi]
+    if unseen:
+        # e.g. nn.MultiheadAttention's out_proj: the attention uses its weight directly
+        log.warning(
+            "static activations: %s never called as a module on the calibration data: "
+            "weights quantized, activations left float",
+            ", ".join(unseen),
+        )
+    return {
+        f"{n}.weight": {"input": o[0].range(), "output": o[1].range()} for n, o in observers.items() if n not in unseen
+    }
 
 
 def kernel_pair_limit(spec: dict | None, pname: str) -> int | None:
     """The input-pair code bound (``compress.grid.U8S8_PAIR_LIMIT``) for weight ``pname``, or None.
 
-    A layer with dynamic activations runs on onnxruntime's uint8 × int8 GEMM, whose int16
-    pair sums saturate on CPUs without VNNI unless the codes respect the bound; codes that do
-    are exported as int8 (the fast kernel), others as uint8 with zero point 128 (exact, slower).
-    Static QDQ layers are left alone.
+    A layer with integer activations (dynamic or static) runs on onnxruntime's uint8 × int8
+    kernels, whose int16 pair sums saturate on x86 CPUs without VNNI unless the codes respect
+    the bound; codes that do are exported as int8 (the fast kernel), others as uint8 with zero
+    point 128 (exact, slower). A Linear's pairs are neighbouring input features; a
+    convolution's are the channels ``2j, 2j+1`` of one kernel position
+    (``compress.grid.conv_kernel_order``), which the methods bound in that order.
     """
     from compress.grid import U8S8_PAIR_LIMIT
 
-    if spec and spec.get("mode") == "dynamic" and pname in spec.get("layers", {}):
+    if spec and spec.get("mode") in ("dynamic", "static") and pname in spec.get("layers", {}):
         return U8S8_PAIR_LIMIT
     return None
 

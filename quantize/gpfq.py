@@ -32,6 +32,7 @@ from torch import nn
 from compress.distributed import split_range
 from compress.grid import (
     as_matrix,
+    conv_kernel_order,
     expand_to_columns,
     limit_u8s8_pairs,
     round_to_grid,
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Layers whose weights are quantized on their own grid (row = first weight dimension: a
+# transposed convolution's input channel) but whose inputs GPFQ does not unfold: rounded to
+# nearest under GPFQ, with no integer activation kernels.
+ROUNDED_ONLY = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Columns per inner block of the greedy loop (see gpfq_codes).
 _INNER_BLOCK = 16
 
@@ -563,15 +568,14 @@ def _resolve_unit(model: nn.Module, key: str, modules: dict[str, nn.Module]) -> 
         )
     if supports_gpfq(layer):
         return _Unit(key, param, owner, attr, "module")
-    return _Unit(
-        key,
-        param,
-        owner,
-        attr,
-        "rtn",
-        f"{type(layer).__name__} with padding {layer.padding!r}/"
-        f"{getattr(layer, 'padding_mode', '')} cannot be unfolded into patches, rounded to nearest",
-    )
+    if isinstance(layer, ROUNDED_ONLY):
+        why = f"{type(layer).__name__}: its inputs are not unfolded into patches, rounded to nearest"
+    else:
+        why = (
+            f"{type(layer).__name__} with padding {getattr(layer, 'padding', None)!r}/"
+            f"{getattr(layer, 'padding_mode', '')} cannot be unfolded into patches, rounded to nearest"
+        )
+    return _Unit(key, param, owner, attr, "rtn", why)
 
 
 def _capture_rows(net: _Net, unit: _Unit, j: int, blocks: int, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -692,8 +696,13 @@ class LayerPlan:
     symmetric: bool = True
     mask: torch.Tensor | None = None
     # compress.grid.U8S8_PAIR_LIMIT when the layer runs on onnxruntime's uint8 × int8 kernel
-    # (dynamic activations): GPFQ keeps each input pair's codes from saturating it.
+    # (integer activations): GPFQ keeps each input pair's codes from saturating it.
     pair_limit: int | None = None
+    # The same bound for a convolution, whose kernel pairs channels of one kernel position
+    # (compress.grid.conv_kernel_order), not neighbouring columns: the grid leaves room for
+    # it; what GPFQ's error compensation still puts over it is moved back afterwards
+    # (compress.quantize.stage.bound_static_conv_pairs).
+    conv_pair_limit: int | None = None
 
 
 @torch.no_grad()
@@ -1543,18 +1552,23 @@ class _UnitLoop:
         sparsity, sparsity_lambda, block_size = self.sparsity, self.sparsity_lambda, self.block_size
         range_quantile, factors = self.range_quantile, self.factors
 
-        def grid(factor, w2d=w2d, plan=plan):
+        # A convolution's bound applies to its kernel-order matrix: the same rows (so the same
+        # per-channel grid), its columns regrouped into the pairs the kernel sums.
+        w_grid = conv_kernel_order(param.detach()).float() if plan.conv_pair_limit else w2d
+        grid_limit = plan.conv_pair_limit or plan.pair_limit
+
+        def grid(factor, w_grid=w_grid, plan=plan, grid_limit=grid_limit):
             if factor == RTN_GRID:
                 return uniform_scale(
-                    w2d,
+                    w_grid,
                     plan.bits,
                     granularity=plan.granularity,
                     group_size=plan.group_size,
                     symmetric=plan.symmetric,
-                    pair_limit=plan.pair_limit,
+                    pair_limit=grid_limit,
                 )
             return uniform_scale(
-                w2d,
+                w_grid,
                 plan.bits,
                 granularity=plan.granularity,
                 group_size=plan.group_size,
@@ -1562,7 +1576,7 @@ class _UnitLoop:
                 factor=factor,
                 quantile=range_quantile,
                 full_range=True,
-                pair_limit=plan.pair_limit,
+                pair_limit=grid_limit,
             )
 
         stats = parts_stats = None
@@ -1802,17 +1816,21 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
         calib = calib[torch.randperm(len(calib), generator=g)[: config.calibration_samples]]
     plans = {}
     keys = {}
+    params = state.parameters_by_name()
     for pname, (target, bits) in chosen.items():
         # The plan names the parameter where the model holds it (a tied weight: its owner here).
         key = target.layer if target.attr == "weight" else f"{target.layer}.{target.attr}"
         keys[key] = pname
+        limit = kernel_pair_limit(state.extras.get(EXTRAS_KEY), pname)
+        conv = params[pname].dim() >= 3
         plans[key] = LayerPlan(
             bits,
             config.granularity,
             config.group_size,
             config.symmetric,
             masks[pname],
-            kernel_pair_limit(state.extras.get(EXTRAS_KEY), pname),
+            None if conv else limit,
+            limit if conv and config.granularity != "per_group" else None,
         )
     factors = (*AUTO_SCALE_FACTORS, RTN_GRID) if config.scale_factor == "auto" else config.scale_factor
     quant, report = gpfq_quantize_model(

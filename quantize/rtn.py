@@ -76,15 +76,44 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
     report: dict[str, dict] = {}
     for pname, (target, bits) in chosen.items():
         w = params[pname]
-        qt = rtn_quantize(
-            w,
-            bits,
-            granularity=config.granularity,
-            group_size=config.group_size,
-            symmetric=config.symmetric,
-            mask=masks[pname],
-            pair_limit=kernel_pair_limit(state.extras.get(EXTRAS_KEY), pname),
-        )
+        limit = kernel_pair_limit(state.extras.get(EXTRAS_KEY), pname)
+        if limit is not None and w.dim() >= 3:
+            qt = _conv_in_kernel_order(w, bits, config, masks[pname], limit)
+        else:
+            qt = rtn_quantize(
+                w,
+                bits,
+                granularity=config.granularity,
+                group_size=config.group_size,
+                symmetric=config.symmetric,
+                mask=masks[pname],
+                pair_limit=limit,
+            )
         new[pname] = qt
         report[target.key] = {"bits": bits, "granularity": qt.granularity, "weight_rel_error": weight_rel_error(qt, w)}
     return new, report
+
+
+def _conv_in_kernel_order(w: torch.Tensor, bits: int, config, mask: torch.Tensor | None, limit: int) -> QuantizedTensor:
+    """RTN of a convolution whose codes must respect ``limit`` in the order onnxruntime's
+    kernel sums them: rounded as the matrix ``compress.grid.conv_kernel_order`` makes (the
+    same rows, so the same per-channel grid), codes put back in the weight's layout. A
+    per-group grid groups columns, which that order would mix: it gets no bound (the export
+    keeps codes over it exact on the uint8 kernel)."""
+    import dataclasses
+
+    from compress.grid import conv_kernel_order, from_conv_kernel_order
+
+    if config.granularity == "per_group":
+        return rtn_quantize(
+            w, bits, granularity="per_group", group_size=config.group_size, symmetric=config.symmetric, mask=mask
+        )
+    qt = rtn_quantize(
+        conv_kernel_order(w.detach()),
+        bits,
+        granularity=config.granularity,
+        symmetric=config.symmetric,
+        mask=None if mask is None else conv_kernel_order(mask),
+        pair_limit=limit,
+    )
+    return dataclasses.replace(qt, codes=from_conv_kernel_order(qt.codes, w.shape).contiguous())
