@@ -640,3 +640,41 @@ def test_static_activations_leave_a_linear_never_called_as_a_module_float(tmp_pa
     with quantized_inputs(state.module, spec), torch.no_grad():
         sim = state.module(x_eval).numpy()
     assert row_cosine(ort_out, sim).min() > 0.999
+
+
+class _Upsampling(nn.Module):
+    """A decoder-style block: Conv1d, a transposed convolution (2 groups) with BatchNorm, a
+    Conv3d over a reshaped map, a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(1, 8, 4, stride=2, padding=1)
+        self.d = nn.ConvTranspose1d(8, 8, 4, stride=2, padding=1, groups=2)
+        self.bn = nn.BatchNorm1d(8)
+        self.v = nn.Conv3d(1, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 8 * 40, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.d(torch.relu(self.c(x.unsqueeze(1))))))  # (B, 8, 40)
+        return self.head(torch.relu(self.v(y.reshape(-1, 1, 8, 5, 8))).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["gpfq", "rtn"])
+def test_transposed_and_3d_convolutions_are_quantized_and_export(tmp_path, method, caplog):
+    """Their weights are quantized (GPFQ rounds them to nearest and the report says why), the
+    BatchNorm after the transposed convolution is folded, and onnxruntime runs the export."""
+    from compress.runtime import row_cosine
+    from tests.arch.test_units import _randomise_bn
+
+    torch.manual_seed(0)
+    model = _randomise_bn(_Upsampling())
+    calib, x_eval = torch.randn(128, 40), torch.randn(64, 40)
+    with caplog.at_level("INFO", logger="compress.quantize.gpfq"):
+        state = _quantized_state(model, calib, _cfg(method=method, bits=4))
+    assert {"c.weight", "d.weight", "v.weight", "head.weight"} <= set(state.quant)
+    assert isinstance(state.module.bn, nn.Identity)
+    if method == "gpfq":
+        for kind in ("ConvTranspose1d", "Conv3d"):
+            assert f"{kind}: its inputs are not unfolded into patches, rounded to nearest" in caplog.text
+    _, _, ort_out, torch_out = _ops_and_outputs(state, tmp_path, x_eval)
+    assert row_cosine(ort_out, torch_out).min() > 0.9999
