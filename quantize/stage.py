@@ -203,6 +203,10 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
 
         for pname, moved in bound_static_conv_pairs(new, state.extras[EXTRAS_KEY]).items():
             report.setdefault(targets[pname].key if pname in targets else pname, {})["u8s8_pair_codes_moved"] = moved
+    if activations != "none":
+        from compress.quantize.activations import EXTRAS_KEY
+
+        drop_weight_only_layers(new, state.extras[EXTRAS_KEY])
     _float16_scales(new)
     embedding_bits = getattr(config, "embedding_bits", None)
     if embedding_bits is not None:
@@ -287,6 +291,33 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
         ]
     log.info("%s", coverage_line("quantize", coverage))
     return state
+
+
+def drop_weight_only_layers(new: dict[str, QuantizedTensor], spec: dict) -> list[str]:
+    """Take out of the activation spec the layers whose weights no integer kernel takes
+    (a per-group grid, a codebook, more than 8 bits; for static activations also an
+    asymmetric grid): the export writes them weight-only, with float inputs, so PyTorch must
+    not round their inputs either (it did: ONNX parity cosine 0.96 on a random MLP with
+    per-group or asymmetric static int8). Returns their names."""
+    mode = spec.get("mode")
+    layers = spec.get("layers", {})
+    dropped = []
+    for pname in list(layers):
+        qt = new.get(pname)
+        if qt is None:
+            continue
+        per_column = isinstance(qt, UniformTensor) and qt.scale.shape[1] == 1 and qt.bits <= 8
+        if not (per_column and (mode == "dynamic" or qt.zero_point is None)):
+            del layers[pname]
+            dropped.append(pname)
+    if dropped:
+        log.warning(
+            "%s activations: %s: weights not symmetric per-channel (the integer kernels' layout): "
+            "weight-only, inputs left float",
+            mode,
+            ", ".join(dropped),
+        )
+    return dropped
 
 
 def bound_static_conv_pairs(new: dict[str, QuantizedTensor], spec: dict) -> dict[str, int]:
