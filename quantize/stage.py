@@ -306,8 +306,13 @@ def drop_weight_only_layers(new: dict[str, QuantizedTensor], spec: dict) -> list
         qt = new.get(pname)
         if qt is None:
             continue
-        per_column = isinstance(qt, UniformTensor) and qt.scale.shape[1] == 1 and qt.bits <= 8
-        if not (per_column and (mode == "dynamic" or qt.zero_point is None)):
+        kernel = (
+            isinstance(qt, UniformTensor)
+            and qt.scale.shape[1] == 1  # per channel or per tensor
+            and qt.bits <= 8
+            and (mode == "dynamic" or qt.zero_point is None)
+        )
+        if not kernel:
             del layers[pname]
             dropped.append(pname)
     if dropped:
