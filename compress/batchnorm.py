@@ -105,7 +105,6 @@ def fold_pair(module: nn.Module, producer: str, bn: str) -> None:
         raise TypeError(f"cannot fold {bn} ({type(norm).__name__}) into {producer} ({type(layer).__name__})")
     if norm.running_mean is None or norm.running_var is None:
         raise ValueError(f"{bn} has no running statistics (track_running_stats=False): cannot fold it")
-    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # weight (in, out / groups, *k)
         out = int(layer.weight.shape[1]) * layer.groups
     else:
@@ -119,9 +118,8 @@ def fold_pair(module: nn.Module, producer: str, bn: str) -> None:
     if norm.bias is not None:
         shift = shift + norm.bias.double()
     kernel = [1] * (layer.weight.dim() - 2)
-    if transposed:
-        # weight (in, out / groups, *k): output channel g * (out / groups) + j is column j of
-        # group g's rows
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        # output channel g * (out / groups) + j is column j of group g's rows
         cin, per_group = int(layer.weight.shape[0]), int(layer.weight.shape[1])
         groups = out // per_group
         per = s.reshape(groups, 1, per_group, *kernel).expand(groups, cin // groups, per_group, *kernel)

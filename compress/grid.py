@@ -9,7 +9,6 @@ flattening order), a scale is ``(rows|1, groups)`` and codes are signed integers
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -242,12 +241,15 @@ def from_conv_kernel_order(rows: torch.Tensor, shape: tuple[int, ...] | torch.Si
     return rows.reshape(out, -1, cin).transpose(1, 2).reshape(shape)
 
 
-def conv_pairs_can_saturate(shape: tuple[int, ...] | torch.Size, bits: int) -> bool:
-    """Whether a convolution weight of ``shape`` with ``bits``-bit codes can exceed the pair
-    bound: codes of 7 bits or fewer never do (2 · 63 < 128). With one input channel (per
-    group) the pairs are neighbouring kernel positions: onnxruntime sums those in int16 too
-    (measured: a stride-2 Conv1d with one input channel, parity cosine 0.93)."""
-    return bits >= 8 and len(shape) >= 3 and math.prod(shape[1:]) > 1
+def kernel_pairs_fit(codes: torch.Tensor, bits: int, limit: int = U8S8_PAIR_LIMIT) -> bool:
+    """Whether a weight's codes (a Linear's ``(out, in)``, a convolution's
+    ``(out, in / groups, *kernel)``) respect ``limit`` in the order onnxruntime's uint8 × int8
+    kernels sum pairs (a convolution: :func:`conv_kernel_order`; with one input channel
+    per group, neighbouring kernel positions, measured: a stride-2 Conv1d with one input
+    channel saturated, parity cosine 0.93). Codes of 7 bits or fewer always do (2 · 64 ≤ 128)."""
+    if bits < 8:
+        return True
+    return fits_u8s8_pairs(conv_kernel_order(codes) if codes.dim() >= 3 else codes.reshape(codes.shape[0], -1), limit)
 
 
 def limit_u8s8_pairs(codes2d: torch.Tensor, limit: int = U8S8_PAIR_LIMIT) -> torch.Tensor:

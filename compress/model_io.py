@@ -402,6 +402,8 @@ def fold_parametrizations(module: nn.Module) -> list[str]:
     stage state, which holds the plain weights, loads back.
     """
     from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
 
     folded = []
     for mname, m in list(module.named_modules()):
@@ -420,14 +422,13 @@ def fold_parametrizations(module: nn.Module) -> list[str]:
                     m.register_parameter(tname, nn.Parameter(plain.detach(), requires_grad=False))
                 folded.append(f"{prefix}{tname} ({kinds})")
         for hook in list(m._forward_pre_hooks.values()):
-            kind = type(hook).__name__
-            if kind == "WeightNorm":
+            if isinstance(hook, WeightNorm):
                 torch.nn.utils.remove_weight_norm(m, hook.name)
-            elif kind == "SpectralNorm":
+            elif isinstance(hook, SpectralNorm):
                 torch.nn.utils.remove_spectral_norm(m, hook.name)
             else:
                 continue
-            folded.append(f"{prefix}{hook.name} ({kind})")
+            folded.append(f"{prefix}{hook.name} ({type(hook).__name__})")
     return folded
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeGuard, Union
 
 import torch
 
@@ -300,6 +300,12 @@ _FIELDS = {
     "codebook": {"codes", "bits", "method", "codebook", "codebook_of_row"},
 }
 _CODE_DTYPES = {"uniform": torch.int8, "codebook": torch.uint8}
+
+
+def per_column_ok(qt: QuantizedTensor) -> TypeGuard[UniformTensor]:
+    """Whether ``qt`` has one scale per output channel (or per tensor): the layout
+    onnxruntime's integer kernels take (the export writes any other grid weight-only)."""
+    return isinstance(qt, UniformTensor) and qt.scale.shape[1] == 1 and qt.bits <= 8
 
 
 def quantized_from_dict(d: dict[str, Any]) -> QuantizedTensor:

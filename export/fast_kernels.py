@@ -55,13 +55,13 @@ The weights are always our codes: nothing here re-rounds them.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, TypeGuard
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compress.fake_quant import int32_bias_step, uint8_qparams
-from compress.grid import fits_u8s8_pairs
-from compress.qtensor import QuantizedTensor, UniformTensor
+from compress.grid import kernel_pairs_fit
+from compress.qtensor import QuantizedTensor, UniformTensor, per_column_ok
 
 if TYPE_CHECKING:
     import onnx
@@ -83,9 +83,14 @@ def need_ms_domain(model: onnx.ModelProto) -> None:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def per_column_ok(qt: QuantizedTensor) -> TypeGuard[UniformTensor]:
-    """Whether ``qt`` has one scale per output channel (or per tensor): the integer GEMMs' layout."""
-    return isinstance(qt, UniformTensor) and qt.scale.shape[1] == 1 and qt.bits <= 8
+def _uint8_weight(rw, base: str, codes: np.ndarray) -> str:
+    """``codes + 128`` as a uint8 initializer (its zero point is 128): the exact uint8 × uint8
+    kernel, for codes over the uint8 × int8 kernel's pair bound."""
+    from compress.export.quantized import _int_initializer
+
+    name = rw.fresh(f"{base}_quantized")
+    rw.graph.initializer.append(_int_initializer(name, codes.astype(np.int16) + 128, 8, False))
+    return name
 
 
 def _int8_weight(rw, base: str, codes: np.ndarray, bits: int) -> tuple[str, list]:
@@ -125,7 +130,7 @@ def dynamic_matmul(rw, init_name: str, qt: UniformTensor, consumers: list, trans
     scale, zp = _column_side(qt)
     s_name = rw.fresh(f"{init_name}_scale")
     rw.graph.initializer.append(numpy_helper.from_array(scale, s_name))
-    if qt.bits >= 8 and not fits_u8s8_pairs(qt.codes.reshape(rows, cols)):
+    if not kernel_pairs_fit(qt.codes, qt.bits):
         # x86 CPUs without VNNI multiply uint8 activations by int8 weights with vpmaddubsw,
         # whose int16 sums of two adjacent input channels saturate (measured: errors of 0.4%
         # of the output range with codes at ±127; onnxruntime's quantize_dynamic has
@@ -133,10 +138,7 @@ def dynamic_matmul(rw, init_name: str, qt: UniformTensor, consumers: list, trans
         # RTN bound them under dynamic activations; up to 7 bits always) are exact in int8,
         # the fast kernel; others are stored as uint8 with zero point 128: the u8u8 kernel
         # does not saturate, but runs about 1.5x slower.
-        from compress.export.quantized import _int_initializer
-
-        b_name = rw.fresh(f"{init_name}_quantized")
-        rw.graph.initializer.append(_int_initializer(b_name, codes + 128, 8, False))
+        b_name = _uint8_weight(rw, init_name, codes)
         pre: list[onnx.NodeProto] = []
         zp_u8 = (np.zeros(rows, np.int16) if zp is None else zp.astype(np.int16)) + 128
         z_name = rw.fresh(f"{init_name}_zero_point")
@@ -295,18 +297,6 @@ def folded_dequantize_nodes(rw, out_name: str, qt: UniformTensor, shape: list[in
 # --- static activations (QDQ) ---------------------------------------------------------------
 
 
-def _static_pairs_fit(qt: UniformTensor, conv: bool) -> bool:
-    """Whether ``qt``'s codes are safe from the uint8 x int8 kernel's int16 pair saturation in
-    the order that kernel sums them (a convolution: ``compress.grid.conv_kernel_order``)."""
-    from compress.grid import conv_kernel_order, conv_pairs_can_saturate
-
-    if qt.bits < 8:
-        return True
-    if conv:
-        return not conv_pairs_can_saturate(qt.shape, qt.bits) or fits_u8s8_pairs(conv_kernel_order(qt.codes))
-    return fits_u8s8_pairs(qt.codes.reshape(qt.rows_cols))
-
-
 class StaticQDQ:
     """Collects the static-activation layers of one rewrite and inserts their QDQ pairs.
 
@@ -343,16 +333,13 @@ class StaticQDQ:
             codes, axis = codes.T.copy(), 1
         s_name = self.rw.fresh(f"{init_name}_scale")
         zp_name = self.rw.fresh(f"{init_name}_zero_point")
-        if _static_pairs_fit(qt, node.op_type == "Conv"):
+        if kernel_pairs_fit(qt.codes, qt.bits):
             w_int8, pre = _int8_weight(self.rw, init_name, codes, qt.bits)
             zero = np.zeros(rows, np.int8)
         else:
-            # Codes over the uint8 x int8 pair bound (the quantize stage bounds its own; these
-            # came from elsewhere): uint8 with zero point 128 runs the u8u8 kernel, exact.
-            from compress.export.quantized import _int_initializer
-
-            w_int8, pre = self.rw.fresh(f"{init_name}_quantized"), []
-            self.rw.graph.initializer.append(_int_initializer(w_int8, codes.astype(np.int16) + 128, 8, False))
+            # Codes over the pair bound (the quantize stage bounds its own; these came from
+            # elsewhere): the uint8 x uint8 kernel, exact.
+            w_int8, pre = _uint8_weight(self.rw, init_name, codes), []
             zero = np.full(rows, 128, np.uint8)
             log.info("static export: %s kept exact on the uint8 x uint8 kernel (codes over the pair bound)", pname)
         self.rw.graph.initializer.extend(

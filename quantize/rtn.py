@@ -77,9 +77,12 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
     for pname, (target, bits) in chosen.items():
         w = params[pname]
         limit = kernel_pair_limit(state.extras.get(EXTRAS_KEY), pname)
-        if limit is not None and w.dim() >= 3:
+        conv = w.dim() >= 3
+        if limit is not None and conv and config.granularity != "per_group":
             qt = _conv_in_kernel_order(w, bits, config, masks[pname], limit)
         else:
+            # a per-group convolution gets no bound: groups of columns would mix in the
+            # kernel's order (the export keeps codes over it exact on the uint8 kernel)
             qt = rtn_quantize(
                 w,
                 bits,
@@ -87,7 +90,7 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
                 group_size=config.group_size,
                 symmetric=config.symmetric,
                 mask=masks[pname],
-                pair_limit=limit,
+                pair_limit=None if conv else limit,
             )
         new[pname] = qt
         report[target.key] = {"bits": bits, "granularity": qt.granularity, "weight_rel_error": weight_rel_error(qt, w)}
@@ -95,19 +98,14 @@ def quantize_method(state, config, ctx, chosen: dict, masks: dict) -> tuple[dict
 
 
 def _conv_in_kernel_order(w: torch.Tensor, bits: int, config, mask: torch.Tensor | None, limit: int) -> QuantizedTensor:
-    """RTN of a convolution whose codes must respect ``limit`` in the order onnxruntime's
-    kernel sums them: rounded as the matrix ``compress.grid.conv_kernel_order`` makes (the
-    same rows, so the same per-channel grid), codes put back in the weight's layout. A
-    per-group grid groups columns, which that order would mix: it gets no bound (the export
-    keeps codes over it exact on the uint8 kernel)."""
+    """RTN of a convolution (per channel or per tensor) whose codes must respect ``limit`` in
+    the order onnxruntime's kernel sums them: rounded as the matrix
+    ``compress.grid.conv_kernel_order`` makes (the same rows, so the same grid), codes put
+    back in the weight's layout."""
     import dataclasses
 
     from compress.grid import conv_kernel_order, from_conv_kernel_order
 
-    if config.granularity == "per_group":
-        return rtn_quantize(
-            w, bits, granularity="per_group", group_size=config.group_size, symmetric=config.symmetric, mask=mask
-        )
     qt = rtn_quantize(
         conv_kernel_order(w.detach()),
         bits,

@@ -26,7 +26,7 @@ from torch import nn
 
 from compress.coverage import coverage_line, parameter_coverage
 from compress.grid import as_matrix, float16_nearest
-from compress.qtensor import QuantizedTensor, UniformTensor
+from compress.qtensor import QuantizedTensor, UniformTensor, per_column_ok
 from compress.quantize.config import CodebookConfig, GPFQConfig, RTNConfig
 from compress.quantize.gpfq import QUANTIZABLE, ROUNDED_ONLY
 from compress.registry import method_for
@@ -198,15 +198,14 @@ def apply(state: ModelState, config: RTNConfig | GPFQConfig | CodebookConfig, ct
     method_start = time.perf_counter()
     new, report = method_for("quantize", config)(state, config, ctx, chosen, masks)
     method_seconds = time.perf_counter() - method_start
-    if activations == "static":
-        from compress.quantize.activations import EXTRAS_KEY
-
-        for pname, moved in bound_static_conv_pairs(new, state.extras[EXTRAS_KEY]).items():
-            report.setdefault(targets[pname].key if pname in targets else pname, {})["u8s8_pair_codes_moved"] = moved
     if activations != "none":
         from compress.quantize.activations import EXTRAS_KEY
 
-        drop_weight_only_layers(new, state.extras[EXTRAS_KEY])
+        spec = state.extras[EXTRAS_KEY]
+        if activations == "static":
+            for pname, moved in bound_static_conv_pairs(new, spec).items():
+                report.setdefault(targets[pname].key, {})["u8s8_pair_codes_moved"] = moved
+        drop_weight_only_layers(new, spec)
     _float16_scales(new)
     embedding_bits = getattr(config, "embedding_bits", None)
     if embedding_bits is not None:
@@ -306,13 +305,7 @@ def drop_weight_only_layers(new: dict[str, QuantizedTensor], spec: dict) -> list
         qt = new.get(pname)
         if qt is None:
             continue
-        kernel = (
-            isinstance(qt, UniformTensor)
-            and qt.scale.shape[1] == 1  # per channel or per tensor
-            and qt.bits <= 8
-            and (mode == "dynamic" or qt.zero_point is None)
-        )
-        if not kernel:
+        if not (per_column_ok(qt) and (mode == "dynamic" or qt.zero_point is None)):
             del layers[pname]
             dropped.append(pname)
     if dropped:
@@ -337,26 +330,17 @@ def bound_static_conv_pairs(new: dict[str, QuantizedTensor], spec: dict) -> dict
     (``compress.grid.limit_u8s8_pairs``). Without this, x86 CPUs without VNNI saturate the
     pair's int16 sum (measured: ONNX parity cosine 0.43 on a random-initialised CNN).
     """
-    from compress.grid import (
-        conv_kernel_order,
-        conv_pairs_can_saturate,
-        fits_u8s8_pairs,
-        from_conv_kernel_order,
-        limit_u8s8_pairs,
-    )
+    from compress.grid import conv_kernel_order, from_conv_kernel_order, kernel_pairs_fit, limit_u8s8_pairs
 
     moved: dict[str, int] = {}
     layers = spec.get("layers", {})
     for pname, qt in list(new.items()):
         if pname not in layers or not isinstance(qt, UniformTensor) or qt.zero_point is not None:
             continue
-        if not conv_pairs_can_saturate(qt.shape, qt.bits):
-            continue
         codes = qt.codes
-        rows = conv_kernel_order(codes)
-        if fits_u8s8_pairs(rows):
+        if codes.dim() < 3 or kernel_pairs_fit(codes, qt.bits):
             continue
-        bounded = from_conv_kernel_order(limit_u8s8_pairs(rows), codes.shape).contiguous()
+        bounded = from_conv_kernel_order(limit_u8s8_pairs(conv_kernel_order(codes)), codes.shape).contiguous()
         moved[pname] = int((bounded != codes).sum())
         new[pname] = dataclasses.replace(qt, codes=bounded)
         log.info("quantize: %s: %d codes moved to the uint8 x int8 pair bound", pname, moved[pname])
